@@ -1,0 +1,90 @@
+//! The default rbee guest: serves the upstream `/v1/infer` contract on the model as it is.
+//!
+//! Policy lives here, not in the host: the request's ranges are checked against the upstream
+//! API (max_tokens 1..=4096, temperature 0..=2), defaults are filled in (max_tokens 256,
+//! temperature 0.7 as the API documents, top-p 0.95), and the prompt goes to the model
+//! unchanged. Streaming requests forward each piece of text to the client as it arrives.
+
+wit_bindgen::generate!({ path: "../../wit", world: "worker" });
+
+use exports::rbee::worker::handler::Guest;
+use rbee::worker::inference::{self, StreamItem};
+use rbee::worker::log::{Level, log};
+use rbee::worker::output;
+use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
+
+const DEFAULT_MAX_TOKENS: u32 = 256;
+const DEFAULT_TEMPERATURE: f32 = 0.7;
+const DEFAULT_TOP_P: f32 = 0.95;
+
+struct Llm;
+
+impl Guest for Llm {
+    fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
+        let params = sampling_params(&request)?;
+        log(
+            Level::Debug,
+            &format!(
+                "llm: {} prompt bytes, max_tokens {}, temperature {}, stream {}",
+                request.prompt.len(),
+                params.max_tokens,
+                params.temperature,
+                request.stream
+            ),
+        );
+        if !request.stream {
+            let completion = inference::infer(&request.prompt, &params)?;
+            return Ok(InferResponse {
+                text: completion.text,
+                tokens_generated: completion.tokens_generated,
+            });
+        }
+        let stream = inference::infer_stream(&request.prompt, &params)?;
+        loop {
+            match stream.next()? {
+                StreamItem::Text(text) => output::emit(&text)?,
+                StreamItem::Done(completion) => {
+                    return Ok(InferResponse {
+                        text: completion.text,
+                        tokens_generated: completion.tokens_generated,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Fills defaults and checks every field against the ranges the upstream API documents.
+fn sampling_params(request: &InferRequest) -> Result<SamplingParams, InferError> {
+    let invalid = |message: String| Err(InferError::InvalidInput(message));
+    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if !(1..=4096).contains(&max_tokens) {
+        return invalid(format!("max_tokens must be between 1 and 4096, got {max_tokens}"));
+    }
+    let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    if !(0.0..=2.0).contains(&temperature) {
+        return invalid(format!("temperature must be between 0 and 2, got {temperature}"));
+    }
+    let top_p = request.top_p.unwrap_or(DEFAULT_TOP_P);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return invalid(format!("top_p must be in (0, 1], got {top_p}"));
+    }
+    let repeat_penalty = request.repeat_penalty.unwrap_or(1.0);
+    if !(repeat_penalty > 0.0 && repeat_penalty.is_finite()) {
+        return invalid(format!("repeat_penalty must be positive, got {repeat_penalty}"));
+    }
+    if request.stop.iter().any(String::is_empty) {
+        return invalid("stop sequences must not be empty strings".into());
+    }
+    Ok(SamplingParams {
+        max_tokens,
+        temperature,
+        top_k: request.top_k.unwrap_or(0),
+        top_p,
+        repeat_penalty,
+        seed: request.seed,
+        stop: request.stop.clone(),
+    })
+}
+
+export!(Llm);
