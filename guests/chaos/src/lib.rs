@@ -1,0 +1,108 @@
+//! Misbehaves on purpose, to test that the host contains a bad guest. The prompt picks the
+//! misbehaviour; any other prompt is served normally (temperature 0), so tests can check that
+//! other requests keep being served while one misbehaves.
+//!
+//! | prompt            | what the guest does                                         |
+//! |-------------------|-------------------------------------------------------------|
+//! | `loop`            | spins forever without calling the host                      |
+//! | `hog`             | allocates and touches memory until allocation fails         |
+//! | `trap`            | panics (a wasm trap)                                        |
+//! | `bad-temperature` | calls `infer` with temperature 9.5                          |
+//! | `bad-max-tokens`  | calls `infer` with max-tokens 0                             |
+//! | `emit`            | calls `output.emit` on a request that is not streamed       |
+//! | `two-streams`     | opens a second generation while the first is still running  |
+//! | `slow-N`          | computes for about N milliseconds, then serves normally     |
+
+wit_bindgen::generate!({ path: "../../wit", world: "worker" });
+
+use exports::rbee::worker::handler::Guest;
+use rbee::worker::inference::{self, StreamItem};
+use rbee::worker::output;
+use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
+
+struct Chaos;
+
+fn params(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repeat_penalty: 1.0,
+        seed: None,
+        stop: Vec::new(),
+    }
+}
+
+impl Guest for Chaos {
+    fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
+        match request.prompt.as_str() {
+            "loop" => spin_forever(),
+            "hog" => hog_memory(),
+            "trap" => panic!("chaos guest trapped on purpose"),
+            "bad-temperature" => {
+                inference::infer("hi", &SamplingParams { temperature: 9.5, ..params(4) })?;
+            }
+            "bad-max-tokens" => {
+                inference::infer("hi", &params(0))?;
+            }
+            "emit" => output::emit("not a stream")?,
+            "two-streams" => {
+                let _first = inference::infer_stream("hi", &params(4))?;
+                let _second = inference::infer_stream("hi", &params(4))?;
+            }
+            prompt => {
+                if let Some(millis) = prompt.strip_prefix("slow-").and_then(|n| n.parse().ok()) {
+                    compute_for(millis);
+                }
+                return serve(&request);
+            }
+        }
+        Err(InferError::GuestError("the host accepted a call it must refuse".into()))
+    }
+}
+
+fn serve(request: &InferRequest) -> Result<InferResponse, InferError> {
+    let params = params(request.max_tokens.unwrap_or(8));
+    if !request.stream {
+        let done = inference::infer(&request.prompt, &params)?;
+        return Ok(InferResponse { text: done.text, tokens_generated: done.tokens_generated });
+    }
+    let stream = inference::infer_stream(&request.prompt, &params)?;
+    loop {
+        match stream.next()? {
+            StreamItem::Text(text) => output::emit(&text)?,
+            StreamItem::Done(done) => {
+                return Ok(InferResponse { text: done.text, tokens_generated: done.tokens_generated });
+            }
+        }
+    }
+}
+
+fn spin_forever() -> ! {
+    let mut state = 1u64;
+    loop {
+        // black_box keeps the optimiser from proving the loop has no effect.
+        state = std::hint::black_box(state.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+}
+
+fn hog_memory() -> ! {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        // 16 MiB at a time, written so the pages are really used.
+        hoard.push(vec![0xA5; 16 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+/// Busy work measured in wall-clock time through WASI's monotonic clock.
+fn compute_for(millis: u64) {
+    let start = std::time::Instant::now();
+    let mut state = 1u64;
+    while start.elapsed().as_millis() < u128::from(millis) {
+        state = std::hint::black_box(state.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+}
+
+export!(Chaos);
