@@ -1,6 +1,8 @@
 //! The reader on a real model: SmolLM2-135M-Instruct Q4_1 (`scripts/fetch-model.sh`). Every
 //! tensor must dequantize bit-identically to llama.cpp's `gguf` package, and the tokenizer must
-//! produce llama.cpp's ids. Skipped, with a message, when the model file is absent.
+//! produce the ids of SmolLM2's upstream tokenizer pipeline (and of llama.cpp, when the fixture
+//! script had llama-cpp-python; it checks that both agree). Skipped, with a message, when the
+//! model file is absent.
 //! References: tests/fixtures/gguf/make_smollm2_reference.py.
 
 use std::path::PathBuf;
@@ -125,7 +127,7 @@ fn every_tensor_matches_gguf_py_bit_for_bit() {
 }
 
 #[test]
-fn tokenizer_matches_llama_cpp() {
+fn tokenizer_matches_the_references() {
     let Some(f) = model() else { return };
     let path = manifest().join("tests/fixtures/gguf/smollm2_tokens.json");
     if !path.exists() {
@@ -152,7 +154,7 @@ fn tokenizer_matches_llama_cpp() {
             .collect();
         let got = tok.encode(text, true).unwrap().get_ids().to_vec();
         if got != want {
-            failures.push(format!("{text:?}:\n  ours  {got:?}\n  llama {want:?}"));
+            failures.push(format!("{text:?}:\n  ours  {got:?}\n  ref   {want:?}"));
         }
         // Byte-level BPE is lossless: decoding gives the text back, special tokens included.
         assert_eq!(
