@@ -76,7 +76,7 @@ fn header_and_metadata_of_every_type() {
     let f = open_fixture();
     assert_eq!(f.version(), 3);
     assert_eq!(f.alignment(), 64);
-    assert_eq!(f.data_offset() % 64, 0);
+    assert!(f.data_offset().is_multiple_of(64));
     let md = f.metadata();
     assert_eq!(md.get_str("general.architecture").unwrap(), "llama");
     assert_eq!(md.value("test.u8"), Some(&Value::U8(200)));
