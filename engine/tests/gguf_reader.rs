@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use rbee_engine::gguf::{
-    GgmlType, GgufFile, Value, ValueType, dequantize_to_vec, gguf_to_hf, unpermute_qk,
+    GgmlType, GgufFile, Value, ValueType, dequantize_to_vec, gguf_to_hf, split_q8_0, unpermute_qk,
 };
 
 fn fixtures() -> PathBuf {
@@ -247,4 +247,20 @@ fn missing_tensor_is_an_error_naming_it() {
         err.contains("nope.weight") && err.contains("tensors.gguf"),
         "{err}"
     );
+}
+
+#[test]
+fn q8_0_splits_into_quants_and_scales_losslessly() {
+    let f = open_fixture();
+    let raw = f.raw_tensor("q8_0").unwrap();
+    let (quants, scales) = split_q8_0(raw.data).unwrap();
+    let full = f.tensor_f32("q8_0").unwrap().data;
+    assert_eq!((quants.len(), scales.len()), (full.len(), full.len() / 32));
+    let rebuilt: Vec<f32> = quants
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| q as f32 * scales[i / 32])
+        .collect();
+    assert_same_bits("q8_0 split", &rebuilt, &full);
+    assert!(split_q8_0(&raw.data[..33]).is_err());
 }

@@ -344,3 +344,28 @@ pub fn dequantize_q6_k(src: &[u8], dst: &mut [f32]) -> Result<(), DequantError> 
         }
     })
 }
+
+/// Q8_0 blocks split into their parts without expanding: one i8 per element and one f32 scale
+/// (the block's f16 `d`, widened exactly) per 32 elements, so an engine with its own 8-bit
+/// kernels can load Q8_0 weights losslessly. `quants[i] as f32 * scales[i / 32]` equals
+/// [`dequantize_q8_0`]'s output bit for bit.
+pub fn split_q8_0(src: &[u8]) -> Result<(Vec<i8>, Vec<f32>), DequantError> {
+    const B: usize = 34;
+    if !src.len().is_multiple_of(B) {
+        return Err(DequantError::Size {
+            ty: GgmlType::Q8_0,
+            src_len: src.len(),
+            dst_len: src.len() / B * 32,
+            expected: src.len() / B * B,
+            block: 32,
+        });
+    }
+    let blocks = src.len() / B;
+    let mut quants = Vec::with_capacity(blocks * 32);
+    let mut scales = Vec::with_capacity(blocks);
+    for block in src.as_chunks::<B>().0 {
+        scales.push(half(block, 0));
+        quants.extend(block[2..].iter().map(|&q| q as i8));
+    }
+    Ok((quants, scales))
+}

@@ -33,6 +33,7 @@ pub use dequant::{
     DequantError, dequantize, dequantize_bf16, dequantize_f16, dequantize_f32, dequantize_q2_k,
     dequantize_q3_k, dequantize_q4_0, dequantize_q4_1, dequantize_q4_k, dequantize_q5_0,
     dequantize_q5_1, dequantize_q5_k, dequantize_q6_k, dequantize_q8_0, dequantize_to_vec,
+    split_q8_0,
 };
 pub use error::{GgufError, Result};
 pub use ggml_type::{GgmlType, QK_K};
