@@ -264,3 +264,27 @@ fn q8_0_splits_into_quants_and_scales_losslessly() {
     assert_same_bits("q8_0 split", &rebuilt, &full);
     assert!(split_q8_0(&raw.data[..33]).is_err());
 }
+
+#[test]
+fn ggml_type_table_matches_gguf_py() {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tensors.json")).unwrap()).unwrap();
+    let types = index["ggml_types"].as_object().unwrap();
+    assert!(types.len() >= 30);
+    for (name, v) in types {
+        let id = v[0].as_u64().unwrap() as u32;
+        let ty = GgmlType::from_id(id).unwrap_or_else(|| panic!("{name} ({id}) unknown"));
+        assert_eq!(ty.to_string(), *name);
+        assert_eq!(ty.id(), id);
+        assert_eq!(
+            ty.block_size() as u64,
+            v[1].as_u64().unwrap(),
+            "{name} block size"
+        );
+        assert_eq!(
+            ty.type_size() as u64,
+            v[2].as_u64().unwrap(),
+            "{name} block bytes"
+        );
+    }
+}

@@ -45,6 +45,8 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 impl GgmlType {
@@ -84,6 +86,8 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
+            40 => NVFP4,
+            41 => Q1_0,
             _ => return None,
         })
     }
@@ -124,6 +128,8 @@ impl GgmlType {
             TQ1_0 => 34,
             TQ2_0 => 35,
             MXFP4 => 39,
+            NVFP4 => 40,
+            Q1_0 => 41,
         }
     }
 
@@ -133,6 +139,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL | MXFP4 => 32,
+            NVFP4 => 64,
+            Q1_0 => 128,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S
             | IQ3_S | IQ2_S | IQ4_XS | IQ1_M | TQ1_0 | TQ2_0 => QK_K,
         }
@@ -170,6 +178,8 @@ impl GgmlType {
             TQ1_0 => 2 + 4 * 13,
             TQ2_0 => 2 + 64,
             MXFP4 => 1 + 16,
+            NVFP4 => 4 + 32,
+            Q1_0 => 2 + 16,
         }
     }
 

@@ -355,6 +355,15 @@ impl GgufFile {
     /// The tensor expanded to f32, row-major, with its PyTorch-order shape.
     pub fn tensor_f32(&self, name: &str) -> Result<F32Tensor> {
         let raw = self.raw_tensor(name)?;
+        // Refuse before allocating the output: an unsupported type would only fail later.
+        if !raw.info.ggml_type.can_dequantize() {
+            return Err(GgufError::UnsupportedType {
+                path: self.path.clone(),
+                name: name.to_string(),
+                ty: raw.info.ggml_type.to_string(),
+                op: "dequantize",
+            });
+        }
         let mut data = vec![0f32; raw.info.n_elements() as usize];
         self.dequantize_into(&raw, &mut data)?;
         Ok(F32Tensor {
