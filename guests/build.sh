@@ -169,8 +169,11 @@ c_ready() {
     if ((${#missing[@]})); then
         apt_install "${missing[@]}" || { say "cannot install ${missing[*]}"; return 1; }
     fi
-    cargo_install wit-bindgen wit-bindgen-cli || { say "cannot install wit-bindgen-cli"; return 1; }
-    cargo_install wasm-tools wasm-tools || { say "cannot install wasm-tools"; return 1; }
+    # Only the parts the C build uses: a fraction of the full tools' build time.
+    cargo_install wit-bindgen wit-bindgen-cli --no-default-features --features c ||
+        { say "cannot install wit-bindgen-cli"; return 1; }
+    cargo_install wasm-tools wasm-tools --no-default-features --features component,validate,print,parse ||
+        { say "cannot install wasm-tools"; return 1; }
     ADAPTER="$(adapter_path)" || { say "cannot fetch the WASI preview1 adapter"; return 1; }
 }
 
