@@ -36,6 +36,9 @@ pub struct GgufModelConfig {
     pub head_count_kv: usize,
     /// Defaults to 10000, llama.cpp's default.
     pub rope_freq_base: f32,
+    /// `{arch}.attention.key_length`: the head dimension when the file states it (models whose
+    /// heads are not `embedding_length / head_count`, e.g. Qwen3, Gemma).
+    pub key_length: Option<usize>,
     /// `{arch}.rope.dimension_count` (rotary dims per head), if present.
     pub rope_dimension_count: Option<usize>,
     pub rms_norm_eps: f32,
@@ -61,9 +64,10 @@ pub struct GgufModelConfig {
 }
 
 impl GgufModelConfig {
-    /// Head dimension (`embedding_length / head_count`).
+    /// Head dimension: `attention.key_length` if stated, else `embedding_length / head_count`.
     pub fn head_dim(&self) -> usize {
-        self.embedding_length / self.head_count.max(1)
+        self.key_length
+            .unwrap_or(self.embedding_length / self.head_count.max(1))
     }
 }
 
@@ -130,6 +134,7 @@ impl GgufFile {
                 .get_opt::<usize>(&key("attention.head_count_kv"))?
                 .unwrap_or(head_count),
             rope_freq_base: md.get_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            key_length: md.get_opt(&key("attention.key_length"))?,
             rope_dimension_count: md.get_opt(&key("rope.dimension_count"))?,
             rms_norm_eps: md.get(&key("attention.layer_norm_rms_epsilon"))?,
             vocab_size,
