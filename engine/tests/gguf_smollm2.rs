@@ -1,8 +1,7 @@
 //! The reader on a real model: SmolLM2-135M-Instruct Q4_1 (`scripts/fetch-model.sh`). Every
 //! tensor must dequantize bit-identically to llama.cpp's `gguf` package, and the tokenizer must
-//! produce the ids of SmolLM2's upstream tokenizer pipeline (and of llama.cpp, when the fixture
-//! script had llama-cpp-python; it checks that both agree). Skipped, with a message, when the
-//! model file is absent.
+//! produce the ids of SmolLM2's upstream tokenizer pipeline and of llama.cpp (which agree on all
+//! 137 strings). Skipped, with a message, when the model file is absent.
 //! References: tests/fixtures/gguf/make_smollm2_reference.py.
 
 use std::path::PathBuf;
@@ -141,8 +140,21 @@ fn tokenizer_matches_the_references() {
     assert_eq!(tok.get_vocab_size(true), 49152);
 
     let reference = fixture("smollm2_tokens.json");
+    // llama.cpp's ids for the same texts (llama_cpp_ids.py): the two references agree.
+    let llama_cpp = fixture("llama_cpp_ids.json");
+    let llama_cpp = llama_cpp["smollm2"].as_array().unwrap();
+    assert_eq!(
+        llama_cpp.len(),
+        reference["cases"].as_array().unwrap().len()
+    );
     let mut failures = Vec::new();
-    for case in reference["cases"].as_array().unwrap() {
+    for (case, llama) in reference["cases"].as_array().unwrap().iter().zip(llama_cpp) {
+        assert_eq!(case["text"], llama["text"]);
+        assert_eq!(
+            case["ids"], llama["ids"],
+            "the references disagree on {}",
+            case["text"]
+        );
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = case["ids"]
             .as_array()

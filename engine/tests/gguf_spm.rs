@@ -1,6 +1,7 @@
 //! The SentencePiece (`tokenizer.ggml.model == "llama"`) path of the GGUF tokenizer against
-//! SentencePiece itself: a small BPE model with byte fallback, written to GGUF the way
-//! convert_hf_to_gguf.py writes Llama vocabularies. Fixture: make_spm_fixture.py.
+//! SentencePiece itself and llama.cpp: a small BPE model with byte fallback, written to GGUF the
+//! way convert_hf_to_gguf.py writes Llama vocabularies. Fixtures: make_spm_fixture.py,
+//! llama_cpp_ids.py.
 
 use std::path::PathBuf;
 
@@ -18,8 +19,23 @@ fn sentencepiece_vocabulary_encodes_like_sentencepiece() {
         serde_json::from_slice(&std::fs::read(fixtures().join("spm_tokens.json")).unwrap())
             .unwrap();
     let bos = reference["bos_id"].as_u64().unwrap() as u32;
+    // llama.cpp's ids for the same texts (llama_cpp_ids.py) agree with SentencePiece's.
+    let llama_cpp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("llama_cpp_ids.json")).unwrap())
+            .unwrap();
+    let llama_cpp = llama_cpp["spm"].as_array().unwrap();
+    assert_eq!(
+        llama_cpp.len(),
+        reference["cases"].as_array().unwrap().len()
+    );
     let mut failures = Vec::new();
-    for case in reference["cases"].as_array().unwrap() {
+    for (case, llama) in reference["cases"].as_array().unwrap().iter().zip(llama_cpp) {
+        assert_eq!(case["text"], llama["text"]);
+        assert_eq!(
+            case["ids"], llama["ids"],
+            "the references disagree on {}",
+            case["text"]
+        );
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = case["ids"]
             .as_array()
