@@ -288,3 +288,16 @@ fn ggml_type_table_matches_gguf_py() {
         );
     }
 }
+
+#[test]
+fn file_is_shareable_across_threads() {
+    // Loaders may decode tensors from several threads over one mapped file.
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<GgufFile>();
+    let f = open_fixture();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| f.tensor_f32("q4_k").unwrap());
+        let b = s.spawn(|| f.tensor_f32("q4_k").unwrap());
+        assert_eq!(a.join().unwrap(), b.join().unwrap());
+    });
+}
