@@ -240,10 +240,12 @@ bool exports_rbee_worker_handler_handle(rbee_worker_types_infer_request_t *reque
     for (size_t i = 0; i < request->prompt.len; i++) {
         if ((request->prompt.ptr[i] & 0xC0) != 0x80) prompt_chars++;
     }
+    // Two decimals, rounding halves up, computed the same way in every language.
+    unsigned hundredths = (unsigned)((double)params.temperature * 100.0 + 0.5);
     log_line(RBEE_WORKER_LOG_LEVEL_INFO,
-             "chat: template=%s stream=%s prompt_chars=%zu max_tokens=%u temperature=%.2f stops=%zu",
+             "chat: template=%s stream=%s prompt_chars=%zu max_tokens=%u temperature=%u.%02u stops=%zu",
              chatml ? "chatml" : "none", request->stream ? "true" : "false", prompt_chars,
-             (unsigned)params.max_tokens, (double)params.temperature, params.stop.len);
+             (unsigned)params.max_tokens, hundredths / 100, hundredths % 100, params.stop.len);
 
     worker_string_t wrapped = view(prompt.ptr ? prompt.ptr : "", prompt.len);
     bool ok;

@@ -42,7 +42,7 @@ export const handler = {
       "info",
       `chat: template=${chatml ? "chatml" : "none"} stream=${request.stream} ` +
         `prompt_chars=${[...request.prompt].length} max_tokens=${params.maxTokens} ` +
-        `temperature=${params.temperature.toFixed(2)} stops=${params.stop.length}`,
+        `temperature=${twoDecimals(params.temperature)} stops=${params.stop.length}`,
     );
     if (request.stream) return stream(prompt, params);
     const completion = inference.infer(prompt, params);
@@ -119,6 +119,12 @@ function stream(prompt, params) {
     // Dropping the stream stops the generation.
     tokens[Symbol.dispose]();
   }
+}
+
+// value with two decimals, rounding halves up, computed the same way in every language.
+function twoDecimals(value) {
+  const hundredths = Math.trunc(value * 100.0 + 0.5);
+  return `${Math.trunc(hundredths / 100)}.${String(hundredths % 100).padStart(2, "0")}`;
 }
 
 // Where the stop string that is complete first begins (earliest end, then earliest start).

@@ -37,7 +37,7 @@ class Handler(exports.Handler):
             f"chat: template={'chatml' if chatml else 'none'} "
             f"stream={'true' if request.stream else 'false'} "
             f"prompt_chars={len(request.prompt)} max_tokens={params.max_tokens} "
-            f"temperature={params.temperature:.2f} stops={len(params.stop)}",
+            f"temperature={two_decimals(params.temperature)} stops={len(params.stop)}",
         )
         if request.stream:
             return stream(prompt, params)
@@ -102,6 +102,12 @@ def stream(prompt: str, params: types.SamplingParams) -> types.InferResponse:
                 return types.InferResponse(
                     text="".join(sent), tokens_generated=item.value.tokens_generated
                 )
+
+
+def two_decimals(value: float) -> str:
+    """value with two decimals, rounding halves up, computed the same way in every language."""
+    hundredths = int(value * 100.0 + 0.5)
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
 
 
 def send(sent: list, text: str) -> None:

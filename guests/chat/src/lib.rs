@@ -48,12 +48,12 @@ impl Guest for Chat {
         log(
             Level::Info,
             &format!(
-                "chat: template={} stream={} prompt_chars={} max_tokens={} temperature={:.2} stops={}",
+                "chat: template={} stream={} prompt_chars={} max_tokens={} temperature={} stops={}",
                 if chatml { "chatml" } else { "none" },
                 request.stream,
                 request.prompt.chars().count(),
                 params.max_tokens,
-                params.temperature,
+                two_decimals(params.temperature),
                 params.stop.len(),
             ),
         );
@@ -130,6 +130,12 @@ fn stream(prompt: &str, params: &SamplingParams) -> Result<InferResponse, InferE
             }
         }
     }
+}
+
+/// `value` with two decimals, rounding halves up, computed the same way in every language.
+fn two_decimals(value: f32) -> String {
+    let hundredths = (f64::from(value) * 100.0 + 0.5) as u32;
+    format!("{}.{:02}", hundredths / 100, hundredths % 100)
 }
 
 /// Emits `text` (nothing when it is empty) and records it as sent.
