@@ -12,6 +12,7 @@
 //! | `emit`            | calls `output.emit` on a request that is not streamed       |
 //! | `two-streams`     | opens a second generation while the first is still running  |
 //! | `slow-N`          | computes for about N milliseconds, then serves normally     |
+//! | `probe:ADDR`      | reports what ambient authority it has (env, files, network) |
 
 wit_bindgen::generate!({ path: "../../wit", world: "worker" });
 
@@ -51,6 +52,9 @@ impl Guest for Chaos {
                 let _first = inference::infer_stream("hi", &params(4))?;
                 let _second = inference::infer_stream("hi", &params(4))?;
             }
+            prompt if prompt.starts_with("probe:") => {
+                return Ok(InferResponse { text: probe(&prompt["probe:".len()..]), tokens_generated: 0 });
+            }
             prompt => {
                 if let Some(millis) = prompt.strip_prefix("slow-").and_then(|n| n.parse().ok()) {
                     compute_for(millis);
@@ -77,6 +81,21 @@ fn serve(request: &InferRequest) -> Result<InferResponse, InferError> {
             }
         }
     }
+}
+
+/// What a guest can reach without the host's WIT: environment variables, the filesystem root,
+/// a TCP connection to `address`. One line: `env=N fs=ok|err net=ok|err`.
+fn probe(address: &str) -> String {
+    let env = std::env::vars().count();
+    let fs = match std::fs::read_dir("/") {
+        Ok(_) => "ok",
+        Err(_) => "err",
+    };
+    let net = match std::net::TcpStream::connect(address) {
+        Ok(_) => "ok",
+        Err(_) => "err",
+    };
+    format!("env={env} fs={fs} net={net}")
 }
 
 fn spin_forever() -> ! {

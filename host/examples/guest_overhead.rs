@@ -1,0 +1,111 @@
+//! What the WebAssembly guest costs per request: the same request served through the guest
+//! (fresh instance + call + the host calls it makes) and with the engine called directly, in
+//! one run, on one model. Prints both and their ratio.
+//!
+//!     cargo run -p rbee-host --example guest_overhead -- --model engine/tests/fixtures/tiny-llama \
+//!         [--guest guests/llm.wasm] [--requests 200] [--tokens 1,16]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rbee_engine::{Engine, LoadOptions, SamplingParams};
+use rbee_host::guest::{
+    Cancellation, GuestRuntime, GuestSource, InferRequest, Limits, RequestContext, RuntimeSettings,
+};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "guests/llm.wasm")]
+    guest: PathBuf,
+    #[arg(long, default_value_t = 200)]
+    requests: u32,
+    /// Generated tokens per request; one measurement per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    tokens: Vec<u32>,
+}
+
+const PROMPT: &str = "The guest decides the prompt and the policy;";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let model = Arc::new(Engine::load(&args.model, &LoadOptions::default())?);
+    let runtime = GuestRuntime::start(
+        RuntimeSettings {
+            limits: Limits {
+                time: Duration::from_secs(10),
+                memory_bytes: 256 << 20,
+            },
+            max_instances: 8,
+            cache_dir: None,
+        },
+        GuestSource::File(args.guest.clone()),
+    )?;
+    let guest = runtime.active();
+    println!(
+        "model {} on {}, guest {} ({} requests per row)",
+        model.info().id,
+        model.info().device,
+        guest.meta.name,
+        args.requests
+    );
+    println!("{:>7} {:>14} {:>14} {:>14} {:>7}", "tokens", "direct", "guest", "overhead", "ratio");
+    for &tokens in &args.tokens {
+        let params = SamplingParams {
+            max_tokens: tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        };
+        let request = InferRequest {
+            prompt: PROMPT.into(),
+            max_tokens: Some(tokens),
+            temperature: Some(0.0),
+            top_k: None,
+            top_p: Some(1.0),
+            repeat_penalty: None,
+            seed: None,
+            stop: Vec::new(),
+            stream: false,
+        };
+        // Warm both paths (pool slots, caches) before timing; then interleave them so drift
+        // in machine load affects both alike.
+        let direct_once = || -> anyhow::Result<String> {
+            Ok(model.generate(PROMPT, &params, &mut |_| std::ops::ControlFlow::Continue(()))?.text)
+        };
+        let guest_once = || -> anyhow::Result<String> {
+            let context = RequestContext {
+                model: model.clone(),
+                client: None,
+                cancellation: Cancellation::for_request(Arc::new(AtomicBool::new(false))),
+            };
+            Ok(runtime.handle(&guest, request.clone(), context).map_err(|e| anyhow::anyhow!("{e}"))?.text)
+        };
+        assert_eq!(direct_once()?, guest_once()?, "the guest changed the answer");
+        let (mut direct, mut through_guest) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..args.requests {
+            let started = Instant::now();
+            direct_once()?;
+            direct += started.elapsed();
+            let started = Instant::now();
+            guest_once()?;
+            through_guest += started.elapsed();
+        }
+        let (direct, through_guest) = (direct / args.requests, through_guest / args.requests);
+        println!(
+            "{tokens:>7} {:>14?} {:>14?} {:>14?} {:>7.3}",
+            direct,
+            through_guest,
+            through_guest.saturating_sub(direct),
+            through_guest.as_secs_f64() / direct.as_secs_f64()
+        );
+    }
+    Ok(())
+}

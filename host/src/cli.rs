@@ -1,0 +1,192 @@
+//! Command-line interface. Accepts the flags upstream rbee uses to spawn workers
+//! (`--worker-id --model --device --port --queen-url`, and `--hive-url`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use rbee_engine::{DeviceChoice, WeightFormat};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "rbee-host",
+    version,
+    about = "rbee LLM worker: serves the rbee worker API with request logic in a WebAssembly guest",
+    long_about = "rbee LLM worker. Serves GET /health, GET /info and POST /v1/infer (JSON or SSE), \
+                  sends heartbeats to the queen, and runs the model with Burn on the GPU (wgpu) or \
+                  the CPU. The request logic is a WebAssembly component (the guest, see \
+                  wit/worker.wit), hot-swappable while the worker serves: replace the file, send \
+                  SIGHUP, or PUT /v1/admin/guest."
+)]
+pub struct Args {
+    /// The guest component (.wasm) implementing the `rbee:worker/worker` world.
+    #[arg(long, value_name = "FILE.wasm")]
+    pub guest: PathBuf,
+
+    /// The model: a Hugging Face folder (config.json, safetensors, tokenizer.json) or a GGUF file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// HTTP port (0 picks a free one; the chosen port is logged and reported in /info).
+    #[arg(long, default_value_t = 9301)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Where the model runs: auto (a GPU if one is found, else the CPU), cpu, gpu or gpu:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+
+    /// How weights are kept in memory: auto (the fastest the device supports) or f32
+    /// (everything expanded, the reference for correctness checks).
+    #[arg(long, default_value = "auto", value_parser = parse_weights)]
+    pub weights: WeightFormat,
+
+    /// This worker's id, as the hive assigned it (a random one otherwise).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+
+    /// The queen to send heartbeats to, e.g. http://localhost:8500. No heartbeats without it.
+    #[arg(long, value_name = "URL")]
+    pub queen_url: Option<String>,
+
+    /// The hive's URL, as upstream spawns workers with it: same meaning as --queen-url (heartbeats
+    /// go there) when --queen-url is not given.
+    #[arg(long, value_name = "URL")]
+    pub hive_url: Option<String>,
+
+    /// Seconds between heartbeats (the queen marks a worker unavailable after 3 missed beats).
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub heartbeat_interval: Duration,
+
+    /// Requests the engine serves at the same time; more wait in the queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_concurrent: u32,
+
+    /// Requests that may wait for a free slot; beyond this the worker answers 503.
+    #[arg(long, default_value_t = 16)]
+    pub queue_size: u32,
+
+    /// Longest a guest may compute per request, in seconds of its own time (time spent waiting
+    /// on the model is not counted). A guest past it fails its request with 504.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub guest_timeout: Duration,
+
+    /// Memory a guest instance may use, in MiB. A guest growing past it fails its request.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub guest_memory_mb: u64,
+
+    /// Where compiled guests are cached (keyed by content hash and engine settings).
+    /// Defaults to $XDG_CACHE_HOME/rbee-host or ~/.cache/rbee-host.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Do not cache compiled guests on disk.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Enables PUT /v1/admin/guest and GET /v1/admin/guest, protected by this bearer token.
+    #[arg(long, env = "RBEE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Do not watch the guest file for changes (SIGHUP and the admin endpoint still reload).
+    #[arg(long)]
+    pub no_watch: bool,
+
+    /// Largest request body accepted, in KiB (the admin endpoint accepts up to 256 MiB).
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    pub max_body_kb: usize,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cut.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+}
+
+impl Args {
+    /// The heartbeat target: --queen-url, else --hive-url.
+    pub fn heartbeat_url(&self) -> Option<&str> {
+        self.queen_url.as_deref().or(self.hive_url.as_deref())
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" => Ok(WeightFormat::Auto),
+        "f32" => Ok(WeightFormat::F32),
+        other => Err(format!("unknown weight format `{other}`: expected auto or f32")),
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let seconds: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_upstream_spawn_flags() {
+        let args = Args::try_parse_from([
+            "rbee-host",
+            "--worker-id",
+            "worker-abc123",
+            "--model",
+            "m.gguf",
+            "--device",
+            "gpu:1",
+            "--port",
+            "9400",
+            "--queen-url",
+            "http://queen:8500",
+            "--hive-url",
+            "http://hive:9000",
+            "--guest",
+            "g.wasm",
+        ])
+        .unwrap();
+        assert_eq!(args.worker_id.as_deref(), Some("worker-abc123"));
+        assert_eq!(args.device, DeviceChoice::Gpu(1));
+        assert_eq!(args.port, 9400);
+        assert_eq!(args.heartbeat_url(), Some("http://queen:8500"));
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn hive_url_stands_in_for_queen_url() {
+        let args = Args::try_parse_from([
+            "rbee-host",
+            "--model=m",
+            "--guest=g",
+            "--hive-url=http://hive:9000",
+            "--heartbeat-interval=0.5",
+        ])
+        .unwrap();
+        assert_eq!(args.heartbeat_url(), Some("http://hive:9000"));
+        assert_eq!(args.heartbeat_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            ["--device", "tpu"],
+            ["--heartbeat-interval", "-1"],
+            ["--weights", "int3"],
+            ["--max-concurrent", "0"],
+        ] {
+            let argv = ["rbee-host", "--model=m", "--guest=g", bad[0], bad[1]];
+            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

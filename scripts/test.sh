@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: builds every guest (guests/build.sh), then runs the
+# unit, engine and end-to-end tests of the workspace. Extra arguments go to `cargo test`.
+# Tests that need SmolLM2 run when scripts/fetch-model.sh has fetched it, and say so when not.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+guests/build.sh
+cargo test --workspace "$@"

@@ -1,0 +1,178 @@
+//! The upstream worker API, endpoint by endpoint, over real HTTP.
+
+use serde_json::{Value, json};
+
+use crate::harness::{Options, Worker, greedy};
+
+#[tokio::test]
+async fn health_is_plain_ok() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let response = worker.client.get(worker.url("/health")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert_eq!(response.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn info_is_worker_info() {
+    let worker = Worker::start(Options::new("llm").arg("--worker-id=worker-abc123")).await;
+    let info = worker.info().await;
+    assert_eq!(info["id"], "worker-abc123");
+    assert_eq!(info["status"], "ready");
+    assert_eq!(info["device"], "CPU-0");
+    assert_eq!(info["port"], worker.port);
+    assert_eq!(info["implementation"], "llm-worker-rbee");
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert!(info["model_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(info["guest"]["active"]["name"], "llm");
+    assert_eq!(info["guest"]["active"]["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[tokio::test]
+async fn infer_answers_json() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let (status, body) = worker.infer(greedy("Once upon a time", 12)).await;
+    assert_eq!(status, 200, "{body}");
+    let tokens = body["tokens_generated"].as_u64().unwrap();
+    assert!((1..=12).contains(&tokens), "{body}");
+    assert!(body["text"].is_string());
+    assert!(body["duration_ms"].is_u64());
+    // Greedy decoding is deterministic.
+    let (_, again) = worker.infer(greedy("Once upon a time", 12)).await;
+    assert_eq!(again["text"], body["text"]);
+    // Defaults apply when only the prompt is given.
+    let (status, body) = worker.infer(json!({ "prompt": "hello" })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn infer_streams_sse_that_matches_json() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let (_, whole) = worker.infer(greedy("The quick brown fox", 16)).await;
+    let streamed = worker.infer_stream(greedy("The quick brown fox", 16)).await;
+    assert_eq!(streamed.status, 200);
+    assert!(streamed.content_type.starts_with("text/event-stream"));
+    assert!(streamed.done, "no [DONE]: {streamed:?}");
+    assert!(streamed.error.is_none());
+    assert!(!streamed.tokens.is_empty());
+    assert_eq!(streamed.text(), whole["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn bad_input_is_a_400_json_error() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let bad: Vec<Value> = vec![
+        json!({}),
+        json!({ "prompt": 42 }),
+        json!({ "prompt": "x", "max_tokens": 0 }),
+        json!({ "prompt": "x", "max_tokens": 4097 }),
+        json!({ "prompt": "x", "max_tokens": -3 }),
+        json!({ "prompt": "x", "temperature": 2.5 }),
+        json!({ "prompt": "x", "temperature": -1 }),
+        json!({ "prompt": "x", "top_p": 0 }),
+        json!({ "prompt": "x", "stream": "yes" }),
+        json!({ "prompt": "x", "stop": [""] }),
+    ];
+    for body in bad {
+        let (status, answer) = worker.infer(body.clone()).await;
+        assert_eq!(status, 400, "{body} → {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+    }
+    // Not JSON at all.
+    let response = worker
+        .client
+        .post(worker.url("/v1/infer"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let answer: Value = response.json().await.unwrap();
+    assert!(answer["error"].is_string());
+    // Streaming requests get the same errors before the stream starts.
+    let streamed = worker.infer_stream(json!({ "prompt": "x", "max_tokens": 0 })).await;
+    assert_eq!(streamed.status, 400);
+    assert!(streamed.error.is_some());
+    // The worker is unharmed.
+    let (status, _) = worker.infer(greedy("still here", 2)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_json() {
+    let worker = Worker::start(Options::new("llm").arg("--max-body-kb=4")).await;
+    let response = worker
+        .client
+        .post(worker.url("/v1/infer"))
+        .json(&json!({ "prompt": "x".repeat(8192) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let answer: Value = response.json().await.unwrap();
+    assert!(answer["error"].is_string());
+}
+
+#[tokio::test]
+async fn prompt_beyond_the_context_is_a_400() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let (status, answer) = worker.infer(greedy(&"word ".repeat(4000), 8)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("context"), "{answer}");
+}
+
+#[tokio::test]
+async fn concurrent_clients_all_get_answers() {
+    let worker = Worker::start(Options::new("llm").arg("--max-concurrent=2")).await;
+    let (_, reference) = worker.infer(greedy("In the beginning", 8)).await;
+    let clients = (0..6).map(|i| {
+        let worker = &worker;
+        async move {
+            if i % 2 == 0 {
+                let (status, body) = worker.infer(greedy("In the beginning", 8)).await;
+                assert_eq!(status, 200, "{body}");
+                body["text"].as_str().unwrap().to_owned()
+            } else {
+                let streamed = worker.infer_stream(greedy("In the beginning", 8)).await;
+                assert!(streamed.done, "{streamed:?}");
+                streamed.text()
+            }
+        }
+    });
+    for text in futures::future::join_all(clients).await {
+        assert_eq!(text, reference["text"].as_str().unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503() {
+    // One in service, none waiting: while a slow request runs, the next is refused.
+    let worker = Worker::start(
+        Options::new("chaos")
+            .arg("--max-concurrent=1")
+            .arg("--queue-size=0"),
+    )
+    .await;
+    let slow = worker.infer(json!({ "prompt": "slow-1500", "max_tokens": 2 }));
+    let refused = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(worker.info().await["status"], "busy");
+        worker.infer(greedy("hello", 2)).await
+    };
+    let ((slow_status, _), (status, body)) = tokio::join!(slow, refused);
+    assert_eq!(slow_status, 200);
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("capacity"));
+    worker.wait_for_status("ready").await;
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let response = worker.client.get(worker.url("/v1/nope")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    // Admin endpoints do not exist without --admin-token.
+    let response = worker.client.put(worker.url("/v1/admin/guest")).body("x").send().await.unwrap();
+    assert_eq!(response.status(), 404);
+}

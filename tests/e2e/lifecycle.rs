@@ -1,0 +1,119 @@
+//! Start-up, busy/ready, client disconnects and shutdown, with a real (slow enough) model.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::harness::{Options, Queen, Wait, Worker, greedy, smollm2, tiny_model};
+
+/// While the model loads, `/info` says `starting` and `/v1/infer` answers 503. The model's
+/// config.json is a FIFO the test writes only after checking, so loading really waits.
+#[tokio::test]
+async fn starting_until_the_model_is_loaded() {
+    let model = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "config.json" {
+            std::fs::copy(entry.path(), model.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let config = model.path().join("config.json");
+    let made = std::process::Command::new("mkfifo").arg(&config).status().unwrap();
+    assert!(made.success());
+    let mut options = Options::new("llm");
+    options.model = model.path().to_owned();
+    options.wait = Wait::Http;
+    let worker = Worker::start(options).await;
+
+    assert_eq!(worker.info().await["status"], "starting");
+    let (status, body) = worker.infer(greedy("too early", 2)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("starting"));
+
+    let contents = std::fs::read(tiny_model().join("config.json")).unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(config, contents)).await.unwrap().unwrap();
+    worker.wait_for_status("ready").await;
+    let (status, _) = worker.infer(greedy("now", 2)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_model_that_cannot_load_stops_the_worker() {
+    let queen = Queen::start(Duration::ZERO).await;
+    let missing = tempfile::tempdir().unwrap();
+    let mut options = Options::new("llm").arg(format!("--queen-url={}", queen.url));
+    options.model = missing.path().join("nothing-here");
+    options.wait = Wait::Nothing;
+    let mut worker = Worker::start(options).await;
+    let exit = worker.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success());
+    queen.wait_for("with status stopped", |beat| beat.body["worker"]["status"] == "stopped").await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_work_then_exits_zero() {
+    let queen = Queen::start(Duration::ZERO).await;
+    let mut worker = Worker::start(
+        Options::new("chaos")
+            .arg(format!("--queen-url={}", queen.url))
+            .arg("--shutdown-grace=10"),
+    )
+    .await;
+    // A request that takes a while is in flight when the signal arrives…
+    let in_flight = worker.infer(json!({ "prompt": "slow-800", "max_tokens": 2 }));
+    let signal = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        worker.signal("TERM");
+    };
+    let ((status, body), ()) = tokio::join!(in_flight, signal);
+    // …and still gets its answer.
+    assert_eq!(status, 200, "{body}");
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(exit.success(), "{exit:?}");
+    let last = queen.beats().last().cloned().unwrap();
+    assert_eq!(last.body["worker"]["status"], "stopped");
+}
+
+#[tokio::test]
+async fn past_the_grace_period_running_generations_are_cut() {
+    let Some(model) = smollm2() else { return };
+    let mut options = Options::new("llm").arg("--shutdown-grace=1");
+    options.model = model;
+    let mut worker = Worker::start(options).await;
+    // Far more tokens than the grace period allows on a CPU.
+    let long = worker.infer_stream(json!({ "prompt": "Tell me a long story.", "max_tokens": 2000, "temperature": 0.0 }));
+    let signal = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        worker.signal("TERM");
+    };
+    let started = std::time::Instant::now();
+    let (streamed, ()) = tokio::join!(long, signal);
+    assert!(!streamed.tokens.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(15), "not cut: {:?}", started.elapsed());
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(exit.success());
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_stops_its_generation() {
+    let Some(model) = smollm2() else { return };
+    let mut options = Options::new("llm").arg("--max-concurrent=1");
+    options.model = model;
+    let worker = Worker::start(options).await;
+    let response = worker
+        .client
+        .post(worker.url("/v1/infer"))
+        .json(&json!({ "prompt": "Write a long essay.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    // With one slot, the next request runs only once the abandoned generation has stopped;
+    // 2000 tokens would take minutes on a CPU.
+    let next = tokio::time::timeout(Duration::from_secs(30), worker.infer(greedy("Hi", 2))).await;
+    let (status, _) = next.expect("the abandoned generation kept its slot");
+    assert_eq!(status, 200);
+}

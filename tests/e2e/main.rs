@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `rbee-host` binary, real guests (built by `guests/build.sh`),
+//! a real (tiny) model, spoken to over HTTP as clients and a queen would.
+
+mod harness;
+
+mod api;
+mod heartbeat;
+mod hot_swap;
+mod lifecycle;
+mod sandbox;
