@@ -1,13 +1,31 @@
 //! rbee-engine: a Llama-family decoder on Burn, loaded from a Hugging Face folder or a GGUF
 //! file, with a KV cache, sampling and token streaming.
 //!
-//! PUBLIC API CONTRACT (the host depends on exactly this; the implementation is in progress).
+//! This file is the public surface (the host depends on exactly these names); the work is
+//! done in one module per concern:
+//! - `config`: the model's shape (HF `config.json` or GGUF metadata)
+//! - `model` (+ `linear`): the decoder in Burn, top to bottom, with its KV cache
+//! - `loader`, `hf`, `gguf_loader`: reading checkpoints; `gguf`: the GGUF format itself
+//! - `sampling`, `text`, `generate`: choosing tokens, streaming text, the generation loop
+//! - `device`, `progress`: where it runs, and what loading shows
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod config;
+mod device;
+mod generate;
 pub mod gguf;
+mod gguf_loader;
+mod hf;
+mod linear;
+mod loader;
+mod model;
+mod progress;
+mod quant;
+mod sampling;
+mod text;
 
 /// Where to run the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,19 +138,70 @@ pub enum EngineError {
     Model(String),
 }
 
-/// One model in memory, shared by all requests (`Send + Sync`).
+/// One model in memory, shared by all requests (`Send + Sync`: the model is immutable once
+/// loaded, and each generation keeps its own KV cache).
 pub struct Engine {
     info: ModelInfo,
+    runtime: generate::Runtime,
 }
 
 impl Engine {
     /// Loads a model from a Hugging Face folder or a GGUF file, showing progress (a bar on a
     /// terminal, log lines otherwise).
-    pub fn load(path: &Path, _options: &LoadOptions) -> Result<Engine, EngineError> {
-        Err(EngineError::Load {
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Engine, EngineError> {
+        let format = loader::detect(path)?;
+        tracing::info!(path = %path.display(), format = format.name(), "loading model");
+        let selected = device::select(options.device)?;
+        let started = std::time::Instant::now();
+        let mut loaded = match format {
+            loader::Format::HfFolder => hf::load(path, &selected.device)?,
+            loader::Format::Gguf => gguf_loader::load(path, &selected.device)?,
+        };
+        loader::convert_weights(&mut loaded.model, options.weights, selected.is_gpu);
+        let tokenizer = &loaded.tokenizer;
+        let eos_tokens = loaded
+            .special
+            .eos_ids
+            .iter()
+            .filter_map(|&id| tokenizer.id_to_token(id))
+            .collect();
+        let bos_id = loaded
+            .special
+            .bos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t));
+        let config = &loaded.config;
+        let info = ModelInfo {
+            id: loaded.id.clone(),
+            architecture: config.architecture.clone(),
+            format: format.name().into(),
             path: path.to_owned(),
-            reason: "engine not implemented yet".into(),
-        })
+            context_length: config.max_position_embeddings as u32,
+            vocab_size: config.vocab_size as u32,
+            bos_token: loaded.special.bos_token.clone(),
+            eos_tokens,
+            chat_template: loaded.special.chat_template.clone(),
+            device: selected.name.clone(),
+        };
+        tracing::info!(
+            model = %info.id,
+            architecture = %info.architecture,
+            layers = config.num_layers,
+            device = %info.device,
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        let runtime = generate::Runtime {
+            context_length: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            model: loaded.model,
+            rope: loaded.rope,
+            tokenizer: loaded.tokenizer,
+            eos_ids: loaded.special.eos_ids,
+            bos_id,
+            device: selected.device,
+        };
+        Ok(Engine { info, runtime })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -140,8 +209,8 @@ impl Engine {
     }
 
     /// Token ids of `text`, without special tokens.
-    pub fn tokenize(&self, _text: &str) -> Result<Vec<u32>, EngineError> {
-        Err(EngineError::Model("engine not implemented yet".into()))
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.runtime.encode(text, false)
     }
 
     /// Generates a completion of `prompt`. `on_text` receives each piece of text as it is
@@ -149,10 +218,33 @@ impl Engine {
     /// (finish reason `Cancelled`). Blocking: call it from a blocking thread.
     pub fn generate(
         &self,
-        _prompt: &str,
-        _params: &SamplingParams,
-        _on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+        prompt: &str,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, EngineError> {
-        Err(EngineError::Model("engine not implemented yet".into()))
+        self.runtime.generate(prompt, params, on_text)
+    }
+
+    /// Like [`Engine::generate`] from token ids (no bos added), also returning the generated
+    /// ids. For verification against a reference implementation.
+    pub fn generate_ids(
+        &self,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+    ) -> Result<(Completion, Vec<u32>), EngineError> {
+        self.runtime
+            .generate_ids(prompt_ids, params, &mut |_| ControlFlow::Continue(()))
+    }
+
+    /// The logits (`[ids.len(), vocab_size]`, row-major) of one forward pass over `ids`.
+    /// For verification against a reference implementation.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.runtime.logits(ids)
     }
 }
+
+// The host shares one `Engine` between concurrent requests.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+};

@@ -1,0 +1,107 @@
+//! Prefill and decode speed and peak memory of the engine on one model.
+//!
+//!     cargo run -p rbee-engine --example bench -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+//!
+//! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
+//! --new-tokens N (64), --runs N (3, best run reported). Prints one human line and one JSON
+//! line (for scripts/bench.sh).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rbee_engine::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+
+fn main() {
+    let mut model = None;
+    let mut device = DeviceChoice::Cpu;
+    let mut weights = WeightFormat::Auto;
+    let mut prompt_tokens = 128usize;
+    let mut new_tokens = 64u32;
+    let mut runs = 3;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--model" => model = Some(PathBuf::from(value())),
+            "--device" => device = value().parse().unwrap(),
+            "--weights" => {
+                weights = match value().as_str() {
+                    "f32" => WeightFormat::F32,
+                    _ => WeightFormat::Auto,
+                }
+            }
+            "--prompt-tokens" => prompt_tokens = value().parse().unwrap(),
+            "--new-tokens" => new_tokens = value().parse().unwrap(),
+            "--runs" => runs = value().parse().unwrap(),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let model = model.expect("--model PATH is required");
+
+    let started = Instant::now();
+    let engine = Engine::load(&model, &LoadOptions { device, weights }).unwrap();
+    let load_s = started.elapsed().as_secs_f64();
+
+    // A prompt of exactly `prompt_tokens` tokens from ordinary text.
+    let text = "The honey bee is a eusocial flying insect within the genus Apis of the bee clade. \
+                Bees live in colonies, build nests from wax, and store honey and pollen. ";
+    let mut ids = Vec::new();
+    while ids.len() < prompt_tokens {
+        ids.extend(engine.tokenize(text).unwrap());
+    }
+    ids.truncate(prompt_tokens);
+
+    let params = SamplingParams {
+        max_tokens: new_tokens,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repeat_penalty: 1.0,
+        seed: None,
+        stop: vec![],
+    };
+    // The first run warms up (allocations, GPU shader compilation); the best of the rest is
+    // reported.
+    let mut best: Option<(f64, f64, u32)> = None;
+    for run in 0..=runs {
+        let (done, _) = engine.generate_ids(&ids, &params).unwrap();
+        let prefill_tps = ids.len() as f64 / done.prefill.as_secs_f64();
+        // The first new token comes from the prefill's logits; the rest each cost one step.
+        let steps = done.generated_tokens.saturating_sub(1).max(1);
+        let decode_tps = steps as f64 / done.decode.as_secs_f64();
+        if run == 0 {
+            continue;
+        }
+        let better = best.is_none_or(|(p, d, _)| prefill_tps + decode_tps > p + d);
+        if better {
+            best = Some((prefill_tps, decode_tps, done.generated_tokens));
+        }
+    }
+    let (prefill_tps, decode_tps, generated) = best.unwrap();
+    let peak_mb = peak_rss_mb();
+    println!(
+        "{} on {}: load {load_s:.2} s, prefill {prefill_tps:.1} tok/s ({} tokens), decode {decode_tps:.1} tok/s ({generated} tokens), peak RSS {peak_mb:.0} MB",
+        engine.info().id,
+        engine.info().device,
+        ids.len()
+    );
+    println!(
+        "{{\"engine\":\"rbee-engine\",\"device\":\"{}\",\"weights\":\"{weights:?}\",\"prefill_tps\":{prefill_tps:.2},\"decode_tps\":{decode_tps:.2},\"prompt_tokens\":{},\"new_tokens\":{generated},\"peak_rss_mb\":{peak_mb:.1},\"load_s\":{load_s:.2}}}",
+        engine.info().device,
+        ids.len()
+    );
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MB; 0 where unknown.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

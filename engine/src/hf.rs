@@ -1,0 +1,265 @@
+//! Loading a Hugging Face model folder: `config.json`, `model.safetensors` (or shards listed
+//! in `model.safetensors.index.json`), `tokenizer.json`, and the optional
+//! `tokenizer_config.json` / `generation_config.json`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::tensor::Device;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::config::{HfConfig, ModelConfig};
+use crate::loader::{Loaded, SpecialTokens, load_error};
+use crate::model::{Llama, Rope};
+use crate::progress::Progress;
+
+/// Loads the folder `dir` onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<Loaded, crate::EngineError> {
+    let config_path = dir.join("config.json");
+    let config_text = fs::read_to_string(&config_path)
+        .map_err(|e| load_error(&config_path, format!("cannot read: {e}")))?;
+    let hf: HfConfig = serde_json::from_str(&config_text)
+        .map_err(|e| load_error(&config_path, format!("invalid config: {e}")))?;
+    let raw_config: Value = serde_json::from_str(&config_text).unwrap_or(Value::Null);
+    let mut config = hf
+        .into_model_config()
+        .map_err(|e| load_error(&config_path, e))?;
+
+    let shards = shard_files(dir)?;
+    // Read every shard's header first: it names the tensors (tied or untied output?) and
+    // catches truncated files with a clear message before anything is allocated.
+    let mut names = BTreeSet::new();
+    for shard in &shards {
+        names.extend(safetensors_names(shard)?);
+    }
+    config.tie_word_embeddings = !names.contains("lm_head.weight");
+
+    let mut model = Llama::new(&config, device);
+    let expected: BTreeSet<String> = expected_tensors(&config).into_iter().collect();
+    if let Some(missing) = expected.iter().find(|n| !names.contains(*n)) {
+        return Err(load_error(
+            &shards[0],
+            format!("tensor `{missing}` is missing from the checkpoint"),
+        ));
+    }
+
+    let progress = Progress::new("loading safetensors", shards.len() as u64);
+    let mut applied = HashSet::new();
+    for shard in &shards {
+        let mut store = SafetensorsStore::from_file(shard)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .allow_partial(true)
+            .validate(true);
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| load_error(shard, e.to_string()))?;
+        if !result.errors.is_empty() {
+            return Err(load_error(shard, format!("{:?}", result.errors)));
+        }
+        applied.extend(result.applied);
+        progress.inc(1);
+    }
+    progress.finish();
+    // `applied` holds Burn's paths (norm weights are `gamma` there).
+    tracing::debug!(tensors = applied.len(), "weights applied");
+    if applied.len() < expected.len() {
+        return Err(load_error(
+            dir,
+            format!(
+                "only {} of {} tensors matched the model",
+                applied.len(),
+                expected.len()
+            ),
+        ));
+    }
+
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| load_error(&tokenizer_path, format!("invalid tokenizer: {e}")))?;
+
+    let special = special_tokens(dir, &raw_config, &tokenizer)?;
+    let rope = Rope::new(&config, device);
+    Ok(Loaded {
+        config,
+        model,
+        rope,
+        tokenizer,
+        special,
+        id: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    })
+}
+
+/// The safetensors files of the checkpoint, from the index when the model is sharded.
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, crate::EngineError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.is_file() {
+        return Err(load_error(
+            dir,
+            "no model.safetensors or model.safetensors.index.json in the folder".into(),
+        ));
+    }
+    let index: Value = fs::read_to_string(&index_path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .map_err(|e| load_error(&index_path, format!("invalid index: {e}")))?;
+    let files: BTreeSet<String> = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| load_error(&index_path, "no weight_map".into()))?
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Tensor names in a safetensors file, after checking that the header is sound and that
+/// the file is long enough for every tensor it declares.
+fn safetensors_names(path: &Path) -> Result<Vec<String>, crate::EngineError> {
+    let err = |reason: String| load_error(path, reason);
+    let mut file = fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+    let file_len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| err("file too short for a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(err(format!(
+            "truncated or not safetensors: header of {header_len} bytes in a {file_len}-byte file"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| err(format!("cannot read header: {e}")))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| err(format!("invalid header: {e}")))?;
+    let mut end = 0u64;
+    let mut names = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        if let Some(offsets) = info["data_offsets"].as_array()
+            && let Some(stop) = offsets.get(1).and_then(Value::as_u64)
+        {
+            end = end.max(stop);
+        }
+        names.push(name);
+    }
+    let data_len = file_len - 8 - header_len;
+    if end > data_len {
+        return Err(err(format!(
+            "truncated: tensors need {end} bytes of data, the file has {data_len}"
+        )));
+    }
+    Ok(names)
+}
+
+/// HF names of every tensor the model needs.
+pub fn expected_tensors(config: &ModelConfig) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".into(), "model.norm.weight".into()];
+    if !config.tie_word_embeddings {
+        names.push("lm_head.weight".into());
+    }
+    for i in 0..config.num_layers {
+        let p = format!("model.layers.{i}.");
+        for n in [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            names.push(format!("{p}{n}"));
+        }
+        if config.attention_bias {
+            for n in [
+                "self_attn.q_proj.bias",
+                "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias",
+            ] {
+                names.push(format!("{p}{n}"));
+            }
+        }
+    }
+    names
+}
+
+/// bos/eos strings and ids and the chat template, from `tokenizer_config.json`,
+/// `generation_config.json` and `config.json`, whichever say something.
+fn special_tokens(
+    dir: &Path,
+    config: &Value,
+    tokenizer: &Tokenizer,
+) -> Result<SpecialTokens, crate::EngineError> {
+    let read_json = |name: &str| -> Result<Value, crate::EngineError> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Ok(Value::Null);
+        }
+        let text = fs::read_to_string(&path)
+            .map_err(|e| load_error(&path, format!("cannot read: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| load_error(&path, format!("invalid JSON: {e}")))
+    };
+    let tok_config = read_json("tokenizer_config.json")?;
+    let gen_config = read_json("generation_config.json")?;
+
+    // A token is written either as a string or as `{"content": "..."}`.
+    let token_string = |v: &Value| -> Option<String> {
+        v.as_str()
+            .map(str::to_owned)
+            .or_else(|| v["content"].as_str().map(str::to_owned))
+    };
+    let ids = |v: &Value| -> Vec<u32> {
+        match v {
+            Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            Value::Array(a) => a.iter().filter_map(|n| n.as_u64().map(|n| n as u32)).collect(),
+            _ => Vec::new(),
+        }
+    };
+
+    let mut eos_ids = ids(&gen_config["eos_token_id"]);
+    eos_ids.extend(ids(&config["eos_token_id"]));
+    let eos_string = token_string(&tok_config["eos_token"]);
+    if let Some(s) = &eos_string
+        && let Some(id) = tokenizer.token_to_id(s)
+    {
+        eos_ids.push(id);
+    }
+    let mut seen = HashSet::new();
+    eos_ids.retain(|id| seen.insert(*id));
+
+    let bos_token = token_string(&tok_config["bos_token"]).or_else(|| {
+        let mut bos = ids(&gen_config["bos_token_id"]);
+        bos.extend(ids(&config["bos_token_id"]));
+        bos.first().and_then(|&id| tokenizer.id_to_token(id))
+    });
+    let chat_template = match &tok_config["chat_template"] {
+        Value::String(s) => Some(s.clone()),
+        // Newer configs list named templates; the default one is what a chat client wants.
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or(list.first())
+            .and_then(|t| t["template"].as_str().map(str::to_owned)),
+        _ => None,
+    };
+    Ok(SpecialTokens {
+        bos_token,
+        eos_ids,
+        chat_template,
+    })
+}

@@ -1,0 +1,372 @@
+//! The Llama-family decoder, read top to bottom: config → RoPE → cache → attention → MLP →
+//! block → model → forward. Module fields are named like the Hugging Face tensors
+//! (`model.layers.0.self_attn.q_proj.weight`, ...), so a safetensors checkpoint loads by name.
+//!
+//! Shapes: `b` batch (always 1 here), `s` new positions, `t` cached + new positions,
+//! `nh`/`nkv` query/key-value heads, `hd` head dim.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::linear::Proj;
+
+// ---------------------------------------------------------------------------------------
+// RoPE (rotate-half, as in Hugging Face's Llama; Burn's `RotaryEncoding` rotates adjacent
+// pairs instead, which is the GGUF layout — GGUF q/k rows are un-permuted at load instead).
+// ---------------------------------------------------------------------------------------
+
+/// Precomputed cos/sin tables, `[max_positions, hd]`, each frequency repeated for both halves.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl Rope {
+    pub fn new(config: &ModelConfig, device: &Device) -> Self {
+        let hd = config.head_dim;
+        let half = hd / 2;
+        let positions = config.max_position_embeddings;
+        // transformers computes the inverse frequencies in f32; doing the same keeps the
+        // angles bit-identical before cos/sin.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * hd);
+        let mut sin = Vec::with_capacity(positions * hd);
+        for p in 0..positions {
+            for i in 0..hd {
+                let angle = p as f32 * inv_freq[i % half];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [positions, hd]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [positions, hd]), device),
+        }
+    }
+
+    /// Rotates `x` `[b, heads, s, hd]` whose first position is `start`.
+    fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [_, _, s, hd] = x.dims();
+        let cos = self.cos.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
+        let sin = self.sin.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
+        let x1 = x.clone().narrow(3, 0, hd / 2);
+        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// KV cache: per layer, keys and values of every position seen so far, `[b, nkv, t, hd]`.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+pub struct Cache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
+        };
+        self.layers[layer] = Some(kv.clone());
+        kv
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention (grouped-query: `nh / nkv` query heads share one key/value head).
+// ---------------------------------------------------------------------------------------
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Proj,
+    pub k_proj: Proj,
+    pub v_proj: Proj,
+    pub o_proj: Proj,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(config: &ModelConfig, device: &Device) -> Self {
+        let h = config.hidden_size;
+        let (nh, nkv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+        let bias = config.attention_bias;
+        Self {
+            q_proj: Proj::init(h, nh * hd, bias, device),
+            k_proj: Proj::init(h, nkv * hd, bias, device),
+            v_proj: Proj::init(h, nkv * hd, bias, device),
+            o_proj: Proj::init(nh * hd, h, false, device),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut Cache, layer: usize) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let start = cache.len;
+
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, nh, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, nkv, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, s, nkv, hd]).swap_dims(1, 2);
+        let q = rope.apply(q, start);
+        let k = rope.apply(k, start);
+        let (k, v) = cache.append(layer, k, v);
+        let t = start + s;
+
+        // Fold the query heads that share a kv head into the row dimension instead of
+        // repeating K and V: `[b, nkv, rep * s, hd] x [b, nkv, hd, t]`. Query head
+        // `g * rep + r` sits in group `g`, row block `r`.
+        let rep = nh / nkv;
+        let q = q.reshape([b, nkv, rep * s, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+        let scores = if s > 1 {
+            let mask = causal_mask(rep, s, start, &scores.device());
+            scores + mask.reshape([1, 1, rep * s, t])
+        } else {
+            scores
+        };
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).reshape([b, nh, s, hd]);
+        let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Additive mask `[rep * s, start + s]`: row `r * s + i` (query position `start + i`) may
+/// see keys `0..=start + i`.
+fn causal_mask(rep: usize, s: usize, start: usize, device: &Device) -> Tensor<2> {
+    let t = start + s;
+    let mut mask = vec![0f32; rep * s * t];
+    for r in 0..rep {
+        for i in 0..s {
+            let row = &mut mask[(r * s + i) * t..(r * s + i + 1) * t];
+            row[start + i + 1..].fill(f32::NEG_INFINITY);
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [rep * s, t]), device)
+}
+
+// ---------------------------------------------------------------------------------------
+// MLP (SwiGLU): down(silu(gate(x)) * up(x)).
+// ---------------------------------------------------------------------------------------
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Proj,
+    pub up_proj: Proj,
+    pub down_proj: Proj,
+}
+
+impl Mlp {
+    fn new(config: &ModelConfig, device: &Device) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        Self {
+            gate_proj: Proj::init(h, i, false, device),
+            up_proj: Proj::init(h, i, false, device),
+            down_proj: Proj::init(i, h, false, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoder block (pre-norm residual).
+// ---------------------------------------------------------------------------------------
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(config: &ModelConfig, device: &Device) -> Self {
+        let norm = RmsNormConfig::new(config.hidden_size).with_epsilon(config.rms_norm_eps);
+        Self {
+            self_attn: Attention::new(config, device),
+            mlp: Mlp::new(config, device),
+            input_layernorm: norm.init(device),
+            post_attention_layernorm: norm.init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut Cache, layer: usize) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache, layer);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The model: embeddings → blocks → final norm → output projection.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// `LlamaForCausalLM`: the HF checkpoint's top level (`model.*` and `lm_head.*`).
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub model: LlamaModel,
+    /// `None` when the output projection is tied to `model.embed_tokens`.
+    pub lm_head: Option<Proj>,
+    /// The tied output projection as Q8_0 blocks (CPU default format); the embedding
+    /// table itself stays float for the lookups.
+    #[module(skip)]
+    pub tied_q8: Option<std::sync::Arc<crate::quant::Q8Matrix>>,
+}
+
+impl Llama {
+    /// A model of the right shape whose weights are placeholders, to be replaced by the
+    /// loader (zeros: cheap, and a weight the loader forgot shows up as wrong output).
+    pub fn new(config: &ModelConfig, device: &Device) -> Self {
+        let embed = EmbeddingConfig::new(config.vocab_size, config.hidden_size)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        Self {
+            model: LlamaModel {
+                embed_tokens: embed,
+                layers: (0..config.num_layers)
+                    .map(|_| DecoderLayer::new(config, device))
+                    .collect(),
+                norm: RmsNormConfig::new(config.hidden_size)
+                    .with_epsilon(config.rms_norm_eps)
+                    .init(device),
+            },
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| Proj::init(config.hidden_size, config.vocab_size, false, device)),
+            tied_q8: None,
+        }
+    }
+
+    /// Runs `tokens` `[b, s]` (positions `cache.len..cache.len + s`) through the model and
+    /// returns the logits `[b, s', vocab]`, where `s'` is 1 (the last position) when
+    /// `last_only`, else `s`. Skipping the other positions saves most of the output
+    /// projection's work in prefill.
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        rope: &Rope,
+        cache: &mut Cache,
+        last_only: bool,
+    ) -> Tensor<3> {
+        let [_, s] = tokens.dims();
+        // The embedding table may be kept in a half type; the residual stream is f32.
+        let mut x = self
+            .model
+            .embed_tokens
+            .forward(tokens)
+            .cast(burn::tensor::DType::F32);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            x = layer.forward(x, rope, cache, i);
+        }
+        cache.len += s;
+        let x = if last_only && s > 1 { x.narrow(1, s - 1, 1) } else { x };
+        let x = self.model.norm.forward(x);
+        match (&self.lm_head, &self.tied_q8) {
+            (Some(head), _) => head.forward(x),
+            (None, Some(q8)) => {
+                let [b, s, h] = x.dims();
+                crate::linear::q8_matmul(q8, x.reshape([b * s, h])).reshape([b, s, q8.rows()])
+            }
+            (None, None) => tied_output(x, self.model.embed_tokens.weight.val()),
+        }
+    }
+}
+
+/// `x · Eᵀ` with the embedding matrix `E` `[vocab, h]`: the transposed view feeds the
+/// matmul directly, so no second copy of the largest matrix is kept.
+fn tied_output(x: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
+    let [b, s, h] = x.dims();
+    let dtype = embedding.dtype();
+    let x = x.reshape([b * s, h]).cast(dtype);
+    let logits = x.matmul(embedding.transpose());
+    let [_, vocab] = logits.dims();
+    logits.cast(burn::tensor::DType::F32).reshape([b, s, vocab])
+}
+
+
+/// A parameter of the model, by kind, for loaders that fill weights by name.
+pub enum ParamMut<'a> {
+    Matrix(&'a mut Param<Tensor<2>>),
+    Vector(&'a mut Param<Tensor<1>>),
+}
+
+impl Llama {
+    /// Every parameter with its Hugging Face name.
+    pub fn named_params_mut(&mut self) -> Vec<(String, ParamMut<'_>)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            ParamMut::Matrix(&mut self.model.embed_tokens.weight),
+        )];
+        out.push((
+            "model.norm.weight".into(),
+            ParamMut::Vector(&mut self.model.norm.gamma),
+        ));
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), ParamMut::Matrix(&mut head.weight)));
+        }
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}.");
+            out.push((
+                format!("{p}input_layernorm.weight"),
+                ParamMut::Vector(&mut layer.input_layernorm.gamma),
+            ));
+            out.push((
+                format!("{p}post_attention_layernorm.weight"),
+                ParamMut::Vector(&mut layer.post_attention_layernorm.gamma),
+            ));
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, proj) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{p}{name}.weight"), ParamMut::Matrix(&mut proj.weight)));
+                if let Some(bias) = &mut proj.bias {
+                    out.push((format!("{p}{name}.bias"), ParamMut::Vector(bias)));
+                }
+            }
+        }
+        out
+    }
+}

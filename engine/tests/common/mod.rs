@@ -1,0 +1,52 @@
+//! Shared helpers for the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rbee_engine::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn load(path: &Path, weights: WeightFormat) -> Engine {
+    Engine::load(
+        path,
+        &LoadOptions {
+            device: DeviceChoice::Cpu,
+            weights,
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// One engine per fixture per test binary (loading is quick, but tests run in parallel).
+pub fn tiny_llama() -> Arc<Engine> {
+    static ENGINE: OnceLock<Mutex<Option<Arc<Engine>>>> = OnceLock::new();
+    let cell = ENGINE.get_or_init(|| Mutex::new(None));
+    let mut guard = cell.lock().unwrap();
+    guard
+        .get_or_insert_with(|| Arc::new(load(&fixtures().join("tiny-llama"), WeightFormat::F32)))
+        .clone()
+}
+
+pub fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repeat_penalty: 1.0,
+        seed: None,
+        stop: vec![],
+    }
+}
+
+/// A fresh, empty scratch folder under the system temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rbee-engine-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,82 @@
+//! SmolLM2-135M-Instruct (GGUF Q4_1) against transformers running the same dequantized weights
+//! (fixtures/smollm2_reference.py). Skipped, with a message, when the model file is absent
+//! (`scripts/fetch-model.sh` downloads it).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{fixtures, greedy, load};
+use rbee_engine::{FinishReason, WeightFormat};
+use serde_json::Value;
+
+fn model_path() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        Some(path)
+    } else {
+        println!("SKIPPED: {} is absent (run scripts/fetch-model.sh)", path.display());
+        None
+    }
+}
+
+/// Greedy tokens of every reference case; returns (prefix agreement per case, full-length
+/// agreement count).
+fn agreement(format: WeightFormat) -> Option<Vec<(usize, usize)>> {
+    let path = model_path()?;
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let engine = load(&path, format);
+    let mut out = Vec::new();
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["greedy"].clone()).unwrap();
+        assert_eq!(engine.tokenize(prompt).unwrap(), ids, "tokens of {prompt:?}");
+        let (done, got) = engine
+            .generate_ids(&ids, &greedy(want.len() as u32))
+            .unwrap();
+        let mut same = want.iter().zip(&got).take_while(|(a, b)| a == b).count();
+        // The reference ran past end-of-sequence; the engine stops there (and does not return
+        // the eos token). Agreeing up to and including the eos counts as agreeing throughout.
+        let mut expected_len = want.len();
+        if same == got.len() && done.finish_reason == FinishReason::Eos && same < want.len() {
+            let eos_ids: Vec<u32> = engine
+                .info()
+                .eos_tokens
+                .iter()
+                .flat_map(|t| engine.tokenize(t).unwrap())
+                .collect();
+            if eos_ids.contains(&want[same]) {
+                same += 1;
+                expected_len = same;
+            }
+        }
+        println!("{format:?} {prompt:?}: {same}/{expected_len} tokens agree");
+        out.push((same, expected_len));
+    }
+    Some(out)
+}
+
+#[test]
+fn f32_weights_match_transformers() {
+    let Some(results) = agreement(WeightFormat::F32) else { return };
+    for (same, len) in &results {
+        assert!(*same >= 8.min(*len), "first 8 greedy tokens must match: {results:?}");
+    }
+    let full = results.iter().filter(|(same, len)| same == len).count();
+    println!("{full}/{} cases agree over their whole length", results.len());
+}
+
+#[test]
+fn default_weights_keep_the_first_8_tokens() {
+    let Some(results) = agreement(WeightFormat::Auto) else { return };
+    for (same, len) in &results {
+        assert!(*same >= 8.min(*len), "first 8 greedy tokens must match: {results:?}");
+    }
+    let full = results.iter().filter(|(same, len)| same == len).count();
+    println!("{full}/{} cases agree over their whole length", results.len());
+}
