@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
         });
         let mut streamed_text = String::new();
         let stream = mean(args.requests, || {
-            let (client, mut received) = mpsc::channel(64);
+            let (client, mut received) = mpsc::channel::<String>(64);
             let reader = std::thread::spawn(move || {
                 let mut text = String::new();
                 while let Some(piece) = received.blocking_recv() {

@@ -83,12 +83,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut server = tokio::spawn(async move { server.await });
 
+    // Biased: a stop request also ends the server, and must be seen as the reason.
     let reason = tokio::select! {
+        biased;
+        reason = stopping.wait_for(Option::is_some) => reason?.expect("waited for Some"),
         served = &mut server => {
             served.context("the HTTP server task failed")??;
             anyhow::bail!("the HTTP server stopped unexpectedly");
         }
-        reason = stopping.wait_for(Option::is_some) => reason?.expect("waited for Some"),
     };
     tracing::info!(?reason, grace = ?args.shutdown_grace, "shutting down: no new requests");
     if tokio::time::timeout(args.shutdown_grace, &mut server).await.is_err() {

@@ -8,18 +8,18 @@ use serde_json::json;
 use crate::harness::{Options, Queen, Wait, Worker, greedy, smollm2, tiny_model};
 
 /// While the model loads, `/info` says `starting` and `/v1/infer` answers 503. The model's
-/// config.json is a FIFO the test writes only after checking, so loading really waits.
+/// tokenizer.json is a FIFO the test writes only after checking, so loading really waits.
 #[tokio::test]
 async fn starting_until_the_model_is_loaded() {
     let model = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(tiny_model()).unwrap() {
         let entry = entry.unwrap();
-        if entry.file_name() != "config.json" {
+        if entry.file_name() != "tokenizer.json" {
             std::fs::copy(entry.path(), model.path().join(entry.file_name())).unwrap();
         }
     }
-    let config = model.path().join("config.json");
-    let made = std::process::Command::new("mkfifo").arg(&config).status().unwrap();
+    let tokenizer = model.path().join("tokenizer.json");
+    let made = std::process::Command::new("mkfifo").arg(&tokenizer).status().unwrap();
     assert!(made.success());
     let mut options = Options::new("llm");
     options.model = model.path().to_owned();
@@ -31,8 +31,8 @@ async fn starting_until_the_model_is_loaded() {
     assert_eq!(status, 503, "{body}");
     assert!(body["error"].as_str().unwrap().contains("starting"));
 
-    let contents = std::fs::read(tiny_model().join("config.json")).unwrap();
-    tokio::task::spawn_blocking(move || std::fs::write(config, contents)).await.unwrap().unwrap();
+    let contents = std::fs::read(tiny_model().join("tokenizer.json")).unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(tokenizer, contents)).await.unwrap().unwrap();
     worker.wait_for_status("ready").await;
     let (status, _) = worker.infer(greedy("now", 2)).await;
     assert_eq!(status, 200);
@@ -77,20 +77,31 @@ async fn sigterm_finishes_in_flight_work_then_exits_zero() {
 
 #[tokio::test]
 async fn past_the_grace_period_running_generations_are_cut() {
+    use eventsource_stream::Eventsource;
     let Some(model) = smollm2() else { return };
     let mut options = Options::new("llm").arg("--shutdown-grace=1");
     options.model = model;
     let mut worker = Worker::start(options).await;
     // Far more tokens than the grace period allows on a CPU.
-    let long = worker.infer_stream(json!({ "prompt": "Tell me a long story.", "max_tokens": 2000, "temperature": 0.0 }));
-    let signal = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        worker.signal("TERM");
-    };
-    let started = std::time::Instant::now();
-    let (streamed, ()) = tokio::join!(long, signal);
-    assert!(!streamed.tokens.is_empty());
-    assert!(started.elapsed() < Duration::from_secs(15), "not cut: {:?}", started.elapsed());
+    let response = worker
+        .client
+        .post(worker.url("/v1/infer"))
+        .json(&json!({ "prompt": "Tell me a long story.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let first = events.next().await.unwrap().unwrap();
+    assert!(first.data.contains("token"), "{first:?}");
+    let signalled = std::time::Instant::now();
+    worker.signal("TERM");
+    let mut after = 0;
+    while let Some(Ok(_)) = events.next().await {
+        after += 1;
+    }
+    // The grace (1 s) plus the cut's own allowance (2 s), with room for a loaded machine.
+    assert!(signalled.elapsed() < Duration::from_secs(8), "not cut: {:?}, {after} events", signalled.elapsed());
+    assert!(after < 1999, "the generation ran to the end");
     let exit = worker.wait_exit(Duration::from_secs(20)).await;
     assert!(exit.success());
 }

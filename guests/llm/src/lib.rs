@@ -1,9 +1,9 @@
 //! The default rbee guest: serves the upstream `/v1/infer` contract on the model as it is.
 //!
 //! Policy lives here, not in the host: the request's ranges are checked against the upstream
-//! API (max_tokens 1..=4096, temperature 0..=2), defaults are filled in (max_tokens 256,
-//! temperature 0.7 as the API documents, top-p 0.95), and the prompt goes to the model
-//! unchanged. Streaming requests forward each piece of text to the client as it arrives.
+//! API (max_tokens 1..=4096, temperature 0..=2), defaults are filled in (max_tokens 256 or
+//! what the context leaves, temperature 0.7 as the API documents, top-p 0.95), and the prompt
+//! goes to the model unchanged. Streaming requests forward each piece of text to the client as it arrives.
 
 wit_bindgen::generate!({ path: "../../wit", world: "worker" });
 
@@ -54,10 +54,22 @@ impl Guest for Llm {
     }
 }
 
+/// Up to DEFAULT_MAX_TOKENS, but never more than the context leaves after the prompt (and a
+/// beginning-of-sequence token), so a request without max_tokens does not fail on a small
+/// model.
+fn default_max_tokens(prompt: &str) -> Result<u32, InferError> {
+    let context = inference::model().context_length;
+    let prompt_tokens = inference::tokenize(prompt)?.len() as u32 + 1;
+    Ok(context.saturating_sub(prompt_tokens).clamp(1, DEFAULT_MAX_TOKENS))
+}
+
 /// Fills defaults and checks every field against the ranges the upstream API documents.
 fn sampling_params(request: &InferRequest) -> Result<SamplingParams, InferError> {
     let invalid = |message: String| Err(InferError::InvalidInput(message));
-    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let max_tokens = match request.max_tokens {
+        Some(max_tokens) => max_tokens,
+        None => default_max_tokens(&request.prompt)?,
+    };
     if !(1..=4096).contains(&max_tokens) {
         return invalid(format!("max_tokens must be between 1 and 4096, got {max_tokens}"));
     }

@@ -34,6 +34,9 @@ use bindings::{Worker, WorkerPre};
 use host::RequestState;
 use sandbox::{EpochTicker, Exceeded, Sandbox};
 
+/// Longest trap explanation sent to a client.
+const MAX_TRAP_MESSAGE: usize = 2048;
+
 /// How the runtime is set up.
 pub struct RuntimeSettings {
     pub limits: Limits,
@@ -388,13 +391,24 @@ impl GuestRuntime {
                 limit_mib: self.limits.memory_bytes >> 20,
             },
             None => {
+                // The trap itself ("wasm `unreachable` instruction executed"), then what the
+                // guest said on stderr before it died (a panic message, a traceback).
+                let what = match trap.downcast_ref::<wasmtime::Trap>() {
+                    Some(trap) => trap.to_string(),
+                    None => trap.to_string().lines().next().unwrap_or_default().to_owned(),
+                };
                 let stderr = store.data().stderr.contents();
                 let stderr = String::from_utf8_lossy(&stderr);
-                let last_words = stderr.trim().lines().last().unwrap_or_default();
-                let reason = match last_words {
-                    "" => format!("{trap}"),
-                    said => format!("{trap} ({said})"),
-                };
+                let said: Vec<&str> = stderr
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty() && !line.starts_with("note: run with"))
+                    .collect();
+                let mut reason = what;
+                if !said.is_empty() {
+                    reason = format!("{reason}; guest stderr: {}", said.join(" | "));
+                }
+                reason.truncate(reason.floor_char_boundary(MAX_TRAP_MESSAGE));
                 GuestFailure::Trapped {
                     guest: guest_name,
                     reason,
