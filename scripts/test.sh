@@ -6,4 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 guests/build.sh
+# End-to-end tests start real workers; two at a time keeps a 2-core machine responsive enough
+# for the timing checks (heartbeat cadence, grace periods).
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 cargo test --workspace "$@"

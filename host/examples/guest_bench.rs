@@ -32,7 +32,11 @@ struct Args {
     #[arg(long, default_value = "engine/tests/fixtures/tiny-llama")]
     model: PathBuf,
     /// Guests by name (guests/<name>.wasm) or by path (ending in .wasm).
-    #[arg(long, value_delimiter = ',', default_value = "chat,chat-py,chat-js,chat-c")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chat,chat-py,chat-js,chat-c"
+    )]
     guests: Vec<String>,
     #[arg(long, default_value_t = 50)]
     requests: u32,
@@ -121,13 +125,23 @@ fn main() -> anyhow::Result<()> {
     }
     let engine = mean(args.requests, || {
         model
-            .generate(&engine_prompt, &engine_params, &mut |_| std::ops::ControlFlow::Continue(()))
+            .generate(&engine_prompt, &engine_params, &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
             .expect("the engine failed");
     });
 
     println!(
         "{:<12} {:>9} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>12}",
-        "guest", "size", "first start", "second start", "rejected", "infer", "stream", "engine", "infer-engine"
+        "guest",
+        "size",
+        "first start",
+        "second start",
+        "rejected",
+        "infer",
+        "stream",
+        "engine",
+        "infer-engine"
     );
     for name in &args.guests {
         let path = if name.ends_with(".wasm") {
@@ -135,23 +149,37 @@ fn main() -> anyhow::Result<()> {
         } else {
             root.join("guests").join(format!("{name}.wasm"))
         };
-        let name = path.file_stem().map_or(name.clone(), |stem| stem.to_string_lossy().into_owned());
+        let name = path
+            .file_stem()
+            .map_or(name.clone(), |stem| stem.to_string_lossy().into_owned());
         if !path.exists() {
-            println!("{name:<12} skipped: {} is missing (run guests/build.sh)", path.display());
+            println!(
+                "{name:<12} skipped: {} is missing (run guests/build.sh)",
+                path.display()
+            );
             continue;
         }
         let size = std::fs::metadata(&path)?.len();
         let cache = tempfile::tempdir()?;
 
         let started = Instant::now();
-        let first = GuestRuntime::start(settings(cache.path().to_owned()), GuestSource::File(path.clone()))?;
+        let first = GuestRuntime::start(
+            settings(cache.path().to_owned()),
+            GuestSource::File(path.clone()),
+        )?;
         let first_start = started.elapsed();
         assert!(!first.active().meta.from_cache);
         drop(first);
         let started = Instant::now();
-        let runtime = GuestRuntime::start(settings(cache.path().to_owned()), GuestSource::File(path.clone()))?;
+        let runtime = GuestRuntime::start(
+            settings(cache.path().to_owned()),
+            GuestSource::File(path.clone()),
+        )?;
         let second_start = started.elapsed();
-        assert!(runtime.active().meta.from_cache, "{name}: the second start did not use the cache");
+        assert!(
+            runtime.active().meta.from_cache,
+            "{name}: the second start did not use the cache"
+        );
         let guest = runtime.active();
 
         let context = |client: Option<mpsc::Sender<String>>| RequestContext {
@@ -187,7 +215,10 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|error| panic!("{name}: {error}"));
             streamed_text = reader.join().expect("reader thread");
         });
-        assert_eq!(answer, streamed_text, "{name}: streamed text differs from the JSON answer");
+        assert_eq!(
+            answer, streamed_text,
+            "{name}: streamed text differs from the JSON answer"
+        );
         println!(
             "{name:<12} {:>9} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>12}",
             format!("{:.1} MB", size as f64 / 1e6),

@@ -53,7 +53,10 @@ fn main() -> anyhow::Result<()> {
         guest.meta.name,
         args.requests
     );
-    println!("{:>7} {:>14} {:>14} {:>14} {:>7}", "tokens", "direct", "guest", "overhead", "ratio");
+    println!(
+        "{:>7} {:>14} {:>14} {:>14} {:>7}",
+        "tokens", "direct", "guest", "overhead", "ratio"
+    );
     for &tokens in &args.tokens {
         let params = SamplingParams {
             max_tokens: tokens,
@@ -78,7 +81,13 @@ fn main() -> anyhow::Result<()> {
         // Warm both paths (pool slots, caches) before timing; then interleave them so drift
         // in machine load affects both alike.
         let direct_once = || -> anyhow::Result<String> {
-            Ok(model.generate(PROMPT, &params, &mut |_| std::ops::ControlFlow::Continue(()))?.text)
+            Ok(model
+                .generate(
+                    PROMPT,
+                    &params,
+                    &mut |_| std::ops::ControlFlow::Continue(()),
+                )?
+                .text)
         };
         let guest_once = || -> anyhow::Result<String> {
             let context = RequestContext {
@@ -86,9 +95,16 @@ fn main() -> anyhow::Result<()> {
                 client: None,
                 cancellation: Cancellation::for_request(Arc::new(AtomicBool::new(false))),
             };
-            Ok(runtime.handle(&guest, request.clone(), context).map_err(|e| anyhow::anyhow!("{e}"))?.text)
+            Ok(runtime
+                .handle(&guest, request.clone(), context)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .text)
         };
-        assert_eq!(direct_once()?, guest_once()?, "the guest changed the answer");
+        assert_eq!(
+            direct_once()?,
+            guest_once()?,
+            "the guest changed the answer"
+        );
         let (mut direct, mut through_guest) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..args.requests {
             let started = Instant::now();

@@ -135,9 +135,10 @@ impl ApiError {
             InferError::ModelError(message) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, message.clone())
             }
-            InferError::GuestError(message) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("guest error: {message}"))
-            }
+            InferError::GuestError(message) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("guest error: {message}"),
+            ),
             // Nobody is listening any more; 499 is what proxies log for it.
             InferError::Cancelled => Self::new(
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
@@ -257,8 +258,14 @@ async fn infer(
 ) -> Result<Response, ApiError> {
     let request = InferBody::parse(&body?)?;
     let model = match (app.status.status(), app.model.get()) {
-        (WorkerStatus::Stopped, _) => return Err(ApiError::unavailable("the worker is shutting down")),
-        (_, None) => return Err(ApiError::unavailable("the worker is starting: the model is still loading")),
+        (WorkerStatus::Stopped, _) => {
+            return Err(ApiError::unavailable("the worker is shutting down"));
+        }
+        (_, None) => {
+            return Err(ApiError::unavailable(
+                "the worker is starting: the model is still loading",
+            ));
+        }
         (_, Some(model)) => model.clone(),
     };
     let admitted = app
@@ -379,7 +386,10 @@ fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
     match given {
-        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "admin endpoints need `Authorization: Bearer <token>`")),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "admin endpoints need `Authorization: Bearer <token>`",
+        )),
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "wrong admin token")),
     }
@@ -436,7 +446,10 @@ mod tests {
 
     #[test]
     fn parses_the_upstream_body_and_extensions() {
-        let request = InferBody::parse(br#"{"prompt":"hi","max_tokens":5,"temperature":0,"stream":true,"stop":"\n"}"#).unwrap();
+        let request = InferBody::parse(
+            br#"{"prompt":"hi","max_tokens":5,"temperature":0,"stream":true,"stop":"\n"}"#,
+        )
+        .unwrap();
         assert_eq!(request.prompt, "hi");
         assert_eq!(request.max_tokens, Some(5));
         assert!(request.stream);
@@ -461,7 +474,12 @@ mod tests {
             br#"not json"#,
         ] {
             let error = InferBody::parse(body).unwrap_err();
-            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                error.status,
+                StatusCode::BAD_REQUEST,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 

@@ -89,7 +89,12 @@ pub struct Args {
     pub no_cache: bool,
 
     /// Enables PUT /v1/admin/guest and GET /v1/admin/guest, protected by this bearer token.
-    #[arg(long, env = "RBEE_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RBEE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
 
     /// Do not watch the guest file for changes (SIGHUP and the admin endpoint still reload).
@@ -120,12 +125,16 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
     match s.to_ascii_lowercase().as_str() {
         "auto" => Ok(WeightFormat::Auto),
         "f32" => Ok(WeightFormat::F32),
-        other => Err(format!("unknown weight format `{other}`: expected auto or f32")),
+        other => Err(format!(
+            "unknown weight format `{other}`: expected auto or f32"
+        )),
     }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let seconds: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let seconds: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(seconds > 0.0 && seconds.is_finite()) {
         return Err(format!("`{s}` must be a positive number of seconds"));
     }

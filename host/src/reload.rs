@@ -21,7 +21,11 @@ pub struct Triggers {
     _watcher: Option<RecommendedWatcher>,
 }
 
-pub fn start(runtime: Arc<GuestRuntime>, guest: PathBuf, watch_file: bool) -> anyhow::Result<Triggers> {
+pub fn start(
+    runtime: Arc<GuestRuntime>,
+    guest: PathBuf,
+    watch_file: bool,
+) -> anyhow::Result<Triggers> {
     let (wake, woken) = mpsc::unbounded_channel::<Reason>();
     let watcher = if watch_file {
         Some(watch(&guest, wake.clone())?)
@@ -76,7 +80,11 @@ fn watch(guest: &Path, wake: mpsc::UnboundedSender<Reason>) -> anyhow::Result<Re
     Ok(watcher)
 }
 
-async fn reload_loop(runtime: Arc<GuestRuntime>, guest: PathBuf, mut woken: mpsc::UnboundedReceiver<Reason>) {
+async fn reload_loop(
+    runtime: Arc<GuestRuntime>,
+    guest: PathBuf,
+    mut woken: mpsc::UnboundedReceiver<Reason>,
+) {
     while let Some(mut reason) = woken.recv().await {
         // Debounce: wait until the triggers have been quiet for DEBOUNCE.
         loop {

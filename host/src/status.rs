@@ -72,7 +72,8 @@ impl Status {
     }
 
     pub fn set_port(&self, port: u16) {
-        self.info.send_if_modified(|info| replace(&mut info.port, port));
+        self.info
+            .send_if_modified(|info| replace(&mut info.port, port));
     }
 
     /// The model is loaded: record what it is and start serving.
@@ -122,7 +123,9 @@ impl Status {
     }
 
     fn lock_running(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -188,6 +191,9 @@ mod tests {
         assert!(changes.has_changed().unwrap());
         assert_eq!(changes.borrow_and_update().status, WorkerStatus::Ready);
         status.set_port(9301);
-        assert!(!changes.has_changed().unwrap(), "an unchanged port is not a change");
+        assert!(
+            !changes.has_changed().unwrap(),
+            "an unchanged port is not a change"
+        );
     }
 }

@@ -71,7 +71,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let (stop, mut stopping) = watch::channel(None::<Stop>);
-    tokio::spawn(load_model(app.clone(), args.model.clone(), args.load_options(), stop.clone()));
+    tokio::spawn(load_model(
+        app.clone(),
+        args.model.clone(),
+        args.load_options(),
+        stop.clone(),
+    ));
     tokio::spawn(stop_on_signal(stop));
 
     tracing::info!(port, "listening");
@@ -93,17 +98,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     tracing::info!(?reason, grace = ?args.shutdown_grace, "shutting down: no new requests");
-    if tokio::time::timeout(args.shutdown_grace, &mut server).await.is_err() {
+    if tokio::time::timeout(args.shutdown_grace, &mut server)
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over: cutting the requests still running");
         app.cut.store(true, Ordering::Release);
         // Generations stop at their next token; give their responses a moment to end.
-        if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
     }
     status.stopped();
     if let Some(heartbeat) = heartbeat
-        && tokio::time::timeout(FINAL_BEAT_TIMEOUT, heartbeat).await.is_err()
+        && tokio::time::timeout(FINAL_BEAT_TIMEOUT, heartbeat)
+            .await
+            .is_err()
     {
         tracing::warn!("the final heartbeat did not complete in time");
     }
@@ -178,9 +191,10 @@ async fn load_model(
 
 async fn stop_on_signal(stop: watch::Sender<Option<Stop>>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot listen for SIGTERM/SIGINT");
         return;
     };

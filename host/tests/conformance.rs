@@ -18,8 +18,16 @@ const OTHERS: [&str; 3] = ["chat-py", "chat-js", "chat-c"];
 /// What a client saw for one request, in a form that can be compared across guests.
 #[derive(Debug, PartialEq)]
 enum Seen {
-    Json { status: u16, body: Value },
-    Sse { status: u16, tokens: Vec<String>, done: bool, error: Option<String> },
+    Json {
+        status: u16,
+        body: Value,
+    },
+    Sse {
+        status: u16,
+        tokens: Vec<String>,
+        done: bool,
+        error: Option<String>,
+    },
 }
 
 async fn ask(worker: &Worker, body: &Value) -> Seen {
@@ -63,10 +71,16 @@ async fn chat_guests_answer_alike() {
     let reference = Worker::start(Options::new(REFERENCE)).await;
     let mut others = Vec::new();
     for name in OTHERS {
-        if repo_root().join("guests").join(format!("{name}.wasm")).exists() {
+        if repo_root()
+            .join("guests")
+            .join(format!("{name}.wasm"))
+            .exists()
+        {
             others.push((name, Worker::start(Options::new(name)).await));
         } else {
-            eprintln!("skipped: guests/{name}.wasm is missing (its toolchain was unavailable to guests/build.sh)");
+            eprintln!(
+                "skipped: guests/{name}.wasm is missing (its toolchain was unavailable to guests/build.sh)"
+            );
         }
     }
 
@@ -75,7 +89,10 @@ async fn chat_guests_answer_alike() {
     let base = greedy("Once upon a time", 24);
     let free = text_of(&ask(&reference, &base).await);
     let chars: Vec<char> = free.chars().collect();
-    assert!(chars.len() >= 8, "the reference answered too little to pick a stop string: {free:?}");
+    assert!(
+        chars.len() >= 8,
+        "the reference answered too little to pick a stop string: {free:?}"
+    );
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let never = format!("{stop}\u{1F41D}never");
 
@@ -110,43 +127,114 @@ async fn chat_guests_answer_alike() {
         for (name, worker) in &others {
             let seen = ask(worker, body).await;
             if seen != expected {
-                failures.push(format!("{name} on {body}:\n  chat: {expected:?}\n  {name}: {seen:?}"));
+                failures.push(format!(
+                    "{name} on {body}:\n  chat: {expected:?}\n  {name}: {seen:?}"
+                ));
             }
         }
         answers.push(expected);
     }
-    assert!(failures.is_empty(), "{} disagreement(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} disagreement(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 
     // The reference's answers, checked against the specification.
     let half = requests.len() / 2;
-    for (index, (json_answer, sse_answer)) in answers[..half].iter().zip(&answers[half..]).enumerate() {
+    for (index, (json_answer, sse_answer)) in
+        answers[..half].iter().zip(&answers[half..]).enumerate()
+    {
         let body = &requests[index];
         match (json_answer, sse_answer) {
-            (Seen::Json { status: 200, body: answer }, Seen::Sse { status: 200, tokens, done: true, error: None }) => {
-                assert_eq!(answer["text"].as_str().unwrap(), tokens.concat(), "stream != JSON for {body}");
-                assert!(tokens.iter().all(|token| !token.is_empty()), "an empty SSE token for {body}");
+            (
+                Seen::Json {
+                    status: 200,
+                    body: answer,
+                },
+                Seen::Sse {
+                    status: 200,
+                    tokens,
+                    done: true,
+                    error: None,
+                },
+            ) => {
+                assert_eq!(
+                    answer["text"].as_str().unwrap(),
+                    tokens.concat(),
+                    "stream != JSON for {body}"
+                );
+                assert!(
+                    tokens.iter().all(|token| !token.is_empty()),
+                    "an empty SSE token for {body}"
+                );
             }
-            (Seen::Json { status, body: answer }, Seen::Sse { status: sse_status, error, .. }) => {
+            (
+                Seen::Json {
+                    status,
+                    body: answer,
+                },
+                Seen::Sse {
+                    status: sse_status,
+                    error,
+                    ..
+                },
+            ) => {
                 assert!(*status == 400, "{body}: {status} {answer}");
                 assert_eq!(sse_status, status, "{body}: streamed error status");
-                assert_eq!(error.as_deref(), answer["error"].as_str(), "{body}: streamed error text");
+                assert_eq!(
+                    error.as_deref(),
+                    answer["error"].as_str(),
+                    "{body}: streamed error text"
+                );
             }
             other => panic!("{body}: unexpected {other:?}"),
         }
     }
     let text = |index: usize| text_of(&answers[index]);
-    assert_eq!(text(3), free[..free.find(&stop).unwrap()], "cut at the stop string");
-    assert_eq!(text(4), text(3), "a stop string that never completes changes nothing");
-    assert_eq!(text(5), free, "only a stop string that completes ends the text");
+    assert_eq!(
+        text(3),
+        free[..free.find(&stop).unwrap()],
+        "cut at the stop string"
+    );
+    assert_eq!(
+        text(4),
+        text(3),
+        "a stop string that never completes changes nothing"
+    );
+    assert_eq!(
+        text(5),
+        free,
+        "only a stop string that completes ends the text"
+    );
     let error = |index: usize| match &answers[index] {
-        Seen::Json { status, body } => (*status, body["error"].as_str().unwrap_or_default().to_owned()),
+        Seen::Json { status, body } => (
+            *status,
+            body["error"].as_str().unwrap_or_default().to_owned(),
+        ),
         other => panic!("{other:?}"),
     };
-    assert_eq!(error(8), (400, "top_p must be greater than 0.0 and at most 1.0".into()));
-    assert_eq!(error(9), (400, "top_p must be greater than 0.0 and at most 1.0".into()));
-    assert_eq!(error(10), (400, "repeat_penalty must be greater than 0.0".into()));
-    assert_eq!(error(11), (400, "repeat_penalty must be greater than 0.0".into()));
-    assert_eq!(error(12), (400, "stop must not contain an empty string".into()));
+    assert_eq!(
+        error(8),
+        (400, "top_p must be greater than 0.0 and at most 1.0".into())
+    );
+    assert_eq!(
+        error(9),
+        (400, "top_p must be greater than 0.0 and at most 1.0".into())
+    );
+    assert_eq!(
+        error(10),
+        (400, "repeat_penalty must be greater than 0.0".into())
+    );
+    assert_eq!(
+        error(11),
+        (400, "repeat_penalty must be greater than 0.0".into())
+    );
+    assert_eq!(
+        error(12),
+        (400, "stop must not contain an empty string".into())
+    );
     assert_eq!(error(13).0, 400);
     assert_eq!(error(14).0, 400);
     assert_eq!(error(15).0, 400);

@@ -7,9 +7,19 @@ use crate::harness::{Options, Worker, greedy};
 #[tokio::test]
 async fn health_is_plain_ok() {
     let worker = Worker::start(Options::new("llm")).await;
-    let response = worker.client.get(worker.url("/health")).send().await.unwrap();
+    let response = worker
+        .client
+        .get(worker.url("/health"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     assert_eq!(response.text().await.unwrap(), "ok");
 }
 
@@ -25,7 +35,10 @@ async fn info_is_worker_info() {
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert!(info["model_id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(info["guest"]["active"]["name"], "llm");
-    assert_eq!(info["guest"]["active"]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        info["guest"]["active"]["sha256"].as_str().unwrap().len(),
+        64
+    );
 }
 
 #[tokio::test]
@@ -76,7 +89,10 @@ async fn bad_input_is_a_400_json_error() {
     for body in bad {
         let (status, answer) = worker.infer(body.clone()).await;
         assert_eq!(status, 400, "{body} → {answer}");
-        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{answer}"
+        );
     }
     // Not JSON at all.
     let response = worker
@@ -91,7 +107,9 @@ async fn bad_input_is_a_400_json_error() {
     let answer: Value = response.json().await.unwrap();
     assert!(answer["error"].is_string());
     // Streaming requests get the same errors before the stream starts.
-    let streamed = worker.infer_stream(json!({ "prompt": "x", "max_tokens": 0 })).await;
+    let streamed = worker
+        .infer_stream(json!({ "prompt": "x", "max_tokens": 0 }))
+        .await;
     assert_eq!(streamed.status, 400);
     assert!(streamed.error.is_some());
     // The worker is unharmed.
@@ -119,7 +137,10 @@ async fn prompt_beyond_the_context_is_a_400() {
     let worker = Worker::start(Options::new("llm")).await;
     let (status, answer) = worker.infer(greedy(&"word ".repeat(4000), 8)).await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("context"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("context"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -170,9 +191,20 @@ async fn a_full_queue_answers_503() {
 #[tokio::test]
 async fn unknown_routes_are_404() {
     let worker = Worker::start(Options::new("llm")).await;
-    let response = worker.client.get(worker.url("/v1/nope")).send().await.unwrap();
+    let response = worker
+        .client
+        .get(worker.url("/v1/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
     // Admin endpoints do not exist without --admin-token.
-    let response = worker.client.put(worker.url("/v1/admin/guest")).body("x").send().await.unwrap();
+    let response = worker
+        .client
+        .put(worker.url("/v1/admin/guest"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
 }

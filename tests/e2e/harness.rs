@@ -11,7 +11,10 @@ use futures::StreamExt;
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// The tiny Llama-shaped model the engine's fixtures generate.
@@ -31,7 +34,11 @@ pub fn guest(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// How a test worker is started; `Worker::start` fills in the rest.
@@ -94,11 +101,21 @@ impl Worker {
             .arg(&options.guest)
             .arg("--model")
             .arg(&options.model)
-            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--device", "cpu"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--device",
+                "cpu",
+            ])
             .arg("--cache-dir")
             .arg(&cache_dir)
             .args(&options.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("cannot start rbee-host");
@@ -157,7 +174,10 @@ impl Worker {
             if info["status"] == status {
                 return;
             }
-            assert!(Instant::now() < deadline, "never reached `{status}`: {info}");
+            assert!(
+                Instant::now() < deadline,
+                "never reached `{status}`: {info}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -206,7 +226,10 @@ impl Worker {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "rbee-host did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "rbee-host did not exit within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -334,7 +357,11 @@ impl Queen {
             if let Some(beat) = self.beats().into_iter().find(&matches) {
                 return beat;
             }
-            assert!(Instant::now() < deadline, "no heartbeat {what}: {:?}", self.beats());
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat {what}: {:?}",
+                self.beats()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -358,7 +385,10 @@ pub fn smollm2() -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipped: {} is absent (run scripts/fetch-model.sh)", path.display());
+        eprintln!(
+            "skipped: {} is absent (run scripts/fetch-model.sh)",
+            path.display()
+        );
         None
     }
 }

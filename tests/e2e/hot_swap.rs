@@ -71,7 +71,10 @@ async fn wait_for_version(worker: &Worker, versions: &Versions, expected: Versio
         if current_version(worker, versions).await == Some(expected) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "{expected:?} never served");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{expected:?} never served"
+        );
     }
 }
 
@@ -89,7 +92,12 @@ async fn admin_put(worker: &Worker, body: Vec<u8>) -> (u16, Value) {
 
 /// Streaming and non-streaming clients in a loop until `stop`; returns each request's
 /// latency. Panics on any failure or mixed response.
-async fn client(worker: Arc<Worker>, versions: Arc<Versions>, stop: Arc<AtomicBool>, stream: bool) -> Vec<Duration> {
+async fn client(
+    worker: Arc<Worker>,
+    versions: Arc<Versions>,
+    stop: Arc<AtomicBool>,
+    stream: bool,
+) -> Vec<Duration> {
     let mut latencies = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
@@ -104,7 +112,10 @@ async fn client(worker: Arc<Worker>, versions: Arc<Versions>, stop: Arc<AtomicBo
             body["text"].as_str().unwrap().to_owned()
         };
         latencies.push(started.elapsed());
-        assert!(versions.classify(&text).is_some(), "a response mixes guest versions: {text:?}");
+        assert!(
+            versions.classify(&text).is_some(),
+            "a response mixes guest versions: {text:?}"
+        );
     }
     latencies
 }
@@ -120,7 +131,14 @@ async fn run_clients<F: Future<Output = ()>>(
 ) -> Vec<Duration> {
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(client(worker.clone(), versions.clone(), stop.clone(), i % 2 == 0)))
+        .map(|i| {
+            tokio::spawn(client(
+                worker.clone(),
+                versions.clone(),
+                stop.clone(),
+                i % 2 == 0,
+            ))
+        })
         .collect();
     during.await;
     stop.store(true, Ordering::Relaxed);
@@ -146,14 +164,23 @@ async fn swaps_under_load_fail_no_request() {
 
     let (_, body) = worker.infer(greedy(PROMPT, TOKENS)).await;
     let text = body["text"].as_str().unwrap().to_owned();
-    assert_ne!(text, text.to_uppercase(), "the reference text cannot tell the guests apart");
+    assert_ne!(
+        text,
+        text.to_uppercase(),
+        "the reference text cannot tell the guests apart"
+    );
     let versions = Arc::new(Versions {
         shout: text.to_uppercase(),
         llm: text,
     });
 
     // Baseline: the same clients, no swaps.
-    let baseline = run_clients(&worker, &versions, tokio::time::sleep(Duration::from_secs(2))).await;
+    let baseline = run_clients(
+        &worker,
+        &versions,
+        tokio::time::sleep(Duration::from_secs(2)),
+    )
+    .await;
 
     let mut file_swaps = Vec::new();
     let swapping = async {
@@ -166,7 +193,9 @@ async fn swaps_under_load_fail_no_request() {
             let changed = Instant::now();
             let back = live.clone();
             let from = llm.clone();
-            tokio::task::spawn_blocking(move || write_in_pieces(&from, &back)).await.unwrap();
+            tokio::task::spawn_blocking(move || write_in_pieces(&from, &back))
+                .await
+                .unwrap();
             wait_for_version(&worker, &versions, Version::Llm).await;
             file_swaps.push(changed.elapsed());
 
@@ -174,7 +203,10 @@ async fn swaps_under_load_fail_no_request() {
             let (status, answer) = admin_put(&worker, std::fs::read(&shout).unwrap()).await;
             assert_eq!(status, 200, "{answer}");
             assert_eq!(answer["swapped"], true);
-            assert_eq!(current_version(&worker, &versions).await, Some(Version::Shout));
+            assert_eq!(
+                current_version(&worker, &versions).await,
+                Some(Version::Shout)
+            );
 
             // 3. SIGHUP reloads the file (still `llm`) over the uploaded guest.
             worker.signal("HUP");
@@ -188,14 +220,20 @@ async fn swaps_under_load_fail_no_request() {
             tokio::time::sleep(Duration::from_millis(600)).await;
             let info = worker.info().await;
             assert!(info["guest"]["last_failure"]["error"].is_string(), "{info}");
-            assert_eq!(current_version(&worker, &versions).await, Some(Version::Llm));
+            assert_eq!(
+                current_version(&worker, &versions).await,
+                Some(Version::Llm)
+            );
             install(&llm, &live);
         }
     };
     let during = run_clients(&worker, &versions, swapping).await;
 
     let info = worker.info().await;
-    assert!(info["guest"]["active"]["generation"].as_u64().unwrap() >= 13, "{info}");
+    assert!(
+        info["guest"]["active"]["generation"].as_u64().unwrap() >= 13,
+        "{info}"
+    );
     let file_mean = mean(&file_swaps);
     eprintln!(
         "hot swap: {} requests during swaps, 0 failed; file change → new guest serving: mean {:?}, max {:?}; \
@@ -214,7 +252,13 @@ async fn swaps_under_load_fail_no_request() {
 async fn the_admin_endpoint_needs_the_token() {
     let worker = Worker::start(Options::new("llm").arg("--admin-token=swap-secret")).await;
     let shout = std::fs::read(guest("shout")).unwrap();
-    let anonymous = worker.client.put(worker.url("/v1/admin/guest")).body(shout.clone()).send().await.unwrap();
+    let anonymous = worker
+        .client
+        .put(worker.url("/v1/admin/guest"))
+        .body(shout.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
     assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
     let wrong = worker

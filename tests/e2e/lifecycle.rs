@@ -19,7 +19,10 @@ async fn starting_until_the_model_is_loaded() {
         }
     }
     let tokenizer = model.path().join("tokenizer.json");
-    let made = std::process::Command::new("mkfifo").arg(&tokenizer).status().unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&tokenizer)
+        .status()
+        .unwrap();
     assert!(made.success());
     let mut options = Options::new("llm");
     options.model = model.path().to_owned();
@@ -32,7 +35,10 @@ async fn starting_until_the_model_is_loaded() {
     assert!(body["error"].as_str().unwrap().contains("starting"));
 
     let contents = std::fs::read(tiny_model().join("tokenizer.json")).unwrap();
-    tokio::task::spawn_blocking(move || std::fs::write(tokenizer, contents)).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(tokenizer, contents))
+        .await
+        .unwrap()
+        .unwrap();
     worker.wait_for_status("ready").await;
     let (status, _) = worker.infer(greedy("now", 2)).await;
     assert_eq!(status, 200);
@@ -48,7 +54,11 @@ async fn a_model_that_cannot_load_stops_the_worker() {
     let mut worker = Worker::start(options).await;
     let exit = worker.wait_exit(Duration::from_secs(30)).await;
     assert!(!exit.success());
-    queen.wait_for("with status stopped", |beat| beat.body["worker"]["status"] == "stopped").await;
+    queen
+        .wait_for("with status stopped", |beat| {
+            beat.body["worker"]["status"] == "stopped"
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -86,7 +96,7 @@ async fn past_the_grace_period_running_generations_are_cut() {
     let response = worker
         .client
         .post(worker.url("/v1/infer"))
-        .json(&json!({ "prompt": "Tell me a long story.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .json(&json!({ "prompt": "Here is a list of five hundred animals:\n1.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
         .send()
         .await
         .unwrap();
@@ -100,7 +110,11 @@ async fn past_the_grace_period_running_generations_are_cut() {
         after += 1;
     }
     // The grace (1 s) plus the cut's own allowance (2 s), with room for a loaded machine.
-    assert!(signalled.elapsed() < Duration::from_secs(8), "not cut: {:?}, {after} events", signalled.elapsed());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "not cut: {:?}, {after} events",
+        signalled.elapsed()
+    );
     assert!(after < 1999, "the generation ran to the end");
     let exit = worker.wait_exit(Duration::from_secs(20)).await;
     assert!(exit.success());
@@ -115,7 +129,7 @@ async fn a_client_that_disconnects_stops_its_generation() {
     let response = worker
         .client
         .post(worker.url("/v1/infer"))
-        .json(&json!({ "prompt": "Write a long essay.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .json(&json!({ "prompt": "Here is a list of five hundred cities:\n1.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
         .send()
         .await
         .unwrap();

@@ -37,7 +37,10 @@ async fn misbehave(worker: &Worker, prompt: &str) -> (u16, String) {
     assert_eq!(worker.info().await["status"], "ready");
     let (after, _) = worker.infer(greedy("after", 2)).await;
     assert_eq!(after, 200, "the worker is unhealthy after `{prompt}`");
-    (status, body["error"].as_str().unwrap_or_default().to_owned())
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 #[tokio::test]
@@ -64,7 +67,10 @@ async fn a_trap_is_a_500_naming_the_guest_failure() {
     let (status, error) = misbehave(&worker, "trap").await;
     assert_eq!(status, 500);
     assert!(error.contains("chaos"), "{error}");
-    assert!(error.contains("trapped on purpose"), "the panic message is lost: {error}");
+    assert!(
+        error.contains("trapped on purpose"),
+        "the panic message is lost: {error}"
+    );
 }
 
 #[tokio::test]
@@ -87,7 +93,9 @@ async fn host_time_does_not_count_against_the_guest() {
     // 1 s of guest time, but generation may take longer: waiting on the model is not the
     // guest's time.
     let worker = chaos_worker().await;
-    let (status, body) = worker.infer(json!({ "prompt": "slow-700", "max_tokens": 200 })).await;
+    let (status, body) = worker
+        .infer(json!({ "prompt": "slow-700", "max_tokens": 200 }))
+        .await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -98,7 +106,9 @@ async fn guests_get_no_ambient_authority() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let worker = chaos_worker().await;
-    let (status, body) = worker.infer(json!({ "prompt": format!("probe:{address}") })).await;
+    let (status, body) = worker
+        .infer(json!({ "prompt": format!("probe:{address}") }))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["text"], "env=0 fs=err net=err");
 }

@@ -113,7 +113,8 @@ impl RequestState {
     fn check_one_generation(&self) -> Result<(), InferError> {
         if self.generations.running() > 0 {
             return Err(InferError::Busy(
-                "a generation is already running for this request; finish or drop its stream first".into(),
+                "a generation is already running for this request; finish or drop its stream first"
+                    .into(),
             ));
         }
         Ok(())
@@ -163,7 +164,9 @@ impl inference::Host for RequestState {
             self.cancellation.clone(),
             &self.generations,
         )
-        .map_err(|error| InferError::ModelError(format!("cannot start a generation thread: {error}")))?;
+        .map_err(|error| {
+            InferError::ModelError(format!("cannot start a generation thread: {error}"))
+        })?;
         self.table
             .push(stream)
             .map_err(|error| InferError::ModelError(format!("too many open streams: {error}")))
@@ -256,21 +259,37 @@ impl log::Host for RequestState {
 fn engine_params(params: SamplingParams) -> Result<rbee_engine::SamplingParams, InferError> {
     let invalid = |message: String| Err(InferError::InvalidInput(message));
     if !(1..=4096).contains(&params.max_tokens) {
-        return invalid(format!("max-tokens must be 1..=4096, got {}", params.max_tokens));
+        return invalid(format!(
+            "max-tokens must be 1..=4096, got {}",
+            params.max_tokens
+        ));
     }
     if !(0.0..=2.0).contains(&params.temperature) {
-        return invalid(format!("temperature must be 0..=2, got {}", params.temperature));
+        return invalid(format!(
+            "temperature must be 0..=2, got {}",
+            params.temperature
+        ));
     }
     if !(params.top_p > 0.0 && params.top_p <= 1.0) {
         return invalid(format!("top-p must be in (0, 1], got {}", params.top_p));
     }
     if !(params.repeat_penalty > 0.0 && params.repeat_penalty.is_finite()) {
-        return invalid(format!("repeat-penalty must be positive, got {}", params.repeat_penalty));
+        return invalid(format!(
+            "repeat-penalty must be positive, got {}",
+            params.repeat_penalty
+        ));
     }
     if params.stop.len() > MAX_STOP_SEQUENCES {
-        return invalid(format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {}", params.stop.len()));
+        return invalid(format!(
+            "at most {MAX_STOP_SEQUENCES} stop sequences, got {}",
+            params.stop.len()
+        ));
     }
-    if params.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+    if params
+        .stop
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
         return invalid(format!("stop sequences must be 1..={MAX_STOP_BYTES} bytes"));
     }
     Ok(rbee_engine::SamplingParams {
@@ -301,7 +320,9 @@ fn wit_completion(done: rbee_engine::Completion) -> Completion {
 fn infer_error(error: EngineError) -> InferError {
     match error {
         EngineError::InvalidInput(message) => InferError::InvalidInput(message),
-        error @ EngineError::ContextOverflow { .. } => InferError::ContextOverflow(error.to_string()),
+        error @ EngineError::ContextOverflow { .. } => {
+            InferError::ContextOverflow(error.to_string())
+        }
         error @ (EngineError::Load { .. } | EngineError::Model(_)) => {
             InferError::ModelError(error.to_string())
         }

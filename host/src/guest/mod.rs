@@ -196,7 +196,14 @@ impl GuestRuntime {
         let first = first
             .read()
             .and_then(|candidate| {
-                Self::compile(&engine, &linker, cache.as_ref(), settings.limits, candidate, 1)
+                Self::compile(
+                    &engine,
+                    &linker,
+                    cache.as_ref(),
+                    settings.limits,
+                    candidate,
+                    1,
+                )
             })
             .with_context(|| format!("cannot load guest {describe}"))?;
         Ok(Self {
@@ -226,13 +233,18 @@ impl GuestRuntime {
     }
 
     fn history(&self) -> std::sync::MutexGuard<'_, History> {
-        self.history.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Compiles and validates a new guest, then makes it the active one. On failure the
     /// current guest keeps serving and the failure is recorded. Blocking.
     pub fn load(&self, source: GuestSource) -> anyhow::Result<Loaded> {
-        let _loading = self.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _loading = self
+            .loading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let describe = source.describe();
         let candidate = match source.read() {
             Ok(candidate) => candidate,
@@ -271,7 +283,12 @@ impl GuestRuntime {
         }
     }
 
-    fn record_failure(&self, source: String, sha256: Option<String>, error: anyhow::Error) -> anyhow::Error {
+    fn record_failure(
+        &self,
+        source: String,
+        sha256: Option<String>,
+        error: anyhow::Error,
+    ) -> anyhow::Error {
         tracing::error!(%source, "guest load failed, the previous guest keeps serving: {error:#}");
         self.history().last_failure = Some(FailedLoad {
             source,
@@ -363,10 +380,11 @@ impl GuestRuntime {
         );
         let mut store = Store::new(&self.engine, state);
         configure_store(&mut store);
-        let outcome = guest
-            .pre
-            .instantiate(&mut store)
-            .and_then(|worker| worker.rbee_worker_handler().call_handle(&mut store, &request));
+        let outcome = guest.pre.instantiate(&mut store).and_then(|worker| {
+            worker
+                .rbee_worker_handler()
+                .call_handle(&mut store, &request)
+        });
         match outcome {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(GuestFailure::Returned(error)),
@@ -395,7 +413,12 @@ impl GuestRuntime {
                 // guest said on stderr before it died (a panic message, a traceback).
                 let what = match trap.downcast_ref::<wasmtime::Trap>() {
                     Some(trap) => trap.to_string(),
-                    None => trap.to_string().lines().next().unwrap_or_default().to_owned(),
+                    None => trap
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
                 };
                 let stderr = store.data().stderr.contents();
                 let stderr = String::from_utf8_lossy(&stderr);

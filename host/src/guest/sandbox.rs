@@ -165,7 +165,10 @@ mod tests {
         let mut sandbox = sandbox(1);
         sandbox.off_the_clock(|| std::thread::sleep(Duration::from_millis(80)));
         assert!(sandbox.guest_time() < Duration::from_millis(50));
-        assert!(matches!(sandbox.on_epoch(), Ok(UpdateDeadline::Continue(1))));
+        assert!(matches!(
+            sandbox.on_epoch(),
+            Ok(UpdateDeadline::Continue(1))
+        ));
         std::thread::sleep(Duration::from_millis(60));
         assert!(matches!(sandbox.on_epoch(), Ok(UpdateDeadline::Interrupt)));
         assert_eq!(sandbox.exceeded, Some(Exceeded::Time));

@@ -79,7 +79,14 @@ impl TokenStream {
             .name("rbee-generate".into())
             .spawn(move || {
                 let _running = running;
-                generate(&model, &prompt, &params, &sender, &thread_stop, &cancellation);
+                generate(
+                    &model,
+                    &prompt,
+                    &params,
+                    &sender,
+                    &thread_stop,
+                    &cancellation,
+                );
             })?;
         Ok(Self {
             events: Some(events),
@@ -102,7 +109,9 @@ impl TokenStream {
                 Next::Done(done)
             }
             Some(Generated::Finished(Err(error))) => Next::Failed(error),
-            None => Next::Failed(EngineError::Model("the generation thread ended unexpectedly".into())),
+            None => Next::Failed(EngineError::Model(
+                "the generation thread ended unexpectedly".into(),
+            )),
         }
     }
 }
