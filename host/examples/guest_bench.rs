@@ -9,7 +9,7 @@
 //! - **first start**: `GuestRuntime::start` with an empty compiled-component cache (compile with
 //!   Cranelift, validate, instantiate once), and **second start**: the same with the cache the
 //!   first start filled (deserialize instead of compile);
-//! - **per request**, each the mean over `--requests` runs after a warm-up:
+//! - **per request**, each the median of `--requests` runs after a warm-up:
 //!   `rejected` (a request the guest refuses: a fresh instance, the guest's validation and its
 //!   error, no model work), `infer` (greedy, `--tokens` tokens, answered as JSON) and `stream`
 //!   (the same streamed through `output.emit`), next to `engine`, the model called directly,
@@ -72,14 +72,19 @@ fn request(tokens: u32, stream: bool) -> InferRequest {
     }
 }
 
-/// Mean wall time of `runs` calls of `once`, after one warm-up call.
-fn mean(runs: u32, mut once: impl FnMut()) -> Duration {
+/// Median wall time of `runs` calls of `once`, after one warm-up call (the median, since the
+/// machine's other work makes single runs slow now and then).
+fn median(runs: u32, mut once: impl FnMut()) -> Duration {
     once();
-    let started = Instant::now();
-    for _ in 0..runs {
-        once();
-    }
-    started.elapsed() / runs
+    let mut times: Vec<Duration> = (0..runs.max(1))
+        .map(|_| {
+            let started = Instant::now();
+            once();
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
 }
 
 fn ms(duration: Duration) -> String {
@@ -123,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     if chatml {
         engine_params.stop.push("<|im_end|>".into());
     }
-    let engine = mean(args.requests, || {
+    let engine = median(args.requests, || {
         model
             .generate(&engine_prompt, &engine_params, &mut |_| {
                 std::ops::ControlFlow::Continue(())
@@ -189,19 +194,19 @@ fn main() -> anyhow::Result<()> {
         };
         let mut refused = request(args.tokens, false);
         refused.top_p = Some(2.0);
-        let rejected = mean(args.requests, || {
+        let rejected = median(args.requests, || {
             let outcome = runtime.handle(&guest, refused.clone(), context(None));
             assert!(outcome.is_err(), "{name} accepted top_p 2.0");
         });
         let mut answer = String::new();
-        let infer = mean(args.requests, || {
+        let infer = median(args.requests, || {
             let response = runtime
                 .handle(&guest, request(args.tokens, false), context(None))
                 .unwrap_or_else(|error| panic!("{name}: {error}"));
             answer = response.text;
         });
         let mut streamed_text = String::new();
-        let stream = mean(args.requests, || {
+        let stream = median(args.requests, || {
             let (client, mut received) = mpsc::channel::<String>(64);
             let reader = std::thread::spawn(move || {
                 let mut text = String::new();

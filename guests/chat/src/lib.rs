@@ -41,7 +41,13 @@ impl Guest for Chat {
         let (prompt, params) = if chatml {
             let mut params = params;
             params.stop.push(IM_END.to_string());
-            (format!("{IM_START}user\n{}{IM_END}\n{IM_START}assistant\n", request.prompt), params)
+            (
+                format!(
+                    "{IM_START}user\n{}{IM_END}\n{IM_START}assistant\n",
+                    request.prompt
+                ),
+                params,
+            )
         } else {
             (request.prompt.clone(), params)
         };
@@ -65,7 +71,10 @@ impl Guest for Chat {
                 Some(at) => completion.text[..at].to_string(),
                 None => completion.text,
             };
-            Ok(InferResponse { text, tokens_generated: completion.tokens_generated })
+            Ok(InferResponse {
+                text,
+                tokens_generated: completion.tokens_generated,
+            })
         }
     }
 }
@@ -117,7 +126,10 @@ fn stream(prompt: &str, params: &SamplingParams) -> Result<InferResponse, InferE
                 if let Some(at) = find_stop(&pending, &params.stop) {
                     // Dropping `tokens` (on return) stops the generation.
                     send(&mut sent, &pending[..at])?;
-                    return Ok(InferResponse { text: sent, tokens_generated: pieces });
+                    return Ok(InferResponse {
+                        text: sent,
+                        tokens_generated: pieces,
+                    });
                 }
                 let keep = held_back(&pending, &params.stop);
                 let ready = pending.len() - keep;
@@ -126,7 +138,10 @@ fn stream(prompt: &str, params: &SamplingParams) -> Result<InferResponse, InferE
             }
             StreamItem::Done(completion) => {
                 send(&mut sent, &pending)?;
-                return Ok(InferResponse { text: sent, tokens_generated: completion.tokens_generated });
+                return Ok(InferResponse {
+                    text: sent,
+                    tokens_generated: completion.tokens_generated,
+                });
             }
         }
     }
