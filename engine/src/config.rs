@@ -57,7 +57,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+            return Err(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         Ok(())
     }

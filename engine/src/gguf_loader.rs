@@ -7,14 +7,19 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use std::sync::Arc;
+
 use crate::EngineError;
 use crate::config::ModelConfig;
-use crate::gguf::{GgufFile, hf_to_gguf, unpermute_qk};
+use crate::gguf::{GgmlType, GgufFile, RawTensor, hf_to_gguf, unpermute_qk};
 use crate::loader::{Loaded, SpecialTokens, load_error};
 use crate::model::{Llama, ParamMut, Rope};
 use crate::progress::Progress;
+use crate::quant::Q8Matrix;
 
-pub fn load(path: &Path, device: &Device) -> Result<Loaded, EngineError> {
+/// `keep_quantized`: hand Q4_1 / Q8_0 projection weights to the CPU kernel as they are
+/// (no f32 round trip, no requantization), for the CPU's default weight format.
+pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded, EngineError> {
     let err = |reason: String| load_error(path, reason);
     let file = GgufFile::open(path).map_err(|e| err(e.to_string()))?;
     let g = file.model_config().map_err(|e| err(e.to_string()))?;
@@ -47,30 +52,65 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded, EngineError> {
     let params = model.named_params_mut();
     let progress = Progress::new("loading gguf tensors", params.len() as u64);
     for (hf_name, param) in params {
+        // A projection's bias (Qwen2's q/k/v) travels with it.
+        let param = match param {
+            ParamMut::Proj(proj) => {
+                if let Some(bias) = &mut proj.bias {
+                    let bias_name = hf_name.replace(".weight", ".bias");
+                    load_vector(&file, &bias_name, bias, device).map_err(err)?;
+                }
+                ParamMut::Proj(proj)
+            }
+            other => other,
+        };
         let name = hf_to_gguf(&hf_name)
             .ok_or_else(|| err(format!("no GGUF name for tensor `{hf_name}`")))?;
         if !file.has_tensor(&name) {
             return Err(err(format!("tensor `{name}` is missing")));
         }
-        let mut t = file.tensor_f32(&name).map_err(|e| err(e.to_string()))?;
-        if g.qk_permuted {
-            let heads = if name.contains(".attn_q.") {
-                Some(config.num_heads)
-            } else if name.contains(".attn_k.") {
-                Some(config.num_kv_heads)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
-                let rows = t.shape[0];
-                let cols = t.data.len() / rows.max(1);
-                if rows % (2 * heads) != 0 {
-                    return Err(err(format!("`{name}` has {rows} rows for {heads} heads")));
+        let permuted_heads = if !g.qk_permuted {
+            None
+        } else if name.contains(".attn_q.") {
+            Some(config.num_heads)
+        } else if name.contains(".attn_k.") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        let raw = file.raw_tensor(&name).map_err(|e| err(e.to_string()))?;
+        let shape = raw.shape();
+        if let Some(heads) = permuted_heads
+            && (shape[0] % (2 * heads) != 0)
+        {
+            return Err(err(format!(
+                "`{name}` has {} rows for {heads} heads",
+                shape[0]
+            )));
+        }
+        let param = match param {
+            ParamMut::Proj(proj) if keep_quantized => {
+                let want = proj.weight.val().dims().to_vec();
+                match native_blocks(&raw, permuted_heads) {
+                    Some(q) if shape == want => {
+                        proj.q8 = Some(Arc::new(q));
+                        proj.weight = Param::from_tensor(Tensor::zeros([1, 1], device));
+                        progress.inc(1);
+                        continue;
+                    }
+                    _ => ParamMut::Matrix(&mut proj.weight),
                 }
-                unpermute_qk(&mut t.data, rows, cols, heads);
             }
+            ParamMut::Proj(proj) => ParamMut::Matrix(&mut proj.weight),
+            other => other,
+        };
+        let mut t = file.tensor_f32(&name).map_err(|e| err(e.to_string()))?;
+        if let Some(heads) = permuted_heads {
+            let rows = t.shape[0];
+            let cols = t.data.len() / rows.max(1);
+            unpermute_qk(&mut t.data, rows, cols, heads);
         }
         match param {
+            ParamMut::Proj(_) => unreachable!("projections were turned into matrices above"),
             ParamMut::Matrix(p) => {
                 let want = p.val().dims().to_vec();
                 if t.shape != want {
@@ -82,20 +122,17 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded, EngineError> {
                 let data = TensorData::new(t.data, [want[0], want[1]]);
                 *p = Param::from_tensor(Tensor::from_data(data, device));
             }
-            ParamMut::Vector(p) => {
-                let want = p.val().dims()[0];
-                if t.shape != [want] {
-                    return Err(err(format!(
-                        "`{name}` has shape {:?}, the config implies [{want}]",
-                        t.shape
-                    )));
-                }
-                *p = Param::from_tensor(Tensor::from_data(TensorData::new(t.data, [want]), device));
-            }
+            ParamMut::Vector(p) => load_vector(&file, &hf_name, p, device).map_err(err)?,
         }
         progress.inc(1);
     }
     progress.finish();
+    if keep_quantized && config.tie_word_embeddings {
+        let raw = file
+            .raw_tensor("token_embd.weight")
+            .map_err(|e| err(e.to_string()))?;
+        model.tied_q8 = native_blocks(&raw, None).map(Arc::new);
+    }
 
     let tokenizer = file.tokenizer().map_err(|e| err(e.to_string()))?;
     let special = SpecialTokens {
@@ -117,4 +154,41 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded, EngineError> {
         special,
         id,
     })
+}
+
+/// A Q4_1 or Q8_0 matrix as blocks for the CPU kernel (q/k rows un-permuted on the raw
+/// bytes: blocks never straddle rows); `None` for other types.
+fn native_blocks(raw: &RawTensor<'_>, permuted_heads: Option<usize>) -> Option<Q8Matrix> {
+    let shape = raw.shape();
+    let [rows, cols] = shape[..] else { return None };
+    let mut bytes = raw.data.to_vec();
+    if let Some(heads) = permuted_heads {
+        let row_bytes = bytes.len() / rows.max(1);
+        unpermute_qk(&mut bytes, rows, row_bytes, heads);
+    }
+    match raw.ggml_type() {
+        GgmlType::Q4_1 => Q8Matrix::from_q4_1(&bytes, rows, cols),
+        GgmlType::Q8_0 => Q8Matrix::from_q8_0(&bytes, rows, cols),
+        _ => None,
+    }
+}
+
+/// Loads the 1-D tensor `hf_name` (a norm weight or a bias) into `param`.
+fn load_vector(
+    file: &GgufFile,
+    hf_name: &str,
+    param: &mut Param<Tensor<1>>,
+    device: &Device,
+) -> Result<(), String> {
+    let name = hf_to_gguf(hf_name).ok_or_else(|| format!("no GGUF name for `{hf_name}`"))?;
+    let t = file.tensor_f32(&name).map_err(|e| e.to_string())?;
+    let want = param.val().dims()[0];
+    if t.shape != [want] {
+        return Err(format!(
+            "`{name}` has shape {:?}, the config implies [{want}]",
+            t.shape
+        ));
+    }
+    *param = Param::from_tensor(Tensor::from_data(TensorData::new(t.data, [want]), device));
+    Ok(())
 }

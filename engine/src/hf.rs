@@ -166,7 +166,10 @@ fn safetensors_names(path: &Path) -> Result<Vec<String>, crate::EngineError> {
 
 /// HF names of every tensor the model needs.
 pub fn expected_tensors(config: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["model.embed_tokens.weight".into(), "model.norm.weight".into()];
+    let mut names = vec![
+        "model.embed_tokens.weight".into(),
+        "model.norm.weight".into(),
+    ];
     if !config.tie_word_embeddings {
         names.push("lm_head.weight".into());
     }
@@ -226,7 +229,10 @@ fn special_tokens(
     let ids = |v: &Value| -> Vec<u32> {
         match v {
             Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-            Value::Array(a) => a.iter().filter_map(|n| n.as_u64().map(|n| n as u32)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|n| n.as_u64().map(|n| n as u32))
+                .collect(),
             _ => Vec::new(),
         }
     };

@@ -126,7 +126,9 @@ pub struct Completion {
 pub enum EngineError {
     #[error("{0}")]
     InvalidInput(String),
-    #[error("prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context length ({context_length})")]
+    #[error(
+        "prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context length ({context_length})"
+    )]
     ContextOverflow {
         prompt_tokens: u32,
         max_tokens: u32,
@@ -155,7 +157,11 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut loaded = match format {
             loader::Format::HfFolder => hf::load(path, &selected.device)?,
-            loader::Format::Gguf => gguf_loader::load(path, &selected.device)?,
+            loader::Format::Gguf => gguf_loader::load(
+                path,
+                &selected.device,
+                options.weights == WeightFormat::Auto && !selected.is_gpu,
+            )?,
         };
         loader::convert_weights(&mut loaded.model, options.weights, selected.is_gpu);
         let tokenizer = &loaded.tokenizer;

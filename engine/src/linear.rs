@@ -39,7 +39,11 @@ impl Proj {
                 let w = self.weight.val();
                 let dtype = w.dtype();
                 let y = x.reshape([b * s, d_in]).cast(dtype).matmul(w.transpose());
-                if dtype == DType::F32 { y } else { y.cast(DType::F32) }
+                if dtype == DType::F32 {
+                    y
+                } else {
+                    y.cast(DType::F32)
+                }
             }
         };
         let d_out = y.dims()[1];

@@ -145,23 +145,24 @@ fn quantize_q8(model: &mut Llama) {
             &mut m.up_proj,
             &mut m.down_proj,
         ] {
-            if !proj.quantize_q8() {
+            if proj.q8.is_none() && !proj.quantize_q8() {
                 kept_float += 1;
             }
         }
     }
     match &mut model.lm_head {
         Some(head) => {
-            if !head.quantize_q8() {
+            if head.q8.is_none() && !head.quantize_q8() {
                 kept_float += 1;
             }
         }
+        None if model.tied_q8.is_some() => {}
         None => {
             let w = model.model.embed_tokens.weight.val();
             let [rows, cols] = w.dims();
             if let Ok(values) = w.into_data().convert::<f32>().try_to_vec::<f32>() {
-                model.tied_q8 = crate::quant::Q8Matrix::quantize(&values, rows, cols)
-                    .map(std::sync::Arc::new);
+                model.tied_q8 =
+                    crate::quant::Q8Matrix::quantize(&values, rows, cols).map(std::sync::Arc::new);
             }
             if model.tied_q8.is_none() {
                 kept_float += 1;
@@ -169,6 +170,9 @@ fn quantize_q8(model: &mut Llama) {
         }
     }
     if kept_float > 0 {
-        tracing::info!(kept_float, "matrices whose rows are not whole 32-blocks stay f32");
+        tracing::info!(
+            kept_float,
+            "matrices whose rows are not whole 32-blocks stay f32"
+        );
     }
 }

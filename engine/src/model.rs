@@ -127,9 +127,21 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let start = cache.len;
 
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, nh, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, nkv, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, s, nkv, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, nh, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, nkv, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, nkv, hd])
+            .swap_dims(1, 2);
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let (k, v) = cache.append(layer, k, v);
@@ -295,7 +307,11 @@ impl Llama {
             x = layer.forward(x, rope, cache, i);
         }
         cache.len += s;
-        let x = if last_only && s > 1 { x.narrow(1, s - 1, 1) } else { x };
+        let x = if last_only && s > 1 {
+            x.narrow(1, s - 1, 1)
+        } else {
+            x
+        };
         let x = self.model.norm.forward(x);
         match (&self.lm_head, &self.tied_q8) {
             (Some(head), _) => head.forward(x),
@@ -319,11 +335,12 @@ fn tied_output(x: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     logits.cast(burn::tensor::DType::F32).reshape([b, s, vocab])
 }
 
-
 /// A parameter of the model, by kind, for loaders that fill weights by name.
 pub enum ParamMut<'a> {
     Matrix(&'a mut Param<Tensor<2>>),
     Vector(&'a mut Param<Tensor<1>>),
+    /// A projection's weight: the loader may hand it over still quantized.
+    Proj(&'a mut Proj),
 }
 
 impl Llama {
@@ -338,7 +355,7 @@ impl Llama {
             ParamMut::Vector(&mut self.model.norm.gamma),
         ));
         if let Some(head) = &mut self.lm_head {
-            out.push(("lm_head.weight".into(), ParamMut::Matrix(&mut head.weight)));
+            out.push(("lm_head.weight".into(), ParamMut::Proj(head)));
         }
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}.");
@@ -361,10 +378,8 @@ impl Llama {
                 ("mlp.up_proj", &mut m.up_proj),
                 ("mlp.down_proj", &mut m.down_proj),
             ] {
-                out.push((format!("{p}{name}.weight"), ParamMut::Matrix(&mut proj.weight)));
-                if let Some(bias) = &mut proj.bias {
-                    out.push((format!("{p}{name}.bias"), ParamMut::Vector(bias)));
-                }
+                // The bias is reached through the projection (`Proj::bias`) by the loader.
+                out.push((format!("{p}{name}.weight"), ParamMut::Proj(proj)));
             }
         }
         out

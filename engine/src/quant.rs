@@ -5,7 +5,9 @@
 //! gemm); its quantized tensors are dequantized to f32 before a matmul, so neither reads
 //! fewer bytes than f32 does. This module keeps each projection as Q8_0 blocks (32 int8
 //! values and one f32 scale, as llama.cpp's Q8_0), quantizes the activations the same way,
-//! and does the dot products in integers: 4.1× fewer weight bytes than f32, on all cores.
+//! and multiplies them with f32 activations: 4× fewer weight bytes than f32, on all cores.
+//! (Quantizing the activations too, as llama.cpp does, was tried: it flipped SmolLM2's first
+//! greedy token on one prompt, so activations stay f32.)
 //! It is used for the linear layers only; everything else stays in Burn.
 
 use std::fmt;
@@ -14,14 +16,21 @@ use rayon::prelude::*;
 
 pub const BLOCK: usize = 32;
 
-/// A `[rows, cols]` matrix in Q8_0 blocks, row-major (`cols` a multiple of 32).
+/// A `[rows, cols]` matrix in 32-value blocks, row-major (`cols` a multiple of 32): Q8_0
+/// (requantized from floats, or a GGUF's own Q8_0), or a GGUF's Q4_1 blocks kept as they are
+/// so the engine multiplies exactly the checkpoint's weights.
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
     quants: Vec<i8>,
     /// One per block: `rows * cols / 32`.
     scales: Vec<f32>,
+    /// Q4_1 blocks as in the file (f16 d, f16 m, 16 bytes of nibbles); `quants` is empty.
+    q4_1: Vec<u8>,
 }
+
+const Q4_1_BYTES: usize = 20;
+const Q8_0_BYTES: usize = 34;
 
 impl fmt::Debug for Q8Matrix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -64,6 +73,41 @@ impl Q8Matrix {
             cols,
             quants,
             scales,
+            q4_1: Vec::new(),
+        })
+    }
+
+    /// A GGUF Q4_1 tensor's bytes, kept as they are.
+    pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if cols % BLOCK != 0 || raw.len() != rows * cols / BLOCK * Q4_1_BYTES {
+            return None;
+        }
+        Some(Self {
+            rows,
+            cols,
+            quants: Vec::new(),
+            scales: Vec::new(),
+            q4_1: raw.to_vec(),
+        })
+    }
+
+    /// A GGUF Q8_0 tensor (f16 scale + 32 int8 per block), unpacked losslessly.
+    pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if cols % BLOCK != 0 || raw.len() != rows * cols / BLOCK * Q8_0_BYTES {
+            return None;
+        }
+        let mut quants = Vec::with_capacity(rows * cols);
+        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
+        for block in raw.chunks_exact(Q8_0_BYTES) {
+            scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+            quants.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Some(Self {
+            rows,
+            cols,
+            quants,
+            scales,
+            q4_1: Vec::new(),
         })
     }
 
@@ -75,9 +119,6 @@ impl Q8Matrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "Q8Matrix::matmul: input shape");
         let blocks = self.cols / BLOCK;
-        let mut xq = vec![0i8; x.len()];
-        let mut xs = vec![0f32; x.len() / BLOCK];
-        quantize_into(x, &mut xq, &mut xs);
 
         // Work is split by weight rows, so each thread streams its own slice of the matrix
         // once for all `m` inputs; the result is written transposed (`[rows, m]`) and turned
@@ -91,12 +132,18 @@ impl Q8Matrix {
                 let first = task * ROWS_PER_TASK;
                 for (i, out_row) in out.chunks_exact_mut(m).enumerate() {
                     let r = first + i;
+                    if self.quants.is_empty() {
+                        let row =
+                            &self.q4_1[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
+                        for (j, o) in out_row.iter_mut().enumerate() {
+                            *o = dot_q4_1(row, &x[j * self.cols..(j + 1) * self.cols]);
+                        }
+                        continue;
+                    }
                     let wq = &self.quants[r * self.cols..(r + 1) * self.cols];
                     let ws = &self.scales[r * blocks..(r + 1) * blocks];
                     for (j, o) in out_row.iter_mut().enumerate() {
-                        let aq = &xq[j * self.cols..(j + 1) * self.cols];
-                        let as_ = &xs[j * blocks..(j + 1) * blocks];
-                        *o = dot(wq, ws, aq, as_);
+                        *o = dot(wq, ws, &x[j * self.cols..(j + 1) * self.cols]);
                     }
                 }
             });
@@ -113,41 +160,79 @@ impl Q8Matrix {
     }
 }
 
-/// Dot product of two Q8_0 rows.
+/// Dot product of a Q8_0 row with an f32 row.
 #[inline]
-fn dot(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
+fn dot(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { dot_avx2(wq, ws, xq, xs) };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { dot_avx2(wq, ws, x) };
         }
     }
-    dot_portable(wq, ws, xq, xs)
+    dot_portable(wq, ws, x)
 }
 
-/// The same loop compiled with AVX2 enabled, so LLVM vectorizes the int8 products with
-/// 256-bit registers (the crate itself is built for baseline x86-64).
+/// The same loop compiled with AVX2/FMA enabled, so LLVM vectorizes the widening and the
+/// multiply-adds with 256-bit registers (the crate itself is built for baseline x86-64).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-    dot_portable(wq, ws, xq, xs)
+unsafe fn dot_avx2(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
+    dot_portable(wq, ws, x)
 }
 
 #[inline(always)]
-fn dot_portable(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
+fn dot_portable(wq: &[i8], ws: &[f32], x: &[f32]) -> f32 {
     let mut sum = 0f32;
-    for (((w, x), sw), sx) in wq
-        .chunks_exact(BLOCK)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(ws)
-        .zip(xs)
-    {
-        let mut acc = 0i32;
+    for ((w, x), sw) in wq.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).zip(ws) {
+        // Eight partial sums, so the additions vectorize without reassociating floats.
+        let mut acc = [0f32; 8];
         for k in 0..BLOCK {
-            acc += w[k] as i32 * x[k] as i32;
+            acc[k % 8] += w[k] as f32 * x[k];
         }
-        sum += acc as f32 * (sw * sx);
+        sum += acc.iter().sum::<f32>() * sw;
+    }
+    sum
+}
+
+/// Dot product of a row of Q4_1 blocks (`d * q + m`) with an f32 row.
+#[inline]
+fn dot_q4_1(row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { dot_q4_1_avx2(row, x) };
+        }
+    }
+    dot_q4_1_portable(row, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q4_1_avx2(row: &[u8], x: &[f32]) -> f32 {
+    dot_q4_1_portable(row, x)
+}
+
+#[inline(always)]
+fn dot_q4_1_portable(row: &[u8], x: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for (block, x) in row.chunks_exact(Q4_1_BYTES).zip(x.chunks_exact(BLOCK)) {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let m = half::f16::from_le_bytes([block[2], block[3]]).to_f32();
+        let qs = &block[4..Q4_1_BYTES];
+        // Σ x (d q + m) = d Σ x q + m Σ x; element k < 16 is the low nibble of byte k,
+        // element k + 16 its high nibble (ggml's layout).
+        let mut xq = [0f32; 8];
+        let mut xs = [0f32; 8];
+        for k in 0..16 {
+            let q = qs[k];
+            xq[k % 8] += (q & 0x0F) as f32 * x[k] + (q >> 4) as f32 * x[k + 16];
+            xs[k % 8] += x[k] + x[k + 16];
+        }
+        sum += d * xq.iter().sum::<f32>() + m * xs.iter().sum::<f32>();
     }
     sum
 }
@@ -174,9 +259,37 @@ mod tests {
                 let want: f32 = (0..cols).map(|k| x[j * cols + k] * w[r * cols + k]).sum();
                 let g = got[j * rows + r];
                 // Two 8-bit roundings: error well under 1% of the row's magnitude.
-                assert!((g - want).abs() < 0.05 * (cols as f32).sqrt(), "{g} vs {want}");
+                assert!(
+                    (g - want).abs() < 0.05 * (cols as f32).sqrt(),
+                    "{g} vs {want}"
+                );
             }
         }
-        assert!(Q8Matrix::quantize(&w, rows * 2, cols / 2).is_none(), "48 is not whole blocks");
+        assert!(
+            Q8Matrix::quantize(&w, rows * 2, cols / 2).is_none(),
+            "48 is not whole blocks"
+        );
+    }
+
+    #[test]
+    fn q4_1_blocks_multiply_like_their_dequantized_values() {
+        // Two rows of one block each: d = 0.5, m = -1, nibbles 0..15 (low) and 15..0 (high).
+        let mut raw = Vec::new();
+        for _ in 0..2 {
+            raw.extend(half::f16::from_f32(0.5).to_le_bytes());
+            raw.extend(half::f16::from_f32(-1.0).to_le_bytes());
+            raw.extend((0..16u8).map(|k| k | ((15 - k) << 4)));
+        }
+        let q = Q8Matrix::from_q4_1(&raw, 2, 32).unwrap();
+        let x: Vec<f32> = (0..32).map(|k| k as f32 * 0.25 - 3.0).collect();
+        let w: Vec<f32> = (0..32)
+            .map(|k| if k < 16 { k as f32 } else { (31 - k) as f32 } * 0.5 - 1.0)
+            .collect();
+        let want: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let got = q.matmul(&x, 1);
+        assert!(
+            (got[0] - want).abs() < 1e-4 && (got[1] - want).abs() < 1e-4,
+            "{got:?} vs {want}"
+        );
     }
 }

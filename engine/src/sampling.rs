@@ -151,14 +151,19 @@ mod tests {
         let logits = [1.0, 1.1, 0.9, 1.05, 0.95];
         let draw = |seed| {
             let mut s = Sampler::new(&params(1.0, 0, 1.0, seed));
-            (0..32).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
         let mut seen = draw(42);
         seen.sort();
         seen.dedup();
-        assert!(seen.len() > 2, "near-uniform logits should give varied tokens");
+        assert!(
+            seen.len() > 2,
+            "near-uniform logits should give varied tokens"
+        );
     }
 
     #[test]

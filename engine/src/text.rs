@@ -143,7 +143,10 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Tokenizer {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-llama/tokenizer.json"
+        );
         Tokenizer::from_file(path).unwrap()
     }
 

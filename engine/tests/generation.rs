@@ -6,11 +6,13 @@ mod common;
 use std::ops::ControlFlow;
 
 use common::{fixtures, greedy, scratch, tiny_llama};
-use rbee_engine::{
-    DeviceChoice, Engine, EngineError, FinishReason, LoadOptions, SamplingParams,
-};
+use rbee_engine::{DeviceChoice, Engine, EngineError, FinishReason, LoadOptions, SamplingParams};
 
-fn collect(engine: &Engine, prompt: &str, params: &SamplingParams) -> (String, Vec<String>, FinishReason) {
+fn collect(
+    engine: &Engine,
+    prompt: &str,
+    params: &SamplingParams,
+) -> (String, Vec<String>, FinishReason) {
     let mut pieces = Vec::new();
     let done = engine
         .generate(prompt, params, &mut |piece| {
@@ -18,7 +20,11 @@ fn collect(engine: &Engine, prompt: &str, params: &SamplingParams) -> (String, V
             ControlFlow::Continue(())
         })
         .unwrap();
-    assert_eq!(pieces.concat(), done.text, "streamed pieces add up to the text");
+    assert_eq!(
+        pieces.concat(),
+        done.text,
+        "streamed pieces add up to the text"
+    );
     (done.text, pieces, done.finish_reason)
 }
 
@@ -32,16 +38,26 @@ fn info_describes_the_model() {
     assert_eq!(info.context_length, 256);
     assert_eq!(info.vocab_size, 384);
     assert!(info.eos_tokens.contains(&"<|im_end|>".to_string()));
-    assert!(info.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    assert!(
+        info.chat_template
+            .as_deref()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
 }
 
 #[test]
 fn greedy_streams_and_counts() {
     let engine = tiny_llama();
     let done = engine
-        .generate("Hello, world!", &greedy(12), &mut |_| ControlFlow::Continue(()))
+        .generate("Hello, world!", &greedy(12), &mut |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap();
-    assert_eq!(done.prompt_tokens, engine.tokenize("Hello, world!").unwrap().len() as u32);
+    assert_eq!(
+        done.prompt_tokens,
+        engine.tokenize("Hello, world!").unwrap().len() as u32
+    );
     assert!(done.generated_tokens >= 1 && done.generated_tokens <= 12);
     if done.finish_reason == FinishReason::Length {
         assert_eq!(done.generated_tokens, 12);
@@ -67,7 +83,10 @@ fn same_seed_same_text_other_seed_other_text() {
     let others: Vec<String> = (8..11)
         .map(|s| collect(&engine, "Once upon a time", &params(s)).0)
         .collect();
-    assert!(others.iter().any(|o| *o != a), "different seeds gave identical text");
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds gave identical text"
+    );
 }
 
 #[test]
@@ -109,7 +128,11 @@ fn context_overflow_is_an_error() {
     // Exactly filling the context is fine.
     let n = engine.tokenize("Hello").unwrap().len() as u32;
     let done = engine
-        .generate("Hello", &greedy(256 - n), &mut |_| ControlFlow::Continue(()))
+        .generate(
+            "Hello",
+            &greedy(256 - n),
+            &mut |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     assert!(done.prompt_tokens + done.generated_tokens <= 256);
 }
@@ -147,7 +170,13 @@ fn bad_parameters_are_rejected() {
 
 /// The reason of the load error for `path`, checking that the error names `names`.
 fn load_err_naming(path: &std::path::Path, names: &std::path::Path) -> String {
-    match Engine::load(path, &LoadOptions { device: DeviceChoice::Cpu, ..Default::default() }) {
+    match Engine::load(
+        path,
+        &LoadOptions {
+            device: DeviceChoice::Cpu,
+            ..Default::default()
+        },
+    ) {
         Err(EngineError::Load { path: p, reason }) => {
             assert_eq!(p, names, "{reason}");
             reason
@@ -199,7 +228,11 @@ fn bad_paths_and_files_give_load_errors() {
     let gpt2 = scratch("gpt2");
     copy_dir(&fixtures().join("tiny-llama"), &gpt2);
     let config = std::fs::read_to_string(gpt2.join("config.json")).unwrap();
-    std::fs::write(gpt2.join("config.json"), config.replace("\"llama\"", "\"gpt2\"")).unwrap();
+    std::fs::write(
+        gpt2.join("config.json"),
+        config.replace("\"llama\"", "\"gpt2\""),
+    )
+    .unwrap();
     let reason = load_err_naming(&gpt2, &gpt2.join("config.json"));
     assert!(reason.contains("unsupported architecture"), "{reason}");
 }
@@ -207,9 +240,15 @@ fn bad_paths_and_files_give_load_errors() {
 #[test]
 fn gguf_and_hf_give_the_same_text() {
     let hf = tiny_llama();
-    let gguf = common::load(&fixtures().join("tiny-llama.gguf"), rbee_engine::WeightFormat::F32);
+    let gguf = common::load(
+        &fixtures().join("tiny-llama.gguf"),
+        rbee_engine::WeightFormat::F32,
+    );
     assert_eq!(gguf.info().format, "gguf");
-    assert_eq!(gguf.info().eos_tokens.contains(&"<|im_end|>".to_string()), true);
+    assert_eq!(
+        gguf.info().eos_tokens.contains(&"<|im_end|>".to_string()),
+        true
+    );
     let prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(hf.tokenize(prompt).unwrap(), gguf.tokenize(prompt).unwrap());
     let a = collect(&hf, prompt, &greedy(20)).0;

@@ -22,7 +22,11 @@ fn check(model: &str) {
     for case in all[model].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(engine.tokenize(prompt).unwrap(), ids, "{model}: tokens of {prompt:?}");
+        assert_eq!(
+            engine.tokenize(prompt).unwrap(),
+            ids,
+            "{model}: tokens of {prompt:?}"
+        );
 
         let logits = engine.logits(&ids).unwrap();
         assert_eq!(logits.len(), ids.len() * vocab);
@@ -40,8 +44,15 @@ fn check(model: &str) {
         // transformers keeps the eos token that ended its run; the engine stops before it.
         if (want.len() as u32) < new_tokens {
             let eos = want.pop().unwrap();
-            let eos_text = engine.info().eos_tokens.iter().any(|t| engine.tokenize(t).unwrap() == [eos]);
-            assert!(eos_text, "{model}: reference stopped early on non-eos token {eos}");
+            let eos_text = engine
+                .info()
+                .eos_tokens
+                .iter()
+                .any(|t| engine.tokenize(t).unwrap() == [eos]);
+            assert!(
+                eos_text,
+                "{model}: reference stopped early on non-eos token {eos}"
+            );
             assert_eq!(done.finish_reason, rbee_engine::FinishReason::Eos);
         }
         assert_eq!(got, want, "{model}: greedy continuation of {prompt:?}");

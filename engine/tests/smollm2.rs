@@ -11,12 +11,15 @@ use rbee_engine::{FinishReason, WeightFormat};
 use serde_json::Value;
 
 fn model_path() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.is_file() {
         Some(path)
     } else {
-        println!("SKIPPED: {} is absent (run scripts/fetch-model.sh)", path.display());
+        println!(
+            "SKIPPED: {} is absent (run scripts/fetch-model.sh)",
+            path.display()
+        );
         None
     }
 }
@@ -35,7 +38,11 @@ fn agreement(format: WeightFormat) -> Option<Vec<(usize, usize)>> {
         let prompt = case["prompt"].as_str().unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["greedy"].clone()).unwrap();
-        assert_eq!(engine.tokenize(prompt).unwrap(), ids, "tokens of {prompt:?}");
+        assert_eq!(
+            engine.tokenize(prompt).unwrap(),
+            ids,
+            "tokens of {prompt:?}"
+        );
         let (done, got) = engine
             .generate_ids(&ids, &greedy(want.len() as u32))
             .unwrap();
@@ -63,20 +70,36 @@ fn agreement(format: WeightFormat) -> Option<Vec<(usize, usize)>> {
 
 #[test]
 fn f32_weights_match_transformers() {
-    let Some(results) = agreement(WeightFormat::F32) else { return };
+    let Some(results) = agreement(WeightFormat::F32) else {
+        return;
+    };
     for (same, len) in &results {
-        assert!(*same >= 8.min(*len), "first 8 greedy tokens must match: {results:?}");
+        assert!(
+            *same >= 8.min(*len),
+            "first 8 greedy tokens must match: {results:?}"
+        );
     }
     let full = results.iter().filter(|(same, len)| same == len).count();
-    println!("{full}/{} cases agree over their whole length", results.len());
+    println!(
+        "{full}/{} cases agree over their whole length",
+        results.len()
+    );
 }
 
 #[test]
 fn default_weights_keep_the_first_8_tokens() {
-    let Some(results) = agreement(WeightFormat::Auto) else { return };
+    let Some(results) = agreement(WeightFormat::Auto) else {
+        return;
+    };
     for (same, len) in &results {
-        assert!(*same >= 8.min(*len), "first 8 greedy tokens must match: {results:?}");
+        assert!(
+            *same >= 8.min(*len),
+            "first 8 greedy tokens must match: {results:?}"
+        );
     }
     let full = results.iter().filter(|(same, len)| same == len).count();
-    println!("{full}/{} cases agree over their whole length", results.len());
+    println!(
+        "{full}/{} cases agree over their whole length",
+        results.len()
+    );
 }
