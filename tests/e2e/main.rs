@@ -4,6 +4,7 @@
 mod harness;
 
 mod api;
+mod conformance;
 mod heartbeat;
 mod hot_swap;
 mod lifecycle;

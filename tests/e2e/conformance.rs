@@ -5,11 +5,7 @@
 //! ("The chat guest"). Guests are built by `guests/build.sh`; a language whose toolchain was
 //! not available there is skipped with a message, but the Rust reference must exist.
 
-#[path = "../../tests/e2e/harness.rs"]
-#[allow(dead_code)]
-mod harness;
-
-use harness::{Options, Worker, greedy, repo_root};
+use crate::harness::{Options, Worker, greedy, repo_root};
 use serde_json::{Value, json};
 
 const REFERENCE: &str = "chat";
