@@ -80,7 +80,7 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
         let raw = file.raw_tensor(&name).map_err(|e| err(e.to_string()))?;
         let shape = raw.shape();
         if let Some(heads) = permuted_heads
-            && (shape[0] % (2 * heads) != 0)
+            && !shape[0].is_multiple_of(2 * heads)
         {
             return Err(err(format!(
                 "`{name}` has {} rows for {heads} heads",

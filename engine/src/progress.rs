@@ -42,7 +42,7 @@ impl Progress {
             // Roughly every tenth, so a big model logs ~10 lines, not thousands.
             None => {
                 let step = (self.total / 10).max(1);
-                if done % step == 0 || done == self.total {
+                if done.is_multiple_of(step) || done == self.total {
                     tracing::info!("{}: {done}/{}", self.what, self.total);
                 }
             }

@@ -245,10 +245,7 @@ fn gguf_and_hf_give_the_same_text() {
         rbee_engine::WeightFormat::F32,
     );
     assert_eq!(gguf.info().format, "gguf");
-    assert_eq!(
-        gguf.info().eos_tokens.contains(&"<|im_end|>".to_string()),
-        true
-    );
+    assert!(gguf.info().eos_tokens.contains(&"<|im_end|>".to_string()));
     let prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(hf.tokenize(prompt).unwrap(), gguf.tokenize(prompt).unwrap());
     let a = collect(&hf, prompt, &greedy(20)).0;
