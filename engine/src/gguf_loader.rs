@@ -89,7 +89,8 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
         }
         let param = match param {
             ParamMut::Proj(proj) if keep_quantized => {
-                let want = proj.weight.val().dims().to_vec();
+                let [rows, cols]: [usize; 2] = proj.weight.shape().dims();
+                let want = vec![rows, cols];
                 match native_blocks(&raw, permuted_heads) {
                     Some(q) if shape == want => {
                         proj.q8 = Some(Arc::new(q));
@@ -112,7 +113,8 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
         match param {
             ParamMut::Proj(_) => unreachable!("projections were turned into matrices above"),
             ParamMut::Matrix(p) => {
-                let want = p.val().dims().to_vec();
+                let [rows, cols]: [usize; 2] = p.shape().dims();
+                let want = vec![rows, cols];
                 if t.shape != want {
                     return Err(err(format!(
                         "`{name}` has shape {:?}, the config implies {want:?}",
@@ -182,7 +184,7 @@ fn load_vector(
 ) -> Result<(), String> {
     let name = hf_to_gguf(hf_name).ok_or_else(|| format!("no GGUF name for `{hf_name}`"))?;
     let t = file.tensor_f32(&name).map_err(|e| e.to_string())?;
-    let want = param.val().dims()[0];
+    let [want]: [usize; 1] = param.shape().dims();
     if t.shape != [want] {
         return Err(format!(
             "`{name}` has shape {:?}, the config implies [{want}]",

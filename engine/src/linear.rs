@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use burn::module::{Module, Param};
+use burn::module::{Initializer, Module, Param};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::quant::Q8Matrix;
@@ -21,11 +21,13 @@ pub struct Proj {
 }
 
 impl Proj {
-    /// Zeros of the right shape, replaced when the weights load.
+    /// Zeros of the right shape, replaced when the weights load. Lazily initialised: the
+    /// placeholder is never allocated when the loader replaces it (which it always does), so
+    /// loading does not first allocate a whole f32 model of zeros.
     pub fn init(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Self {
         Self {
-            weight: Param::from_tensor(Tensor::zeros([d_out, d_in], device)),
-            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            weight: Initializer::Zeros.init([d_out, d_in], device),
+            bias: bias.then(|| Initializer::Zeros.init([d_out], device)),
             q8: None,
         }
     }
