@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
-use crate::model::{Llama, Rope};
+use crate::model::{DecoderLayer, Llama, Rope};
 use crate::{EngineError, WeightFormat};
 
 /// A model in memory with everything needed to run it.
@@ -107,17 +107,7 @@ pub fn convert_weights(model: &mut Llama, format: WeightFormat, is_gpu: bool) {
     for layer in &mut model.model.layers {
         cast1(&mut layer.input_layernorm.gamma);
         cast1(&mut layer.post_attention_layernorm.gamma);
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        for proj in [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ] {
+        for (_, proj) in DecoderLayer::projections_mut(&mut layer.self_attn, &mut layer.mlp) {
             cast2(&mut proj.weight, dtype);
             if let Some(b) = &mut proj.bias {
                 cast1(b);
@@ -134,17 +124,7 @@ pub fn convert_weights(model: &mut Llama, format: WeightFormat, is_gpu: bool) {
 fn quantize_q8(model: &mut Llama) {
     let mut kept_float = 0;
     for layer in &mut model.model.layers {
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        for proj in [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ] {
+        for (_, proj) in DecoderLayer::projections_mut(&mut layer.self_attn, &mut layer.mlp) {
             if proj.q8.is_none() && !proj.quantize_q8() {
                 kept_float += 1;
             }

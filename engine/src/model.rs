@@ -230,6 +230,24 @@ impl DecoderLayer {
         }
     }
 
+    /// The seven projections with their Hugging Face names relative to the layer: the one list
+    /// that loading, casting and quantising walk. Takes the two blocks rather than the layer so
+    /// callers can still borrow the layer's norms beside it.
+    pub fn projections_mut<'a>(
+        a: &'a mut Attention,
+        m: &'a mut Mlp,
+    ) -> [(&'static str, &'a mut Proj); 7] {
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
     fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut Cache, layer: usize) -> Tensor<3> {
         let h = x.clone()
             + self
@@ -367,17 +385,8 @@ impl Llama {
                 format!("{p}post_attention_layernorm.weight"),
                 ParamMut::Vector(&mut layer.post_attention_layernorm.gamma),
             ));
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (name, proj) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, proj) in DecoderLayer::projections_mut(&mut layer.self_attn, &mut layer.mlp)
+            {
                 // The bias is reached through the projection (`Proj::bias`) by the loader.
                 out.push((format!("{p}{name}.weight"), ParamMut::Proj(proj)));
             }
