@@ -32,6 +32,28 @@ impl Proj {
         }
     }
 
+    /// Several projections of the same input (a layer's q/k/v, or gate/up). With block
+    /// weights they share one pass of the kernel (`Q8Matrix::matmul_many`); otherwise each
+    /// runs on its own.
+    pub fn forward_many<const N: usize>(projs: [&Proj; N], x: Tensor<3>) -> [Tensor<3>; N] {
+        let blocks: Option<Vec<&Q8Matrix>> = projs.iter().map(|p| p.q8.as_deref()).collect();
+        let Some(blocks) = blocks else {
+            return projs.map(|p| p.forward(x.clone()));
+        };
+        let [b, s, d_in] = x.dims();
+        let device = x.device();
+        let values = activations(x.reshape([b * s, d_in]));
+        let mats: [&Q8Matrix; N] = std::array::from_fn(|i| blocks[i]);
+        let outs = Q8Matrix::matmul_many(mats, &values, b * s);
+        let mut outs = outs.into_iter();
+        projs.map(|p| {
+            let out = outs.next().expect("one output per projection");
+            let rows = out.len() / (b * s);
+            let y = Tensor::from_data(TensorData::new(out, [b * s, rows]), &device);
+            p.add_bias(y).reshape([b, s, rows])
+        })
+    }
+
     /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d_in] = x.dims();
@@ -49,11 +71,14 @@ impl Proj {
             }
         };
         let d_out = y.dims()[1];
-        let y = match &self.bias {
+        self.add_bias(y).reshape([b, s, d_out])
+    }
+
+    fn add_bias(&self, y: Tensor<2>) -> Tensor<2> {
+        match &self.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,
-        };
-        y.reshape([b, s, d_out])
+        }
     }
 
     /// Moves the weights into Q8_0 blocks (dropping the Burn copy); false, and nothing
@@ -81,11 +106,14 @@ impl Proj {
 pub fn q8_matmul(q8: &Q8Matrix, x: Tensor<2>) -> Tensor<2> {
     let [m, _] = x.dims();
     let device = x.device();
-    let values = x
-        .into_data()
+    let out = q8.matmul(&activations(x), m);
+    Tensor::from_data(TensorData::new(out, [m, q8.rows()]), &device)
+}
+
+/// The activations `[m, in]` as host f32 values for the kernel.
+fn activations(x: Tensor<2>) -> Vec<f32> {
+    x.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
-        .expect("f32 activations");
-    let out = q8.matmul(&values, m);
-    Tensor::from_data(TensorData::new(out, [m, q8.rows()]), &device)
+        .expect("f32 activations")
 }
