@@ -89,7 +89,7 @@ impl Runtime {
                 context_length: self.context_length as u32,
             });
         }
-        let mut cache = Cache::new(self.model.model.layers.len());
+        let mut cache = Cache::new(self.model.model.layers.len(), ids.len());
         self.forward(ids, &mut cache, false)
     }
 
@@ -128,7 +128,8 @@ impl Runtime {
         let mut sampler = Sampler::new(params);
         let mut stream = TextStream::new(&self.tokenizer, &params.stop);
         let mut history = prompt_ids.to_vec();
-        let mut cache = Cache::new(self.model.model.layers.len());
+        let capacity = prompt_tokens + params.max_tokens as usize;
+        let mut cache = Cache::new(self.model.model.layers.len(), capacity);
         let mut generated = 0u32;
 
         let start = Instant::now();

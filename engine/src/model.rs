@@ -63,31 +63,51 @@ impl Rope {
 }
 
 // ---------------------------------------------------------------------------------------
-// KV cache: per layer, keys and values of every position seen so far, `[b, nkv, t, hd]`.
+// KV cache: per layer, keys and values of every position seen so far, in a buffer
+// `[b, nkv, capacity, hd]` allocated once for the whole generation and written in place
+// (Flex writes a uniquely owned tensor's slice without copying), so a step costs the new
+// position only, not a copy of everything cached so far.
 // ---------------------------------------------------------------------------------------
 
 #[derive(Debug, Default)]
 pub struct Cache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Positions the buffers hold.
+    capacity: usize,
     /// Positions already in the cache.
     pub len: usize,
 }
 
 impl Cache {
-    pub fn new(num_layers: usize) -> Self {
+    /// A cache for up to `capacity` positions (prompt and generated tokens together).
+    pub fn new(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            capacity,
             len: 0,
         }
     }
 
+    /// Writes `k`, `v` `[b, nkv, s, hd]` at positions `len..len + s` and returns views of
+    /// positions `0..len + s`.
     fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
-        };
-        self.layers[layer] = Some(kv.clone());
-        kv
+        let [b, nkv, s, hd] = k.dims();
+        let (start, end) = (self.len, self.len + s);
+        assert!(
+            end <= self.capacity,
+            "KV cache of {} positions is full",
+            self.capacity
+        );
+        let (ck, cv) = self.layers[layer].take().unwrap_or_else(|| {
+            let empty = || Tensor::zeros([b, nkv, self.capacity, hd], &k.device());
+            (empty(), empty())
+        });
+        let range = [0..b, 0..nkv, start..end, 0..hd];
+        let ck = ck.slice_assign(range.clone(), k);
+        let cv = cv.slice_assign(range, v);
+        let views = (ck.clone().narrow(2, 0, end), cv.clone().narrow(2, 0, end));
+        self.layers[layer] = Some((ck, cv));
+        views
     }
 }
 

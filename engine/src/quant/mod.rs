@@ -30,9 +30,10 @@ const Q8_0_BYTES: usize = 34;
 
 /// Input rows from which the tiled gemm path beats one fused dot per row.
 const GEMM_MIN_ROWS: usize = 4;
-/// Weight rows expanded per gemm tile: 32 rows of even the widest projection (1536 columns
-/// in SmolLM2) are 192 KiB of f32, which stays in L2 while every input row passes over it.
-const GEMM_TILE_ROWS: usize = 32;
+/// The f32 expansion of weight rows handed to gemm at once: big enough that gemm's packing of
+/// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
+/// typical L3 and not to allocate a whole f32 copy of a large output matrix.
+const GEMM_TILE_BYTES: usize = 4 << 20;
 
 /// A `[rows, cols]` matrix in 32-value blocks, row-major (`cols` a multiple of 32).
 pub struct Q8Matrix {
@@ -231,56 +232,46 @@ impl Q8Matrix {
         })
     }
 
-    /// Tiles of weight rows expanded to f32, each multiplied with all of `x` by gemm; the
-    /// result is built transposed (`[rows, m]`, one contiguous slice per tile) and turned
-    /// around at the end.
+    /// Tiles of weight rows expanded to f32, each multiplied with all of `x` by gemm (which
+    /// splits the tile's work across the pool): the expansion is paid once per weight, not
+    /// once per token, and gemm packs `x` once per tile.
     fn matmul_tiled(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let cols = self.cols;
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t
-            .par_chunks_mut(GEMM_TILE_ROWS * m)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; GEMM_TILE_ROWS * cols],
-                |tile, (t, out)| {
-                    let first = t * GEMM_TILE_ROWS;
-                    let n_rows = out.len() / m;
-                    for (i, row) in tile.chunks_exact_mut(cols).take(n_rows).enumerate() {
-                        self.expand_row(first + i, row);
-                    }
-                    // out [n_rows, m] = tile [n_rows, cols] · xᵀ [cols, m], in row-major
-                    // strides: element (i, j) of xᵀ is x[j * cols + i].
-                    // SAFETY: every pointer/stride pair addresses only elements inside its
-                    // slice (`out` is n_rows × m, `tile` holds ≥ n_rows × cols, `x` is m × cols).
-                    unsafe {
-                        gemm::gemm(
-                            n_rows,
-                            m,
-                            cols,
-                            out.as_mut_ptr(),
-                            1,
-                            m as isize,
-                            false,
-                            tile.as_ptr(),
-                            1,
-                            cols as isize,
-                            x.as_ptr(),
-                            cols as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                },
-            );
-        let mut out = vec![0f32; m * self.rows];
-        for (r, row) in out_t.chunks_exact(m).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                out[j * self.rows + r] = v;
+        let (rows, cols) = (self.rows, self.cols);
+        let tile_rows = (GEMM_TILE_BYTES / (cols * 4)).clamp(1, rows);
+        let mut tile = vec![0f32; tile_rows * cols];
+        let mut out = vec![0f32; m * rows];
+        for first in (0..rows).step_by(tile_rows) {
+            let n = tile_rows.min(rows - first);
+            tile[..n * cols]
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, row)| self.expand_row(first + i, row));
+            // out[:, first..first + n] = x [m, cols] · tileᵀ [cols, n], in (column, row)
+            // strides: element (k, i) of tileᵀ is tile[i * cols + k].
+            // SAFETY: every pointer/stride pair addresses only elements inside its slice
+            // (`out` is m × rows and first + n <= rows, `tile` holds n × cols, `x` m × cols).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    cols,
+                    out.as_mut_ptr().add(first),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    tile.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(0),
+                );
             }
         }
         out
@@ -293,7 +284,7 @@ mod tests {
 
     #[test]
     fn matches_f32_matmul_closely() {
-        // 40 rows: a whole and a partial gemm tile; m = 1 and 3 take the fused path, 7 the tiled.
+        // m = 1 and 3 take the row-dot path, 7 the tiled one.
         for m in [1, 3, 7] {
             matches_f32_matmul_closely_for(40, 96, m);
         }
