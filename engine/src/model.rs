@@ -7,7 +7,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
@@ -154,39 +156,24 @@ impl Attention {
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let (k, v) = cache.append(layer, k, v);
-        let t = start + s;
 
-        // Fold the query heads that share a kv head into the row dimension instead of
-        // repeating K and V: `[b, nkv, rep * s, hd] x [b, nkv, hd, t]`. Query head
-        // `g * rep + r` sits in group `g`, row block `r`.
-        let rep = nh / nkv;
-        let q = q.reshape([b, nkv, rep * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
-        let scores = if s > 1 {
-            let mask = causal_mask(rep, s, start, &scores.device());
-            scores + mask.reshape([1, 1, rep * s, t])
-        } else {
-            scores
+        // Burn's fused attention (grouped-query: `nh / nkv` query heads share a key/value
+        // head). Several positions are a prompt from position 0 (the generation loop never
+        // prefills in chunks), so plain causal masking is right; one new position sees every
+        // cached key.
+        assert!(
+            s == 1 || start == 0,
+            "a multi-position pass must start at position 0"
+        );
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: s > 1,
         };
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(v).reshape([b, nh, s, hd]);
+        let out = attention(q, k, v, None, None, options);
         let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
         self.o_proj.forward(out)
     }
-}
-
-/// Additive mask `[rep * s, start + s]`: row `r * s + i` (query position `start + i`) may
-/// see keys `0..=start + i`.
-fn causal_mask(rep: usize, s: usize, start: usize, device: &Device) -> Tensor<2> {
-    let t = start + s;
-    let mut mask = vec![0f32; rep * s * t];
-    for r in 0..rep {
-        for i in 0..s {
-            let row = &mut mask[(r * s + i) * t..(r * s + i + 1) * t];
-            row[start + i + 1..].fill(f32::NEG_INFINITY);
-        }
-    }
-    Tensor::from_data(TensorData::new(mask, [rep * s, t]), device)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,13 +13,20 @@
 //! reference; 16 bits costs one extra widening per block.
 //!
 //! Q4_1 blocks use `Σ (d·q + m)·x = d·sₓ·Σ q·xq + m·Σ x`, with the f32 block sums `Σ x`
-//! kept beside the i16 values.
+//! kept beside the i16 values. Their rows are regrouped at load (same bytes, same size):
+//! ggml interleaves each block's f16 `d` and `m` with its nibbles, which costs a conversion
+//! and a shuffle per block; here each group of 8 blocks stores its 8 `d`s, then its 8 `m`s,
+//! then the 8 × 16 nibble bytes, so one instruction converts 8 scales, one multiply forms
+//! the 8 products `d·sₓ`, and one FMA adds the 8 `m·Σx` terms.
 //!
 //! Each kernel has a portable version (the reference, and what non-x86 CPUs run) and an
 //! AVX2/FMA/F16C one picked at run time; the tests hold them to each other.
 
 pub const BLOCK: usize = 32;
+/// Bytes of one Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles.
 pub const Q4_1_BYTES: usize = 20;
+/// Blocks per group in the regrouped Q4_1 row layout.
+const GROUP: usize = 8;
 
 /// Which kernels this CPU runs, detected once per matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,37 +53,73 @@ impl Simd {
 pub struct QuantizedRow {
     /// `x` rounded to i16 per block: `x ≈ values · scale`.
     values: Vec<i16>,
-    /// Per block, `[scale, Σ x]` (the sum from the f32 values, for Q4_1's `m` term): one
-    /// 8-byte load in the kernel.
-    scale_sum: Vec<[f32; 2]>,
+    /// One per block.
+    scales: Vec<f32>,
+    /// `Σ x` per block, from the f32 values (Q4_1's `m` term).
+    sums: Vec<f32>,
 }
 
 impl QuantizedRow {
     pub fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / BLOCK;
         let mut values = vec![0i16; x.len()];
-        let scale_sum = x
-            .chunks_exact(BLOCK)
-            .zip(values.chunks_exact_mut(BLOCK))
-            .map(|(block, q)| {
-                let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = max / i16::MAX as f32;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                for (q, v) in q.iter_mut().zip(block) {
-                    *q = (v * inv).round() as i16;
-                }
-                [scale, block.iter().sum()]
-            })
-            .collect();
-        Self { values, scale_sum }
+        let mut scales = Vec::with_capacity(blocks);
+        let mut sums = Vec::with_capacity(blocks);
+        for (block, q) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = max / i16::MAX as f32;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * inv).round_ties_even() as i16;
+            }
+            scales.push(scale);
+            sums.push(block.iter().sum());
+        }
+        Self {
+            values,
+            scales,
+            sums,
+        }
     }
 
     fn blocks(&self) -> usize {
-        self.scale_sum.len()
+        self.scales.len()
     }
 }
 
-/// `Σ_k w_k x_k` for one row of Q4_1 blocks (`d` f16, `m` f16, 16 bytes of nibbles: element
-/// k < 16 is byte k's low nibble, element k + 16 its high nibble; w = d·q + m).
+/// Where group `g` of a regrouped Q4_1 row starts, and how many blocks it has.
+fn group(blocks: usize, g: usize) -> (usize, usize) {
+    let first = g * GROUP;
+    (first * Q4_1_BYTES, GROUP.min(blocks - first))
+}
+
+/// ggml's Q4_1 row (blocks of `d`, `m`, nibbles) in the grouped layout (module docs).
+pub fn regroup_q4_1(row: &[u8], out: &mut [u8]) {
+    let blocks = row.len() / Q4_1_BYTES;
+    for g in 0..blocks.div_ceil(GROUP) {
+        let (start, n) = group(blocks, g);
+        let src = &row[start..start + n * Q4_1_BYTES];
+        let dst = &mut out[start..start + n * Q4_1_BYTES];
+        for (i, block) in src.chunks_exact(Q4_1_BYTES).enumerate() {
+            dst[2 * i..2 * i + 2].copy_from_slice(&block[0..2]);
+            dst[2 * n + 2 * i..2 * n + 2 * i + 2].copy_from_slice(&block[2..4]);
+            dst[4 * n + 16 * i..4 * n + 16 * (i + 1)].copy_from_slice(&block[4..]);
+        }
+    }
+}
+
+/// Block `i` of a group of `n` starting at `group`: `(d, m, nibbles)`.
+fn q4_1_block(group: &[u8], n: usize, i: usize) -> (f32, f32, &[u8]) {
+    let f16 = |at: usize| half::f16::from_le_bytes([group[at], group[at + 1]]).to_f32();
+    (
+        f16(2 * i),
+        f16(2 * n + 2 * i),
+        &group[4 * n + 16 * i..4 * n + 16 * (i + 1)],
+    )
+}
+
+/// `Σ_k w_k x_k` for one regrouped row of Q4_1 blocks (element k < 16 of a block is byte k's
+/// low nibble, element k + 16 its high nibble; w = d·q + m).
 #[inline]
 pub fn dot_q4_1(simd: Simd, row: &[u8], x: &QuantizedRow) -> f32 {
     assert_eq!(row.len(), x.blocks() * Q4_1_BYTES, "dot_q4_1: row length");
@@ -102,38 +145,35 @@ pub fn dot_q8_0(simd: Simd, quants: &[i8], scales: &[f32], x: &QuantizedRow) -> 
     }
 }
 
-fn f16_pair(block: &[u8]) -> (f32, f32) {
-    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-    let m = half::f16::from_le_bytes([block[2], block[3]]).to_f32();
-    (d, m)
-}
-
 fn dot_q4_1_portable(row: &[u8], x: &QuantizedRow) -> f32 {
+    let blocks = x.blocks();
     let mut total = 0f32;
-    for ((block, xq), &[scale, sum]) in row
-        .chunks_exact(Q4_1_BYTES)
-        .zip(x.values.chunks_exact(BLOCK))
-        .zip(&x.scale_sum)
-    {
-        let (d, m) = f16_pair(block);
-        let qx: i32 = block[4..]
-            .iter()
-            .enumerate()
-            .map(|(k, &byte)| {
-                (byte & 0x0F) as i32 * xq[k] as i32 + (byte >> 4) as i32 * xq[k + 16] as i32
-            })
-            .sum();
-        total += d * scale * qx as f32 + m * sum;
+    for g in 0..blocks.div_ceil(GROUP) {
+        let (start, n) = group(blocks, g);
+        for i in 0..n {
+            let b = g * GROUP + i;
+            let (d, m, nibbles) = q4_1_block(&row[start..], n, i);
+            let xq = &x.values[b * BLOCK..(b + 1) * BLOCK];
+            let qx: i32 = nibbles
+                .iter()
+                .enumerate()
+                .map(|(k, &byte)| {
+                    (byte & 0x0F) as i32 * xq[k] as i32 + (byte >> 4) as i32 * xq[k + 16] as i32
+                })
+                .sum();
+            total += d * x.scales[b] * qx as f32 + m * x.sums[b];
+        }
     }
     total
 }
 
 fn dot_q8_0_portable(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
     let mut total = 0f32;
-    for ((q, d), (xq, &[scale, _])) in quants
+    for (((q, d), xq), scale) in quants
         .chunks_exact(BLOCK)
         .zip(scales)
-        .zip(x.values.chunks_exact(BLOCK).zip(&x.scale_sum))
+        .zip(x.values.chunks_exact(BLOCK))
+        .zip(&x.scales)
     {
         let qx: i32 = q.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
         total += d * scale * qx as f32;
@@ -141,17 +181,19 @@ fn dot_q8_0_portable(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
     total
 }
 
-/// One row of Q4_1 blocks as f32 values.
+/// One regrouped row of Q4_1 blocks as f32 values.
 pub fn expand_q4_1(row: &[u8], out: &mut [f32]) {
-    for (block, o) in row
-        .chunks_exact(Q4_1_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        let (d, m) = f16_pair(block);
-        let (lo, hi) = o.split_at_mut(16);
-        for ((&byte, lo), hi) in block[4..].iter().zip(lo).zip(hi) {
-            *lo = (byte & 0x0F) as f32 * d + m;
-            *hi = (byte >> 4) as f32 * d + m;
+    let blocks = out.len() / BLOCK;
+    for g in 0..blocks.div_ceil(GROUP) {
+        let (start, n) = group(blocks, g);
+        for i in 0..n {
+            let (d, m, nibbles) = q4_1_block(&row[start..], n, i);
+            let b = g * GROUP + i;
+            let (lo, hi) = out[b * BLOCK..(b + 1) * BLOCK].split_at_mut(16);
+            for ((&byte, lo), hi) in nibbles.iter().zip(lo).zip(hi) {
+                *lo = (byte & 0x0F) as f32 * d + m;
+                *hi = (byte >> 4) as f32 * d + m;
+            }
         }
     }
 }
@@ -173,7 +215,7 @@ pub fn expand_q8_0(quants: &[i8], scales: &[f32], out: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Q4_1_BYTES, QuantizedRow};
+    use super::{BLOCK, GROUP, QuantizedRow, group};
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -183,80 +225,89 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// `[scale, Σx, 0, 0]` of block `b`.
+    /// `Σ q·xq` of one Q4_1 block (16 nibble bytes at `nibbles`) as eight f32 partial sums.
     ///
     /// # Safety
-    /// `b` is a block of `x`.
+    /// 16 bytes at `nibbles` and 32 i16 at `xq` are readable.
     #[target_feature(enable = "avx2")]
-    unsafe fn scale_sum(x: &QuantizedRow, b: usize) -> __m128 {
-        // SAFETY: the caller's contract; `[f32; 2]` is 8 bytes.
-        unsafe { _mm_castpd_ps(_mm_load_sd(x.scale_sum.as_ptr().add(b) as *const f64)) }
-    }
-
-    /// Q4_1 block `b`: the eight i32 partial sums of `q · xq` as f32, and
-    /// `[d·scale, m·Σx, 0, 0]`.
-    ///
-    /// # Safety
-    /// `b` is a block of both `row` and `x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_block(row: *const u8, x: &QuantizedRow, b: usize) -> (__m256, __m128) {
-        // SAFETY: the caller's contract; unaligned loads throughout.
+    unsafe fn q4_1_products(nibbles: *const u8, xq: *const i16) -> __m256 {
+        // SAFETY: the caller's contract; unaligned loads.
         unsafe {
-            let block = row.add(b * Q4_1_BYTES);
-            // [d, m, 0, 0] from the two f16s at the start of the block.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-            let qs = _mm_loadu_si128(block.add(4) as *const __m128i);
+            let qs = _mm_loadu_si128(nibbles as *const __m128i);
             let low_nibbles = _mm_set1_epi8(0x0F);
             let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low_nibbles));
             let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles));
-            let xq = x.values.as_ptr().add(b * BLOCK) as *const __m256i;
-            let sums = _mm256_add_epi32(
+            let xq = xq as *const __m256i;
+            _mm256_cvtepi32_ps(_mm256_add_epi32(
                 _mm256_madd_epi16(lo, _mm256_loadu_si256(xq)),
                 _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(1))),
-            );
-            (_mm256_cvtepi32_ps(sums), _mm_mul_ps(dm, scale_sum(x, b)))
+            ))
         }
     }
 
     /// # Safety
-    /// `row` holds exactly `x.blocks()` Q4_1 blocks.
+    /// `row` holds exactly `x.blocks()` regrouped Q4_1 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1(row: &[u8], x: &QuantizedRow) -> f32 {
         let blocks = x.blocks();
-        let row = row.as_ptr();
         // Two accumulators (even and odd blocks) so consecutive blocks' FMAs do not wait on
-        // each other; the `m · Σx` terms gather in lane 1 of `m_acc`.
+        // each other; the `m · Σx` terms of whole groups gather in `m_acc`.
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut m_acc = _mm_setzero_ps();
-        let mut b = 0;
-        // SAFETY (every block below): b < blocks, the caller's contract.
-        while b + 1 < blocks {
-            let (p0, s0) = unsafe { q4_1_block(row, x, b) };
-            let (p1, s1) = unsafe { q4_1_block(row, x, b + 1) };
-            acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, acc1);
-            m_acc = _mm_add_ps(m_acc, _mm_add_ps(s0, s1));
-            b += 2;
+        let mut m_acc = _mm256_setzero_ps();
+        let mut tail = 0f32;
+        // `d·sₓ` of the current group, read back one lane at a time by broadcast loads.
+        let mut scales = [0f32; GROUP];
+        for g in 0..blocks.div_ceil(GROUP) {
+            let (start, n) = group(blocks, g);
+            let first = g * GROUP;
+            // SAFETY: group `g` spans `row[start..start + n * 20]` and blocks
+            // `first..first + n` of `x` (the caller's contract).
+            unsafe {
+                let grp = row.as_ptr().add(start);
+                let xq = x.values.as_ptr().add(first * BLOCK);
+                if n == GROUP {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
+                    let xs = _mm256_loadu_ps(x.scales.as_ptr().add(first));
+                    m_acc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sums.as_ptr().add(first)), m_acc);
+                    _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(d, xs));
+                    let nibbles = grp.add(4 * GROUP);
+                    for pair in 0..GROUP / 2 {
+                        let i = 2 * pair;
+                        let p0 = q4_1_products(nibbles.add(16 * i), xq.add(BLOCK * i));
+                        let p1 = q4_1_products(nibbles.add(16 * (i + 1)), xq.add(BLOCK * (i + 1)));
+                        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i]), p0, acc0);
+                        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i + 1]), p1, acc1);
+                    }
+                } else {
+                    // The row's last, short group: its scales one by one.
+                    let f16 = |at: usize| {
+                        let bits = (grp.add(at) as *const u16).read_unaligned();
+                        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+                    };
+                    for i in 0..n {
+                        let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
+                        let p = q4_1_products(grp.add(4 * n + 16 * i), xq.add(BLOCK * i));
+                        let ds = _mm256_set1_ps(d * x.scales[first + i]);
+                        acc0 = _mm256_fmadd_ps(ds, p, acc0);
+                        tail += m * x.sums[first + i];
+                    }
+                }
+            }
         }
-        if b < blocks {
-            let (p0, s0) = unsafe { q4_1_block(row, x, b) };
-            acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-            m_acc = _mm_add_ps(m_acc, s0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_shuffle_ps(m_acc, m_acc, 1))
+        hsum(_mm256_add_ps(acc0, acc1)) + hsum(m_acc) + tail
     }
 
-    /// Q8_0 block `b`: the eight i32 partial sums of `q · xq` as f32.
+    /// `Σ q·xq` of one Q8_0 block as eight f32 partial sums.
     ///
     /// # Safety
-    /// `b` is a block of both `quants` and `x`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn q8_0_block(quants: *const i8, x: &QuantizedRow, b: usize) -> __m256 {
+    /// 32 i8 at `q` and 32 i16 at `xq` are readable.
+    #[target_feature(enable = "avx2")]
+    unsafe fn q8_0_products(q: *const i8, xq: *const i16) -> __m256 {
         // SAFETY: the caller's contract.
         unsafe {
-            let q = quants.add(b * BLOCK) as *const __m128i;
-            let xq = x.values.as_ptr().add(b * BLOCK) as *const __m256i;
-            let sums = _mm256_add_epi32(
+            let (q, xq) = (q as *const __m128i, xq as *const __m256i);
+            _mm256_cvtepi32_ps(_mm256_add_epi32(
                 _mm256_madd_epi16(
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(q)),
                     _mm256_loadu_si256(xq),
@@ -265,8 +316,7 @@ mod avx2 {
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1))),
                     _mm256_loadu_si256(xq.add(1)),
                 ),
-            );
-            _mm256_cvtepi32_ps(sums)
+            ))
         }
     }
 
@@ -275,21 +325,32 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
         let blocks = x.blocks();
-        let q = quants.as_ptr();
-        let scale = |b: usize| scales[b] * x.scale_sum[b][0];
+        let (q, xq) = (quants.as_ptr(), x.values.as_ptr());
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut products = [0f32; GROUP];
         let mut b = 0;
         // SAFETY (every block below): b < blocks, the caller's contract.
-        while b + 1 < blocks {
-            let p0 = unsafe { q8_0_block(q, x, b) };
-            let p1 = unsafe { q8_0_block(q, x, b + 1) };
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b)), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b + 1)), p1, acc1);
-            b += 2;
+        while b + GROUP <= blocks {
+            unsafe {
+                let ds = _mm256_mul_ps(
+                    _mm256_loadu_ps(scales.as_ptr().add(b)),
+                    _mm256_loadu_ps(x.scales.as_ptr().add(b)),
+                );
+                _mm256_storeu_ps(products.as_mut_ptr(), ds);
+                for pair in 0..GROUP / 2 {
+                    let i = 2 * pair;
+                    let p0 = q8_0_products(q.add(BLOCK * (b + i)), xq.add(BLOCK * (b + i)));
+                    let p1 = q8_0_products(q.add(BLOCK * (b + i + 1)), xq.add(BLOCK * (b + i + 1)));
+                    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&products[i]), p0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&products[i + 1]), p1, acc1);
+                }
+            }
+            b += GROUP;
         }
-        if b < blocks {
-            let p0 = unsafe { q8_0_block(q, x, b) };
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b)), p0, acc0);
+        while b < blocks {
+            let p = unsafe { q8_0_products(q.add(BLOCK * b), xq.add(BLOCK * b)) };
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[b] * x.scales[b]), p, acc0);
+            b += 1;
         }
         hsum(_mm256_add_ps(acc0, acc1))
     }
@@ -336,10 +397,16 @@ mod tests {
     #[test]
     fn q4_1_dot_equals_the_dot_of_the_expanded_row() {
         let blocks = 18;
-        let row = q4_1_row(blocks);
+        let ggml = q4_1_row(blocks);
+        let mut row = vec![0u8; ggml.len()];
+        regroup_q4_1(&ggml, &mut row);
         let x = pseudo_random(blocks * BLOCK, 3);
+        // The reference values: gguf's own dequantization of the ggml-order blocks.
         let mut w = vec![0f32; x.len()];
-        expand_q4_1(&row, &mut w);
+        crate::gguf::dequantize_q4_1(&ggml, &mut w).unwrap();
+        let mut expanded = vec![0f32; x.len()];
+        expand_q4_1(&row, &mut expanded);
+        assert_eq!(expanded, w, "regrouped blocks expand to the same values");
         let xq = QuantizedRow::new(&x);
         for simd in [Simd::Portable, Simd::detect()] {
             let got = dot_q4_1(simd, &row, &xq);

@@ -49,8 +49,8 @@ enum Blocks {
         /// One per block: `rows * cols / 32`.
         scales: Vec<f32>,
     },
-    /// A GGUF's Q4_1 blocks as in the file (f16 d, f16 m, 16 bytes of nibbles), so the engine
-    /// multiplies exactly the checkpoint's weights.
+    /// A GGUF's Q4_1 blocks (f16 d, f16 m, 16 bytes of nibbles), so the engine multiplies
+    /// exactly the checkpoint's weights; each row regrouped for the kernel (`kernels`).
     Q4_1(Vec<u8>),
 }
 
@@ -101,15 +101,23 @@ impl Q8Matrix {
         })
     }
 
-    /// A GGUF Q4_1 tensor's bytes, kept as they are.
+    /// A GGUF Q4_1 tensor's bytes, kept as they are up to their order within a row.
     pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> Option<Self> {
         if !cols.is_multiple_of(BLOCK) || raw.len() != rows * cols / BLOCK * Q4_1_BYTES {
             return None;
         }
+        let mut regrouped = vec![0u8; raw.len()];
+        let row_bytes = cols / BLOCK * Q4_1_BYTES;
+        for (src, dst) in raw
+            .chunks_exact(row_bytes)
+            .zip(regrouped.chunks_exact_mut(row_bytes))
+        {
+            kernels::regroup_q4_1(src, dst);
+        }
         Some(Self {
             rows,
             cols,
-            blocks: Blocks::Q4_1(raw.to_vec()),
+            blocks: Blocks::Q4_1(regrouped),
         })
     }
 
@@ -215,10 +223,14 @@ impl Q8Matrix {
                 .par_chunks_mut(chunk)
                 .enumerate()
                 .for_each(|(c, out)| {
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let row = c * chunk + i;
-                        let w = starts.partition_point(|&s| s <= row) - 1;
-                        *o = mats[w].dot_row(simd, row - starts[w], &xj);
+                    // This chunk's stacked rows, matrix by matrix.
+                    let first = c * chunk;
+                    for (&start, mat) in starts.iter().zip(mats) {
+                        let lo = start.max(first);
+                        let hi = (start + mat.rows).min(first + out.len());
+                        for row in lo..hi {
+                            out[row - first] = mat.dot_row(simd, row - start, &xj);
+                        }
                     }
                 });
         }
