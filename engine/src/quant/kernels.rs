@@ -88,6 +88,7 @@ impl QuantizedRow {
 }
 
 /// Where group `g` of a regrouped Q4_1 row starts, and how many blocks it has.
+#[inline]
 fn group(blocks: usize, g: usize) -> (usize, usize) {
     let first = g * GROUP;
     (first * Q4_1_BYTES, GROUP.min(blocks - first))
@@ -118,17 +119,19 @@ fn q4_1_block(group: &[u8], n: usize, i: usize) -> (f32, f32, &[u8]) {
     )
 }
 
-/// `Σ_k w_k x_k` for one regrouped row of Q4_1 blocks (element k < 16 of a block is byte k's
-/// low nibble, element k + 16 its high nibble; w = d·q + m).
+/// `Σ_k w_k x_k` for each of `R` regrouped rows of Q4_1 blocks (element k < 16 of a block is
+/// byte k's low nibble, element k + 16 its high nibble; w = d·q + m).
 #[inline]
-pub fn dot_q4_1(simd: Simd, row: &[u8], x: &QuantizedRow) -> f32 {
-    assert_eq!(row.len(), x.blocks() * Q4_1_BYTES, "dot_q4_1: row length");
+pub fn dot_q4_1<const R: usize>(simd: Simd, rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
+    for row in rows {
+        assert_eq!(row.len(), x.blocks() * Q4_1_BYTES, "dot_q4_1: row length");
+    }
     match simd {
         // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C; the
         // lengths agree (the assert above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q4_1(row, x) },
-        Simd::Portable => dot_q4_1_portable(row, x),
+        Simd::Avx2 => unsafe { avx2::dot_q4_1(rows, x) },
+        Simd::Portable => rows.map(|row| dot_q4_1_portable(row, x)),
     }
 }
 
@@ -217,6 +220,7 @@ mod avx2 {
 
     use super::{BLOCK, GROUP, QuantizedRow, group};
 
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -229,6 +233,7 @@ mod avx2 {
     ///
     /// # Safety
     /// 16 bytes at `nibbles` and 32 i16 at `xq` are readable.
+    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn q4_1_products(nibbles: *const u8, xq: *const i16) -> __m256 {
         // SAFETY: the caller's contract; unaligned loads.
@@ -245,63 +250,73 @@ mod avx2 {
         }
     }
 
+    /// `R` rows at once: every activation block loaded is used `R` times, and the per-row
+    /// setup and final sums are shared out over more work (SmolLM2's rows are only 18 blocks).
+    ///
     /// # Safety
-    /// `row` holds exactly `x.blocks()` regrouped Q4_1 blocks.
+    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1(row: &[u8], x: &QuantizedRow) -> f32 {
+    pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
         let blocks = x.blocks();
-        // Two accumulators (even and odd blocks) so consecutive blocks' FMAs do not wait on
-        // each other; the `m · Σx` terms of whole groups gather in `m_acc`.
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut m_acc = _mm256_setzero_ps();
-        let mut tail = 0f32;
+        // Per row: one accumulator for `d·sₓ·Σq·xq`, one for the `m·Σx` terms of whole
+        // groups (all lanes of both are summed at the end), and the short group's `m` terms.
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut m_acc = [_mm256_setzero_ps(); R];
+        let mut tail = [0f32; R];
         // `d·sₓ` of the current group, read back one lane at a time by broadcast loads.
-        let mut scales = [0f32; GROUP];
+        let mut scales = [[0f32; GROUP]; R];
         for g in 0..blocks.div_ceil(GROUP) {
             let (start, n) = group(blocks, g);
             let first = g * GROUP;
-            // SAFETY: group `g` spans `row[start..start + n * 20]` and blocks
+            // SAFETY: group `g` spans `row[start..start + n * 20]` of every row and blocks
             // `first..first + n` of `x` (the caller's contract).
             unsafe {
-                let grp = row.as_ptr().add(start);
                 let xq = x.values.as_ptr().add(first * BLOCK);
                 if n == GROUP {
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
-                    let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
                     let xs = _mm256_loadu_ps(x.scales.as_ptr().add(first));
-                    m_acc = _mm256_fmadd_ps(m, _mm256_loadu_ps(x.sums.as_ptr().add(first)), m_acc);
-                    _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(d, xs));
-                    let nibbles = grp.add(4 * GROUP);
-                    for pair in 0..GROUP / 2 {
-                        let i = 2 * pair;
-                        let p0 = q4_1_products(nibbles.add(16 * i), xq.add(BLOCK * i));
-                        let p1 = q4_1_products(nibbles.add(16 * (i + 1)), xq.add(BLOCK * (i + 1)));
-                        acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i]), p0, acc0);
-                        acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i + 1]), p1, acc1);
+                    let sums = _mm256_loadu_ps(x.sums.as_ptr().add(first));
+                    for r in 0..R {
+                        let grp = rows[r].as_ptr().add(start);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
+                        m_acc[r] = _mm256_fmadd_ps(m, sums, m_acc[r]);
+                        _mm256_storeu_ps(scales[r].as_mut_ptr(), _mm256_mul_ps(d, xs));
+                    }
+                    for i in 0..GROUP {
+                        for r in 0..R {
+                            let nibbles = rows[r].as_ptr().add(start + 4 * GROUP + 16 * i);
+                            let p = q4_1_products(nibbles, xq.add(BLOCK * i));
+                            let scale = _mm256_broadcast_ss(&scales[r][i]);
+                            acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
+                        }
                     }
                 } else {
                     // The row's last, short group: its scales one by one.
-                    let f16 = |at: usize| {
-                        let bits = (grp.add(at) as *const u16).read_unaligned();
-                        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-                    };
-                    for i in 0..n {
-                        let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
-                        let p = q4_1_products(grp.add(4 * n + 16 * i), xq.add(BLOCK * i));
-                        let ds = _mm256_set1_ps(d * x.scales[first + i]);
-                        acc0 = _mm256_fmadd_ps(ds, p, acc0);
-                        tail += m * x.sums[first + i];
+                    for r in 0..R {
+                        let grp = rows[r].as_ptr().add(start);
+                        let f16 = |at: usize| {
+                            let bits = (grp.add(at) as *const u16).read_unaligned();
+                            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+                        };
+                        for i in 0..n {
+                            let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
+                            let p = q4_1_products(grp.add(4 * n + 16 * i), xq.add(BLOCK * i));
+                            let ds = _mm256_set1_ps(d * x.scales[first + i]);
+                            acc[r] = _mm256_fmadd_ps(ds, p, acc[r]);
+                            tail[r] += m * x.sums[first + i];
+                        }
                     }
                 }
             }
         }
-        hsum(_mm256_add_ps(acc0, acc1)) + hsum(m_acc) + tail
+        std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r], m_acc[r])) + tail[r])
     }
 
     /// `Σ q·xq` of one Q8_0 block as eight f32 partial sums.
     ///
     /// # Safety
     /// 32 i8 at `q` and 32 i16 at `xq` are readable.
+    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn q8_0_products(q: *const i8, xq: *const i16) -> __m256 {
         // SAFETY: the caller's contract.
@@ -409,7 +424,9 @@ mod tests {
         assert_eq!(expanded, w, "regrouped blocks expand to the same values");
         let xq = QuantizedRow::new(&x);
         for simd in [Simd::Portable, Simd::detect()] {
-            let got = dot_q4_1(simd, &row, &xq);
+            let [got] = dot_q4_1(simd, [&row], &xq);
+            let [a, b] = dot_q4_1(simd, [&row, &row], &xq);
+            assert_eq!([a, b], [got, got], "{simd:?}: two rows at once");
             assert!(close(got, &w, &x), "{simd:?}: {got}");
         }
     }

@@ -20,6 +20,7 @@
 mod kernels;
 
 use std::fmt;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -150,7 +151,7 @@ impl Q8Matrix {
         match &self.blocks {
             Blocks::Q4_1(bytes) => {
                 let row = &bytes[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
-                kernels::dot_q4_1(simd, row, x)
+                kernels::dot_q4_1(simd, [row], x)[0]
             }
             Blocks::Q8_0 { quants, scales } => kernels::dot_q8_0(
                 simd,
@@ -158,6 +159,26 @@ impl Q8Matrix {
                 &scales[r * blocks..(r + 1) * blocks],
                 x,
             ),
+        }
+    }
+
+    /// Rows `rows` dotted with `x` into `out` (one value per row); Q4_1 rows two at a time.
+    fn dot_rows(&self, simd: Simd, rows: Range<usize>, x: &QuantizedRow, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), rows.len());
+        let Blocks::Q4_1(bytes) = &self.blocks else {
+            for (o, r) in out.iter_mut().zip(rows) {
+                *o = self.dot_row(simd, r, x);
+            }
+            return;
+        };
+        let row_bytes = self.cols / BLOCK * Q4_1_BYTES;
+        let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
+        let mut pairs = out.chunks_exact_mut(2);
+        for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
+            pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
         }
     }
 
@@ -228,8 +249,9 @@ impl Q8Matrix {
                     for (&start, mat) in starts.iter().zip(mats) {
                         let lo = start.max(first);
                         let hi = (start + mat.rows).min(first + out.len());
-                        for row in lo..hi {
-                            out[row - first] = mat.dot_row(simd, row - start, &xj);
+                        if lo < hi {
+                            let out = &mut out[lo - first..hi - first];
+                            mat.dot_rows(simd, lo - start..hi - start, &xj, out);
                         }
                     }
                 });
@@ -328,6 +350,24 @@ mod tests {
             Q8Matrix::quantize(&w, rows * 2, cols / 2).is_none(),
             "half a row is not whole blocks"
         );
+    }
+
+    #[test]
+    fn several_matrices_at_once_equal_each_alone() {
+        // Q4_1 (odd row count: a pair path and a single row) beside Q8_0, split over chunks
+        // that straddle the two.
+        let bytes: Vec<u8> = (0..37 * 3 * Q4_1_BYTES)
+            .map(|i| (i * 7 % 251) as u8 & 0x3b)
+            .collect();
+        let a = Q8Matrix::from_q4_1(&bytes, 37, 96).unwrap();
+        let w: Vec<f32> = (0..50 * 96)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let b = Q8Matrix::quantize(&w, 50, 96).unwrap();
+        let x: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
+        let [got_a, got_b] = Q8Matrix::matmul_many([&a, &b], &x, 1);
+        assert_eq!(got_a, a.matmul(&x, 1));
+        assert_eq!(got_b, b.matmul(&x, 1));
     }
 
     #[test]
