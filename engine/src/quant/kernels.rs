@@ -255,6 +255,8 @@ mod avx2 {
     ///
     /// # Safety
     /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks.
+    // Block `i` and row `r` index several arrays in lockstep; plain ranges read clearest.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
         let blocks = x.blocks();
