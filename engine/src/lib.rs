@@ -19,6 +19,7 @@ mod generate;
 pub mod gguf;
 mod gguf_loader;
 mod hf;
+mod host_layers;
 mod linear;
 mod loader;
 mod model;

@@ -116,6 +116,7 @@ pub fn convert_weights(model: &mut Llama, format: WeightFormat, is_gpu: bool) {
     }
     if format == WeightFormat::Auto && !is_gpu {
         quantize_q8(model);
+        model.host = crate::host_layers::HostLayers::new(model).map(std::sync::Arc::new);
     }
 }
 

@@ -12,7 +12,10 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use std::ops::Range;
+
 use crate::config::ModelConfig;
+use crate::host_layers::HostLayers;
 use crate::linear::Proj;
 
 // ---------------------------------------------------------------------------------------
@@ -25,6 +28,8 @@ use crate::linear::Proj;
 pub struct Rope {
     cos: Tensor<2>,
     sin: Tensor<2>,
+    /// `1 / theta^(2i / hd)` for `i < hd / 2`, for rotating host vectors (`rotate`).
+    inv_freq: Vec<f32>,
 }
 
 impl Rope {
@@ -49,6 +54,30 @@ impl Rope {
         Self {
             cos: Tensor::from_data(TensorData::new(cos, [positions, hd]), device),
             sin: Tensor::from_data(TensorData::new(sin, [positions, hd]), device),
+            inv_freq,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.cos.device()
+    }
+
+    /// Rotates host rows `[s, heads, hd]` at `positions` in place: the same angles as the
+    /// tables (`apply`), computed per position.
+    pub fn rotate(&self, values: &mut [f32], heads: usize, positions: Range<usize>) {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+        for (p, row) in positions.zip(values.chunks_exact_mut(heads * 2 * half)) {
+            for ((c, s), f) in cos.iter_mut().zip(&mut sin).zip(&self.inv_freq) {
+                let angle = p as f32 * f;
+                (*c, *s) = (angle.cos(), angle.sin());
+            }
+            for head in row.chunks_exact_mut(2 * half) {
+                let (x1, x2) = head.split_at_mut(half);
+                for (((a, b), c), s) in x1.iter_mut().zip(x2).zip(&cos).zip(&sin) {
+                    (*a, *b) = (*a * c - *b * s, *b * c + *a * s);
+                }
+            }
         }
     }
 
@@ -92,7 +121,12 @@ impl Cache {
 
     /// Writes `k`, `v` `[b, nkv, s, hd]` at positions `len..len + s` and returns views of
     /// positions `0..len + s`.
-    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
         let [b, nkv, s, hd] = k.dims();
         let (start, end) = (self.len, self.len + s);
         assert!(
@@ -123,9 +157,9 @@ pub struct Attention {
     pub k_proj: Proj,
     pub v_proj: Proj,
     pub o_proj: Proj,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -155,25 +189,36 @@ impl Attention {
         let v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
-        let (k, v) = cache.append(layer, k, v);
-
-        // Burn's fused attention (grouped-query: `nh / nkv` query heads share a key/value
-        // head). Several positions are a prompt from position 0 (the generation loop never
-        // prefills in chunks), so plain causal masking is right; one new position sees every
-        // cached key.
-        assert!(
-            s == 1 || start == 0,
-            "a multi-position pass must start at position 0"
-        );
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: s > 1,
-        };
-        let out = attention(q, k, v, None, None, options);
+        let out = attend(q, k, v, cache, layer);
         let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
         self.o_proj.forward(out)
     }
+}
+
+/// Appends `k`, `v` `[b, nkv, s, hd]` to the layer's cache and attends `q` `[b, nh, s, hd]`
+/// over everything cached: Burn's fused attention (grouped-query: `nh / nkv` query heads
+/// share a key/value head). Several positions are a prompt from position 0 (the generation
+/// loop never prefills in chunks), so plain causal masking is right; one new position sees
+/// every cached key.
+pub(crate) fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    cache: &mut Cache,
+    layer: usize,
+) -> Tensor<4> {
+    let s = q.dims()[2];
+    assert!(
+        s == 1 || cache.len == 0,
+        "a multi-position pass must start at position 0"
+    );
+    let (k, v) = cache.append(layer, k, v);
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: s > 1,
+    };
+    attention(q, k, v, None, None, options)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -274,6 +319,9 @@ pub struct Llama {
     /// table itself stays float for the lookups.
     #[module(skip)]
     pub tied_q8: Option<std::sync::Arc<crate::quant::Q8Matrix>>,
+    /// The layers' host-memory path on the CPU with block weights (`host_layers`).
+    #[module(skip)]
+    pub host: Option<std::sync::Arc<HostLayers>>,
 }
 
 impl Llama {
@@ -296,6 +344,7 @@ impl Llama {
             lm_head: (!config.tie_word_embeddings)
                 .then(|| Proj::init(config.hidden_size, config.vocab_size, false, device)),
             tied_q8: None,
+            host: None,
         }
     }
 
@@ -317,8 +366,19 @@ impl Llama {
             .embed_tokens
             .forward(tokens)
             .cast(burn::tensor::DType::F32);
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, rope, cache, i);
+        match &self.host {
+            Some(host) => {
+                let [b, s, h] = x.dims();
+                let device = x.device();
+                let mut values = x.into_data().try_into_vec::<f32>().expect("f32 embeddings");
+                host.forward(self, &mut values, rope, cache);
+                x = Tensor::from_data(TensorData::new(values, [b, s, h]), &device);
+            }
+            None => {
+                for (i, layer) in self.model.layers.iter().enumerate() {
+                    x = layer.forward(x, rope, cache, i);
+                }
+            }
         }
         cache.len += s;
         let x = if last_only && s > 1 {

@@ -1,0 +1,239 @@
+//! The decoder layers on the CPU with block weights (the default format there).
+//!
+//! The residual stream stays in host memory between layers: the norms, RoPE, SwiGLU and the
+//! residual adds are plain loops over it, wrapped around the block kernels (`quant`), and
+//! only attention over the KV cache goes through Burn (`burn::tensor::module::attention` on
+//! the in-place cache). Why: at SmolLM2's width (576) a Burn op costs more in dispatch,
+//! allocation and copying than in arithmetic, and the ~40 ops of a layer took about as long
+//! as its matmuls; here a layer is seven Burn ops. The same layers in Burn
+//! (`DecoderLayer::forward`) remain the path for the GPU and for f32 weights, and the test
+//! `host_layers_match_burn_layers` holds the two to each other.
+
+use std::ops::Range;
+
+use burn::tensor::{Tensor, TensorData};
+
+use crate::linear::Proj;
+use crate::model::{Cache, DecoderLayer, Llama, Rope};
+use crate::quant::Q8Matrix;
+
+/// What the host layers need besides the block weights: per layer its norm weights and
+/// q/k/v biases, as host vectors.
+#[derive(Debug)]
+pub struct HostLayers {
+    layers: Vec<HostLayer>,
+    eps: f32,
+}
+
+#[derive(Debug)]
+struct HostLayer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    /// q, k, v biases (Qwen2).
+    qkv_bias: [Option<Vec<f32>>; 3],
+}
+
+fn host_vec(t: Tensor<1>) -> Option<Vec<f32>> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().ok()
+}
+
+/// A projection's blocks, or `None` when it was kept in Burn.
+fn blocks(proj: &Proj) -> Option<&Q8Matrix> {
+    proj.q8.as_deref()
+}
+
+impl HostLayers {
+    /// `None` unless every projection of every layer holds block weights (a matrix whose
+    /// rows are not whole blocks stays in Burn, and so do its layers).
+    pub fn new(model: &Llama) -> Option<Self> {
+        let layers = model
+            .model
+            .layers
+            .iter()
+            .map(|layer| {
+                let (a, m) = (&layer.self_attn, &layer.mlp);
+                let projs = [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ];
+                if projs.iter().any(|p| blocks(p).is_none()) {
+                    return None;
+                }
+                let bias = |p: &Proj| p.bias.as_ref().and_then(|b| host_vec(b.val()));
+                Some(HostLayer {
+                    input_norm: host_vec(layer.input_layernorm.gamma.val())?,
+                    post_attention_norm: host_vec(layer.post_attention_layernorm.gamma.val())?,
+                    qkv_bias: [bias(&a.q_proj), bias(&a.k_proj), bias(&a.v_proj)],
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let eps = model.model.layers.first()?.input_layernorm.epsilon as f32;
+        Some(Self { layers, eps })
+    }
+
+    /// Runs the residual stream `x` (`[s, hidden]`, positions `cache.len..cache.len + s`)
+    /// through every layer.
+    pub fn forward(&self, model: &Llama, x: &mut [f32], rope: &Rope, cache: &mut Cache) {
+        let hidden = model.model.embed_tokens.weight.dims()[1];
+        let s = x.len() / hidden;
+        let positions = cache.len..cache.len + s;
+        let mut normed = vec![0f32; x.len()];
+        for (i, (layer, host)) in model.model.layers.iter().zip(&self.layers).enumerate() {
+            rms_norm(x, &host.input_norm, self.eps, &mut normed);
+            let attn = self.attention(layer, host, &normed, s, positions.clone(), rope, cache, i);
+            add(x, &attn);
+            rms_norm(x, &host.post_attention_norm, self.eps, &mut normed);
+            let m = &layer.mlp;
+            let [mut gate, up] = Q8Matrix::matmul_many(
+                [blocks(&m.gate_proj), blocks(&m.up_proj)].map(Option::unwrap),
+                &normed,
+                s,
+            );
+            swiglu(&mut gate, &up);
+            let down = blocks(&m.down_proj).unwrap().matmul(&gate, s);
+            add(x, &down);
+        }
+    }
+
+    /// Self-attention of one layer for the normed input `x` `[s, hidden]`: returns the
+    /// output projection's result `[s, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &DecoderLayer,
+        host: &HostLayer,
+        x: &[f32],
+        s: usize,
+        positions: Range<usize>,
+        rope: &Rope,
+        cache: &mut Cache,
+        index: usize,
+    ) -> Vec<f32> {
+        let a = &layer.self_attn;
+        let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let mut qkv = Q8Matrix::matmul_many(
+            [&a.q_proj, &a.k_proj, &a.v_proj].map(|p| blocks(p).unwrap()),
+            x,
+            s,
+        );
+        for (values, bias) in qkv.iter_mut().zip(&host.qkv_bias) {
+            if let Some(bias) = bias {
+                for row in values.chunks_exact_mut(bias.len()) {
+                    add(row, bias);
+                }
+            }
+        }
+        let [mut q, mut k, v] = qkv;
+        rope.rotate(&mut q, nh, positions.clone());
+        rope.rotate(&mut k, nkv, positions);
+
+        // `[s, heads, hd]` host rows as Burn's `[1, heads, s, hd]`.
+        let device = &rope.device();
+        let heads = |values: Vec<f32>, heads: usize| {
+            Tensor::<4>::from_data(TensorData::new(values, [1, s, heads, hd]), device)
+                .swap_dims(1, 2)
+        };
+        let out = crate::model::attend(heads(q, nh), heads(k, nkv), heads(v, nkv), cache, index);
+        let out = out
+            .swap_dims(1, 2)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 attention output");
+        blocks(&a.o_proj).unwrap().matmul(&out, s)
+    }
+}
+
+/// `out = x / rms(x) · gamma`, row by row (rows of `gamma.len()`), as Burn's `RmsNorm`.
+fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let width = gamma.len();
+    for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let rms = (mean_square + eps).sqrt();
+        for ((o, v), g) in out.iter_mut().zip(row).zip(gamma) {
+            *o = v / rms * g;
+        }
+    }
+}
+
+/// `gate = silu(gate) · up`.
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+
+    /// The host layers and Burn's layers, on the same block weights (the tiny fixtures,
+    /// requantized to Q8_0; Qwen2's has q/k/v biases): prefill logits agree to float
+    /// rounding, and greedy decoding through the KV cache gives the same tokens.
+    #[test]
+    fn host_layers_match_burn_layers() {
+        let greedy = SamplingParams {
+            max_tokens: 24,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            seed: None,
+            stop: vec![],
+        };
+        for fixture in ["tiny-llama", "tiny-qwen2"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(fixture);
+            let options = LoadOptions {
+                device: DeviceChoice::Cpu,
+                weights: WeightFormat::Auto,
+            };
+            let mut engine = Engine::load(&path, &options).unwrap();
+            assert!(
+                engine.runtime.model.host.is_some(),
+                "{fixture}: host layers in use"
+            );
+            let ids = [1, 5, 9, 42, 7, 300, 12, 64];
+            let host_logits = engine.logits(&ids).unwrap();
+            let (_, host_tokens) = engine.generate_ids(&ids, &greedy).unwrap();
+
+            engine.runtime.model.host = None;
+            let burn_logits = engine.logits(&ids).unwrap();
+            let (_, burn_tokens) = engine.generate_ids(&ids, &greedy).unwrap();
+
+            let max_error = host_logits
+                .iter()
+                .zip(&burn_logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max_error < 1e-4, "{fixture}: logits differ by {max_error}");
+            assert_eq!(host_tokens, burn_tokens, "{fixture}: greedy tokens");
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_match_their_definitions() {
+        let x = [3.0f32, -4.0, 1.0, 2.0];
+        let gamma = [1.0f32, 0.5];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &gamma, 0.0, &mut out);
+        // Rows [3, -4] (rms √12.5) and [1, 2] (rms √2.5).
+        let (r0, r1) = (12.5f32.sqrt(), 2.5f32.sqrt());
+        assert_eq!(out, [3.0 / r0, -4.0 / r0 * 0.5, 1.0 / r1, 2.0 / r1 * 0.5]);
+        let mut gate = [0.0f32, 2.0];
+        swiglu(&mut gate, &[5.0, 3.0]);
+        assert_eq!(gate, [0.0, 2.0 / (1.0 + (-2.0f32).exp()) * 3.0]);
+    }
+}
