@@ -1,21 +1,21 @@
 //! The decoder layers on the CPU with block weights (the default format there).
 //!
-//! The residual stream stays in host memory between layers: the norms, RoPE, SwiGLU and the
-//! residual adds are plain loops over it, wrapped around the block kernels (`quant`), and
-//! only attention over the KV cache goes through Burn (`burn::tensor::module::attention` on
-//! the in-place cache). Why: at SmolLM2's width (576) a Burn op costs more in dispatch,
-//! allocation and copying than in arithmetic, and the ~40 ops of a layer took about as long
-//! as its matmuls; here a layer is seven Burn ops. The same layers in Burn
-//! (`DecoderLayer::forward`) remain the path for the GPU and for f32 weights, and the test
-//! `host_layers_match_burn_layers` holds the two to each other.
+//! The residual stream and the KV cache stay in host memory: the norms, RoPE, attention,
+//! SwiGLU and the residual adds are plain loops over them, wrapped around the block kernels
+//! (`quant`). Why: at SmolLM2's width (576) a Burn op costs more in dispatch, allocation and
+//! copying than in arithmetic — the ~40 ops of a layer took about as long as its matmuls,
+//! and Burn's attention copied the cached keys and values out of the cache buffer on every
+//! step. The same layers in Burn (`DecoderLayer::forward`) remain the path for the GPU and
+//! for f32 weights, and the test `host_layers_match_burn_layers` holds the two to each other.
 
 use std::ops::Range;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
+use rayon::prelude::*;
 
 use crate::linear::Proj;
 use crate::model::{Cache, DecoderLayer, Llama, Rope};
-use crate::quant::Q8Matrix;
+use crate::quant::{Q8Matrix, Simd};
 
 /// What the host layers need besides the block weights: per layer its norm weights and
 /// q/k/v biases, as host vectors.
@@ -130,22 +130,136 @@ impl HostLayers {
         }
         let [mut q, mut k, v] = qkv;
         rope.rotate(&mut q, nh, positions.clone());
-        rope.rotate(&mut k, nkv, positions);
-
-        // `[s, heads, hd]` host rows as Burn's `[1, heads, s, hd]`.
-        let device = &rope.device();
-        let heads = |values: Vec<f32>, heads: usize| {
-            Tensor::<4>::from_data(TensorData::new(values, [1, s, heads, hd]), device)
-                .swap_dims(1, 2)
-        };
-        let out = crate::model::attend(heads(q, nh), heads(k, nkv), heads(v, nkv), cache, index);
-        let out = out
-            .swap_dims(1, 2)
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32 attention output");
+        rope.rotate(&mut k, nkv, positions.clone());
+        let kv = cache.host_layer(index, nkv, hd);
+        kv.append(&k, &v, positions.start);
+        let out = kv.attend(&q, nh, positions);
         blocks(&a.o_proj).unwrap().matmul(&out, s)
     }
+}
+
+/// One layer's keys and values in host memory, `[nkv, capacity, hd]` each: a head's
+/// positions are contiguous, so scoring a query against them is one pass over memory.
+#[derive(Debug)]
+pub struct HostKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+/// Multiply-adds from which attention over several (position, head) rows is split across
+/// the pool; a decode step's few hundred thousand stay on one thread.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 20;
+
+impl HostKv {
+    pub fn new(heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let len = heads * capacity * head_dim;
+        Self {
+            keys: vec![0.0; len],
+            values: vec![0.0; len],
+            heads,
+            head_dim,
+            capacity,
+        }
+    }
+
+    /// Stores `k`, `v` `[s, nkv, hd]` at positions `start..start + s`.
+    fn append(&mut self, k: &[f32], v: &[f32], start: usize) {
+        let (hd, cap) = (self.head_dim, self.capacity);
+        let s = k.len() / (self.heads * hd);
+        assert!(start + s <= cap, "KV cache of {cap} positions is full");
+        for (i, (k, v)) in k
+            .chunks_exact(self.heads * hd)
+            .zip(v.chunks_exact(self.heads * hd))
+            .enumerate()
+        {
+            for (g, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+                let at = (g * cap + start + i) * hd;
+                self.keys[at..at + hd].copy_from_slice(k);
+                self.values[at..at + hd].copy_from_slice(v);
+            }
+        }
+    }
+
+    /// `softmax(q·Kᵀ / √hd) · V` for queries `q` `[s, nh, hd]` at `positions`, each seeing
+    /// the cached positions up to its own (causal); query head `h` reads kv head
+    /// `h / (nh / nkv)`. Returns `[s, nh, hd]`.
+    fn attend(&self, q: &[f32], nh: usize, positions: Range<usize>) -> Vec<f32> {
+        let hd = self.head_dim;
+        let rep = nh / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; q.len()];
+        let simd = Simd::detect();
+        let row = |(r, out): (usize, &mut [f32])| {
+            let (i, h) = (r / nh, r % nh);
+            let seen = positions.start + i + 1;
+            let base = (h / rep) * self.capacity * hd;
+            let keys = &self.keys[base..base + seen * hd];
+            let values = &self.values[base..base + seen * hd];
+            let q = &q[r * hd..(r + 1) * hd];
+            match simd {
+                // SAFETY: `Simd::Avx2` means the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { attend_row_avx2(q, keys, values, scale, out) },
+                Simd::Portable => attend_row(q, keys, values, scale, out),
+            }
+        };
+        let work = q.len() * positions.end;
+        if work >= PARALLEL_ATTENTION_WORK {
+            out.par_chunks_mut(hd).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(row);
+        }
+        out
+    }
+}
+
+/// One query row against `seen` cached positions (`keys`, `values` `[seen, hd]`), into
+/// `out` `[hd]`.
+#[inline(always)]
+fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    let mut scores: Vec<f32> = keys.chunks_exact(hd).map(|k| dot(q, k) * scale).collect();
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut total = 0f32;
+    for x in &mut scores {
+        *x = (*x - max).exp();
+        total += *x;
+    }
+    for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        let p = p / total;
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
+}
+
+/// [`attend_row`] compiled for AVX2 (8-wide loops instead of SSE's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_row_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    attend_row(q, keys, values, scale, out)
+}
+
+/// Dot product in eight independent lanes, so it vectorizes without reassociation.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for k in 0..8 {
+            lanes[k] += a[k] * b[k];
+        }
+    }
+    let tail: f32 = a
+        .chunks_exact(8)
+        .remainder()
+        .iter()
+        .zip(b.chunks_exact(8).remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `out = x / rms(x) · gamma`, row by row (rows of `gamma.len()`), as Burn's `RmsNorm`.

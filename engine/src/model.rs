@@ -15,7 +15,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::ops::Range;
 
 use crate::config::ModelConfig;
-use crate::host_layers::HostLayers;
+use crate::host_layers::{HostKv, HostLayers};
 use crate::linear::Proj;
 
 // ---------------------------------------------------------------------------------------
@@ -56,10 +56,6 @@ impl Rope {
             sin: Tensor::from_data(TensorData::new(sin, [positions, hd]), device),
             inv_freq,
         }
-    }
-
-    pub fn device(&self) -> Device {
-        self.cos.device()
     }
 
     /// Rotates host rows `[s, heads, hd]` at `positions` in place: the same angles as the
@@ -103,6 +99,8 @@ impl Rope {
 #[derive(Debug, Default)]
 pub struct Cache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// The same in host memory, for the host layers (`host_layers`); allocated on first use.
+    host: Vec<Option<HostKv>>,
     /// Positions the buffers hold.
     capacity: usize,
     /// Positions already in the cache.
@@ -114,9 +112,21 @@ impl Cache {
     pub fn new(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            host: (0..num_layers).map(|_| None).collect(),
             capacity,
             len: 0,
         }
+    }
+
+    /// Layer `layer`'s host-memory keys and values.
+    pub(crate) fn host_layer(
+        &mut self,
+        layer: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> &mut HostKv {
+        let capacity = self.capacity;
+        self.host[layer].get_or_insert_with(|| HostKv::new(heads, head_dim, capacity))
     }
 
     /// Writes `k`, `v` `[b, nkv, s, hd]` at positions `len..len + s` and returns views of

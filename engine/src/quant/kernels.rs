@@ -61,6 +61,23 @@ pub struct QuantizedRow {
 
 impl QuantizedRow {
     pub fn new(x: &[f32]) -> Self {
+        match Simd::detect() {
+            // SAFETY: `Simd::Avx2` means the CPU has AVX2 (rounding becomes one instruction
+            // instead of a libm call per value).
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { Self::new_avx2(x) },
+            Simd::Portable => Self::quantize(x),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn new_avx2(x: &[f32]) -> Self {
+        Self::quantize(x)
+    }
+
+    #[inline(always)]
+    fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut values = vec![0i16; x.len()];
         let mut scales = Vec::with_capacity(blocks);

@@ -24,8 +24,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use kernels::QuantizedRow;
+pub use kernels::Simd;
 pub use kernels::{BLOCK, Q4_1_BYTES};
-use kernels::{QuantizedRow, Simd};
 
 const Q8_0_BYTES: usize = 34;
 
