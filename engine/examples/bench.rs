@@ -51,15 +51,7 @@ fn main() {
     }
     ids.truncate(prompt_tokens);
 
-    let params = SamplingParams {
-        max_tokens: new_tokens,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        repeat_penalty: 1.0,
-        seed: None,
-        stop: vec![],
-    };
+    let params = SamplingParams::greedy(new_tokens);
     // The first run warms up (allocations, GPU shader compilation); the best of the rest is
     // reported.
     let mut best: Option<(f64, f64, u32)> = None;

@@ -297,15 +297,7 @@ mod tests {
     /// rounding, and greedy decoding through the KV cache gives the same tokens.
     #[test]
     fn host_layers_match_burn_layers() {
-        let greedy = SamplingParams {
-            max_tokens: 24,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repeat_penalty: 1.0,
-            seed: None,
-            stop: vec![],
-        };
+        let greedy = SamplingParams::greedy(24);
         for fixture in ["tiny-llama", "tiny-qwen2"] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures")

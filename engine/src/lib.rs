@@ -105,6 +105,22 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
 }
 
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens` tokens, every other setting off: what
+    /// verification and benchmarks compare.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Eos,

@@ -103,15 +103,7 @@ fn main() -> anyhow::Result<()> {
         args.tokens
     );
 
-    let params = SamplingParams {
-        max_tokens: args.tokens,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        repeat_penalty: 1.0,
-        seed: None,
-        stop: Vec::new(),
-    };
+    let params = SamplingParams::greedy(args.tokens);
     // The chat guests wrap the prompt in ChatML when the model's template uses it, so the
     // engine baseline generates from the same text.
     let chatml = model

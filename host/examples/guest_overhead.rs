@@ -58,15 +58,7 @@ fn main() -> anyhow::Result<()> {
         "tokens", "direct", "guest", "overhead", "ratio"
     );
     for &tokens in &args.tokens {
-        let params = SamplingParams {
-            max_tokens: tokens,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repeat_penalty: 1.0,
-            seed: None,
-            stop: Vec::new(),
-        };
+        let params = SamplingParams::greedy(tokens);
         let request = InferRequest {
             prompt: PROMPT.into(),
             max_tokens: Some(tokens),

@@ -32,15 +32,7 @@ pub fn tiny_llama() -> Arc<Engine> {
 }
 
 pub fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        max_tokens,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        repeat_penalty: 1.0,
-        seed: None,
-        stop: vec![],
-    }
+    SamplingParams::greedy(max_tokens)
 }
 
 /// A fresh, empty scratch folder under the system temp dir.
