@@ -15,15 +15,18 @@
 //!   (the same streamed through `output.emit`), next to `engine`, the model called directly,
 //!   for the same tokens. `infer - engine` is what the guest costs a request.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, GuestRuntime, GuestSource, InferRequest, Limits, RequestContext, RuntimeSettings,
+    Cancellation, GuestRuntime, GuestSource, Limits, RequestContext, RuntimeSettings,
 };
 use tokio::sync::mpsc;
 
@@ -45,8 +48,6 @@ struct Args {
     tokens: u32,
 }
 
-const PROMPT: &str = "The guest decides the prompt and the policy;";
-
 fn settings(cache_dir: PathBuf) -> RuntimeSettings {
     RuntimeSettings {
         limits: Limits {
@@ -55,20 +56,6 @@ fn settings(cache_dir: PathBuf) -> RuntimeSettings {
         },
         max_instances: 8,
         cache_dir: Some(cache_dir),
-    }
-}
-
-fn request(tokens: u32, stream: bool) -> InferRequest {
-    InferRequest {
-        prompt: PROMPT.into(),
-        max_tokens: Some(tokens),
-        temperature: Some(0.0),
-        top_k: None,
-        top_p: Some(1.0),
-        repeat_penalty: None,
-        seed: None,
-        stop: Vec::new(),
-        stream,
     }
 }
 
@@ -184,7 +171,7 @@ fn main() -> anyhow::Result<()> {
             client,
             cancellation: Cancellation::for_request(Arc::new(AtomicBool::new(false))),
         };
-        let mut refused = request(args.tokens, false);
+        let mut refused = greedy_request(args.tokens, false);
         refused.top_p = Some(2.0);
         let rejected = median(args.requests, || {
             let outcome = runtime.handle(&guest, refused.clone(), context(None));
@@ -193,7 +180,7 @@ fn main() -> anyhow::Result<()> {
         let mut answer = String::new();
         let infer = median(args.requests, || {
             let response = runtime
-                .handle(&guest, request(args.tokens, false), context(None))
+                .handle(&guest, greedy_request(args.tokens, false), context(None))
                 .unwrap_or_else(|error| panic!("{name}: {error}"));
             answer = response.text;
         });
@@ -208,7 +195,11 @@ fn main() -> anyhow::Result<()> {
                 text
             });
             runtime
-                .handle(&guest, request(args.tokens, true), context(Some(client)))
+                .handle(
+                    &guest,
+                    greedy_request(args.tokens, true),
+                    context(Some(client)),
+                )
                 .unwrap_or_else(|error| panic!("{name}: {error}"));
             streamed_text = reader.join().expect("reader thread");
         });

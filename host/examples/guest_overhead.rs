@@ -5,15 +5,18 @@
 //!     cargo run -p rbee-host --example guest_overhead -- --model engine/tests/fixtures/tiny-llama \
 //!         [--guest guests/llm.wasm] [--requests 200] [--tokens 1,16]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, GuestRuntime, GuestSource, InferRequest, Limits, RequestContext, RuntimeSettings,
+    Cancellation, GuestRuntime, GuestSource, Limits, RequestContext, RuntimeSettings,
 };
 
 #[derive(Parser)]
@@ -28,8 +31,6 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     tokens: Vec<u32>,
 }
-
-const PROMPT: &str = "The guest decides the prompt and the policy;";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -59,17 +60,7 @@ fn main() -> anyhow::Result<()> {
     );
     for &tokens in &args.tokens {
         let params = SamplingParams::greedy(tokens);
-        let request = InferRequest {
-            prompt: PROMPT.into(),
-            max_tokens: Some(tokens),
-            temperature: Some(0.0),
-            top_k: None,
-            top_p: Some(1.0),
-            repeat_penalty: None,
-            seed: None,
-            stop: Vec::new(),
-            stream: false,
-        };
+        let request = greedy_request(tokens, false);
         // Warm both paths (pool slots, caches) before timing; then interleave them so drift
         // in machine load affects both alike.
         let direct_once = || -> anyhow::Result<String> {
