@@ -9,119 +9,113 @@
 //! for f32 weights, and the test `host_layers_match_burn_layers` holds the two to each other.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use crate::linear::Proj;
-use crate::model::{Cache, DecoderLayer, Llama, Rope};
+use crate::model::{Cache, Llama, Rope};
 use crate::quant::{Q8Matrix, Simd};
 
-/// What the host layers need besides the block weights: per layer its norm weights and
-/// q/k/v biases, as host vectors.
+/// Every layer's block weights (shared with the Burn model, not copied), norm weights and
+/// q/k/v biases as host vectors, and the attention shape.
 #[derive(Debug)]
 pub struct HostLayers {
     layers: Vec<HostLayer>,
     eps: f32,
+    /// Query heads, key/value heads, head dim.
+    heads: (usize, usize, usize),
 }
 
 #[derive(Debug)]
 struct HostLayer {
     input_norm: Vec<f32>,
     post_attention_norm: Vec<f32>,
+    /// q, k, v.
+    qkv: [Arc<Q8Matrix>; 3],
     /// q, k, v biases (Qwen2).
     qkv_bias: [Option<Vec<f32>>; 3],
+    o: Arc<Q8Matrix>,
+    /// gate, up.
+    gate_up: [Arc<Q8Matrix>; 2],
+    down: Arc<Q8Matrix>,
 }
 
 fn host_vec(t: Tensor<1>) -> Option<Vec<f32>> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().ok()
 }
 
-/// A projection's blocks, or `None` when it was kept in Burn.
-fn blocks(proj: &Proj) -> Option<&Q8Matrix> {
-    proj.q8.as_deref()
-}
-
 impl HostLayers {
     /// `None` unless every projection of every layer holds block weights (a matrix whose
     /// rows are not whole blocks stays in Burn, and so do its layers).
     pub fn new(model: &Llama) -> Option<Self> {
+        let blocks = |p: &Proj| p.q8.clone();
+        let bias = |p: &Proj| p.bias.as_ref().and_then(|b| host_vec(b.val()));
         let layers = model
             .model
             .layers
             .iter()
             .map(|layer| {
                 let (a, m) = (&layer.self_attn, &layer.mlp);
-                let projs = [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ];
-                if projs.iter().any(|p| blocks(p).is_none()) {
-                    return None;
-                }
-                let bias = |p: &Proj| p.bias.as_ref().and_then(|b| host_vec(b.val()));
                 Some(HostLayer {
                     input_norm: host_vec(layer.input_layernorm.gamma.val())?,
                     post_attention_norm: host_vec(layer.post_attention_layernorm.gamma.val())?,
+                    qkv: [blocks(&a.q_proj)?, blocks(&a.k_proj)?, blocks(&a.v_proj)?],
                     qkv_bias: [bias(&a.q_proj), bias(&a.k_proj), bias(&a.v_proj)],
+                    o: blocks(&a.o_proj)?,
+                    gate_up: [blocks(&m.gate_proj)?, blocks(&m.up_proj)?],
+                    down: blocks(&m.down_proj)?,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        let eps = model.model.layers.first()?.input_layernorm.epsilon as f32;
-        Some(Self { layers, eps })
+        let first = model.model.layers.first()?;
+        let a = &first.self_attn;
+        Some(Self {
+            layers,
+            eps: first.input_layernorm.epsilon as f32,
+            heads: (a.num_heads, a.num_kv_heads, a.head_dim),
+        })
     }
 
     /// Runs the residual stream `x` (`[s, hidden]`, positions `cache.len..cache.len + s`)
     /// through every layer.
-    pub fn forward(&self, model: &Llama, x: &mut [f32], rope: &Rope, cache: &mut Cache) {
-        let hidden = model.model.embed_tokens.weight.dims()[1];
+    pub fn forward(&self, x: &mut [f32], rope: &Rope, cache: &mut Cache) {
+        let Some(hidden) = self.layers.first().map(|l| l.input_norm.len()) else {
+            return;
+        };
         let s = x.len() / hidden;
         let positions = cache.len..cache.len + s;
         let mut normed = vec![0f32; x.len()];
-        for (i, (layer, host)) in model.model.layers.iter().zip(&self.layers).enumerate() {
-            rms_norm(x, &host.input_norm, self.eps, &mut normed);
-            let attn = self.attention(layer, host, &normed, s, positions.clone(), rope, cache, i);
-            add(x, &attn);
-            rms_norm(x, &host.post_attention_norm, self.eps, &mut normed);
-            let m = &layer.mlp;
-            let [mut gate, up] = Q8Matrix::matmul_many(
-                [blocks(&m.gate_proj), blocks(&m.up_proj)].map(Option::unwrap),
-                &normed,
-                s,
-            );
+        for (index, layer) in self.layers.iter().enumerate() {
+            rms_norm(x, &layer.input_norm, self.eps, &mut normed);
+            let kv = cache.host_layer(index, self.heads.1, self.heads.2);
+            let attention = layer.attention(&normed, positions.clone(), self.heads, rope, kv);
+            add(x, &attention);
+
+            rms_norm(x, &layer.post_attention_norm, self.eps, &mut normed);
+            let gate_up = layer.gate_up.each_ref().map(|w| &**w);
+            let [mut gate, up] = Q8Matrix::matmul_many(gate_up, &normed, s);
             swiglu(&mut gate, &up);
-            let down = blocks(&m.down_proj).unwrap().matmul(&gate, s);
-            add(x, &down);
+            add(x, &layer.down.matmul(&gate, s));
         }
     }
+}
 
-    /// Self-attention of one layer for the normed input `x` `[s, hidden]`: returns the
-    /// output projection's result `[s, hidden]`.
-    #[allow(clippy::too_many_arguments)]
+impl HostLayer {
+    /// Self-attention for the normed input `x` `[s, hidden]` at `positions`, with this
+    /// layer's cache `kv`: returns the output projection's result `[s, hidden]`.
     fn attention(
         &self,
-        layer: &DecoderLayer,
-        host: &HostLayer,
         x: &[f32],
-        s: usize,
         positions: Range<usize>,
+        (nh, nkv, _): (usize, usize, usize),
         rope: &Rope,
-        cache: &mut Cache,
-        index: usize,
+        kv: &mut HostKv,
     ) -> Vec<f32> {
-        let a = &layer.self_attn;
-        let (nh, nkv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let mut qkv = Q8Matrix::matmul_many(
-            [&a.q_proj, &a.k_proj, &a.v_proj].map(|p| blocks(p).unwrap()),
-            x,
-            s,
-        );
-        for (values, bias) in qkv.iter_mut().zip(&host.qkv_bias) {
+        let s = positions.len();
+        let mut qkv = Q8Matrix::matmul_many(self.qkv.each_ref().map(|w| &**w), x, s);
+        for (values, bias) in qkv.iter_mut().zip(&self.qkv_bias) {
             if let Some(bias) = bias {
                 for row in values.chunks_exact_mut(bias.len()) {
                     add(row, bias);
@@ -131,10 +125,9 @@ impl HostLayers {
         let [mut q, mut k, v] = qkv;
         rope.rotate(&mut q, nh, positions.clone());
         rope.rotate(&mut k, nkv, positions.clone());
-        let kv = cache.host_layer(index, nkv, hd);
         kv.append(&k, &v, positions.start);
         let out = kv.attend(&q, nh, positions);
-        blocks(&a.o_proj).unwrap().matmul(&out, s)
+        self.o.matmul(&out, s)
     }
 }
 

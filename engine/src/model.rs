@@ -381,7 +381,7 @@ impl Llama {
                 let [b, s, h] = x.dims();
                 let device = x.device();
                 let mut values = x.into_data().try_into_vec::<f32>().expect("f32 embeddings");
-                host.forward(self, &mut values, rope, cache);
+                host.forward(&mut values, rope, cache);
                 x = Tensor::from_data(TensorData::new(values, [b, s, h]), &device);
             }
             None => {
