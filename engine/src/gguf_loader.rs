@@ -48,10 +48,32 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
         )));
     }
 
+    // With the CPU's block format, a tied embedding matrix stored as Q4_1/Q8_0 serves both as
+    // the output projection and, row by row, as the embedding lookup (`HostLayers::embed`),
+    // so its f32 copy (113 MB for SmolLM2) is never made. Only where the host layers will
+    // run, which needs every projection width in whole 32-value blocks.
+    let embeddings_in_blocks = keep_quantized
+        && config.tie_word_embeddings
+        && [
+            config.hidden_size,
+            config.num_heads * config.head_dim,
+            config.intermediate_size,
+        ]
+        .iter()
+        .all(|w| w.is_multiple_of(crate::quant::BLOCK))
+        && matches!(
+            file.raw_tensor("token_embd.weight").map(|t| t.ggml_type()),
+            Ok(GgmlType::Q4_1 | GgmlType::Q8_0)
+        );
+
     let mut model = Llama::new(&config, device);
     let params = model.named_params_mut();
     let progress = Progress::new("loading gguf tensors", params.len() as u64);
     for (hf_name, param) in params {
+        if embeddings_in_blocks && hf_name == "model.embed_tokens.weight" {
+            progress.inc(1);
+            continue;
+        }
         // A projection's bias (Qwen2's q/k/v) travels with it.
         let param = match param {
             ParamMut::Proj(proj) => {
@@ -134,6 +156,10 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
             .raw_tensor("token_embd.weight")
             .map_err(|e| err(e.to_string()))?;
         model.tied_q8 = native_blocks(&raw, None).map(Arc::new);
+    }
+    if embeddings_in_blocks {
+        model.model.embed_tokens.weight = Param::from_tensor(Tensor::zeros([1, 1], device));
+        model.embeddings_in_blocks = true;
     }
 
     let tokenizer = file.tokenizer().map_err(|e| err(e.to_string()))?;

@@ -26,6 +26,8 @@ pub struct HostLayers {
     eps: f32,
     /// Query heads, key/value heads, head dim.
     heads: (usize, usize, usize),
+    /// The token embeddings, when looked up from blocks (`Llama::embeddings_in_blocks`).
+    embeddings: Option<Arc<Q8Matrix>>,
 }
 
 #[derive(Debug)]
@@ -75,7 +77,15 @@ impl HostLayers {
             layers,
             eps: first.input_layernorm.epsilon as f32,
             heads: (a.num_heads, a.num_kv_heads, a.head_dim),
+            embeddings: model
+                .embeddings_in_blocks
+                .then(|| model.tied_q8.clone())
+                .flatten(),
         })
+    }
+
+    pub fn embeddings(&self) -> Option<&Q8Matrix> {
+        self.embeddings.as_deref()
     }
 
     /// Runs the residual stream `x` (`[s, hidden]`, positions `cache.len..cache.len + s`)

@@ -117,6 +117,12 @@ pub fn convert_weights(model: &mut Llama, format: WeightFormat, is_gpu: bool) {
     if format == WeightFormat::Auto && !is_gpu {
         quantize_q8(model);
         model.host = crate::host_layers::HostLayers::new(model).map(std::sync::Arc::new);
+        // The GGUF loader only drops the f32 embedding table when every projection will be
+        // in blocks, which is exactly when the host layers exist.
+        assert!(
+            model.host.is_some() || !model.embeddings_in_blocks,
+            "embeddings kept only in blocks need the host layers"
+        );
     }
 }
 

@@ -332,6 +332,10 @@ pub struct Llama {
     /// The layers' host-memory path on the CPU with block weights (`host_layers`).
     #[module(skip)]
     pub host: Option<std::sync::Arc<HostLayers>>,
+    /// The embedding rows come from `tied_q8` (through `host`), and `embed_tokens` is an
+    /// empty placeholder: set by the GGUF loader when the tied matrix is stored in blocks.
+    #[module(skip)]
+    pub embeddings_in_blocks: bool,
 }
 
 impl Llama {
@@ -355,6 +359,7 @@ impl Llama {
                 .then(|| Proj::init(config.hidden_size, config.vocab_size, false, device)),
             tied_q8: None,
             host: None,
+            embeddings_in_blocks: false,
         }
     }
 
@@ -369,27 +374,40 @@ impl Llama {
         cache: &mut Cache,
         last_only: bool,
     ) -> Tensor<3> {
-        let [_, s] = tokens.dims();
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
         // The embedding table may be kept in a half type; the residual stream is f32.
-        let mut x = self
-            .model
-            .embed_tokens
-            .forward(tokens)
-            .cast(burn::tensor::DType::F32);
-        match &self.host {
+        let embed = |tokens: Tensor<2, Int>| {
+            self.model
+                .embed_tokens
+                .forward(tokens)
+                .cast(burn::tensor::DType::F32)
+        };
+        let x = match &self.host {
             Some(host) => {
-                let [b, s, h] = x.dims();
-                let device = x.device();
-                let mut values = x.into_data().try_into_vec::<f32>().expect("f32 embeddings");
+                let mut values = match host.embeddings() {
+                    Some(table) => {
+                        let ids = tokens.into_data().convert::<i64>();
+                        let ids = ids.as_slice::<i64>().expect("i64 token ids");
+                        embedding_rows(table, ids)
+                    }
+                    None => embed(tokens)
+                        .into_data()
+                        .try_into_vec::<f32>()
+                        .expect("f32 embeddings"),
+                };
                 host.forward(&mut values, rope, cache);
-                x = Tensor::from_data(TensorData::new(values, [b, s, h]), &device);
+                let h = values.len() / (b * s);
+                Tensor::from_data(TensorData::new(values, [b, s, h]), &device)
             }
             None => {
+                let mut x = embed(tokens);
                 for (i, layer) in self.model.layers.iter().enumerate() {
                     x = layer.forward(x, rope, cache, i);
                 }
+                x
             }
-        }
+        };
         cache.len += s;
         let x = if last_only && s > 1 {
             x.narrow(1, s - 1, 1)
@@ -406,6 +424,16 @@ impl Llama {
             (None, None) => tied_output(x, self.model.embed_tokens.weight.val()),
         }
     }
+}
+
+/// Rows `ids` of an embedding matrix kept in blocks, `[ids.len(), hidden]`.
+fn embedding_rows(table: &crate::quant::Q8Matrix, ids: &[i64]) -> Vec<f32> {
+    let hidden = table.cols();
+    let mut x = vec![0f32; ids.len() * hidden];
+    for (&id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
+        table.expand_row(id as usize, row);
+    }
+    x
 }
 
 /// `x · Eᵀ` with the embedding matrix `E` `[vocab, h]`: the transposed view feeds the

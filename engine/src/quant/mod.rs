@@ -183,8 +183,12 @@ impl Q8Matrix {
         }
     }
 
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Row `r` as f32 values.
-    fn expand_row(&self, r: usize, out: &mut [f32]) {
+    pub fn expand_row(&self, r: usize, out: &mut [f32]) {
         let blocks = self.cols / BLOCK;
         match &self.blocks {
             Blocks::Q4_1(bytes) => kernels::expand_q4_1(
