@@ -32,28 +32,6 @@ impl Proj {
         }
     }
 
-    /// Several projections of the same input (a layer's q/k/v, or gate/up). With block
-    /// weights they share one pass of the kernel (`Q8Matrix::matmul_many`); otherwise each
-    /// runs on its own.
-    pub fn forward_many<const N: usize>(projs: [&Proj; N], x: Tensor<3>) -> [Tensor<3>; N] {
-        let blocks: Option<Vec<&Q8Matrix>> = projs.iter().map(|p| p.q8.as_deref()).collect();
-        let Some(blocks) = blocks else {
-            return projs.map(|p| p.forward(x.clone()));
-        };
-        let [b, s, d_in] = x.dims();
-        let device = x.device();
-        let values = activations(x.reshape([b * s, d_in]));
-        let mats: [&Q8Matrix; N] = std::array::from_fn(|i| blocks[i]);
-        let outs = Q8Matrix::matmul_many(mats, &values, b * s);
-        let mut outs = outs.into_iter();
-        projs.map(|p| {
-            let out = outs.next().expect("one output per projection");
-            let rows = out.len() / (b * s);
-            let y = Tensor::from_data(TensorData::new(out, [b * s, rows]), &device);
-            p.add_bias(y).reshape([b, s, rows])
-        })
-    }
-
     /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, d_in] = x.dims();

@@ -193,7 +193,9 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let start = cache.len;
 
-        let [q, k, v] = Proj::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
         let q = q.reshape([b, s, nh, hd]).swap_dims(1, 2);
         let k = k.reshape([b, s, nkv, hd]).swap_dims(1, 2);
         let v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
@@ -253,8 +255,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [gate, up] = Proj::forward_many([&self.gate_proj, &self.up_proj], x);
-        self.down_proj.forward(silu(gate) * up)
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
 

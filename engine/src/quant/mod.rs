@@ -145,41 +145,28 @@ impl Q8Matrix {
         self.rows
     }
 
-    /// Row `r` dotted with the prepared input row `x`.
-    #[inline]
-    fn dot_row(&self, simd: Simd, r: usize, x: &QuantizedRow) -> f32 {
-        let blocks = self.cols / BLOCK;
-        match &self.blocks {
-            Blocks::Q4_1(bytes) => {
-                let row = &bytes[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
-                kernels::dot_q4_1(simd, [row], x)[0]
-            }
-            Blocks::Q8_0 { quants, scales } => kernels::dot_q8_0(
-                simd,
-                &quants[r * self.cols..(r + 1) * self.cols],
-                &scales[r * blocks..(r + 1) * blocks],
-                x,
-            ),
-        }
-    }
-
-    /// Rows `rows` dotted with `x` into `out` (one value per row); Q4_1 rows two at a time.
+    /// Rows `rows` dotted with the prepared input row `x` into `out` (one value per row);
+    /// Q4_1 rows two at a time.
     fn dot_rows(&self, simd: Simd, rows: Range<usize>, x: &QuantizedRow, out: &mut [f32]) {
         debug_assert_eq!(out.len(), rows.len());
-        let Blocks::Q4_1(bytes) = &self.blocks else {
-            for (o, r) in out.iter_mut().zip(rows) {
-                *o = self.dot_row(simd, r, x);
+        let blocks = self.cols / BLOCK;
+        match &self.blocks {
+            Blocks::Q8_0 { quants, scales } => {
+                for (o, r) in out.iter_mut().zip(rows) {
+                    let row = &quants[r * self.cols..(r + 1) * self.cols];
+                    *o = kernels::dot_q8_0(simd, row, &scales[r * blocks..(r + 1) * blocks], x);
+                }
             }
-            return;
-        };
-        let row_bytes = self.cols / BLOCK * Q4_1_BYTES;
-        let row = |r: usize| &bytes[r * row_bytes..(r + 1) * row_bytes];
-        let mut pairs = out.chunks_exact_mut(2);
-        for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
-            pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
+            Blocks::Q4_1(bytes) => {
+                let row = |r: usize| &bytes[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
+                let mut pairs = out.chunks_exact_mut(2);
+                for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
+                    pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
+                }
+                if let [last] = pairs.into_remainder() {
+                    *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
+                }
+            }
         }
     }
 
