@@ -49,7 +49,7 @@ pub fn load(path: &Path, device: &Device, keep_quantized: bool) -> Result<Loaded
     }
 
     // With the CPU's block format, a tied embedding matrix stored as Q4_1/Q8_0 serves both as
-    // the output projection and, row by row, as the embedding lookup (`HostLayers::embed`),
+    // the output projection and, row by row, as the embedding lookup (`Llama::forward`),
     // so its f32 copy (113 MB for SmolLM2) is never made. Only where the host layers will
     // run, which needs every projection width in whole 32-value blocks.
     let embeddings_in_blocks = keep_quantized
