@@ -68,9 +68,10 @@ fn agreement(format: WeightFormat) -> Option<Vec<(usize, usize)>> {
     Some(out)
 }
 
-#[test]
-fn f32_weights_match_transformers() {
-    let Some(results) = agreement(WeightFormat::F32) else {
+/// The first 8 greedy tokens of every prompt (or all, when the reference ends sooner) match
+/// transformers; how many prompts agree over their whole length is reported.
+fn first_8_tokens_match(format: WeightFormat) {
+    let Some(results) = agreement(format) else {
         return;
     };
     for (same, len) in &results {
@@ -87,19 +88,11 @@ fn f32_weights_match_transformers() {
 }
 
 #[test]
+fn f32_weights_match_transformers() {
+    first_8_tokens_match(WeightFormat::F32);
+}
+
+#[test]
 fn default_weights_keep_the_first_8_tokens() {
-    let Some(results) = agreement(WeightFormat::Auto) else {
-        return;
-    };
-    for (same, len) in &results {
-        assert!(
-            *same >= 8.min(*len),
-            "first 8 greedy tokens must match: {results:?}"
-        );
-    }
-    let full = results.iter().filter(|(same, len)| same == len).count();
-    println!(
-        "{full}/{} cases agree over their whole length",
-        results.len()
-    );
+    first_8_tokens_match(WeightFormat::Auto);
 }
