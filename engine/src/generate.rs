@@ -109,7 +109,7 @@ impl Runtime {
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<(Completion, Vec<u32>), EngineError> {
-        validate(params)?;
+        params.validate()?;
         if prompt_ids.is_empty() {
             return Err(EngineError::InvalidInput(
                 "the prompt is empty (no tokens to condition on)".into(),
@@ -180,18 +180,4 @@ impl Runtime {
         };
         Ok((completion, history.split_off(prompt_tokens)))
     }
-}
-
-fn validate(params: &SamplingParams) -> Result<(), EngineError> {
-    let bad = |what: &str| Err(EngineError::InvalidInput(what.to_string()));
-    if !params.temperature.is_finite() || params.temperature < 0.0 {
-        return bad("temperature must be a finite number >= 0");
-    }
-    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-        return bad("top_p must be in (0, 1]");
-    }
-    if !params.repeat_penalty.is_finite() || params.repeat_penalty <= 0.0 {
-        return bad("repeat_penalty must be > 0");
-    }
-    Ok(())
 }

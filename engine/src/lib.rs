@@ -121,6 +121,59 @@ impl SamplingParams {
     }
 }
 
+/// What the engine can run: the limits its one check, [`SamplingParams::validate`], holds a
+/// request to. Ranges of a wire format (an HTTP API's `max_tokens` cap) belong to that API.
+pub mod limits {
+    /// Stop strings per generation: each is searched for after every token.
+    pub const MAX_STOP_SEQUENCES: usize = 16;
+    /// Bytes per stop string.
+    pub const MAX_STOP_BYTES: usize = 256;
+}
+
+impl SamplingParams {
+    /// The engine's one check of what it can run (the prompt's fit in the context is checked
+    /// where the prompt is tokenized). Every generation passes through it; callers that want
+    /// to fail before starting a generation (a stream) may call it early.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        use limits::{MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
+        let invalid = |message: String| Err(EngineError::InvalidInput(message));
+        if self.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1".into());
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return invalid(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return invalid(format!(
+                "repeat_penalty must be a finite number > 0, got {}",
+                self.repeat_penalty
+            ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return invalid(format!(
+                "at most {MAX_STOP_SEQUENCES} stop sequences, got {}",
+                self.stop.len()
+            ));
+        }
+        if self
+            .stop
+            .iter()
+            .any(|stop| stop.is_empty() || stop.len() > MAX_STOP_BYTES)
+        {
+            return invalid(format!(
+                "stop sequences must be 1..={MAX_STOP_BYTES} bytes long"
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Eos,
