@@ -19,18 +19,9 @@ const DEFAULT_REPEAT_PENALTY = 1.0;
 const IM_START = "<|im_start|>";
 const IM_END = "<|im_end|>";
 
-class Invalid extends Error {}
-
 export const handler = {
   handle(request) {
-    let params;
-    try {
-      params = validate(request);
-    } catch (error) {
-      if (!(error instanceof Invalid)) throw error;
-      log.log("info", `chat: rejected: ${error.message}`);
-      throw { tag: "invalid-input", val: error.message };
-    }
+    const params = withDefaults(request);
     const template = inference.model().chatTemplate;
     const chatml = template != null && template.includes(IM_START);
     let prompt = request.prompt;
@@ -53,33 +44,15 @@ export const handler = {
   },
 };
 
-// Checks the request in field order and fills the defaults; the error names the field.
-function validate(request) {
-  const maxTokens = request.maxTokens ?? DEFAULT_MAX_TOKENS;
-  if (!(maxTokens >= 1 && maxTokens <= 4096)) {
-    throw new Invalid("max_tokens must be between 1 and 4096");
-  }
-  const temperature = request.temperature ?? DEFAULT_TEMPERATURE;
-  if (!(temperature >= 0.0 && temperature <= 2.0)) {
-    throw new Invalid("temperature must be between 0.0 and 2.0");
-  }
-  const topP = request.topP ?? DEFAULT_TOP_P;
-  if (!(topP > 0.0 && topP <= 1.0)) {
-    throw new Invalid("top_p must be greater than 0.0 and at most 1.0");
-  }
-  const repeatPenalty = request.repeatPenalty ?? DEFAULT_REPEAT_PENALTY;
-  if (!(repeatPenalty > 0.0 && repeatPenalty < Infinity)) {
-    throw new Invalid("repeat_penalty must be greater than 0.0");
-  }
-  if (request.stop.some((stop) => stop === "")) {
-    throw new Invalid("stop must not contain an empty string");
-  }
+// The sampling parameters: the client's, with the defaults for what it left out (ranges are
+// the host's and the engine's to check).
+function withDefaults(request) {
   return {
-    maxTokens,
-    temperature,
+    maxTokens: request.maxTokens ?? DEFAULT_MAX_TOKENS,
+    temperature: request.temperature ?? DEFAULT_TEMPERATURE,
     topK: request.topK ?? DEFAULT_TOP_K,
-    topP,
-    repeatPenalty,
+    topP: request.topP ?? DEFAULT_TOP_P,
+    repeatPenalty: request.repeatPenalty ?? DEFAULT_REPEAT_PENALTY,
     seed: request.seed,
     stop: [...request.stop],
   };

@@ -4,8 +4,6 @@ Same behaviour as the Rust reference (guests/chat/src/lib.rs); guests/README.md,
 guest", is the specification all four languages follow.
 """
 
-from componentize_py_types import Err
-
 from wit_world import exports
 from wit_world.imports import inference, log, output, types
 
@@ -20,12 +18,7 @@ IM_END = "<|im_end|>"
 
 class Handler(exports.Handler):
     def handle(self, request: types.InferRequest) -> types.InferResponse:
-        try:
-            params = validate(request)
-        except ValueError as error:
-            message = str(error)
-            log.log(log.Level.INFO, f"chat: rejected: {message}")
-            raise Err(types.InferError_InvalidInput(message))
+        params = with_defaults(request)
         template = inference.model().chat_template
         chatml = template is not None and IM_START in template
         prompt = request.prompt
@@ -49,30 +42,19 @@ class Handler(exports.Handler):
         return types.InferResponse(text=text, tokens_generated=completion.tokens_generated)
 
 
-def validate(request: types.InferRequest) -> types.SamplingParams:
-    """Checks the request in field order and fills the defaults; the error names the field."""
-    max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-    if not 1 <= max_tokens <= 4096:
-        raise ValueError("max_tokens must be between 1 and 4096")
-    temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise ValueError("temperature must be between 0.0 and 2.0")
-    top_p = DEFAULT_TOP_P if request.top_p is None else request.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError("top_p must be greater than 0.0 and at most 1.0")
-    repeat_penalty = (
-        DEFAULT_REPEAT_PENALTY if request.repeat_penalty is None else request.repeat_penalty
-    )
-    if not 0.0 < repeat_penalty < float("inf"):
-        raise ValueError("repeat_penalty must be greater than 0.0")
-    if any(stop == "" for stop in request.stop):
-        raise ValueError("stop must not contain an empty string")
+def with_defaults(request: types.InferRequest) -> types.SamplingParams:
+    """The sampling parameters: the client's, with the defaults for what it left out (ranges
+    are the host's and the engine's to check)."""
+
+    def default(value, fallback):
+        return fallback if value is None else value
+
     return types.SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=DEFAULT_TOP_K if request.top_k is None else request.top_k,
-        top_p=top_p,
-        repeat_penalty=repeat_penalty,
+        max_tokens=default(request.max_tokens, DEFAULT_MAX_TOKENS),
+        temperature=default(request.temperature, DEFAULT_TEMPERATURE),
+        top_k=default(request.top_k, DEFAULT_TOP_K),
+        top_p=default(request.top_p, DEFAULT_TOP_P),
+        repeat_penalty=default(request.repeat_penalty, DEFAULT_REPEAT_PENALTY),
         seed=request.seed,
         stop=list(request.stop),
     )

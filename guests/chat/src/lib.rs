@@ -2,7 +2,8 @@
 //! JavaScript (`guests/chat-js`) and C (`guests/chat-c`); `guests/README.md` ("The chat guest")
 //! is the specification all four follow, and the conformance test checks they agree.
 //!
-//! 1. Validate the request and fill defaults (the first bad field is reported).
+//! 1. Fill the defaults for what the client left out (ranges are the host's and the engine's
+//!    to check; see `sampling-params` in the WIT).
 //! 2. Wrap the prompt in ChatML when the model's chat template uses `<|im_start|>`.
 //! 3. Generate with the request's stop strings (plus `<|im_end|>` under ChatML), applying them
 //!    here too: text that could still become a stop string is withheld until it cannot.
@@ -28,13 +29,7 @@ struct Chat;
 
 impl Guest for Chat {
     fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
-        let params = match validate(&request) {
-            Ok(params) => params,
-            Err(message) => {
-                log(Level::Info, &format!("chat: rejected: {message}"));
-                return Err(InferError::InvalidInput(message));
-            }
-        };
+        let params = with_defaults(&request);
         let chatml = inference::model()
             .chat_template
             .is_some_and(|template| template.contains(IM_START));
@@ -79,36 +74,17 @@ impl Guest for Chat {
     }
 }
 
-/// Checks the request in field order and fills the defaults; the error names the field.
-fn validate(request: &InferRequest) -> Result<SamplingParams, String> {
-    let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    if !(1..=4096).contains(&max_tokens) {
-        return Err("max_tokens must be between 1 and 4096".into());
-    }
-    let temperature = request.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err("temperature must be between 0.0 and 2.0".into());
-    }
-    let top_p = request.top_p.unwrap_or(DEFAULT_TOP_P);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err("top_p must be greater than 0.0 and at most 1.0".into());
-    }
-    let repeat_penalty = request.repeat_penalty.unwrap_or(DEFAULT_REPEAT_PENALTY);
-    if !(repeat_penalty > 0.0 && repeat_penalty.is_finite()) {
-        return Err("repeat_penalty must be greater than 0.0".into());
-    }
-    if request.stop.iter().any(String::is_empty) {
-        return Err("stop must not contain an empty string".into());
-    }
-    Ok(SamplingParams {
-        max_tokens,
-        temperature,
+/// The sampling parameters: the client's, with the defaults for what it left out.
+fn with_defaults(request: &InferRequest) -> SamplingParams {
+    SamplingParams {
+        max_tokens: request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        temperature: request.temperature.unwrap_or(DEFAULT_TEMPERATURE),
         top_k: request.top_k.unwrap_or(DEFAULT_TOP_K),
-        top_p,
-        repeat_penalty,
+        top_p: request.top_p.unwrap_or(DEFAULT_TOP_P),
+        repeat_penalty: request.repeat_penalty.unwrap_or(DEFAULT_REPEAT_PENALTY),
         seed: request.seed,
         stop: request.stop.clone(),
-    })
+    }
 }
 
 /// Streams the generation through `output.emit`, holding back any tail of the text that is

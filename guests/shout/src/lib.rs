@@ -14,8 +14,8 @@ struct Shout;
 impl Guest for Shout {
     fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
         let params = SamplingParams {
-            max_tokens: request.max_tokens.unwrap_or(256).clamp(1, 4096),
-            temperature: request.temperature.unwrap_or(0.7).clamp(0.0, 2.0),
+            max_tokens: request.max_tokens.unwrap_or(256),
+            temperature: request.temperature.unwrap_or(0.7),
             top_k: request.top_k.unwrap_or(0),
             top_p: request.top_p.unwrap_or(0.95),
             repeat_penalty: request.repeat_penalty.unwrap_or(1.0),
