@@ -8,7 +8,6 @@
 // imports return are ours to free. Every request runs in a fresh instance, but this guest
 // frees what it allocates anyway.
 
-#include <float.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -118,39 +117,23 @@ static void log_line(rbee_worker_log_level_t level, const char *format, ...) {
     rbee_worker_log_log(level, &message);
 }
 
-static void invalid_input(infer_error_t *err, const char *message) {
-    err->tag = RBEE_WORKER_TYPES_INFER_ERROR_INVALID_INPUT;
-    worker_string_dup(&err->val.invalid_input, message);
-}
-
-// Checks the request in field order and fills the defaults; on failure, the message names the
-// field. `params->stop` gets room for one more string (for <|im_end|>).
-static const char *validate(const rbee_worker_types_infer_request_t *request,
-                            rbee_worker_types_sampling_params_t *params) {
-    uint32_t max_tokens = request->max_tokens.is_some ? request->max_tokens.val : DEFAULT_MAX_TOKENS;
-    if (!(max_tokens >= 1 && max_tokens <= 4096)) return "max_tokens must be between 1 and 4096";
-    float temperature = request->temperature.is_some ? request->temperature.val : DEFAULT_TEMPERATURE;
-    if (!(temperature >= 0.0f && temperature <= 2.0f)) return "temperature must be between 0.0 and 2.0";
-    float top_p = request->top_p.is_some ? request->top_p.val : DEFAULT_TOP_P;
-    if (!(top_p > 0.0f && top_p <= 1.0f)) return "top_p must be greater than 0.0 and at most 1.0";
-    float repeat_penalty =
-        request->repeat_penalty.is_some ? request->repeat_penalty.val : DEFAULT_REPEAT_PENALTY;
-    if (!(repeat_penalty > 0.0f && repeat_penalty <= FLT_MAX)) return "repeat_penalty must be greater than 0.0";
-    for (size_t i = 0; i < request->stop.len; i++) {
-        if (request->stop.ptr[i].len == 0) return "stop must not contain an empty string";
-    }
-    params->max_tokens = max_tokens;
-    params->temperature = temperature;
+// The sampling parameters: the client's, with the defaults for what it left out (ranges are the
+// host's and the engine's to check). `params->stop` gets room for one more string (for
+// <|im_end|>).
+static void with_defaults(const rbee_worker_types_infer_request_t *request,
+                          rbee_worker_types_sampling_params_t *params) {
+    params->max_tokens = request->max_tokens.is_some ? request->max_tokens.val : DEFAULT_MAX_TOKENS;
+    params->temperature = request->temperature.is_some ? request->temperature.val : DEFAULT_TEMPERATURE;
     params->top_k = request->top_k.is_some ? request->top_k.val : DEFAULT_TOP_K;
-    params->top_p = top_p;
-    params->repeat_penalty = repeat_penalty;
+    params->top_p = request->top_p.is_some ? request->top_p.val : DEFAULT_TOP_P;
+    params->repeat_penalty =
+        request->repeat_penalty.is_some ? request->repeat_penalty.val : DEFAULT_REPEAT_PENALTY;
     params->seed = request->seed;
     // Views of the request's strings: the request outlives every use.
     params->stop.ptr = malloc((request->stop.len + 1) * sizeof(worker_string_t));
     if (!params->stop.ptr) abort();
     memcpy(params->stop.ptr, request->stop.ptr, request->stop.len * sizeof(worker_string_t));
     params->stop.len = request->stop.len;
-    return NULL;
 }
 
 // Emits `len` bytes of `text` (nothing when empty) and records them in `sent`.
@@ -211,13 +194,7 @@ static bool stream(worker_string_t *prompt, rbee_worker_types_sampling_params_t 
 bool exports_rbee_worker_handler_handle(rbee_worker_types_infer_request_t *request,
                                         rbee_worker_types_infer_response_t *ret, infer_error_t *err) {
     rbee_worker_types_sampling_params_t params = {0};
-    const char *invalid = validate(request, &params);
-    if (invalid) {
-        log_line(RBEE_WORKER_LOG_LEVEL_INFO, "chat: rejected: %s", invalid);
-        invalid_input(err, invalid);
-        rbee_worker_types_infer_request_free(request);
-        return false;
-    }
+    with_defaults(request, &params);
 
     rbee_worker_types_model_info_t model;
     rbee_worker_inference_model(&model);
