@@ -26,7 +26,7 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, GuestRuntime, GuestSource, Limits, RequestContext, RuntimeSettings,
+    Cancellation, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits, RequestContext,
 };
 use tokio::sync::mpsc;
 
@@ -48,8 +48,8 @@ struct Args {
     tokens: u32,
 }
 
-fn settings(cache_dir: PathBuf) -> RuntimeSettings {
-    RuntimeSettings {
+fn settings(cache_dir: PathBuf) -> GuestRuntimeSettings {
+    GuestRuntimeSettings {
         limits: Limits {
             time: Duration::from_secs(10),
             memory_bytes: 256 << 20,

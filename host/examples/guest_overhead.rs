@@ -16,7 +16,7 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, GuestRuntime, GuestSource, Limits, RequestContext, RuntimeSettings,
+    Cancellation, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits, RequestContext,
 };
 
 #[derive(Parser)]
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let model = Arc::new(Engine::load(&args.model, &LoadOptions::default())?);
     let runtime = GuestRuntime::start(
-        RuntimeSettings {
+        GuestRuntimeSettings {
             limits: Limits {
                 time: Duration::from_secs(10),
                 memory_bytes: 256 << 20,

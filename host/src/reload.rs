@@ -1,6 +1,6 @@
 //! Hot-swap triggers for the guest file: a change on disk (watched, debounced so a file being
 //! written in pieces is read once it is complete) and SIGHUP. The admin endpoint is the third
-//! trigger (see `api`). Every trigger ends in `GuestRuntime::load`, which keeps the current
+//! trigger (see `http::admin`). Every trigger ends in `GuestRuntime::load`, which keeps the current
 //! guest serving when the new one does not compile or does not fit the `worker` world.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use anyhow::Context;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::guest::{GuestRuntime, GuestSource, Loaded};
+use crate::guest::{GuestRuntime, GuestSource, SwapOutcome};
 
 /// Quiet time after the last file event before the guest is reloaded.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -101,8 +101,8 @@ async fn reload_loop(
         let runtime = runtime.clone();
         let source = GuestSource::File(guest.clone());
         match tokio::task::spawn_blocking(move || runtime.load(source)).await {
-            Ok(Ok(Loaded::Swapped(_))) => tracing::info!(?reason, "guest reloaded"),
-            Ok(Ok(Loaded::Unchanged(_))) => tracing::debug!(?reason, "guest unchanged"),
+            Ok(Ok(SwapOutcome::Swapped(_))) => tracing::info!(?reason, "guest reloaded"),
+            Ok(Ok(SwapOutcome::Unchanged(_))) => tracing::debug!(?reason, "guest unchanged"),
             // `load` has logged and recorded the failure.
             Ok(Err(_)) => {}
             Err(join) => tracing::error!("guest reload panicked: {join}"),

@@ -5,7 +5,7 @@
 //! `/v1/infer` answers 503), then `ready`. SIGTERM/SIGINT stop accepting, give in-flight
 //! requests a grace period, cut what is left, send the final `stopped` heartbeat and exit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -14,24 +14,33 @@ use anyhow::Context;
 use rbee_engine::{DeviceChoice, Engine, LoadOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::admission::Admission;
-use crate::api::{self, AppState};
 use crate::cli::Args;
-use crate::guest::{ComponentCache, GuestRuntime, GuestSource, Limits, RuntimeSettings};
-use crate::heartbeat::Heartbeats;
+use crate::guest::{ComponentCache, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits};
+use crate::http::{self, AppState};
+use crate::queen::{Heartbeats, Status};
 use crate::reload;
-use crate::status::Status;
 
 /// How long the final `stopped` heartbeat may take before the worker exits anyway.
 const FINAL_BEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the worker stops.
+/// How long cut requests get to end their responses after the grace period.
+const CUT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the worker shuts down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+enum ShutdownReason {
     Signal,
     ModelFailed,
 }
+
+/// Set once, by whichever asks first: a signal or a model that failed to load.
+type ShutdownSender = watch::Sender<Option<ShutdownReason>>;
+type ShutdownReceiver = watch::Receiver<Option<ShutdownReason>>;
+
+type ServerTask = JoinHandle<std::io::Result<()>>;
 
 /// Runs the worker until a signal stops it (Ok) or the model fails to load (Err).
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -39,12 +48,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
-    let worker_id = args
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     let status = Arc::new(Status::new(
-        worker_id,
+        worker_id(&args),
         model_name(&args.model),
         requested_device(args.device),
         port,
@@ -61,7 +66,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_kb * 1024,
     });
     let _triggers = reload::start(guests, args.guest.clone(), !args.no_watch)?;
-
     let heartbeat = match args.heartbeat_url() {
         Some(url) => {
             let beats = Heartbeats::new(url, args.heartbeat_interval)?;
@@ -70,48 +74,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (stop, mut stopping) = watch::channel(None::<Stop>);
+    let (shutdown, shutting_down) = watch::channel(None::<ShutdownReason>);
     tokio::spawn(load_model(
         app.clone(),
         args.model.clone(),
         args.load_options(),
-        stop.clone(),
+        shutdown.clone(),
     ));
-    tokio::spawn(stop_on_signal(stop));
+    tokio::spawn(shut_down_on_signal(shutdown));
 
     tracing::info!(port, "listening");
-    let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown({
-        let mut stopping = stopping.clone();
-        async move {
-            let _ = stopping.wait_for(Option::is_some).await;
-        }
-    });
-    let mut server = tokio::spawn(async move { server.await });
-
-    // Biased: a stop request also ends the server, and must be seen as the reason.
-    let reason = tokio::select! {
-        biased;
-        reason = stopping.wait_for(Option::is_some) => reason?.expect("waited for Some"),
-        served = &mut server => {
-            served.context("the HTTP server task failed")??;
-            anyhow::bail!("the HTTP server stopped unexpectedly");
-        }
-    };
+    let mut server = serve(listener, app.clone(), shutting_down.clone());
+    let reason = wait_for_shutdown(shutting_down, &mut server).await?;
     tracing::info!(?reason, grace = ?args.shutdown_grace, "shutting down: no new requests");
-    if tokio::time::timeout(args.shutdown_grace, &mut server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over: cutting the requests still running");
-        app.cut.store(true, Ordering::Release);
-        // Generations stop at their next token; give their responses a moment to end.
-        if tokio::time::timeout(Duration::from_secs(2), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
-    }
+    drain(&mut server, args.shutdown_grace, &app.cut).await;
     status.stopped();
     if let Some(heartbeat) = heartbeat
         && tokio::time::timeout(FINAL_BEAT_TIMEOUT, heartbeat)
@@ -121,8 +97,57 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("the final heartbeat did not complete in time");
     }
     match reason {
-        Stop::Signal => Ok(()),
-        Stop::ModelFailed => anyhow::bail!("stopped because the model could not be loaded"),
+        ShutdownReason::Signal => Ok(()),
+        ShutdownReason::ModelFailed => {
+            anyhow::bail!("stopped because the model could not be loaded")
+        }
+    }
+}
+
+/// The HTTP server, on its own task; it stops accepting once a shutdown is asked for.
+fn serve(
+    listener: TcpListener,
+    app: Arc<AppState>,
+    mut shutting_down: ShutdownReceiver,
+) -> ServerTask {
+    let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move {
+        let _ = shutting_down.wait_for(Option::is_some).await;
+    });
+    tokio::spawn(async move { server.await })
+}
+
+/// Waits until a shutdown is asked for; the server ending by itself is an error.
+async fn wait_for_shutdown(
+    mut shutting_down: ShutdownReceiver,
+    server: &mut ServerTask,
+) -> anyhow::Result<ShutdownReason> {
+    // Biased: a shutdown also ends the server, and must be seen as the reason.
+    tokio::select! {
+        biased;
+        reason = shutting_down.wait_for(Option::is_some) => {
+            Ok(reason?.expect("waited for Some"))
+        }
+        served = server => {
+            served.context("the HTTP server task failed")??;
+            anyhow::bail!("the HTTP server stopped unexpectedly");
+        }
+    }
+}
+
+/// Gives in-flight requests `grace` to finish, then cuts their generations and gives their
+/// responses a moment to end before the server is aborted.
+async fn drain(server: &mut ServerTask, grace: Duration, cut: &AtomicBool) {
+    if tokio::time::timeout(grace, &mut *server).await.is_ok() {
+        return;
+    }
+    tracing::warn!("grace period over: cutting the requests still running");
+    cut.store(true, Ordering::Release);
+    // Generations stop at their next token.
+    if tokio::time::timeout(CUT_TIMEOUT, &mut *server)
+        .await
+        .is_err()
+    {
+        server.abort();
     }
 }
 
@@ -141,7 +166,7 @@ async fn start_guest_runtime(args: &Args) -> anyhow::Result<GuestRuntime> {
         (Some(dir), false) => Some(dir.clone()),
         (None, false) => ComponentCache::default_dir(),
     };
-    let settings = RuntimeSettings {
+    let settings = GuestRuntimeSettings {
         limits: Limits {
             time: args.guest_timeout,
             memory_bytes: usize::try_from(args.guest_memory_mb << 20)
@@ -158,9 +183,9 @@ async fn start_guest_runtime(args: &Args) -> anyhow::Result<GuestRuntime> {
 
 async fn load_model(
     app: Arc<AppState>,
-    path: std::path::PathBuf,
+    path: PathBuf,
     options: LoadOptions,
-    stop: watch::Sender<Option<Stop>>,
+    shutdown: ShutdownSender,
 ) {
     let loaded = tokio::task::spawn_blocking(move || Engine::load(&path, &options)).await;
     match loaded {
@@ -180,16 +205,16 @@ async fn load_model(
         }
         Ok(Err(error)) => {
             tracing::error!("{error}");
-            stop.send_replace(Some(Stop::ModelFailed));
+            shutdown.send_replace(Some(ShutdownReason::ModelFailed));
         }
         Err(join) => {
             tracing::error!("loading the model panicked: {join}");
-            stop.send_replace(Some(Stop::ModelFailed));
+            shutdown.send_replace(Some(ShutdownReason::ModelFailed));
         }
     }
 }
 
-async fn stop_on_signal(stop: watch::Sender<Option<Stop>>) {
+async fn shut_down_on_signal(shutdown: ShutdownSender) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut terminate), Ok(mut interrupt)) = (
         signal(SignalKind::terminate()),
@@ -203,13 +228,20 @@ async fn stop_on_signal(stop: watch::Sender<Option<Stop>>) {
         _ = interrupt.recv() => {}
     }
     // A model failure may have asked to stop first; keep that reason.
-    stop.send_if_modified(|reason| {
+    shutdown.send_if_modified(|reason| {
         let first = reason.is_none();
         if first {
-            *reason = Some(Stop::Signal);
+            *reason = Some(ShutdownReason::Signal);
         }
         first
     });
+}
+
+/// The id the hive assigned, or a random one.
+fn worker_id(args: &Args) -> String {
+    args.worker_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
 }
 
 /// The model's name before it is loaded: the folder's or file's name.

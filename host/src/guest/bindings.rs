@@ -1,11 +1,14 @@
 //! Host-side bindings for `wit/worker.wit`, generated at compile time.
+//!
+//! The only host type the bindings name is `generation::Generation`, behind the `token-stream`
+//! resource; it does not depend on the bindings, so the modules depend one way:
+//! `imports` → `bindings` → `generation`.
 
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "worker",
     with: {
-        // The host's own type behind the `token-stream` resource handles.
-        "rbee:worker/inference.token-stream": super::stream::TokenStream,
+        "rbee:worker/inference.token-stream": super::generation::Generation,
     },
 });
 

@@ -1,10 +1,13 @@
-//! The `token-stream` resource: a generation running on its own thread, read piece by piece by
-//! the guest.
+//! A generation running on its own thread: what a guest's `token-stream` handle stands for.
 //!
 //! The model runs on a dedicated thread so the guest can interleave its own work (stop rules,
 //! emitting to the client) with generation. A small bounded channel between them gives
 //! back-pressure: a guest that stops reading stalls the model instead of buffering text, and
-//! dropping the stream stops the model at its next token.
+//! dropping the generation stops the model at its next token and joins its thread.
+//!
+//! This module speaks the engine's types only; `imports::token_stream` turns them into WIT
+//! values. That keeps the dependency one way: the bindings name [`Generation`] as the
+//! resource's host type, and nothing here needs the bindings.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -14,24 +17,19 @@ use std::thread::JoinHandle;
 
 use rbee_engine::{Completion, Engine, EngineError, SamplingParams};
 
-use super::host::Cancellation;
+use super::cancellation::Cancellation;
 
 /// Pieces of text buffered between the model thread and the guest.
 const STREAM_BUFFER: usize = 16;
 
-enum Generated {
+/// What the model thread sends and [`Generation::next`] hands out: a piece of text, or the
+/// end of the generation.
+pub enum Generated {
     Text(String),
     Finished(Result<Completion, EngineError>),
 }
 
-/// What `next` hands out, before conversion to WIT types.
-pub enum Next {
-    Text(String),
-    Done(Completion),
-    Failed(EngineError),
-}
-
-pub struct TokenStream {
+pub struct Generation {
     events: Option<Receiver<Generated>>,
     stop: Arc<AtomicBool>,
     model_thread: Option<JoinHandle<()>>,
@@ -63,7 +61,8 @@ impl Drop for GenerationGuard {
     }
 }
 
-impl TokenStream {
+impl Generation {
+    /// Starts generating on a new thread, counted in `count` until that thread ends.
     pub fn start(
         model: Arc<Engine>,
         prompt: String,
@@ -97,26 +96,25 @@ impl TokenStream {
     }
 
     /// Blocks until the model produced more text or finished.
-    pub fn next(&mut self) -> Next {
+    pub fn next(&mut self) -> Generated {
         if let Some(done) = &self.finished {
-            return Next::Done(done.clone());
+            return Generated::Finished(Ok(done.clone()));
         }
         let received = self.events.as_ref().and_then(|events| events.recv().ok());
         match received {
-            Some(Generated::Text(text)) => Next::Text(text),
             Some(Generated::Finished(Ok(done))) => {
                 self.finished = Some(done.clone());
-                Next::Done(done)
+                Generated::Finished(Ok(done))
             }
-            Some(Generated::Finished(Err(error))) => Next::Failed(error),
-            None => Next::Failed(EngineError::Model(
+            Some(generated) => generated,
+            None => Generated::Finished(Err(EngineError::Model(
                 "the generation thread ended unexpectedly".into(),
-            )),
+            ))),
         }
     }
 }
 
-impl Drop for TokenStream {
+impl Drop for Generation {
     fn drop(&mut self) {
         // Stop the model, unblock a pending send by dropping the receiver, then wait for the
         // thread so the request's generation count is exact when the guest starts another.
@@ -128,6 +126,8 @@ impl Drop for TokenStream {
     }
 }
 
+/// The model thread: each piece of text goes into the channel as the engine produces it (a
+/// full channel blocks the engine: back-pressure), then the outcome.
 fn generate(
     model: &Engine,
     prompt: &str,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::status::{WorkerInfo, WorkerStatus};
+use super::status::{WorkerInfo, WorkerStatus};
 
 #[derive(Serialize)]
 struct Heartbeat<'a> {
@@ -69,7 +69,7 @@ impl Heartbeats {
     async fn beat(&mut self, worker: &WorkerInfo) {
         let beat = Heartbeat {
             worker,
-            timestamp: crate::guest::now_rfc3339(),
+            timestamp: crate::clock::now_rfc3339(),
         };
         let outcome = async {
             let response = self.client.post(&self.endpoint).json(&beat).send().await?;

@@ -1,0 +1,155 @@
+//! Turning a guest's bytes into something a request can run: wasmtime's engine, the linker
+//! that resolves the guest's imports against the host, the compile cache and the per-instance
+//! limits, owned together because every compilation and every request store needs all four.
+//!
+//! A guest is compiled once into an `InstancePre` (imports already resolved), so a request
+//! only pays for instantiation from the pooling allocator and the call itself. Before a guest
+//! goes live it is instantiated once on trial, so one that cannot even start never serves.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+use wasmtime::Store;
+use wasmtime::component::{Component, HasSelf, Linker};
+
+use super::bindings::{Worker, WorkerPre};
+use super::cache::ComponentCache;
+use super::pool::wasmtime_config;
+use super::request::RequestState;
+use super::sandbox::Limits;
+use super::source::Candidate;
+use crate::clock::now_rfc3339;
+
+/// What is known about a loaded guest (shown by `/info` and the admin endpoint).
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestMeta {
+    pub name: String,
+    pub sha256: String,
+    pub source: String,
+    /// RFC 3339.
+    pub loaded_at: String,
+    /// Compile (or cache load) and validation time.
+    pub load_ms: u64,
+    pub from_cache: bool,
+    /// 1 for the guest the worker started with, +1 for each swap.
+    pub generation: u64,
+}
+
+/// A compiled, validated guest, ready to instantiate.
+pub struct LoadedGuest {
+    pub(super) pre: WorkerPre<RequestState>,
+    /// The name again, shared with every request's store for its log lines.
+    pub(super) name: Arc<str>,
+    pub meta: GuestMeta,
+}
+
+pub(super) struct Compiler {
+    engine: wasmtime::Engine,
+    linker: Linker<RequestState>,
+    cache: Option<ComponentCache>,
+    limits: Limits,
+}
+
+impl Compiler {
+    /// Sets up wasmtime for up to `max_instances` guest instances at once, the host's imports
+    /// (WASI and the `worker` world) and, with a directory, the compile cache.
+    pub fn new(
+        limits: Limits,
+        max_instances: u32,
+        cache_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let engine = wasmtime::Engine::new(&wasmtime_config(max_instances, limits.memory_bytes))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        let cache = match cache_dir {
+            Some(dir) => Some(ComponentCache::open(dir, &engine)?),
+            None => None,
+        };
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            limits,
+        })
+    }
+
+    pub fn engine(&self) -> &wasmtime::Engine {
+        &self.engine
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A store for one instance, held to the sandbox's memory and time limits.
+    pub fn store(&self, state: RequestState) -> Store<RequestState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.sandbox);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut store| store.data_mut().sandbox.on_epoch());
+        store
+    }
+
+    /// Compiles (or takes from the cache), links and trial-instantiates a guest. Blocking: a
+    /// compilation may take seconds.
+    pub fn compile(&self, candidate: Candidate, generation: u64) -> anyhow::Result<LoadedGuest> {
+        let started = Instant::now();
+        let Candidate {
+            name,
+            source,
+            bytes,
+            sha256,
+        } = candidate;
+        let (component, from_cache) = self.component(&bytes, &sha256)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .context("the guest imports something this host does not provide")?;
+        let pre = WorkerPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .context("the guest does not export the rbee:worker/handler interface")?;
+        let name: Arc<str> = name.into();
+        // A trial instantiation runs the guest's start-up code (a language runtime's
+        // initialisation) so a guest that cannot even start never goes live.
+        let mut store = self.store(RequestState::trial(self.limits, name.clone()));
+        pre.instantiate(&mut store)
+            .map_err(anyhow::Error::from)
+            .context("the guest failed to instantiate")?;
+        Ok(LoadedGuest {
+            pre,
+            meta: GuestMeta {
+                name: name.to_string(),
+                sha256,
+                source,
+                loaded_at: now_rfc3339(),
+                load_ms: started.elapsed().as_millis() as u64,
+                from_cache,
+                generation,
+            },
+            name,
+        })
+    }
+
+    /// The compiled component and whether it came from the cache; a fresh compilation is
+    /// cached for next time.
+    fn component(&self, bytes: &[u8], sha256: &str) -> anyhow::Result<(Component, bool)> {
+        let cache = self.cache.as_ref();
+        if let Some(component) = cache.and_then(|cache| cache.get(&self.engine, sha256)) {
+            return Ok((component, true));
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(anyhow::Error::from)
+            .context("not a valid WebAssembly component")?;
+        if let Some(cache) = cache
+            && let Err(error) = cache.put(sha256, &component)
+        {
+            tracing::warn!("cannot cache the compiled guest: {error:#}");
+        }
+        Ok((component, false))
+    }
+}

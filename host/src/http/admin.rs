@@ -1,0 +1,122 @@
+//! The admin endpoints (only with `--admin-token`): `GET /v1/admin/guest` shows the active
+//! guest and the last failed load, `PUT /v1/admin/guest` swaps in a new one.
+//!
+//! The bearer token is checked by a route layer, in front of the handlers and their
+//! extractors, so an unauthenticated upload is refused before its body is read.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{MethodRouter, get};
+use axum::{Json, body::Bytes};
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::guest::{GuestMeta, GuestSource, GuestStatus, SwapOutcome};
+
+/// Largest guest component the admin endpoint accepts.
+const MAX_GUEST_BYTES: usize = 256 << 20;
+
+/// `/v1/admin/guest`, behind the bearer check for `token`.
+pub(super) fn guest_route(token: &str) -> MethodRouter<Arc<AppState>> {
+    let token: Arc<str> = token.into();
+    get(guest_status)
+        .put(replace_guest)
+        .layer(DefaultBodyLimit::max(MAX_GUEST_BYTES))
+        .route_layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// The bearer check: 401 without credentials, 403 with wrong ones.
+async fn require_token(
+    State(token): State<Arc<str>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    authorize(&token, request.headers())?;
+    Ok(next.run(request).await)
+}
+
+fn authorize(expected: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "admin endpoints need `Authorization: Bearer <token>`",
+        )),
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "wrong admin token")),
+    }
+}
+
+/// Compares without an early exit, so response timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn guest_status(State(app): State<Arc<AppState>>) -> Json<GuestStatus> {
+    Json(app.guests.status())
+}
+
+#[derive(Serialize)]
+struct Swap {
+    swapped: bool,
+    guest: GuestMeta,
+}
+
+/// `PUT /v1/admin/guest`: the body is a new guest component; it goes live once it compiles and
+/// fits the `worker` world, otherwise the current guest keeps serving and the answer says why.
+async fn replace_guest(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Swap>, ApiError> {
+    let bytes = body?.to_vec();
+    let runtime = app.guests.clone();
+    let outcome = tokio::task::spawn_blocking(move || runtime.load(GuestSource::Upload(bytes)))
+        .await
+        .map_err(|join| ApiError::internal(join.to_string()))?
+        .map_err(|error| ApiError::bad_request(format!("guest rejected: {error:#}")))?;
+    let (swapped, guest) = match outcome {
+        SwapOutcome::Swapped(guest) => (true, guest),
+        SwapOutcome::Unchanged(guest) => (false, guest),
+    };
+    Ok(Json(Swap {
+        swapped,
+        guest: guest.meta.clone(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn bearer_check() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            authorize("secret", &headers).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        headers.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert_eq!(
+            authorize("secret", &headers).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+        assert!(authorize("secret", &headers).is_ok());
+    }
+}
