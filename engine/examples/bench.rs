@@ -39,7 +39,15 @@ fn main() {
     let model = model.expect("--model PATH is required");
 
     let started = Instant::now();
-    let engine = Engine::load(&model, &LoadOptions { device, weights }).unwrap();
+    let engine = Engine::load(
+        &model,
+        &LoadOptions {
+            device,
+            weights,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
     let load_s = started.elapsed().as_secs_f64();
 
     // A prompt of exactly `prompt_tokens` tokens from ordinary text.

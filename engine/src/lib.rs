@@ -1,32 +1,26 @@
-//! rbee-engine: a Llama-family decoder on Burn, loaded from a Hugging Face folder or a GGUF
-//! file, with a KV cache, sampling and token streaming.
+//! rbee-engine: a Llama-family decoder, loaded from a Hugging Face folder or a GGUF file,
+//! run with a KV cache, sampling and token streaming.
 //!
-//! This file is the public surface (the host depends on exactly these names); the work is
-//! done in one module per concern:
-//! - `config`: the model's shape (HF `config.json` or GGUF metadata)
-//! - `model` (+ `linear`): the decoder in Burn, top to bottom, with its KV cache
-//! - `loader`, `hf`, `gguf_loader`: reading checkpoints; `gguf`: the GGUF format itself
-//! - `sampling`, `text`, `generate`: choosing tokens, streaming text, the generation loop
-//! - `device`, `progress`: where it runs, and what loading shows
+//! This file is the public surface (the host depends on exactly these names). The work is
+//! done in one module per concern, in the order a model goes through them:
+//! - `load`: reading checkpoints (`hf`, `gguf` loaders) and choosing the weight plan, once;
+//!   `gguf` (public) is the GGUF file format itself;
+//! - `model`: the decoder in its two forms (Burn's layers for the GPU and f32; block weights
+//!   on the CPU), its config and RoPE; `quant`: the block matrices and their kernels;
+//! - `run`: the generation loop, sampling and streamed text (`Engine`'s methods);
+//! - `device`: where it runs.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-mod config;
 mod device;
-mod generate;
 pub mod gguf;
-mod gguf_loader;
-mod hf;
-mod host_layers;
-mod linear;
-mod loader;
+mod load;
 mod model;
-mod progress;
 mod quant;
-mod sampling;
-mod text;
+mod run;
+
+pub use run::{BatchStats, Cancelled};
 
 /// Where to run the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,11 +61,39 @@ pub enum WeightFormat {
     F32,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: DeviceChoice,
     pub weights: WeightFormat,
+    /// Sequences decoded together in one forward pass.
+    pub max_batch: usize,
+    /// KV-cache positions (prompt + max_tokens) of all running sequences together; a
+    /// sequence that does not fit waits. `None`: derived from the model (`DEFAULT_KV_BYTES`
+    /// worth, and at least one full context).
+    pub kv_budget_tokens: Option<usize>,
+    /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
+    /// so the sequences decoding beside it are held up by one chunk at a time.
+    pub prompt_chunk: usize,
 }
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::default(),
+            weights: WeightFormat::default(),
+            max_batch: DEFAULT_MAX_BATCH,
+            kv_budget_tokens: None,
+            prompt_chunk: DEFAULT_PROMPT_CHUNK,
+        }
+    }
+}
+
+/// Sequences per forward pass unless told otherwise (llama-server's default slot count).
+pub const DEFAULT_MAX_BATCH: usize = 4;
+/// Prompt tokens per step per sequence: about half a second of prefill on two cores.
+pub const DEFAULT_PROMPT_CHUNK: usize = 256;
+/// The KV-cache memory the default budget is sized to.
+pub const DEFAULT_KV_BYTES: usize = 1 << 30;
 
 /// What the loaded model is.
 #[derive(Debug, Clone)]
@@ -211,111 +233,91 @@ pub enum EngineError {
 }
 
 /// One model in memory, shared by all requests (`Send + Sync`: the model is immutable once
-/// loaded, and each generation keeps its own KV cache).
+/// loaded, and each generation keeps its own KV cache). Every generation runs in one batch
+/// on the scheduler's thread; the methods are in `run`.
 pub struct Engine {
     info: ModelInfo,
-    runtime: generate::Runtime,
+    core: std::sync::Arc<run::Core>,
+    limits: run::Limits,
+    scheduler: run::Scheduler,
 }
 
 impl Engine {
     /// Loads a model from a Hugging Face folder or a GGUF file, showing progress (a bar on a
     /// terminal, log lines otherwise).
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Engine, EngineError> {
-        let format = loader::detect(path)?;
-        tracing::info!(path = %path.display(), format = format.name(), "loading model");
-        let selected = device::select(options.device)?;
         let started = std::time::Instant::now();
-        let mut loaded = match format {
-            loader::Format::HfFolder => hf::load(path, &selected.device)?,
-            loader::Format::Gguf => gguf_loader::load(
-                path,
-                &selected.device,
-                options.weights == WeightFormat::Auto && !selected.is_gpu,
-            )?,
-        };
-        loader::convert_weights(&mut loaded.model, options.weights, selected.is_gpu);
-        let tokenizer = &loaded.tokenizer;
-        let eos_tokens = loaded
-            .special
+        let engine = Self::from_checkpoint(load::load(path, options)?, path, options)?;
+        tracing::info!(
+            model = %engine.info.id,
+            architecture = %engine.info.architecture,
+            device = %engine.info.device,
+            max_batch = engine.limits.max_batch,
+            kv_budget_tokens = engine.limits.kv_budget,
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        Ok(engine)
+    }
+
+    fn from_checkpoint(
+        checkpoint: load::Checkpoint,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<Engine, EngineError> {
+        let tokenizer = checkpoint.tokenizer;
+        let special = checkpoint.special;
+        let config = checkpoint.config;
+        let eos_tokens = special
             .eos_ids
             .iter()
             .filter_map(|&id| tokenizer.id_to_token(id))
             .collect();
-        let bos_id = loaded
-            .special
+        let bos_id = special
             .bos_token
             .as_deref()
             .and_then(|t| tokenizer.token_to_id(t));
-        let config = &loaded.config;
         let info = ModelInfo {
-            id: loaded.id.clone(),
+            id: checkpoint.id,
             architecture: config.architecture.clone(),
-            format: format.name().into(),
+            format: checkpoint.format.name().into(),
             path: path.to_owned(),
             context_length: config.max_position_embeddings as u32,
             vocab_size: config.vocab_size as u32,
-            bos_token: loaded.special.bos_token.clone(),
+            bos_token: special.bos_token,
             eos_tokens,
-            chat_template: loaded.special.chat_template.clone(),
-            device: selected.name.clone(),
+            chat_template: special.chat_template,
+            device: checkpoint.device_name,
         };
-        tracing::info!(
-            model = %info.id,
-            architecture = %info.architecture,
-            layers = config.num_layers,
-            device = %info.device,
-            seconds = started.elapsed().as_secs_f32(),
-            "model loaded"
-        );
-        let runtime = generate::Runtime {
+        let limits = run::Limits {
+            max_batch: options.max_batch.max(1),
+            kv_budget: options.kv_budget_tokens.unwrap_or_else(|| {
+                (DEFAULT_KV_BYTES / config.kv_bytes_per_token().max(1))
+                    .max(config.max_position_embeddings)
+            }),
+            prompt_chunk: options.prompt_chunk.max(1),
+        };
+        let core = std::sync::Arc::new(run::Core {
+            model: checkpoint.model,
+            tokenizer,
+            eos_ids: special.eos_ids,
+            bos_id,
             context_length: config.max_position_embeddings,
             vocab_size: config.vocab_size,
-            model: loaded.model,
-            rope: loaded.rope,
-            tokenizer: loaded.tokenizer,
-            eos_ids: loaded.special.eos_ids,
-            bos_id,
-            device: selected.device,
-        };
-        Ok(Engine { info, runtime })
+            stats: Default::default(),
+        });
+        let scheduler = run::Scheduler::start(core.clone(), limits)
+            .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;
+        Ok(Engine {
+            info,
+            core,
+            limits,
+            scheduler,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
-    }
-
-    /// Token ids of `text`, without special tokens.
-    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        self.runtime.encode(text, false)
-    }
-
-    /// Generates a completion of `prompt`. `on_text` receives each piece of text as it is
-    /// produced (whole UTF-8, stop strings withheld); returning `Break` cancels the generation
-    /// (finish reason `Cancelled`). Blocking: call it from a blocking thread.
-    pub fn generate(
-        &self,
-        prompt: &str,
-        params: &SamplingParams,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Completion, EngineError> {
-        self.runtime.generate(prompt, params, on_text)
-    }
-
-    /// Like [`Engine::generate`] from token ids (no bos added), also returning the generated
-    /// ids. For verification against a reference implementation.
-    pub fn generate_ids(
-        &self,
-        prompt_ids: &[u32],
-        params: &SamplingParams,
-    ) -> Result<(Completion, Vec<u32>), EngineError> {
-        self.runtime
-            .generate_ids(prompt_ids, params, &mut |_| ControlFlow::Continue(()))
-    }
-
-    /// The logits (`[ids.len(), vocab_size]`, row-major) of one forward pass over `ids`.
-    /// For verification against a reference implementation.
-    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.runtime.logits(ids)
     }
 }
 

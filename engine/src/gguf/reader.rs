@@ -156,6 +156,8 @@ impl GgufFile {
         Self::parse(name.into(), Backing::Bytes(bytes))
     }
 
+    /// The layout, in file order: header, metadata, tensor infos, then the aligned data
+    /// that every tensor must lie inside.
     fn parse(path: PathBuf, backing: Backing) -> Result<Self> {
         let buf = backing.bytes();
         let mut cur = Cursor {
@@ -163,38 +165,10 @@ impl GgufFile {
             pos: 0,
             path: &path,
         };
-
-        let magic: [u8; 4] = cur.array("magic")?;
-        if magic != MAGIC {
-            return Err(GgufError::BadMagic {
-                path: path.clone(),
-                found: magic,
-            });
-        }
-        let version = cur.u32("version")?;
-        if version != 2 && version != 3 {
-            if matches!(version.swap_bytes(), 2 | 3) {
-                return Err(cur.malformed("big-endian GGUF files are not supported".into()));
-            }
-            return Err(GgufError::UnsupportedVersion {
-                path: path.clone(),
-                version,
-            });
-        }
+        let version = cur.header()?;
         let tensor_count = cur.u64("tensor count")?;
         let kv_count = cur.u64("metadata count")?;
-        // Each entry takes at least a few bytes; refuse counts the file cannot possibly hold
-        // before reserving memory for them.
-        cur.check_count(kv_count, 8 + 4 + 1, "metadata entries")?;
-
-        let mut metadata = Metadata::new(path.clone());
-        for i in 0..kv_count {
-            let key = cur.string(&format!("metadata key #{i}"))?;
-            let ty = cur.u32(&format!("type of metadata `{key}`"))?;
-            let value = cur.value(ty, &format!("metadata `{key}`"), 0)?;
-            metadata.insert(key, value)?;
-        }
-
+        let metadata = cur.metadata(kv_count)?;
         let alignment = match metadata.value("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if *a != 0 && a.is_power_of_two() => u64::from(*a),
@@ -205,82 +179,18 @@ impl GgufFile {
                 )));
             }
         };
-
         cur.check_count(tensor_count, 8 + 4 + 4 + 8, "tensor infos")?;
         let mut tensors = Vec::with_capacity(tensor_count as usize);
         let mut by_name = HashMap::with_capacity(tensor_count as usize);
         for i in 0..tensor_count {
-            let name = cur.string(&format!("name of tensor #{i}"))?;
-            let what = format!("tensor info of `{name}`");
-            let n_dims = cur.u32(&what)?;
-            if n_dims > MAX_DIMS {
-                return Err(cur.malformed(format!(
-                    "tensor `{name}` has {n_dims} dimensions (ggml allows at most {MAX_DIMS})"
-                )));
+            let info = cur.tensor_info(i, alignment)?;
+            if by_name.insert(info.name.clone(), tensors.len()).is_some() {
+                return Err(cur.malformed(format!("duplicate tensor name `{}`", info.name)));
             }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(cur.u64(&what)?);
-            }
-            let type_id = cur.u32(&what)?;
-            let offset = cur.u64(&what)?;
-            let Some(ggml_type) = GgmlType::from_id(type_id) else {
-                return Err(cur.malformed(format!(
-                    "tensor `{name}` has unknown ggml type id {type_id}"
-                )));
-            };
-            let n_elements = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|&n| n <= i64::MAX as u64)
-                .ok_or_else(|| cur.malformed(format!("tensor `{name}` dims {dims:?} overflow")))?;
-            let row = dims.first().copied().unwrap_or(1);
-            if !row.is_multiple_of(ggml_type.block_size() as u64) {
-                return Err(cur.malformed(format!(
-                    "tensor `{name}`: row length {row} is not a multiple of the {ggml_type} block size {}",
-                    ggml_type.block_size()
-                )));
-            }
-            let n_bytes = ggml_type
-                .bytes_for(n_elements)
-                .ok_or_else(|| cur.malformed(format!("tensor `{name}`: size overflows")))?;
-            if !offset.is_multiple_of(alignment) {
-                return Err(cur.malformed(format!(
-                    "tensor `{name}`: offset {offset} is not a multiple of the alignment {alignment}"
-                )));
-            }
-            if by_name.insert(name.clone(), tensors.len()).is_some() {
-                return Err(cur.malformed(format!("duplicate tensor name `{name}`")));
-            }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
+            tensors.push(info);
         }
-
         let data_offset = (cur.pos as u64).div_ceil(alignment) * alignment;
-        let file_len = buf.len() as u64;
-        for t in &tensors {
-            let end = data_offset
-                .checked_add(t.offset)
-                .and_then(|s| s.checked_add(t.n_bytes));
-            match end {
-                Some(end) if end <= file_len => {}
-                _ => {
-                    return Err(GgufError::Truncated {
-                        path: path.clone(),
-                        what: format!("data of tensor `{}` ({} bytes)", t.name, t.n_bytes),
-                        offset: data_offset.saturating_add(t.offset),
-                        need: t.n_bytes,
-                        len: file_len,
-                    });
-                }
-            }
-        }
-
+        check_tensor_data(&path, &tensors, data_offset, buf.len() as u64)?;
         Ok(Self {
             path,
             backing,
@@ -392,6 +302,30 @@ impl GgufFile {
 }
 
 /// A bounds-checked little-endian reader over the file image.
+/// Every tensor's bytes lie inside the file.
+fn check_tensor_data(
+    path: &Path,
+    tensors: &[TensorInfo],
+    data_offset: u64,
+    file_len: u64,
+) -> Result<()> {
+    for t in tensors {
+        let end = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.n_bytes));
+        if !matches!(end, Some(end) if end <= file_len) {
+            return Err(GgufError::Truncated {
+                path: path.to_path_buf(),
+                what: format!("data of tensor `{}` ({} bytes)", t.name, t.n_bytes),
+                offset: data_offset.saturating_add(t.offset),
+                need: t.n_bytes,
+                len: file_len,
+            });
+        }
+    }
+    Ok(())
+}
+
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -399,6 +333,93 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    /// The magic and a supported version.
+    fn header(&mut self) -> Result<u32> {
+        let magic: [u8; 4] = self.array("magic")?;
+        if magic != MAGIC {
+            return Err(GgufError::BadMagic {
+                path: self.path.to_path_buf(),
+                found: magic,
+            });
+        }
+        let version = self.u32("version")?;
+        if version != 2 && version != 3 {
+            if matches!(version.swap_bytes(), 2 | 3) {
+                return Err(self.malformed("big-endian GGUF files are not supported".into()));
+            }
+            return Err(GgufError::UnsupportedVersion {
+                path: self.path.to_path_buf(),
+                version,
+            });
+        }
+        Ok(version)
+    }
+
+    fn metadata(&mut self, count: u64) -> Result<Metadata> {
+        // Each entry takes at least a few bytes; refuse counts the file cannot possibly hold
+        // before reserving memory for them.
+        self.check_count(count, 8 + 4 + 1, "metadata entries")?;
+        let mut metadata = Metadata::new(self.path.to_path_buf());
+        for i in 0..count {
+            let key = self.string(&format!("metadata key #{i}"))?;
+            let ty = self.u32(&format!("type of metadata `{key}`"))?;
+            let value = self.value(ty, &format!("metadata `{key}`"), 0)?;
+            metadata.insert(key, value)?;
+        }
+        Ok(metadata)
+    }
+
+    /// Tensor info `#i`: name, dims, type and offset, checked for sizes that overflow or
+    /// rows that are not whole blocks.
+    fn tensor_info(&mut self, i: u64, alignment: u64) -> Result<TensorInfo> {
+        let name = self.string(&format!("name of tensor #{i}"))?;
+        let what = format!("tensor info of `{name}`");
+        let n_dims = self.u32(&what)?;
+        if n_dims > MAX_DIMS {
+            return Err(self.malformed(format!(
+                "tensor `{name}` has {n_dims} dimensions (ggml allows at most {MAX_DIMS})"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(self.u64(&what)?);
+        }
+        let type_id = self.u32(&what)?;
+        let offset = self.u64(&what)?;
+        let Some(ggml_type) = GgmlType::from_id(type_id) else {
+            return Err(self.malformed(format!(
+                "tensor `{name}` has unknown ggml type id {type_id}"
+            )));
+        };
+        let n_elements = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or_else(|| self.malformed(format!("tensor `{name}` dims {dims:?} overflow")))?;
+        let row = dims.first().copied().unwrap_or(1);
+        if !row.is_multiple_of(ggml_type.block_size() as u64) {
+            return Err(self.malformed(format!(
+                "tensor `{name}`: row length {row} is not a multiple of the {ggml_type} block size {}",
+                ggml_type.block_size()
+            )));
+        }
+        let n_bytes = ggml_type
+            .bytes_for(n_elements)
+            .ok_or_else(|| self.malformed(format!("tensor `{name}`: size overflows")))?;
+        if !offset.is_multiple_of(alignment) {
+            return Err(self.malformed(format!(
+                "tensor `{name}`: offset {offset} is not a multiple of the alignment {alignment}"
+            )));
+        }
+        Ok(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            n_bytes,
+        })
+    }
+
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
         let end = usize::try_from(n)
             .ok()

@@ -107,12 +107,11 @@ impl GgufFile {
     }
 }
 
-/// Builds the tokenizer described by `tokenizer.ggml.*` metadata.
+/// Builds the tokenizer described by `tokenizer.ggml.*` metadata: the vocabulary, the model
+/// (byte-level BPE or SentencePiece as BPE), the special and user-defined tokens, and the
+/// bos/eos the encoder adds.
 pub fn tokenizer_from_metadata(md: &Metadata) -> Result<Tokenizer> {
-    let err = |msg: String| GgufError::Tokenizer {
-        path: md.path().to_path_buf(),
-        msg,
-    };
+    let err = tokenizer_error(md);
     let model = md.get_str("tokenizer.ggml.model")?;
     let tokens = md.get_str_array("tokenizer.ggml.tokens")?;
     let types = match md.contains("tokenizer.ggml.token_type") {
@@ -132,104 +131,131 @@ pub fn tokenizer_from_metadata(md: &Metadata) -> Result<Tokenizer> {
     for (id, tok) in tokens.iter().enumerate() {
         vocab.entry(tok.to_string()).or_insert(id as u32);
     }
-
     let mut tokenizer = match model {
-        "gpt2" => {
-            let pre = md
-                .get_opt::<&str>("tokenizer.ggml.pre")?
-                .unwrap_or("default");
-            let (regexes, ignore_merges) = bpe_pre_tokenization(pre).ok_or_else(|| {
-                err(format!(
-                    "unknown pre-tokenizer type `{pre}` (tokenizer.ggml.pre)"
-                ))
-            })?;
-            let merges = file_merges(md)?
-                .ok_or_else(|| err("byte-level BPE without `tokenizer.ggml.merges`".to_string()))?;
-            let bpe = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .ignore_merges(ignore_merges)
-                .build()
-                .map_err(|e| err(format!("BPE model: {e}")))?;
-            let mut t = Tokenizer::new(bpe);
-            let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
-            for re in regexes {
-                let split = Split::new(
-                    SplitPattern::Regex(re.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| err(format!("pre-tokenizer regex {re:?}: {e}")))?;
-                steps.push(split.into());
-            }
-            steps.push(ByteLevel::new(false, false, false).into());
-            t.with_pre_tokenizer(Some(PreSequence::new(steps)));
-            t.with_decoder(Some(ByteLevel::new(false, false, false)));
-            t
-        }
-        "llama" => {
-            let scores = match md.contains("tokenizer.ggml.scores") {
-                true => md.get_f32_array("tokenizer.ggml.scores")?,
-                false => vec![0.0; tokens.len()],
-            };
-            if scores.len() != tokens.len() {
-                return Err(err(format!(
-                    "{} scores for {} tokens",
-                    scores.len(),
-                    tokens.len()
-                )));
-            }
-            let merges = match file_merges(md)? {
-                Some(m) => m,
-                None => merges_from_scores(&tokens, &scores, &vocab),
-            };
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
-            if let Some(unk) = md.get_opt::<u32>("tokenizer.ggml.unknown_token_id")?
-                && let Some(tok) = tokens.get(unk as usize)
-            {
-                builder = builder.unk_token(tok.to_string());
-            }
-            let bpe = builder
-                .build()
-                .map_err(|e| err(format!("SentencePiece-as-BPE model: {e}")))?;
-            let mut t = Tokenizer::new(bpe);
-            let add_space_prefix = md
-                .get_opt::<bool>("tokenizer.ggml.add_space_prefix")?
-                .unwrap_or(true);
-            let escape = Replace::new(" ", "▁").map_err(|e| err(e.to_string()))?;
-            let normalizer: NormalizerWrapper = if add_space_prefix {
-                NormalizerSequence::new(vec![Prepend::new("▁".into()).into(), escape.into()]).into()
-            } else {
-                escape.into()
-            };
-            t.with_normalizer(Some(normalizer))
-                .map_err(|e| err(e.to_string()))?;
-            let mut decoders: Vec<DecoderWrapper> = vec![
-                Replace::new("▁", " ")
-                    .map_err(|e| err(e.to_string()))?
-                    .into(),
-                ByteFallback::new().into(),
-                Fuse::new().into(),
-            ];
-            if add_space_prefix {
-                decoders.push(Strip::new(' ', 1, 0).into());
-            }
-            t.with_decoder(Some(DecoderSequence::new(decoders)));
-            t
-        }
+        "gpt2" => byte_level_bpe(md, vocab)?,
+        "llama" => sentencepiece_bpe(md, &tokens, vocab)?,
         other => {
             return Err(err(format!(
                 "tokenizer model `{other}` is not supported (supported: gpt2, llama)"
             )));
         }
     };
+    add_special_tokens(md, &mut tokenizer, &tokens, &types)?;
+    add_bos_eos(md, &mut tokenizer, &tokens, model)?;
+    Ok(tokenizer)
+}
 
-    // Special and user-defined tokens are cut out of the text before the model sees it.
+/// A `GgufError::Tokenizer` for this file.
+fn tokenizer_error(md: &Metadata) -> impl Fn(String) -> GgufError + '_ {
+    move |msg| GgufError::Tokenizer {
+        path: md.path().to_path_buf(),
+        msg,
+    }
+}
+
+/// GPT-2 style byte-level BPE with the pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_bpe(md: &Metadata, vocab: Vocab) -> Result<Tokenizer> {
+    let err = tokenizer_error(md);
+    let pre = md
+        .get_opt::<&str>("tokenizer.ggml.pre")?
+        .unwrap_or("default");
+    let (regexes, ignore_merges) = bpe_pre_tokenization(pre).ok_or_else(|| {
+        err(format!(
+            "unknown pre-tokenizer type `{pre}` (tokenizer.ggml.pre)"
+        ))
+    })?;
+    let merges = file_merges(md)?
+        .ok_or_else(|| err("byte-level BPE without `tokenizer.ggml.merges`".to_string()))?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| err(format!("BPE model: {e}")))?;
+    let mut t = Tokenizer::new(bpe);
+    let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
+    for re in regexes {
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| err(format!("pre-tokenizer regex {re:?}: {e}")))?;
+        steps.push(split.into());
+    }
+    steps.push(ByteLevel::new(false, false, false).into());
+    t.with_pre_tokenizer(Some(PreSequence::new(steps)));
+    t.with_decoder(Some(ByteLevel::new(false, false, false)));
+    Ok(t)
+}
+
+/// SentencePiece as BPE (merges from the file, or derived from the scores), with byte
+/// fallback and the `▁` space escape.
+fn sentencepiece_bpe(md: &Metadata, tokens: &[&str], vocab: Vocab) -> Result<Tokenizer> {
+    let err = tokenizer_error(md);
+    let scores = match md.contains("tokenizer.ggml.scores") {
+        true => md.get_f32_array("tokenizer.ggml.scores")?,
+        false => vec![0.0; tokens.len()],
+    };
+    if scores.len() != tokens.len() {
+        return Err(err(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let merges = match file_merges(md)? {
+        Some(m) => m,
+        None => merges_from_scores(tokens, &scores, &vocab),
+    };
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = md.get_opt::<u32>("tokenizer.ggml.unknown_token_id")?
+        && let Some(tok) = tokens.get(unk as usize)
+    {
+        builder = builder.unk_token(tok.to_string());
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| err(format!("SentencePiece-as-BPE model: {e}")))?;
+    let mut t = Tokenizer::new(bpe);
+    let add_space_prefix = md
+        .get_opt::<bool>("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let escape = Replace::new(" ", "▁").map_err(|e| err(e.to_string()))?;
+    let normalizer: NormalizerWrapper = if add_space_prefix {
+        NormalizerSequence::new(vec![Prepend::new("▁".into()).into(), escape.into()]).into()
+    } else {
+        escape.into()
+    };
+    t.with_normalizer(Some(normalizer))
+        .map_err(|e| err(e.to_string()))?;
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("▁", " ")
+            .map_err(|e| err(e.to_string()))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    t.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(t)
+}
+
+/// Special and user-defined tokens are cut out of the text before the model sees it.
+fn add_special_tokens(
+    md: &Metadata,
+    tokenizer: &mut Tokenizer,
+    tokens: &[&str],
+    types: &[i32],
+) -> Result<()> {
+    let err = tokenizer_error(md);
     let mut special = Vec::new();
     let mut added = Vec::new();
-    for (tok, &ty) in tokens.iter().zip(&types) {
+    for (tok, &ty) in tokens.iter().zip(types) {
         if tok.is_empty() {
             continue;
         }
@@ -250,7 +276,17 @@ pub fn tokenizer_from_metadata(md: &Metadata) -> Result<Tokenizer> {
         .add_tokens(added)
         .map_err(|e| err(format!("user-defined tokens: {e}")))?;
 
-    // BOS/EOS as llama.cpp adds them: by default BOS for SentencePiece, nothing for BPE.
+    Ok(())
+}
+
+/// BOS/EOS as llama.cpp adds them: by default BOS for SentencePiece, nothing for BPE.
+fn add_bos_eos(
+    md: &Metadata,
+    tokenizer: &mut Tokenizer,
+    tokens: &[&str],
+    model: &str,
+) -> Result<()> {
+    let err = tokenizer_error(md);
     let add_bos = md
         .get_opt::<bool>("tokenizer.ggml.add_bos_token")?
         .unwrap_or(model == "llama");
@@ -296,7 +332,7 @@ pub fn tokenizer_from_metadata(md: &Metadata) -> Result<Tokenizer> {
             .map_err(|e| err(format!("post-processor: {e}")))?;
         tokenizer.with_post_processor(Some(processor));
     }
-    Ok(tokenizer)
+    Ok(())
 }
 
 /// `tokenizer.ggml.merges` as pairs ("a b" → ("a", "b")), if the file has them.

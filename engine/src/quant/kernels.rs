@@ -1,4 +1,4 @@
-//! The per-row kernels behind [`super::Q8Matrix`]: a weight row (in blocks) dotted with the
+//! The per-row kernels behind [`super::BlockMatrix`]: a weight row (in blocks) dotted with the
 //! activations, and a weight row expanded to f32 (for the tiled path that hands whole tiles
 //! to gemm).
 //!

@@ -15,7 +15,8 @@
 //! - many rows (prefill): tiles of weight rows are expanded to f32 once and multiplied with
 //!   all input rows by gemm, so the unpacking is paid once per tile, not once per token.
 //!
-//! It is used for the linear layers only; everything else stays in Burn.
+//! The CPU layers (`model::cpu`) run every projection and the output head through it; the
+//! embedding lookup expands single rows (`BlockMatrix::expand_row`).
 
 mod kernels;
 
@@ -37,8 +38,9 @@ const GEMM_MIN_ROWS: usize = 4;
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
 const GEMM_TILE_BYTES: usize = 4 << 20;
 
-/// A `[rows, cols]` matrix in 32-value blocks, row-major (`cols` a multiple of 32).
-pub struct Q8Matrix {
+/// A `[rows, cols]` weight matrix in 32-value blocks (Q8_0 or Q4_1), row-major (`cols` a
+/// multiple of 32).
+pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     blocks: Blocks,
@@ -56,7 +58,7 @@ enum Blocks {
     Q4_1(Vec<u8>),
 }
 
-impl fmt::Debug for Q8Matrix {
+impl fmt::Debug for BlockMatrix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.blocks {
             Blocks::Q8_0 { .. } => "Q8_0",
@@ -83,7 +85,7 @@ fn quantize_into(values: &[f32], quants: &mut [i8], scales: &mut [f32]) {
     }
 }
 
-impl Q8Matrix {
+impl BlockMatrix {
     /// `None` when a row is not a whole number of blocks.
     pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Option<Self> {
         if !cols.is_multiple_of(BLOCK) || values.len() != rows * cols {
@@ -200,11 +202,7 @@ impl Q8Matrix {
     /// layer's q/k/v, or gate/up): in decoding, one dispatch to the pool and one rounding of
     /// `x` for all of them.
     pub fn matmul_many<const N: usize>(mats: [&Self; N], x: &[f32], m: usize) -> [Vec<f32>; N] {
-        let cols = mats.first().map_or(0, |w| w.cols);
-        for w in mats {
-            assert_eq!(w.cols, cols, "Q8Matrix::matmul_many: widths differ");
-        }
-        assert_eq!(x.len(), m * cols, "Q8Matrix::matmul: input shape");
+        check_shapes(mats, x, m);
         if m < GEMM_MIN_ROWS {
             Self::matmul_rows(mats, x, m)
         } else {
@@ -215,10 +213,15 @@ impl Q8Matrix {
     /// One integer dot per (weight row, input row) (see `kernels`). The matrices' rows are
     /// taken as one stacked matrix and split across the pool in a few chunks per thread (a
     /// chunk is microseconds of work, so finer splits cost more in scheduling than they gain
-    /// in balance).
-    fn matmul_rows<const N: usize>(mats: [&Self; N], x: &[f32], m: usize) -> [Vec<f32>; N] {
+    /// in balance); each chunk is dotted with every input row while it is in cache, so a
+    /// batch of rows reads the weights from memory once and dispatches once. A row's result
+    /// does not depend on the other rows: a sequence decodes the same alone or in a batch.
+    pub fn matmul_rows<const N: usize>(mats: [&Self; N], x: &[f32], m: usize) -> [Vec<f32>; N] {
         let simd = Simd::detect();
-        let cols = mats[0].cols;
+        let cols = check_shapes(mats, x, m);
+        if m == 0 {
+            return std::array::from_fn(|_| Vec::new());
+        }
         // `starts[i]`: the first stacked row of matrix `i`.
         let mut starts = [0; N];
         let mut total = 0;
@@ -229,32 +232,44 @@ impl Q8Matrix {
         let chunk = total
             .div_ceil(4 * rayon::current_num_threads())
             .next_multiple_of(8);
-        let mut stacked = vec![0f32; m * total];
-        for (j, out_row) in stacked.chunks_exact_mut(total).enumerate() {
-            let xj = QuantizedRow::new(&x[j * cols..(j + 1) * cols]);
-            out_row
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, out)| {
+        let inputs: Vec<QuantizedRow> =
+            x.chunks_exact(cols.max(1)).map(QuantizedRow::new).collect();
+        // Stacked rows × inputs, so each chunk of stacked rows owns one contiguous slice.
+        let mut stacked = vec![0f32; total * m];
+        stacked
+            .par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let first = c * chunk;
+                let len = out.len() / m;
+                let mut dots = vec![0f32; len];
+                for (j, xj) in inputs.iter().enumerate() {
                     // This chunk's stacked rows, matrix by matrix.
-                    let first = c * chunk;
                     for (&start, mat) in starts.iter().zip(mats) {
                         let lo = start.max(first);
-                        let hi = (start + mat.rows).min(first + out.len());
+                        let hi = (start + mat.rows).min(first + len);
                         if lo < hi {
-                            let out = &mut out[lo - first..hi - first];
-                            mat.dot_rows(simd, lo - start..hi - start, &xj, out);
+                            let dots = &mut dots[lo - first..hi - first];
+                            mat.dot_rows(simd, lo - start..hi - start, xj, dots);
                         }
                     }
-                });
-        }
+                    for (slot, dot) in out.iter_mut().skip(j).step_by(m).zip(&dots) {
+                        *slot = *dot;
+                    }
+                }
+            });
         std::array::from_fn(|w| {
             let (start, rows) = (starts[w], mats[w].rows);
-            stacked
-                .chunks_exact(total)
-                .flat_map(|row| &row[start..start + rows])
-                .copied()
-                .collect()
+            let mut out = vec![0f32; m * rows];
+            for (r, values) in stacked[start * m..(start + rows) * m]
+                .chunks_exact(m)
+                .enumerate()
+            {
+                for (j, value) in values.iter().enumerate() {
+                    out[j * rows + r] = *value;
+                }
+            }
+            out
         })
     }
 
@@ -304,6 +319,16 @@ impl Q8Matrix {
     }
 }
 
+/// The common width of `mats`, which `x` `[m, cols]` must have.
+fn check_shapes<const N: usize>(mats: [&BlockMatrix; N], x: &[f32], m: usize) -> usize {
+    let cols = mats.first().map_or(0, |w| w.cols);
+    for w in mats {
+        assert_eq!(w.cols, cols, "BlockMatrix: widths differ");
+    }
+    assert_eq!(x.len(), m * cols, "BlockMatrix: input shape");
+    cols
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,7 +350,7 @@ mod tests {
         };
         let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
         let x: Vec<f32> = (0..m * cols).map(|_| next()).collect();
-        let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+        let q = BlockMatrix::quantize(&w, rows, cols).unwrap();
         let got = q.matmul(&x, m);
         for j in 0..m {
             for r in 0..rows {
@@ -339,7 +364,7 @@ mod tests {
             }
         }
         assert!(
-            Q8Matrix::quantize(&w, rows * 2, cols / 2).is_none(),
+            BlockMatrix::quantize(&w, rows * 2, cols / 2).is_none(),
             "half a row is not whole blocks"
         );
     }
@@ -351,15 +376,36 @@ mod tests {
         let bytes: Vec<u8> = (0..37 * 3 * Q4_1_BYTES)
             .map(|i| (i * 7 % 251) as u8 & 0x3b)
             .collect();
-        let a = Q8Matrix::from_q4_1(&bytes, 37, 96).unwrap();
+        let a = BlockMatrix::from_q4_1(&bytes, 37, 96).unwrap();
         let w: Vec<f32> = (0..50 * 96)
             .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
             .collect();
-        let b = Q8Matrix::quantize(&w, 50, 96).unwrap();
+        let b = BlockMatrix::quantize(&w, 50, 96).unwrap();
         let x: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
-        let [got_a, got_b] = Q8Matrix::matmul_many([&a, &b], &x, 1);
+        let [got_a, got_b] = BlockMatrix::matmul_many([&a, &b], &x, 1);
         assert_eq!(got_a, a.matmul(&x, 1));
         assert_eq!(got_b, b.matmul(&x, 1));
+    }
+
+    #[test]
+    fn a_row_gives_the_same_result_alone_or_in_a_batch() {
+        let bytes: Vec<u8> = (0..45 * 3 * Q4_1_BYTES)
+            .map(|i| (i * 11 % 253) as u8 & 0x3b)
+            .collect();
+        let a = BlockMatrix::from_q4_1(&bytes, 45, 96).unwrap();
+        let w: Vec<f32> = (0..70 * 96)
+            .map(|i| ((i * 7 % 31) as f32 - 15.0) / 9.0)
+            .collect();
+        let b = BlockMatrix::quantize(&w, 70, 96).unwrap();
+        let m = 6;
+        let x: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.21).cos()).collect();
+        let [batch_a, batch_b] = BlockMatrix::matmul_rows([&a, &b], &x, m);
+        for j in 0..m {
+            let row = &x[j * 96..(j + 1) * 96];
+            let [alone_a, alone_b] = BlockMatrix::matmul_rows([&a, &b], row, 1);
+            assert_eq!(alone_a, batch_a[j * 45..(j + 1) * 45], "row {j} of a");
+            assert_eq!(alone_b, batch_b[j * 70..(j + 1) * 70], "row {j} of b");
+        }
     }
 
     #[test]
@@ -371,7 +417,7 @@ mod tests {
             raw.extend(half::f16::from_f32(-1.0).to_le_bytes());
             raw.extend((0..16u8).map(|k| k | ((15 - k) << 4)));
         }
-        let q = Q8Matrix::from_q4_1(&raw, 2, 32).unwrap();
+        let q = BlockMatrix::from_q4_1(&raw, 2, 32).unwrap();
         let x: Vec<f32> = (0..32).map(|k| k as f32 * 0.25 - 3.0).collect();
         let w: Vec<f32> = (0..32)
             .map(|k| if k < 16 { k as f32 } else { (31 - k) as f32 } * 0.5 - 1.0)

@@ -16,6 +16,7 @@ pub fn load(path: &Path, weights: WeightFormat) -> Engine {
         &LoadOptions {
             device: DeviceChoice::Cpu,
             weights,
+            ..LoadOptions::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))

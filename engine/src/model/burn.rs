@@ -1,6 +1,8 @@
-//! The Llama-family decoder, read top to bottom: config → RoPE → cache → attention → MLP →
-//! block → model → forward. Module fields are named like the Hugging Face tensors
-//! (`model.layers.0.self_attn.q_proj.weight`, ...), so a safetensors checkpoint loads by name.
+//! The Llama-family decoder in Burn, read top to bottom: cache → attention → MLP → block →
+//! model → forward. This is the path for the GPU (wgpu) and for f32 weights on the CPU (the
+//! reference format); the CPU's default block format runs in `cpu` instead. Module fields are
+//! named like the Hugging Face tensors (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+//! safetensors checkpoint loads by name.
 //!
 //! Shapes: `b` batch (always 1 here), `s` new positions, `t` cached + new positions,
 //! `nh`/`nkv` query/key-value heads, `hd` head dim.
@@ -10,84 +12,11 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor};
 
-use std::ops::Range;
-
-use crate::config::ModelConfig;
-use crate::host_layers::{HostKv, HostLayers};
-use crate::linear::Proj;
-
-// ---------------------------------------------------------------------------------------
-// RoPE (rotate-half, as in Hugging Face's Llama; Burn's `RotaryEncoding` rotates adjacent
-// pairs instead, which is the GGUF layout — GGUF q/k rows are un-permuted at load instead).
-// ---------------------------------------------------------------------------------------
-
-/// Precomputed cos/sin tables, `[max_positions, hd]`, each frequency repeated for both halves.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    cos: Tensor<2>,
-    sin: Tensor<2>,
-    /// `1 / theta^(2i / hd)` for `i < hd / 2`, for rotating host vectors (`rotate`).
-    inv_freq: Vec<f32>,
-}
-
-impl Rope {
-    pub fn new(config: &ModelConfig, device: &Device) -> Self {
-        let hd = config.head_dim;
-        let half = hd / 2;
-        let positions = config.max_position_embeddings;
-        // transformers computes the inverse frequencies in f32; doing the same keeps the
-        // angles bit-identical before cos/sin.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(positions * hd);
-        let mut sin = Vec::with_capacity(positions * hd);
-        for p in 0..positions {
-            for i in 0..hd {
-                let angle = p as f32 * inv_freq[i % half];
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, [positions, hd]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [positions, hd]), device),
-            inv_freq,
-        }
-    }
-
-    /// Rotates host rows `[s, heads, hd]` at `positions` in place: the same angles as the
-    /// tables (`apply`), computed per position.
-    pub fn rotate(&self, values: &mut [f32], heads: usize, positions: Range<usize>) {
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
-        for (p, row) in positions.zip(values.chunks_exact_mut(heads * 2 * half)) {
-            for ((c, s), f) in cos.iter_mut().zip(&mut sin).zip(&self.inv_freq) {
-                let angle = p as f32 * f;
-                (*c, *s) = (angle.cos(), angle.sin());
-            }
-            for head in row.chunks_exact_mut(2 * half) {
-                let (x1, x2) = head.split_at_mut(half);
-                for (((a, b), c), s) in x1.iter_mut().zip(x2).zip(&cos).zip(&sin) {
-                    (*a, *b) = (*a * c - *b * s, *b * c + *a * s);
-                }
-            }
-        }
-    }
-
-    /// Rotates `x` `[b, heads, s, hd]` whose first position is `start`.
-    fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, s, hd] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
-        let sin = self.sin.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
-        let x1 = x.clone().narrow(3, 0, hd / 2);
-        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
-    }
-}
+use super::ModelConfig;
+use super::proj::Proj;
+use super::rope::RopeTables;
 
 // ---------------------------------------------------------------------------------------
 // KV cache: per layer, keys and values of every position seen so far, in a buffer
@@ -96,47 +25,28 @@ impl Rope {
 // position only, not a copy of everything cached so far.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Default)]
-pub struct Cache {
+#[derive(Debug)]
+pub struct BurnCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// The same in host memory, for the host layers (`host_layers`); allocated on first use.
-    host: Vec<Option<HostKv>>,
     /// Positions the buffers hold.
     capacity: usize,
     /// Positions already in the cache.
-    pub len: usize,
+    len: usize,
 }
 
-impl Cache {
+impl BurnCache {
     /// A cache for up to `capacity` positions (prompt and generated tokens together).
     pub fn new(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
-            host: (0..num_layers).map(|_| None).collect(),
             capacity,
             len: 0,
         }
     }
 
-    /// Layer `layer`'s host-memory keys and values.
-    pub(crate) fn host_layer(
-        &mut self,
-        layer: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> &mut HostKv {
-        let capacity = self.capacity;
-        self.host[layer].get_or_insert_with(|| HostKv::new(heads, head_dim, capacity))
-    }
-
     /// Writes `k`, `v` `[b, nkv, s, hd]` at positions `len..len + s` and returns views of
     /// positions `0..len + s`.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor<4>,
-        v: Tensor<4>,
-    ) -> (Tensor<4>, Tensor<4>) {
+    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let [b, nkv, s, hd] = k.dims();
         let (start, end) = (self.len, self.len + s);
         assert!(
@@ -188,7 +98,13 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut Cache, layer: usize) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        cache: &mut BurnCache,
+        layer: usize,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let start = cache.len;
@@ -212,11 +128,11 @@ impl Attention {
 /// share a key/value head). Several positions are a prompt from position 0 (the generation
 /// loop never prefills in chunks), so plain causal masking is right; one new position sees
 /// every cached key.
-pub(crate) fn attend(
+fn attend(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
-    cache: &mut Cache,
+    cache: &mut BurnCache,
     layer: usize,
 ) -> Tensor<4> {
     let s = q.dims()[2];
@@ -301,7 +217,13 @@ impl DecoderLayer {
         ]
     }
 
-    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut Cache, layer: usize) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        cache: &mut BurnCache,
+        layer: usize,
+    ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
@@ -323,26 +245,17 @@ pub struct LlamaModel {
 
 /// `LlamaForCausalLM`: the HF checkpoint's top level (`model.*` and `lm_head.*`).
 #[derive(Module, Debug)]
-pub struct Llama {
+pub struct BurnModel {
     pub model: LlamaModel,
-    /// `None` when the output projection is tied to `model.embed_tokens`.
+    /// `None` when the output projection is tied to `model.embed_tokens` (the transposed
+    /// table then feeds the output matmul, so no second copy of the largest matrix is kept).
     pub lm_head: Option<Proj>,
-    /// The tied output projection as Q8_0 blocks (CPU default format); the embedding
-    /// table itself stays float for the lookups.
-    #[module(skip)]
-    pub tied_q8: Option<std::sync::Arc<crate::quant::Q8Matrix>>,
-    /// The layers' host-memory path on the CPU with block weights (`host_layers`).
-    #[module(skip)]
-    pub host: Option<std::sync::Arc<HostLayers>>,
-    /// The embedding rows come from `tied_q8` (through `host`), and `embed_tokens` is an
-    /// empty placeholder: set by the GGUF loader when the tied matrix is stored in blocks.
-    #[module(skip)]
-    pub embeddings_in_blocks: bool,
 }
 
-impl Llama {
+impl BurnModel {
     /// A model of the right shape whose weights are placeholders, to be replaced by the
-    /// loader (zeros: cheap, and a weight the loader forgot shows up as wrong output).
+    /// loader (zeros, allocated only if never replaced: a weight the loader forgot shows up
+    /// as wrong output, not as memory).
     pub fn new(config: &ModelConfig, device: &Device) -> Self {
         let embed = EmbeddingConfig::new(config.vocab_size, config.hidden_size)
             .with_initializer(Initializer::Zeros)
@@ -359,9 +272,6 @@ impl Llama {
             },
             lm_head: (!config.tie_word_embeddings)
                 .then(|| Proj::init(config.hidden_size, config.vocab_size, false, device)),
-            tied_q8: None,
-            host: None,
-            embeddings_in_blocks: false,
         }
     }
 
@@ -372,44 +282,16 @@ impl Llama {
     pub fn forward(
         &self,
         tokens: Tensor<2, Int>,
-        rope: &Rope,
-        cache: &mut Cache,
+        rope: &RopeTables,
+        cache: &mut BurnCache,
         last_only: bool,
     ) -> Tensor<3> {
-        let [b, s] = tokens.dims();
-        let device = tokens.device();
+        let s = tokens.dims()[1];
         // The embedding table may be kept in a half type; the residual stream is f32.
-        let embed = |tokens: Tensor<2, Int>| {
-            self.model
-                .embed_tokens
-                .forward(tokens)
-                .cast(burn::tensor::DType::F32)
-        };
-        let x = match &self.host {
-            Some(host) => {
-                let mut values = match host.embeddings() {
-                    Some(table) => {
-                        let ids = tokens.into_data().convert::<i64>();
-                        let ids = ids.as_slice::<i64>().expect("i64 token ids");
-                        embedding_rows(table, ids)
-                    }
-                    None => embed(tokens)
-                        .into_data()
-                        .try_into_vec::<f32>()
-                        .expect("f32 embeddings"),
-                };
-                host.forward(&mut values, rope, cache);
-                let h = values.len() / (b * s);
-                Tensor::from_data(TensorData::new(values, [b, s, h]), &device)
-            }
-            None => {
-                let mut x = embed(tokens);
-                for (i, layer) in self.model.layers.iter().enumerate() {
-                    x = layer.forward(x, rope, cache, i);
-                }
-                x
-            }
-        };
+        let mut x = self.model.embed_tokens.forward(tokens).cast(DType::F32);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            x = layer.forward(x, rope, cache, i);
+        }
         cache.len += s;
         let x = if last_only && s > 1 {
             x.narrow(1, s - 1, 1)
@@ -417,25 +299,38 @@ impl Llama {
             x
         };
         let x = self.model.norm.forward(x);
-        match (&self.lm_head, &self.tied_q8) {
-            (Some(head), _) => head.forward(x),
-            (None, Some(q8)) => {
-                let [b, s, h] = x.dims();
-                crate::linear::q8_matmul(q8, x.reshape([b * s, h])).reshape([b, s, q8.rows()])
-            }
-            (None, None) => tied_output(x, self.model.embed_tokens.weight.val()),
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => tied_output(x, self.model.embed_tokens.weight.val()),
         }
     }
-}
 
-/// Rows `ids` of an embedding matrix kept in blocks, `[ids.len(), hidden]`.
-fn embedding_rows(table: &crate::quant::Q8Matrix, ids: &[i64]) -> Vec<f32> {
-    let hidden = table.cols();
-    let mut x = vec![0f32; ids.len() * hidden];
-    for (&id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
-        table.expand_row(id as usize, row);
+    /// Casts every matrix to `dtype`, and norms and biases to f32 (they are tiny and
+    /// precision-sensitive, whatever the checkpoint stored).
+    pub fn cast(mut self, dtype: DType) -> Self {
+        fn cast<const D: usize>(p: &mut Param<Tensor<D>>, dtype: DType) {
+            let t = p.val();
+            if t.dtype() != dtype {
+                *p = Param::from_tensor(t.cast(dtype));
+            }
+        }
+        cast(&mut self.model.embed_tokens.weight, dtype);
+        cast(&mut self.model.norm.gamma, DType::F32);
+        if let Some(head) = &mut self.lm_head {
+            cast(&mut head.weight, dtype);
+        }
+        for layer in &mut self.model.layers {
+            cast(&mut layer.input_layernorm.gamma, DType::F32);
+            cast(&mut layer.post_attention_layernorm.gamma, DType::F32);
+            for (_, proj) in DecoderLayer::projections_mut(&mut layer.self_attn, &mut layer.mlp) {
+                cast(&mut proj.weight, dtype);
+                if let Some(bias) = &mut proj.bias {
+                    cast(bias, DType::F32);
+                }
+            }
+        }
+        self
     }
-    x
 }
 
 /// `x · Eᵀ` with the embedding matrix `E` `[vocab, h]`: the transposed view feeds the
@@ -446,18 +341,18 @@ fn tied_output(x: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     let x = x.reshape([b * s, h]).cast(dtype);
     let logits = x.matmul(embedding.transpose());
     let [_, vocab] = logits.dims();
-    logits.cast(burn::tensor::DType::F32).reshape([b, s, vocab])
+    logits.cast(DType::F32).reshape([b, s, vocab])
 }
 
 /// A parameter of the model, by kind, for loaders that fill weights by name.
 pub enum ParamMut<'a> {
     Matrix(&'a mut Param<Tensor<2>>),
     Vector(&'a mut Param<Tensor<1>>),
-    /// A projection's weight: the loader may hand it over still quantized.
+    /// A projection's weight (its bias, if any, is reached through it).
     Proj(&'a mut Proj),
 }
 
-impl Llama {
+impl BurnModel {
     /// Every parameter with its Hugging Face name.
     pub fn named_params_mut(&mut self) -> Vec<(String, ParamMut<'_>)> {
         let mut out = vec![(

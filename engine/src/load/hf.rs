@@ -8,17 +8,24 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
-use burn::tensor::Device;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::config::{HfConfig, ModelConfig};
-use crate::loader::{Loaded, SpecialTokens, load_error};
-use crate::model::{Llama, Rope};
-use crate::progress::Progress;
+use super::progress::Progress;
+use super::{Checkpoint, Format, SpecialTokens, WeightPlan, finish_burn_model, load_error};
+use crate::WeightFormat;
+use crate::device::Selected;
+use crate::model::ModelConfig;
+use crate::model::burn::BurnModel;
+use crate::model::config::HfConfig;
 
-/// Loads the folder `dir` onto `device`.
-pub fn load(dir: &Path, device: &Device) -> Result<Loaded, crate::EngineError> {
+/// Loads the folder `dir` onto `device`: through Burn's safetensors store into Burn's
+/// layers (f32), then into the plan's form.
+pub fn load(
+    dir: &Path,
+    weights: WeightFormat,
+    device: &Selected,
+) -> Result<Checkpoint, crate::EngineError> {
     let config_path = dir.join("config.json");
     let config_text = fs::read_to_string(&config_path)
         .map_err(|e| load_error(&config_path, format!("cannot read: {e}")))?;
@@ -38,7 +45,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, crate::EngineError> {
     }
     config.tie_word_embeddings = !names.contains("lm_head.weight");
 
-    let mut model = Llama::new(&config, device);
+    let mut model = BurnModel::new(&config, &device.device);
     let expected: BTreeSet<String> = expected_tensors(&config).into_iter().collect();
     if let Some(missing) = expected.iter().find(|n| !names.contains(*n)) {
         return Err(load_error(
@@ -82,17 +89,20 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, crate::EngineError> {
         .map_err(|e| load_error(&tokenizer_path, format!("invalid tokenizer: {e}")))?;
 
     let special = special_tokens(dir, &raw_config, &tokenizer)?;
-    let rope = Rope::new(&config, device);
-    Ok(Loaded {
+    let plan = WeightPlan::choose(weights, device, &config);
+    let model =
+        finish_burn_model(model, &config, plan, &device.device).map_err(|e| load_error(dir, e))?;
+    Ok(Checkpoint {
         config,
         model,
-        rope,
         tokenizer,
         special,
         id: dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into()),
+        format: Format::HfFolder,
+        device_name: device.name.clone(),
     })
 }
 

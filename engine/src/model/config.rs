@@ -23,10 +23,15 @@ pub struct ModelConfig {
     pub attention_bias: bool,
 }
 
-/// Architectures whose forward pass is the one in `model.rs`.
+/// Architectures whose forward pass is the one in `model` (Llama-family decoders).
 pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "smollm"];
 
 impl ModelConfig {
+    /// Bytes of KV cache one position takes (keys and values of every layer, f32).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.num_layers * self.num_kv_heads * self.head_dim * 2 * 4
+    }
+
     /// Checks the numbers fit together, so a bad config is a load error rather than a
     /// shape panic deep inside the forward pass.
     pub fn validate(&self) -> Result<(), String> {

@@ -1,0 +1,238 @@
+//! Loading `--model PATH`: a Hugging Face folder (`hf`) or a GGUF file (`gguf`), told apart
+//! by what is on disk, onto the chosen device in the weight plan chosen here, once.
+
+mod gguf;
+mod hf;
+mod progress;
+
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{DType, Device, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::device::{self, Selected};
+use crate::model::burn::{BurnModel, ParamMut};
+use crate::model::cpu::{self, CpuModel, CpuWeights, Embeddings};
+use crate::model::{DeviceModel, Model, ModelConfig};
+use crate::quant::BlockMatrix;
+use crate::{EngineError, LoadOptions, WeightFormat};
+
+/// A loaded checkpoint: everything needed to run it.
+pub struct Checkpoint {
+    pub config: ModelConfig,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub special: SpecialTokens,
+    /// A name for the model (from the checkpoint, else the folder or file stem).
+    pub id: String,
+    pub format: Format,
+    /// Where it runs, as `/info` says it: `CPU-0`, `GPU-0`, ...
+    pub device_name: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos_token: Option<String>,
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+pub fn load_error(path: &Path, reason: String) -> EngineError {
+    EngineError::Load {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// Which kind of checkpoint a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    HfFolder,
+    Gguf,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::HfFolder => "hf",
+            Format::Gguf => "gguf",
+        }
+    }
+
+    pub fn detect(path: &Path) -> Result<Format, EngineError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| load_error(path, format!("no such model file or folder ({e})")))?;
+        if meta.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(Format::HfFolder);
+            }
+            return Err(load_error(
+                path,
+                "folder has no config.json (expected a Hugging Face model folder)".into(),
+            ));
+        }
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map_err(|e| load_error(path, format!("cannot read ({e})")))?;
+        if &magic == b"GGUF" {
+            Ok(Format::Gguf)
+        } else {
+            Err(load_error(
+                path,
+                "not a GGUF file (bad magic) and not a model folder".into(),
+            ))
+        }
+    }
+}
+
+/// How the weights are held, decided once per load from the device, the requested format
+/// and the model's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightPlan {
+    /// Burn tensors of this dtype on the device.
+    Burn(DType),
+    /// Block weights in host memory (`model::cpu`): decoding on a CPU is bound by the bytes
+    /// each token reads, and blocks are 4× (Q8_0) to 6.4× (Q4_1) fewer than f32.
+    CpuBlocks,
+}
+
+impl WeightPlan {
+    pub fn choose(format: WeightFormat, device: &Selected, config: &ModelConfig) -> Self {
+        match format {
+            WeightFormat::F32 => WeightPlan::Burn(DType::F32),
+            // f16 halves the bytes each decode step reads, and GPUs multiply f16 natively.
+            WeightFormat::Auto if device.is_gpu => WeightPlan::Burn(DType::F16),
+            WeightFormat::Auto if cpu::fits(config) => WeightPlan::CpuBlocks,
+            WeightFormat::Auto => {
+                tracing::info!("matrix widths are not whole 32-blocks: f32 weights on the CPU");
+                WeightPlan::Burn(DType::F32)
+            }
+        }
+    }
+}
+
+/// Loads `path` as `options` say.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Checkpoint, EngineError> {
+    let format = Format::detect(path)?;
+    tracing::info!(path = %path.display(), format = format.name(), "loading model");
+    let device = device::select(options.device)?;
+    match format {
+        Format::HfFolder => hf::load(path, options.weights, &device),
+        Format::Gguf => gguf::load(path, options.weights, &device),
+    }
+}
+
+/// The Burn form of `model` (filled with f32 weights) for `plan`: cast for the device, or
+/// moved into blocks for the CPU layers.
+pub(crate) fn finish_burn_model(
+    model: BurnModel,
+    config: &ModelConfig,
+    plan: WeightPlan,
+    device: &Device,
+) -> Result<Model, String> {
+    Ok(match plan {
+        WeightPlan::Burn(dtype) => Model::Burn(Box::new(DeviceModel {
+            model: model.cast(dtype),
+            rope: crate::model::rope::Rope::new(config)
+                .tables(config.max_position_embeddings, device),
+            device: device.clone(),
+        })),
+        WeightPlan::CpuBlocks => {
+            Model::Cpu(CpuModel::load(config, &mut FromBurn { model, device })?)
+        }
+    })
+}
+
+/// The CPU model's weights taken out of a Burn model one tensor at a time (each replaced by
+/// an empty placeholder), so the f32 copy shrinks as the blocks grow: Hugging Face folders
+/// load through Burn's safetensors store, then move here.
+struct FromBurn<'a> {
+    model: BurnModel,
+    device: &'a Device,
+}
+
+impl FromBurn<'_> {
+    fn take(&mut self, name: &str) -> Result<Vec<f32>, String> {
+        let device = self.device;
+        let bias = name
+            .strip_suffix(".bias")
+            .map(|base| format!("{base}.weight"));
+        let wanted = bias.as_deref().unwrap_or(name);
+        let param = self
+            .model
+            .named_params_mut()
+            .into_iter()
+            .find(|(n, _)| n == wanted)
+            .map(|(_, p)| p)
+            .ok_or_else(|| format!("no tensor `{name}` in the model"))?;
+        let values = |data: burn::tensor::TensorData| {
+            data.convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| format!("`{name}`: {e:?}"))
+        };
+        match (param, bias.is_some()) {
+            (ParamMut::Proj(proj), true) => {
+                let bias = proj
+                    .bias
+                    .as_mut()
+                    .ok_or_else(|| format!("`{name}` is not in the model"))?;
+                values(
+                    std::mem::replace(bias, Param::from_tensor(Tensor::zeros([1], device)))
+                        .val()
+                        .into_data(),
+                )
+            }
+            (ParamMut::Proj(proj), false) => values(
+                std::mem::replace(
+                    &mut proj.weight,
+                    Param::from_tensor(Tensor::zeros([1, 1], device)),
+                )
+                .val()
+                .into_data(),
+            ),
+            (ParamMut::Matrix(p), _) => values(
+                std::mem::replace(p, Param::from_tensor(Tensor::zeros([1, 1], device)))
+                    .val()
+                    .into_data(),
+            ),
+            (ParamMut::Vector(p), _) => values(
+                std::mem::replace(p, Param::from_tensor(Tensor::zeros([1], device)))
+                    .val()
+                    .into_data(),
+            ),
+        }
+    }
+}
+
+impl CpuWeights for FromBurn<'_> {
+    fn blocks(&mut self, name: &str, rows: usize, cols: usize) -> Result<BlockMatrix, String> {
+        let values = self.take(name)?;
+        BlockMatrix::quantize(&values, rows, cols)
+            .ok_or_else(|| format!("`{name}` is not [{rows}, {cols}] in whole blocks"))
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, String> {
+        let values = self.take(name)?;
+        if values.len() != len {
+            return Err(format!(
+                "`{name}` has {} values, expected {len}",
+                values.len()
+            ));
+        }
+        Ok(values)
+    }
+
+    fn embeddings(&mut self, vocab: usize, hidden: usize) -> Result<Embeddings, String> {
+        let table = self.take("model.embed_tokens.weight")?;
+        if table.len() != vocab * hidden {
+            return Err(format!(
+                "the embedding table has {} values, expected {vocab} × {hidden}",
+                table.len()
+            ));
+        }
+        Ok(Embeddings::F32 { table, hidden })
+    }
+}

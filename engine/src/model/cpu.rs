@@ -1,0 +1,651 @@
+//! The whole decoder on the CPU with block weights (the default format there).
+//!
+//! The residual stream and the KV cache stay in host memory: the embedding lookup, norms,
+//! RoPE, attention, SwiGLU and the residual adds are plain loops over them, wrapped around
+//! the block kernels (`quant`) that every projection and the output head go through. Why not
+//! Burn: at SmolLM2's width (576) a Burn op costs more in dispatch, allocation and copying
+//! than in arithmetic — the ~40 ops of a layer took about as long as its matmuls, and Burn's
+//! attention copied the cached keys and values out of the cache buffer on every step. The
+//! same decoder in Burn (`burn`) is the path for the GPU and for f32 weights; the test
+//! `cpu_model_matches_burn_model` holds the two to each other.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::ModelConfig;
+use super::rope::Rope;
+use crate::quant::{BLOCK, BlockMatrix, Simd};
+
+/// Whether a model of this shape can run here: every matrix width is a whole number of
+/// 32-value blocks (true of every Llama-family checkpoint in practice).
+pub fn fits(config: &ModelConfig) -> bool {
+    [
+        config.hidden_size,
+        config.num_heads * config.head_dim,
+        config.intermediate_size,
+    ]
+    .iter()
+    .all(|width| width.is_multiple_of(BLOCK))
+}
+
+/// Where the CPU model's weights come from, by Hugging Face tensor name: a checkpoint
+/// reader hands over blocks as stored where it can (a GGUF's Q4_1/Q8_0) and requantizes the
+/// rest.
+pub trait CpuWeights {
+    /// A `[rows, cols]` matrix in blocks.
+    fn blocks(&mut self, name: &str, rows: usize, cols: usize) -> Result<BlockMatrix, String>;
+    /// A vector of `len` values (a norm weight or a bias).
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, String>;
+    /// The token embedding table `[vocab, hidden]` as the checkpoint stores it.
+    fn embeddings(&mut self, vocab: usize, hidden: usize) -> Result<Embeddings, String>;
+}
+
+/// The token embedding table.
+#[derive(Debug)]
+pub enum Embeddings {
+    /// Stored in blocks: rows are expanded on lookup, and a tied output head multiplies
+    /// the same blocks (no f32 copy of the largest matrix: 113 MB for SmolLM2).
+    Blocks(Arc<BlockMatrix>),
+    /// f32 rows `[vocab, hidden]`, for checkpoints whose table is not in blocks.
+    F32 { table: Vec<f32>, hidden: usize },
+}
+
+impl Embeddings {
+    /// Rows `ids`, `[ids.len(), hidden]`.
+    fn lookup(&self, ids: &[u32]) -> Vec<f32> {
+        let hidden = match self {
+            Embeddings::Blocks(table) => table.cols(),
+            Embeddings::F32 { hidden, .. } => *hidden,
+        };
+        let mut x = vec![0f32; ids.len() * hidden];
+        for (&id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
+            let id = id as usize;
+            match self {
+                Embeddings::Blocks(table) => table.expand_row(id, row),
+                Embeddings::F32 { table, .. } => {
+                    row.copy_from_slice(&table[id * hidden..(id + 1) * hidden]);
+                }
+            }
+        }
+        x
+    }
+
+    /// The table as the output head's blocks: the same blocks, or the f32 rows quantized.
+    fn as_head(&self) -> Result<Arc<BlockMatrix>, String> {
+        match self {
+            Embeddings::Blocks(table) => Ok(table.clone()),
+            Embeddings::F32 { table, hidden } => {
+                BlockMatrix::quantize(table, table.len() / hidden, *hidden)
+                    .map(Arc::new)
+                    .ok_or_else(|| "the embedding table is not whole blocks".into())
+            }
+        }
+    }
+}
+
+/// The decoder with block weights in host memory.
+#[derive(Debug)]
+pub struct CpuModel {
+    embeddings: Embeddings,
+    layers: Vec<CpuLayer>,
+    norm: Vec<f32>,
+    /// The output projection, or the embedding blocks when tied.
+    head: Arc<BlockMatrix>,
+    eps: f32,
+    /// Query heads, key/value heads, head dim.
+    heads: (usize, usize, usize),
+    rope: Rope,
+}
+
+#[derive(Debug)]
+struct CpuLayer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    /// q, k, v.
+    qkv: [BlockMatrix; 3],
+    /// q, k, v biases (Qwen2).
+    qkv_bias: [Option<Vec<f32>>; 3],
+    o: BlockMatrix,
+    /// gate, up.
+    gate_up: [BlockMatrix; 2],
+    down: BlockMatrix,
+}
+
+impl CpuModel {
+    /// Builds the model from `weights`; the caller has checked [`fits`].
+    pub fn load(config: &ModelConfig, weights: &mut dyn CpuWeights) -> Result<Self, String> {
+        let h = config.hidden_size;
+        let (nh, nkv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+        let i = config.intermediate_size;
+        let embeddings = weights.embeddings(config.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}.");
+            let mut blocks =
+                |name: &str, rows, cols| weights.blocks(&format!("{p}{name}.weight"), rows, cols);
+            let qkv = [
+                blocks("self_attn.q_proj", nh * hd, h)?,
+                blocks("self_attn.k_proj", nkv * hd, h)?,
+                blocks("self_attn.v_proj", nkv * hd, h)?,
+            ];
+            let o = blocks("self_attn.o_proj", h, nh * hd)?;
+            let gate_up = [blocks("mlp.gate_proj", i, h)?, blocks("mlp.up_proj", i, h)?];
+            let down = blocks("mlp.down_proj", h, i)?;
+            let mut qkv_bias = [None, None, None];
+            if config.attention_bias {
+                for ((bias, name), len) in qkv_bias
+                    .iter_mut()
+                    .zip(["q_proj", "k_proj", "v_proj"])
+                    .zip([nh * hd, nkv * hd, nkv * hd])
+                {
+                    *bias = Some(weights.vector(&format!("{p}self_attn.{name}.bias"), len)?);
+                }
+            }
+            layers.push(CpuLayer {
+                input_norm: weights.vector(&format!("{p}input_layernorm.weight"), h)?,
+                post_attention_norm: weights
+                    .vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+                qkv,
+                qkv_bias,
+                o,
+                gate_up,
+                down,
+            });
+        }
+        let head = if config.tie_word_embeddings {
+            embeddings.as_head()?
+        } else {
+            Arc::new(weights.blocks("lm_head.weight", config.vocab_size, h)?)
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            norm: weights.vector("model.norm.weight", h)?,
+            head,
+            eps: config.rms_norm_eps as f32,
+            heads: (nh, nkv, hd),
+            rope: Rope::new(config),
+        })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> CpuCache {
+        let (_, nkv, hd) = self.heads;
+        CpuCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|_| KvCache::new(nkv, hd, capacity))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `ids` (positions `cache.len..cache.len + s`) through the model and returns the
+    /// logits `[s', vocab]`, where `s'` is 1 (the last position) when `last_only`, else `s`.
+    pub fn forward(&self, ids: &[u32], cache: &mut CpuCache, last_only: bool) -> Vec<f32> {
+        if last_only {
+            let mut batch = [Segment {
+                ids,
+                cache,
+                logits: true,
+            }];
+            return self
+                .forward_batch(&mut batch, 0)
+                .remove(0)
+                .unwrap_or_default();
+        }
+        // Every position's logits: the verification path, one sequence.
+        let rows = [Group {
+            rows: 0..ids.len(),
+            decode: false,
+        }];
+        let x = self.layers_forward(ids, &mut [(cache, 0..ids.len())], &rows);
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(&x, &self.norm, self.eps, &mut normed);
+        self.head.matmul(&normed, ids.len())
+    }
+
+    /// One step of several sequences: `batch[..decoding]` are single decode positions, the
+    /// rest prompt chunks. The layers read every weight once for all decode rows; each
+    /// prompt chunk is multiplied on its own, and every row's arithmetic is the same as if
+    /// its sequence ran alone, so batching never changes a sequence's tokens. Returns the
+    /// last position's logits of each segment that asks for them.
+    pub fn forward_batch(
+        &self,
+        batch: &mut [Segment<'_>],
+        decoding: usize,
+    ) -> Vec<Option<Vec<f32>>> {
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for segment in batch.iter() {
+            spans.push(ids.len()..ids.len() + segment.ids.len());
+            ids.extend_from_slice(segment.ids);
+        }
+        // Row groups multiplied together: all decode rows, then each prompt chunk.
+        let mut groups = Vec::with_capacity(batch.len());
+        if decoding > 0 {
+            groups.push(Group {
+                rows: 0..spans[decoding - 1].end,
+                decode: true,
+            });
+        }
+        groups.extend(spans[decoding..].iter().map(|rows| Group {
+            rows: rows.clone(),
+            decode: false,
+        }));
+        let mut caches: Vec<(&mut CpuCache, Range<usize>)> = batch
+            .iter_mut()
+            .zip(&spans)
+            .map(|(segment, span)| (&mut *segment.cache, span.clone()))
+            .collect();
+        let x = self.layers_forward(&ids, &mut caches, &groups);
+        let hidden = self.norm.len();
+        let wanted: Vec<usize> = batch
+            .iter()
+            .zip(&spans)
+            .filter(|(segment, _)| segment.logits)
+            .map(|(_, span)| span.end - 1)
+            .collect();
+        let mut last_rows = Vec::with_capacity(wanted.len() * hidden);
+        for &row in &wanted {
+            last_rows.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
+        }
+        let logits = self.logits(&last_rows, wanted.len());
+        let vocab = self.head.rows();
+        let mut rows = logits.chunks_exact(vocab.max(1));
+        batch
+            .iter()
+            .map(|segment| {
+                segment
+                    .logits
+                    .then(|| rows.next().map(<[f32]>::to_vec).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// The residual stream of `ids` after every layer. `caches` pairs each sequence's cache
+    /// with its rows of `ids`; `groups` are the row ranges multiplied together.
+    fn layers_forward(
+        &self,
+        ids: &[u32],
+        caches: &mut [(&mut CpuCache, Range<usize>)],
+        groups: &[Group],
+    ) -> Vec<f32> {
+        let mut x = self.embeddings.lookup(ids);
+        let hidden = self.norm.len();
+        let mut normed = vec![0f32; x.len()];
+        for (index, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.input_norm, self.eps, &mut normed);
+            let [q, k, v] = grouped(groups, hidden, &normed, layer.qkv.each_ref());
+            let mut attended = vec![0f32; q.len()];
+            let (nh, nkv, hd) = self.heads;
+            for (cache, rows) in caches.iter_mut() {
+                let positions = cache.len..cache.len + rows.len();
+                let row =
+                    |values: &[f32], width| values[rows.start * width..rows.end * width].to_vec();
+                let (mut q, mut k, mut v) =
+                    (row(&q, nh * hd), row(&k, nkv * hd), row(&v, nkv * hd));
+                for (values, bias) in [&mut q, &mut k, &mut v].into_iter().zip(&layer.qkv_bias) {
+                    if let Some(bias) = bias {
+                        for row in values.chunks_exact_mut(bias.len()) {
+                            add(row, bias);
+                        }
+                    }
+                }
+                self.rope.rotate(&mut q, nh, positions.clone());
+                self.rope.rotate(&mut k, nkv, positions.clone());
+                let kv = &mut cache.layers[index];
+                kv.append(&k, &v, positions.start);
+                let out = kv.attend(&q, nh, positions);
+                attended[rows.start * nh * hd..rows.end * nh * hd].copy_from_slice(&out);
+            }
+            let [o] = grouped(groups, nh * hd, &attended, [&layer.o]);
+            add(&mut x, &o);
+
+            rms_norm(&x, &layer.post_attention_norm, self.eps, &mut normed);
+            let [mut gate, up] = grouped(groups, hidden, &normed, layer.gate_up.each_ref());
+            swiglu(&mut gate, &up);
+            let [down] = grouped(groups, layer.down.cols(), &gate, [&layer.down]);
+            add(&mut x, &down);
+        }
+        for (cache, rows) in caches.iter_mut() {
+            cache.len += rows.len();
+        }
+        x
+    }
+
+    /// The final norm and the output head over `rows` last positions of `x`: `[rows, vocab]`.
+    fn logits(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(x, &self.norm, self.eps, &mut normed);
+        // Row by row in integers, as a lone decode step does, whatever the batch.
+        let [logits] = BlockMatrix::matmul_rows([&*self.head], &normed, rows);
+        logits
+    }
+}
+
+/// One sequence's part of a batched step.
+pub struct Segment<'a> {
+    /// Token ids at the cache's next positions.
+    pub ids: &'a [u32],
+    pub cache: &'a mut CpuCache,
+    /// Whether the last position's logits are wanted.
+    pub logits: bool,
+}
+
+/// Rows multiplied together in one call.
+#[derive(Debug, Clone)]
+struct Group {
+    rows: Range<usize>,
+    /// Decode rows, one per sequence: always the row-by-row integer kernel (a lone decode
+    /// step's path), which reads the weights once for all of them. A prompt chunk takes
+    /// the path its own length picks.
+    decode: bool,
+}
+
+/// `x · Wᵢᵀ` for each row group of `x` (rows of `width`), the results put back in row
+/// order.
+fn grouped<const N: usize>(
+    groups: &[Group],
+    width: usize,
+    x: &[f32],
+    mats: [&BlockMatrix; N],
+) -> [Vec<f32>; N] {
+    let matmul = |group: &Group| {
+        let (rows, m) = (
+            &x[group.rows.start * width..group.rows.end * width],
+            group.rows.len(),
+        );
+        if group.decode {
+            BlockMatrix::matmul_rows(mats, rows, m)
+        } else {
+            BlockMatrix::matmul_many(mats, rows, m)
+        }
+    };
+    if let [only] = groups {
+        return matmul(only);
+    }
+    let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+    for group in groups {
+        for (out, part) in out.iter_mut().zip(matmul(group)) {
+            out.extend(part);
+        }
+    }
+    out
+}
+
+/// A generation's keys and values on the CPU path, one [`KvCache`] per layer.
+#[derive(Debug)]
+pub struct CpuCache {
+    layers: Vec<KvCache>,
+    /// Positions already in the cache.
+    len: usize,
+}
+
+/// One layer's keys and values in host memory, `[nkv, capacity, hd]` each: a head's
+/// positions are contiguous, so scoring a query against them is one pass over memory.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+/// Work (query values × positions seen) from which attention rows are split across the
+/// pool: for SmolLM2's decode step (9 heads × 64) from about 110 cached positions on; below
+/// that a row is a few microseconds and dispatch would cost more than it saves.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 16;
+
+impl KvCache {
+    fn new(heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let len = heads * capacity * head_dim;
+        Self {
+            keys: vec![0.0; len],
+            values: vec![0.0; len],
+            heads,
+            head_dim,
+            capacity,
+        }
+    }
+
+    /// Stores `k`, `v` `[s, nkv, hd]` at positions `start..start + s`.
+    fn append(&mut self, k: &[f32], v: &[f32], start: usize) {
+        let (hd, cap) = (self.head_dim, self.capacity);
+        let s = k.len() / (self.heads * hd);
+        assert!(start + s <= cap, "KV cache of {cap} positions is full");
+        for (i, (k, v)) in k
+            .chunks_exact(self.heads * hd)
+            .zip(v.chunks_exact(self.heads * hd))
+            .enumerate()
+        {
+            for (g, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+                let at = (g * cap + start + i) * hd;
+                self.keys[at..at + hd].copy_from_slice(k);
+                self.values[at..at + hd].copy_from_slice(v);
+            }
+        }
+    }
+
+    /// `softmax(q·Kᵀ / √hd) · V` for queries `q` `[s, nh, hd]` at `positions`, each seeing
+    /// the cached positions up to its own (causal); query head `h` reads kv head
+    /// `h / (nh / nkv)`. Returns `[s, nh, hd]`.
+    fn attend(&self, q: &[f32], nh: usize, positions: Range<usize>) -> Vec<f32> {
+        let hd = self.head_dim;
+        let rep = nh / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; q.len()];
+        let simd = Simd::detect();
+        let row = |(r, out): (usize, &mut [f32])| {
+            let (i, h) = (r / nh, r % nh);
+            let seen = positions.start + i + 1;
+            let base = (h / rep) * self.capacity * hd;
+            let keys = &self.keys[base..base + seen * hd];
+            let values = &self.values[base..base + seen * hd];
+            let q = &q[r * hd..(r + 1) * hd];
+            match simd {
+                // SAFETY: `Simd::Avx2` means the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { attend_row_avx2(q, keys, values, scale, out) },
+                Simd::Portable => attend_row(q, keys, values, scale, out),
+            }
+        };
+        let work = q.len() * positions.end;
+        if work >= PARALLEL_ATTENTION_WORK {
+            out.par_chunks_mut(hd).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(row);
+        }
+        out
+    }
+}
+
+/// One query row against `seen` cached positions (`keys`, `values` `[seen, hd]`), into
+/// `out` `[hd]`.
+#[inline(always)]
+fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    // A plain loop rather than `map().collect()`: the closure of an iterator adapter is
+    // compiled on its own, without this function's AVX2.
+    let mut scores = Vec::with_capacity(keys.len() / hd);
+    for k in keys.chunks_exact(hd) {
+        scores.push(dot(q, k) * scale);
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut total = 0f32;
+    for x in &mut scores {
+        *x = (*x - max).exp();
+        total += *x;
+    }
+    for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        let p = p / total;
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
+}
+
+/// [`attend_row`] compiled for AVX2 (8-wide loops instead of SSE's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_row_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    attend_row(q, keys, values, scale, out)
+}
+
+/// Dot product in eight independent lanes, so it vectorizes without reassociation.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for k in 0..8 {
+            lanes[k] += a[k] * b[k];
+        }
+    }
+    let tail: f32 = a
+        .chunks_exact(8)
+        .remainder()
+        .iter()
+        .zip(b.chunks_exact(8).remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out = x / rms(x) · gamma`, row by row (rows of `gamma.len()`), as Burn's `RmsNorm`.
+fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let width = gamma.len();
+    for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let rms = (mean_square + eps).sqrt();
+        for ((o, v), g) in out.iter_mut().zip(row).zip(gamma) {
+            *o = v / rms * g;
+        }
+    }
+}
+
+/// `gate = silu(gate) · up`.
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ::burn::module::Param;
+    use ::burn::tensor::{Tensor, TensorData};
+
+    use super::*;
+    use crate::load::{self, WeightPlan};
+    use crate::model::Model;
+    use crate::model::burn::{BurnModel, ParamMut};
+    use crate::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+
+    /// Every matrix replaced by its Q8_0 blocks expanded back: weights that both forms hold
+    /// exactly, so what differs between them is the arithmetic alone.
+    fn round_through_blocks(model: &mut BurnModel) {
+        for (_, param) in model.named_params_mut() {
+            let p = match param {
+                ParamMut::Proj(proj) => &mut proj.weight,
+                ParamMut::Matrix(p) => p,
+                ParamMut::Vector(_) => continue,
+            };
+            let [rows, cols] = p.shape().dims();
+            let device = p.device();
+            let values = p.val().into_data().try_into_vec::<f32>().unwrap();
+            let blocks = BlockMatrix::quantize(&values, rows, cols).unwrap();
+            let mut rounded = vec![0f32; rows * cols];
+            for (r, row) in rounded.chunks_exact_mut(cols).enumerate() {
+                blocks.expand_row(r, row);
+            }
+            let data = TensorData::new(rounded, [rows, cols]);
+            *p = Param::from_tensor(Tensor::from_data(data, &device));
+        }
+    }
+
+    /// The CPU model and Burn's layers on the same weights (the tiny fixtures, rounded to
+    /// Q8_0; Qwen2's has q/k/v biases): prefill logits agree to float rounding, and greedy
+    /// decoding through each one's KV cache gives the same tokens.
+    #[test]
+    fn cpu_model_matches_burn_model() {
+        let greedy = SamplingParams::greedy(24);
+        let ids = [1, 5, 9, 42, 7, 300, 12, 64];
+        for fixture in ["tiny-llama", "tiny-qwen2"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(fixture);
+            let options = |weights| LoadOptions {
+                device: DeviceChoice::Cpu,
+                weights,
+                ..LoadOptions::default()
+            };
+            let auto = Engine::load(&path, &options(WeightFormat::Auto)).unwrap();
+            assert!(
+                matches!(auto.core.model, Model::Cpu(_)),
+                "{fixture}: the CPU's default plan is blocks"
+            );
+
+            let f32 = options(WeightFormat::F32);
+            let checkpoint = load::load(&path, &f32).unwrap();
+            let Model::Burn(mut burn) = checkpoint.model else {
+                panic!("{fixture}: f32 weights load Burn's layers");
+            };
+            round_through_blocks(&mut burn.model);
+            let cpu = load::finish_burn_model(
+                burn.model.clone(),
+                &checkpoint.config,
+                WeightPlan::CpuBlocks,
+                &burn.device,
+            )
+            .unwrap();
+            let engine = |model| {
+                let checkpoint = load::load(&path, &f32).unwrap();
+                Engine::from_checkpoint(
+                    load::Checkpoint {
+                        model,
+                        ..checkpoint
+                    },
+                    &path,
+                    &f32,
+                )
+                .unwrap()
+            };
+            let burn = engine(Model::Burn(burn));
+            let cpu = engine(cpu);
+            let (burn_logits, cpu_logits) = (burn.logits(&ids).unwrap(), cpu.logits(&ids).unwrap());
+            let (_, burn_tokens) = burn.generate_ids(&ids, &greedy).unwrap();
+            let (_, cpu_tokens) = cpu.generate_ids(&ids, &greedy).unwrap();
+
+            let max_error = cpu_logits
+                .iter()
+                .zip(&burn_logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max_error < 1e-4, "{fixture}: logits differ by {max_error}");
+            assert_eq!(cpu_tokens, burn_tokens, "{fixture}: greedy tokens");
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_match_their_definitions() {
+        let x = [3.0f32, -4.0, 1.0, 2.0];
+        let gamma = [1.0f32, 0.5];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &gamma, 0.0, &mut out);
+        // Rows [3, -4] (rms √12.5) and [1, 2] (rms √2.5).
+        let (r0, r1) = (12.5f32.sqrt(), 2.5f32.sqrt());
+        assert_eq!(out, [3.0 / r0, -4.0 / r0 * 0.5, 1.0 / r1, 2.0 / r1 * 0.5]);
+        let mut gate = [0.0f32, 2.0];
+        swiglu(&mut gate, &[5.0, 3.0]);
+        assert_eq!(gate, [0.0, 2.0 / (1.0 + (-2.0f32).exp()) * 3.0]);
+    }
+}

@@ -1,0 +1,45 @@
+//! The projection layer of Burn's layers (`nn.Linear` in the checkpoint), kept in PyTorch's
+//! `[out, in]` layout: Hugging Face and GGUF both store it that way, so loading needs no
+//! transpose, and the matmul reads the transposed view directly (Flex's strided gemm,
+//! CubeCL's matmul).
+
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::{DType, Device, Tensor};
+
+#[derive(Module, Debug)]
+pub struct Proj {
+    /// `[out, in]`, f32 or a half type.
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Proj {
+    /// Zeros of the right shape, replaced when the weights load. Lazily initialised: the
+    /// placeholder is never allocated when the loader replaces it (which it always does), so
+    /// loading does not first allocate a whole f32 model of zeros.
+    pub fn init(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Zeros.init([d_out, d_in], device),
+            bias: bias.then(|| Initializer::Zeros.init([d_out], device)),
+        }
+    }
+
+    /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, d_in] = x.dims();
+        let w = self.weight.val();
+        let dtype = w.dtype();
+        let y = x.reshape([b * s, d_in]).cast(dtype).matmul(w.transpose());
+        let y = if dtype == DType::F32 {
+            y
+        } else {
+            y.cast(DType::F32)
+        };
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            None => y,
+        };
+        let d_out = y.dims()[1];
+        y.reshape([b, s, d_out])
+    }
+}

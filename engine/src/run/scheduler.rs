@@ -1,0 +1,364 @@
+//! Continuous batching: one thread owns the stepping of every running sequence. Each step is
+//! one forward pass over all of them — a decode row per sequence that is generating, plus a
+//! prompt chunk of each that is still reading its prompt — so the weights are read once per
+//! step, not once per sequence. Sequences join at any step boundary (when there is room in
+//! the batch and in the KV budget) and leave at the one after they finish, are cancelled or
+//! their client goes away; nobody waits for the batch to drain.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::sampling::Sampler;
+use super::text::TextStream;
+use super::{Cancelled, Core};
+use crate::model::{BatchItem, Cache};
+use crate::{Completion, EngineError, FinishReason, SamplingParams};
+
+/// What a generation reports, in order: text as it becomes final, then one `Done`.
+pub(crate) enum Event {
+    Text(String),
+    Done(Result<(Completion, Vec<u32>), EngineError>),
+}
+
+/// Counts of the scheduler's work, for tests and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    steps: AtomicU64,
+    rows: AtomicU64,
+    batched_steps: AtomicU64,
+    most_sequences: AtomicU64,
+}
+
+/// What the scheduler has done since the model loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Forward passes.
+    pub steps: u64,
+    /// Token positions fed, prompt and generated.
+    pub rows: u64,
+    /// Passes that served more than one sequence.
+    pub batched_steps: u64,
+    /// The most sequences one pass served.
+    pub most_sequences: u64,
+}
+
+impl Counters {
+    fn record(&self, sequences: usize, rows: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        if sequences > 1 {
+            self.batched_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.most_sequences
+            .fetch_max(sequences as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BatchStats {
+        BatchStats {
+            steps: self.steps.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            batched_steps: self.batched_steps.load(Ordering::Relaxed),
+            most_sequences: self.most_sequences.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How many sequences run together, and how much KV cache they may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_batch: usize,
+    /// Positions (prompt + max_tokens) of all running sequences together.
+    pub kv_budget: usize,
+    /// Prompt tokens a sequence feeds per step (where the model takes chunks): the other
+    /// sequences wait at most one chunk per step. A sequence's chunks are the same alone or
+    /// in a batch, so batching never changes its numbers.
+    pub prompt_chunk: usize,
+}
+
+/// A generation asked for: everything the scheduler needs to run it.
+pub(crate) struct Submission {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub events: Sender<Event>,
+    /// Set by the generation's handle (its reader stopped or went away).
+    pub stop: Arc<AtomicBool>,
+    /// The caller's own cancellation, checked at every step.
+    pub cancelled: Option<Cancelled>,
+}
+
+impl Submission {
+    fn capacity(&self) -> usize {
+        self.prompt.len() + self.params.max_tokens as usize
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.cancelled.as_ref().is_some_and(|c| c())
+    }
+
+    fn cancelled_before_start(self) {
+        let completion = Completion {
+            text: String::new(),
+            prompt_tokens: self.prompt.len() as u32,
+            generated_tokens: 0,
+            finish_reason: FinishReason::Cancelled,
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+        };
+        self.finish(Ok((completion, Vec::new())));
+    }
+
+    fn finish(self, result: Result<(Completion, Vec<u32>), EngineError>) {
+        // The reader may be gone; then nobody needs the answer.
+        let _ = self.events.send(Event::Done(result));
+    }
+}
+
+/// The scheduler thread; dropping it lets the thread finish the work it has and exit.
+pub(crate) struct Scheduler {
+    submit: Option<Sender<Submission>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Scheduler {
+    pub fn start(core: Arc<Core>, limits: Limits) -> std::io::Result<Self> {
+        let (submit, submissions) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rbee-scheduler".into())
+            .spawn(move || run(&core, limits, submissions))?;
+        Ok(Self {
+            submit: Some(submit),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submit(&self, submission: Submission) -> Result<(), EngineError> {
+        self.submit
+            .as_ref()
+            .and_then(|submit| submit.send(submission).ok())
+            .ok_or_else(|| EngineError::Model("the scheduler has stopped".into()))
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.submit = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A sequence in the batch.
+struct Sequence<'t> {
+    request: Submission,
+    /// Prompt positions already in the cache.
+    prefilled: usize,
+    /// The last sampled token, fed at the next step.
+    next_input: Option<u32>,
+    cache: Cache,
+    sampler: Sampler,
+    text: TextStream<'t>,
+    /// Prompt and generated ids, for the repeat penalty.
+    history: Vec<u32>,
+    generated: u32,
+    started: Instant,
+    prefill: Option<Duration>,
+}
+
+impl Sequence<'_> {
+    fn decoding(&self) -> bool {
+        self.next_input.is_some()
+    }
+
+    /// Ends the sequence: flushes the text held back (for a natural end) and reports.
+    fn finish(mut self, mut reason: FinishReason) {
+        if matches!(reason, FinishReason::Eos | FinishReason::Length) {
+            match self.text.finish() {
+                Ok(rest) if !rest.is_empty() => {
+                    if self.request.events.send(Event::Text(rest)).is_err() {
+                        reason = FinishReason::Cancelled;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => return self.request.finish(Err(error)),
+            }
+        }
+        let prefill = self.prefill.unwrap_or_else(|| self.started.elapsed());
+        let prompt_tokens = self.request.prompt.len();
+        let completion = Completion {
+            text: self.text.text().to_string(),
+            prompt_tokens: prompt_tokens as u32,
+            generated_tokens: self.generated,
+            finish_reason: reason,
+            prefill,
+            decode: self.started.elapsed().saturating_sub(prefill),
+        };
+        let ids = self.history.split_off(prompt_tokens);
+        self.request.finish(Ok((completion, ids)));
+    }
+
+    /// Takes the logits of this step's last position: samples, streams, and tells whether
+    /// the sequence has ended.
+    fn advance(
+        &mut self,
+        logits: &mut [f32],
+        eos_ids: &[u32],
+    ) -> Result<Option<FinishReason>, EngineError> {
+        let next = self.sampler.sample(logits, &self.history);
+        if eos_ids.contains(&next) {
+            return Ok(Some(FinishReason::Eos));
+        }
+        self.generated += 1;
+        self.history.push(next);
+        let step = self.text.push(next)?;
+        if !step.emit.is_empty() && self.request.events.send(Event::Text(step.emit)).is_err() {
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        if step.stopped {
+            return Ok(Some(FinishReason::Stop));
+        }
+        if self.generated >= self.request.params.max_tokens {
+            return Ok(Some(FinishReason::Length));
+        }
+        self.next_input = Some(next);
+        Ok(None)
+    }
+}
+
+fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
+    let mut waiting: VecDeque<Submission> = VecDeque::new();
+    let mut running: Vec<Sequence<'_>> = Vec::new();
+    loop {
+        // Idle: sleep until work arrives (or every sender is gone: exit).
+        if running.is_empty() && waiting.is_empty() {
+            match submissions.recv() {
+                Ok(submission) => waiting.push_back(submission),
+                Err(_) => return,
+            }
+        }
+        waiting.extend(submissions.try_iter());
+
+        // Leave at the step boundary: cancelled ones, waiting or running.
+        for request in std::mem::take(&mut waiting) {
+            if request.is_cancelled() {
+                request.cancelled_before_start();
+            } else {
+                waiting.push_back(request);
+            }
+        }
+        let mut index = 0;
+        while index < running.len() {
+            if running[index].request.is_cancelled() {
+                running.swap_remove(index).finish(FinishReason::Cancelled);
+            } else {
+                index += 1;
+            }
+        }
+
+        // Join: first come, first served, while the batch and the KV budget have room.
+        let mut in_use: usize = running.iter().map(|s| s.request.capacity()).sum();
+        while let Some(request) = waiting.front() {
+            let need = request.capacity();
+            if running.len() >= limits.max_batch || in_use + need > limits.kv_budget {
+                break;
+            }
+            let request = waiting.pop_front().expect("a front element");
+            in_use += need;
+            running.push(Sequence {
+                prefilled: 0,
+                next_input: None,
+                cache: core.model.new_cache(need),
+                sampler: Sampler::new(&request.params),
+                text: TextStream::new(&core.tokenizer, &request.params.stop),
+                history: request.prompt.clone(),
+                generated: 0,
+                started: Instant::now(),
+                prefill: None,
+                request,
+            });
+        }
+        if running.is_empty() {
+            continue;
+        }
+        step(core, limits, &mut running);
+    }
+}
+
+/// One forward pass over every running sequence, then each one's token.
+fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
+    // Decode rows first (the model multiplies them together), then prompt chunks.
+    running.sort_by_key(|sequence| !sequence.decoding());
+    let decoding = running.iter().filter(|s| s.decoding()).count();
+    let chunk = core
+        .model
+        .takes_prompt_chunks()
+        .then_some(limits.prompt_chunk.max(1));
+    let inputs: Vec<Vec<u32>> = running
+        .iter()
+        .map(|sequence| match sequence.next_input {
+            Some(token) => vec![token],
+            None => {
+                let prompt = &sequence.request.prompt;
+                let end = chunk.map_or(prompt.len(), |chunk| {
+                    (sequence.prefilled + chunk).min(prompt.len())
+                });
+                prompt[sequence.prefilled..end].to_vec()
+            }
+        })
+        .collect();
+    let mut batch: Vec<BatchItem<'_>> = running
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(sequence, ids)| BatchItem {
+            ids,
+            logits: sequence.decoding()
+                || sequence.prefilled + ids.len() == sequence.request.prompt.len(),
+            cache: &mut sequence.cache,
+        })
+        .collect();
+    core.stats
+        .record(batch.len(), inputs.iter().map(Vec::len).sum());
+    let outputs = core.model.forward_batch(&mut batch, decoding);
+    drop(batch);
+    let outputs = match outputs {
+        Ok(outputs) => outputs,
+        Err(error) => {
+            let message = error.to_string();
+            for sequence in running.drain(..) {
+                sequence
+                    .request
+                    .finish(Err(EngineError::Model(message.clone())));
+            }
+            return;
+        }
+    };
+    let mut ended = Vec::new();
+    for (index, ((sequence, ids), logits)) in
+        running.iter_mut().zip(&inputs).zip(outputs).enumerate()
+    {
+        if !sequence.decoding() {
+            sequence.prefilled += ids.len();
+        }
+        let Some(mut logits) = logits else { continue };
+        if sequence.prefill.is_none() {
+            sequence.prefill = Some(sequence.started.elapsed());
+        }
+        match sequence.advance(&mut logits, &core.eos_ids) {
+            Ok(None) => {}
+            Ok(Some(reason)) => ended.push((index, Ok(reason))),
+            Err(error) => ended.push((index, Err(error))),
+        }
+    }
+    // Highest index first, so the earlier indices stay valid.
+    for (index, outcome) in ended.into_iter().rev() {
+        let sequence = running.swap_remove(index);
+        match outcome {
+            Ok(reason) => sequence.finish(reason),
+            Err(error) => sequence.request.finish(Err(error)),
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Continuous batching: a sequence's tokens do not depend on what else runs beside it, a
+//! cancelled sequence leaves at the next step without disturbing the others, and the KV
+//! budget makes sequences wait instead of failing. Each test also checks, from the
+//! scheduler's counters, that sequences really did share passes, so it cannot pass by
+//! running them one at a time.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use rbee_engine::{
+    Completion, DeviceChoice, Engine, FinishReason, LoadOptions, SamplingParams, WeightFormat,
+};
+
+fn engine(weights: WeightFormat, options: LoadOptions) -> Engine {
+    Engine::load(
+        &common::fixtures().join("tiny-llama"),
+        &LoadOptions {
+            device: DeviceChoice::Cpu,
+            weights,
+            ..options
+        },
+    )
+    .unwrap()
+}
+
+/// Prompts of different lengths (token ids of the tiny vocabulary) and output lengths, so
+/// sequences join and leave the batch at different steps and some are still reading their
+/// prompt (in chunks of 8) while others decode.
+fn workload() -> Vec<(Vec<u32>, u32)> {
+    (0..6u32)
+        .map(|i| {
+            let prompt = (0..3 + 9 * i).map(|k| 4 + (k * 7 + i * 13) % 370).collect();
+            (prompt, 20 + 17 * i)
+        })
+        .collect()
+}
+
+fn no_eos(max_tokens: u32) -> SamplingParams {
+    SamplingParams::greedy(max_tokens)
+}
+
+/// Runs every job of `workload` at once, each thread starting a little after the previous
+/// one, and returns each job's generated ids.
+fn together(engine: &Arc<Engine>, jobs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
+    let handles: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (prompt, params))| {
+            let engine = engine.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(3 * i as u64));
+                engine.generate_ids(&prompt, &params).unwrap().1
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn batch_equivalence(weights: WeightFormat) {
+    let engine = Arc::new(engine(
+        weights,
+        LoadOptions {
+            max_batch: 4,
+            prompt_chunk: 8,
+            ..LoadOptions::default()
+        },
+    ));
+    let jobs: Vec<(Vec<u32>, SamplingParams)> = workload()
+        .into_iter()
+        .map(|(prompt, max)| (prompt, no_eos(max)))
+        .collect();
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
+        .collect();
+    let before = engine.batch_stats();
+    let batched = together(&engine, &jobs);
+    let stats = engine.batch_stats();
+    assert!(
+        stats.batched_steps > before.batched_steps,
+        "{weights:?}: no pass served two sequences ({stats:?})"
+    );
+    assert!(stats.most_sequences <= 4, "max_batch is 4: {stats:?}");
+    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(alone, batched, "{weights:?}: sequence {i} alone vs batched");
+    }
+}
+
+#[test]
+fn greedy_tokens_are_the_same_alone_or_in_a_changing_batch_cpu_blocks() {
+    batch_equivalence(WeightFormat::Auto);
+}
+
+#[test]
+fn greedy_tokens_are_the_same_alone_or_in_a_changing_batch_burn_f32() {
+    batch_equivalence(WeightFormat::F32);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_inside_a_batch() {
+    let engine = Arc::new(engine(WeightFormat::Auto, LoadOptions::default()));
+    let sampled = |seed| SamplingParams {
+        temperature: 0.9,
+        top_k: 40,
+        seed: Some(seed),
+        ..SamplingParams::greedy(60)
+    };
+    let jobs: Vec<(Vec<u32>, SamplingParams)> = workload()
+        .into_iter()
+        .take(4)
+        .enumerate()
+        .map(|(i, (prompt, _))| (prompt, sampled(100 + i as u64)))
+        .collect();
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
+        .collect();
+    let batched = together(&engine, &jobs);
+    assert!(engine.batch_stats().batched_steps > 0);
+    assert_eq!(alone, batched);
+}
+
+#[test]
+fn a_sequence_cancelled_while_reading_its_prompt_leaves_and_frees_its_place() {
+    // Room for two sequences: a long-running neighbour and the victim.
+    let engine = Arc::new(engine(
+        WeightFormat::Auto,
+        LoadOptions {
+            max_batch: 2,
+            prompt_chunk: 1,
+            ..LoadOptions::default()
+        },
+    ));
+    // The victim's prompt: about 100 tokens, read one per step (chunk 1).
+    let mut victim_prompt = String::new();
+    while engine.tokenize(&victim_prompt).unwrap().len() < 100 {
+        victim_prompt.push_str("the bees hum ");
+    }
+    let neighbour_prompt: Vec<u32> = (0..120u32).map(|k| 5 + k * 11 % 370).collect();
+    let params = no_eos(130);
+    let alone = engine.generate_ids(&neighbour_prompt, &params).unwrap().0;
+
+    let neighbour = {
+        let (engine, prompt, params) = (engine.clone(), neighbour_prompt.clone(), params.clone());
+        thread::spawn(move || engine.generate_ids(&prompt, &params).unwrap().0)
+    };
+    // The scheduler asks once per step whether to stop: say yes at the 10th step, while
+    // the victim is still reading its prompt.
+    let checks = Arc::new(AtomicUsize::new(0));
+    let cancelled: rbee_engine::Cancelled = {
+        let checks = checks.clone();
+        Arc::new(move || checks.fetch_add(1, Ordering::AcqRel) >= 10)
+    };
+    let victim = engine
+        .generate_cancellable(&victim_prompt, &params, Some(cancelled), &mut |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(victim.finish_reason, FinishReason::Cancelled);
+    assert_eq!(
+        victim.generated_tokens, 0,
+        "cancelled before its prompt was read"
+    );
+
+    // Its place is free at once: a short third sequence runs beside the neighbour and ends
+    // long before it (had the place stayed taken, it would wait for the neighbour to end).
+    let third = engine.generate_ids(&[7, 8, 9], &no_eos(5)).unwrap().0;
+    assert_eq!(third.generated_tokens, 5);
+    assert!(
+        !neighbour.is_finished(),
+        "the third sequence waited for the neighbour: the victim's place was not freed"
+    );
+    let beside: Completion = neighbour.join().unwrap();
+    assert_eq!(beside.text, alone.text, "the neighbour's text is unchanged");
+    assert_eq!(beside.generated_tokens, alone.generated_tokens);
+}
+
+#[test]
+fn the_kv_budget_queues_sequences_instead_of_failing() {
+    let params = no_eos(40);
+    let prompt: Vec<u32> = (0..20).map(|k| 4 + k * 5).collect();
+    let need = prompt.len() + 40;
+    let engine = Arc::new(engine(
+        WeightFormat::Auto,
+        LoadOptions {
+            max_batch: 8,
+            kv_budget_tokens: Some(need + need / 2),
+            ..LoadOptions::default()
+        },
+    ));
+    let alone = engine.generate_ids(&prompt, &params).unwrap().1;
+    let jobs = vec![(prompt.clone(), params.clone()); 4];
+    for ids in together(&engine, &jobs) {
+        assert_eq!(ids, alone);
+    }
+    assert_eq!(engine.batch_stats().most_sequences, 1, "one fits at a time");
+    // More than the budget can ever hold is refused at once.
+    let too_long = no_eos(2 * need as u32);
+    let error = engine.generate_ids(&prompt, &too_long).unwrap_err();
+    assert!(error.to_string().contains("budget"), "{error}");
+}
