@@ -379,16 +379,36 @@ pub fn greedy(prompt: &str, max_tokens: u32) -> Value {
 }
 
 /// SmolLM2-135M-Instruct (scripts/fetch-model.sh), for tests that need a real model's speed or
-/// text; `None` (and the test skips, saying why) when it has not been fetched.
-pub fn smollm2() -> Option<PathBuf> {
+/// text. Such tests are `#[ignore = "needs SmolLM2 ..."]`, so that without the model they show
+/// as ignored in cargo's summary; `scripts/test.sh` runs them (`--include-ignored`) when the
+/// model is there. Run without it, they fail here, saying how to get it.
+pub fn smollm2() -> PathBuf {
     let path = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is absent (run scripts/fetch-model.sh)",
-            path.display()
-        );
-        None
-    }
+    assert!(
+        path.is_file(),
+        "{} is absent: run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+/// CPU time (user + system) the process `pid` has used so far, from /proc/<pid>/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may contain spaces:
+    // state is field 3, utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on
+    // Linux).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// The CPU time `pid` uses during the next `window`, as a fraction of that window (2.0 = two
+/// cores busy throughout).
+pub async fn cpu_load(pid: u32, window: Duration) -> f64 {
+    let before = cpu_time(pid);
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
+    let used = cpu_time(pid) - before;
+    used.as_secs_f64() / started.elapsed().as_secs_f64()
 }

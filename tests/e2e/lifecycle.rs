@@ -5,7 +5,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::harness::{Options, Queen, Wait, Worker, greedy, smollm2, tiny_model};
+use crate::harness::{Options, Queen, Wait, Worker, cpu_load, greedy, smollm2, tiny_model};
+
+/// A prompt SmolLM2 continues greedily for thousands of tokens (it counts on; a prompt such as
+/// "Here is a list of five hundred cities" ends after about 30), so a generation of 2000 tokens
+/// from it runs for about a minute on a CPU.
+const ENDLESS: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
 
 /// While the model loads, `/info` says `starting` and `/v1/infer` answers 503. The model's
 /// tokenizer.json is a FIFO the test writes only after checking, so loading really waits.
@@ -86,17 +91,17 @@ async fn sigterm_finishes_in_flight_work_then_exits_zero() {
 }
 
 #[tokio::test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
 async fn past_the_grace_period_running_generations_are_cut() {
     use eventsource_stream::Eventsource;
-    let Some(model) = smollm2() else { return };
     let mut options = Options::new("llm").arg("--shutdown-grace=1");
-    options.model = model;
+    options.model = smollm2();
     let mut worker = Worker::start(options).await;
     // Far more tokens than the grace period allows on a CPU.
     let response = worker
         .client
         .post(worker.url("/v1/infer"))
-        .json(&json!({ "prompt": "Here is a list of five hundred animals:\n1.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .json(&json!({ "prompt": ENDLESS, "max_tokens": 2000, "temperature": 0.0, "stream": true }))
         .send()
         .await
         .unwrap();
@@ -120,25 +125,49 @@ async fn past_the_grace_period_running_generations_are_cut() {
     assert!(exit.success());
 }
 
+/// A streaming client that goes away mid-generation: the worker stops computing for it (its
+/// CPU time stops growing) and its slot serves the next request at once. The generation asked
+/// for would run for about a minute, so one that kept running would be seen doing so.
 #[tokio::test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
 async fn a_client_that_disconnects_stops_its_generation() {
-    let Some(model) = smollm2() else { return };
     let mut options = Options::new("llm").arg("--max-concurrent=1");
-    options.model = model;
+    options.model = smollm2();
     let worker = Worker::start(options).await;
     let response = worker
         .client
         .post(worker.url("/v1/infer"))
-        .json(&json!({ "prompt": "Here is a list of five hundred cities:\n1.", "max_tokens": 2000, "temperature": 0.0, "stream": true }))
+        .json(&json!({ "prompt": ENDLESS, "max_tokens": 2000, "temperature": 0.0, "stream": true }))
         .send()
         .await
         .unwrap();
     let mut body = response.bytes_stream();
     body.next().await.unwrap().unwrap();
+    // Decoding: what a running generation costs, as the measure below sees it. The client
+    // does not read meanwhile; the text is far smaller than the buffers on the way, so the
+    // generation does not wait for it.
+    let generating = cpu_load(worker.pid(), Duration::from_secs(2)).await;
+    assert!(
+        generating > 0.3,
+        "a generation should keep a core busy: {generating:.2} CPU-s/s"
+    );
     drop(body);
-    // With one slot, the next request runs only once the abandoned generation has stopped;
-    // 2000 tokens would take minutes on a CPU.
+    // The host notices at its next write, one token later; give it a moment, then measure.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = cpu_load(worker.pid(), Duration::from_secs(2)).await;
+    assert!(
+        after < generating / 5.0,
+        "the abandoned generation kept running: {after:.2} CPU-s/s after the disconnect, \
+         {generating:.2} while generating"
+    );
+    // With one slot, the next request runs only once the abandoned generation has given it up.
+    let started = std::time::Instant::now();
     let next = tokio::time::timeout(Duration::from_secs(30), worker.infer(greedy("Hi", 2))).await;
-    let (status, _) = next.expect("the abandoned generation kept its slot");
-    assert_eq!(status, 200);
+    let (status, body) = next.expect("the abandoned generation kept its slot");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the next request waited {:?}",
+        started.elapsed()
+    );
 }
