@@ -7,11 +7,13 @@
 //! | `loop`            | spins forever without calling the host                      |
 //! | `hog`             | allocates and touches memory until allocation fails         |
 //! | `trap`            | panics (a wasm trap)                                        |
-//! | `bad-temperature` | calls `infer` with temperature 9.5                          |
+//! | `bad-temperature` | calls `infer` with temperature -1.0                         |
 //! | `bad-max-tokens`  | calls `infer` with max-tokens 0                             |
 //! | `emit`            | calls `output.emit` on a request that is not streamed       |
 //! | `two-streams`     | opens a second generation while the first is still running  |
 //! | `slow-N`          | computes for about N milliseconds, then serves normally     |
+//! | `flood-N`         | streams 16 KiB pieces until `emit` has kept it waiting N ms |
+//! |                   | in all (a client that does not read), then `waited=MS`      |
 //! | `probe:ADDR`      | reports what ambient authority it has (env, files, network) |
 
 wit_bindgen::generate!({ path: "../../wit", world: "worker" });
@@ -42,7 +44,7 @@ impl Guest for Chaos {
             "hog" => hog_memory(),
             "trap" => panic!("chaos guest trapped on purpose"),
             "bad-temperature" => {
-                inference::infer("hi", &SamplingParams { temperature: 9.5, ..params(4) })?;
+                inference::infer("hi", &SamplingParams { temperature: -1.0, ..params(4) })?;
             }
             "bad-max-tokens" => {
                 inference::infer("hi", &params(0))?;
@@ -51,6 +53,10 @@ impl Guest for Chaos {
             "two-streams" => {
                 let _first = inference::infer_stream("hi", &params(4))?;
                 let _second = inference::infer_stream("hi", &params(4))?;
+            }
+            prompt if prompt.starts_with("flood-") => {
+                let millis = prompt["flood-".len()..].parse().unwrap_or(0);
+                return flood(millis);
             }
             prompt if prompt.starts_with("probe:") => {
                 return Ok(InferResponse { text: probe(&prompt["probe:".len()..]), tokens_generated: 0 });
@@ -81,6 +87,25 @@ fn serve(request: &InferRequest) -> Result<InferResponse, InferError> {
             }
         }
     }
+}
+
+/// Emits 16 KiB pieces until `emit` has blocked for `millis` in all (the client is not
+/// reading, so back-pressure holds the guest in the host), then reports how long it waited as
+/// a last piece `waited=MS`. The guest's own work is a few copies of one buffer. At most
+/// 64 MiB, so that a client that reads everything ends it anyway.
+fn flood(millis: u64) -> Result<InferResponse, InferError> {
+    let piece = "x".repeat(16 << 10);
+    let mut waited = std::time::Duration::ZERO;
+    for _ in 0..4096 {
+        let start = std::time::Instant::now();
+        output::emit(&piece)?;
+        waited += start.elapsed();
+        if waited.as_millis() >= u128::from(millis) {
+            break;
+        }
+    }
+    output::emit(&format!("waited={}", waited.as_millis()))?;
+    Ok(InferResponse { text: String::new(), tokens_generated: 0 })
 }
 
 /// What a guest can reach without the host's WIT: environment variables, the filesystem root,
