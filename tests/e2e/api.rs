@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Options, Worker, greedy};
+use crate::harness::{Options, Worker, greedy, tiny_model};
 
 #[tokio::test]
 async fn health_is_plain_ok() {
@@ -53,9 +53,59 @@ async fn infer_answers_json() {
     // Greedy decoding is deterministic.
     let (_, again) = worker.infer(greedy("Once upon a time", 12)).await;
     assert_eq!(again["text"], body["text"]);
-    // Defaults apply when only the prompt is given.
-    let (status, body) = worker.infer(json!({ "prompt": "hello" })).await;
-    assert_eq!(status, 200, "{body}");
+}
+
+/// A request that gives only the prompt (and a seed, to be deterministic) is served with the
+/// `llm` guest's documented defaults (guests/llm): temperature 0.7, top-p 0.95, top-k and
+/// repeat penalty off, and max_tokens 256 or what the context leaves after the prompt and a
+/// beginning-of-sequence token, whichever is less (on the tiny model, with its 256-token
+/// context, always the latter). The answer must be the one the same request gets with those
+/// values spelled out, and not the one it gets with other values.
+#[tokio::test]
+async fn defaults_apply_when_only_the_prompt_is_given() {
+    let prompt = "The bees flew over the meadow and the river, ".repeat(10);
+    let model = rbee_engine::Engine::load(
+        &tiny_model(),
+        &rbee_engine::LoadOptions {
+            device: rbee_engine::DeviceChoice::Cpu,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let context = model.info().context_length;
+    let prompt_tokens = model.tokenize(&prompt).unwrap().len() as u32;
+    let max_tokens = context.saturating_sub(prompt_tokens + 1).min(256);
+    assert!(
+        (4..=64).contains(&max_tokens),
+        "pick a prompt that leaves a few tokens: {max_tokens}"
+    );
+
+    let worker = Worker::start(Options::new("llm")).await;
+    let (status, defaults) = worker.infer(json!({ "prompt": prompt, "seed": 42 })).await;
+    assert_eq!(status, 200, "{defaults}");
+    assert_eq!(
+        defaults["tokens_generated"], max_tokens,
+        "the default max_tokens is what the context leaves (or the seed hit end-of-sequence \
+         first: pick another): {defaults}"
+    );
+    let spelled_out = json!({
+        "prompt": prompt, "seed": 42, "max_tokens": max_tokens, "temperature": 0.7,
+        "top_p": 0.95, "top_k": 0, "repeat_penalty": 1.0,
+    });
+    let (_, explicit) = worker.infer(spelled_out.clone()).await;
+    assert_eq!(defaults["text"], explicit["text"]);
+    // Other values give other answers, so the comparison above could tell them apart.
+    for (key, value) in [
+        ("temperature", json!(0.0)),
+        ("temperature", json!(1.5)),
+        ("max_tokens", json!(max_tokens - 1)),
+    ] {
+        let mut other = spelled_out.clone();
+        other[key] = value.clone();
+        let (status, answer) = worker.infer(other).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_ne!(answer["text"], defaults["text"], "{key} = {value}");
+    }
 }
 
 #[tokio::test]
