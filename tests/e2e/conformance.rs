@@ -102,7 +102,7 @@ async fn chat_guests_answer_alike() {
         // The default temperature (0.7) and top_p (0.95), with a fixed seed.
         json!({ "prompt": "Tell me a story", "seed": 42, "max_tokens": 16 }),
         json!({ "prompt": "Tell me a story", "seed": 7, "max_tokens": 16, "top_k": 5, "repeat_penalty": 1.3 }),
-        // Refused by the guests, each with its own message.
+        // Refused by the engine when the guest calls it (the guests check no ranges).
         with(base.clone(), "top_p", json!(0.0)),
         with(base.clone(), "top_p", json!(1.5)),
         with(base.clone(), "repeat_penalty", json!(0.0)),
@@ -211,26 +211,22 @@ async fn chat_guests_answer_alike() {
         ),
         other => panic!("{other:?}"),
     };
-    assert_eq!(
-        error(8),
-        (400, "top_p must be greater than 0.0 and at most 1.0".into())
-    );
-    assert_eq!(
-        error(9),
-        (400, "top_p must be greater than 0.0 and at most 1.0".into())
-    );
-    assert_eq!(
-        error(10),
-        (400, "repeat_penalty must be greater than 0.0".into())
-    );
-    assert_eq!(
-        error(11),
-        (400, "repeat_penalty must be greater than 0.0".into())
-    );
-    assert_eq!(
-        error(12),
-        (400, "stop must not contain an empty string".into())
-    );
+    // The engine's refusals reach the client as 400s that name the field.
+    for (index, field) in [
+        (8, "top_p"),
+        (9, "top_p"),
+        (10, "repeat_penalty"),
+        (11, "repeat_penalty"),
+        (12, "stop"),
+    ] {
+        let (status, message) = error(index);
+        assert_eq!(status, 400, "{}: {message}", requests[index]);
+        assert!(
+            message.replace('-', "_").contains(field),
+            "{}: the error does not name {field}: {message}",
+            requests[index]
+        );
+    }
     assert_eq!(error(13).0, 400);
     assert_eq!(error(14).0, 400);
     assert_eq!(error(15).0, 400);
