@@ -62,9 +62,16 @@ pub struct Args {
     #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
     pub heartbeat_interval: Duration,
 
-    /// Requests the engine serves at the same time; more wait in the queue.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Requests served at the same time: their sequences are decoded together, one forward
+    /// pass for all of them (continuous batching). More wait in the queue.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent: u32,
+
+    /// KV-cache positions (prompt + max_tokens) the running sequences may hold together; a
+    /// request that does not fit waits for one to finish. Default: 1 GiB of cache for the
+    /// model, and at least one full context.
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_budget_tokens: Option<u64>,
 
     /// Requests that may wait for a free slot; beyond this the worker answers 503.
     #[arg(long, default_value_t = 16)]

@@ -156,6 +156,10 @@ impl Args {
         LoadOptions {
             device: self.device,
             weights: self.weights,
+            // Every request in service is a sequence of the batch.
+            max_batch: self.max_concurrent as usize,
+            kv_budget_tokens: self.kv_budget_tokens.map(|tokens| tokens as usize),
+            ..LoadOptions::default()
         }
     }
 }

@@ -29,4 +29,11 @@ impl Cancellation {
     pub fn is_cancelled(&self) -> bool {
         self.client_gone.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire)
     }
+
+    /// The same flags as the engine's cancellation, which its scheduler checks at every
+    /// step: a generation stops even while it is still reading its prompt.
+    pub fn for_engine(&self) -> rbee_engine::Cancelled {
+        let cancellation = self.clone();
+        Arc::new(move || cancellation.is_cancelled())
+    }
 }

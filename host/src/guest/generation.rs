@@ -1,9 +1,11 @@
 //! A generation running on its own thread: what a guest's `token-stream` handle stands for.
 //!
-//! The model runs on a dedicated thread so the guest can interleave its own work (stop rules,
-//! emitting to the client) with generation. A small bounded channel between them gives
-//! back-pressure: a guest that stops reading stalls the model instead of buffering text, and
-//! dropping the generation stops the model at its next token and joins its thread.
+//! The generation runs in the engine's batch; a thread follows it so the guest can
+//! interleave its own work (stop rules, emitting to the client) with generation. A small
+//! bounded channel to the guest holds back that thread, not the batch: a guest that stops
+//! reading leaves its text waiting in the engine (at most `max_tokens` pieces) while the
+//! other sequences go on. Dropping the generation stops it at the next step and joins the
+//! thread.
 //!
 //! This module speaks the engine's types only; `imports::token_stream` turns them into WIT
 //! values. That keeps the dependency one way: the bindings name [`Generation`] as the
@@ -126,8 +128,9 @@ impl Drop for Generation {
     }
 }
 
-/// The model thread: each piece of text goes into the channel as the engine produces it (a
-/// full channel blocks the engine: back-pressure), then the outcome.
+/// The following thread: each piece of text goes into the channel as the engine produces it
+/// (a full channel holds this thread), then the outcome. The engine checks the request's
+/// cancellation at every step, prompt chunks included.
 fn generate(
     model: &Engine,
     prompt: &str,
@@ -136,8 +139,9 @@ fn generate(
     stop: &AtomicBool,
     cancellation: &Cancellation,
 ) {
-    let result = model.generate(prompt, params, &mut |text| {
-        if stop.load(Ordering::Acquire) || cancellation.is_cancelled() {
+    let cancelled = Some(cancellation.for_engine());
+    let result = model.generate_cancellable(prompt, params, cancelled, &mut |text| {
+        if stop.load(Ordering::Acquire) {
             return ControlFlow::Break(());
         }
         match sender.send(Generated::Text(text.to_owned())) {

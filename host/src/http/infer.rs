@@ -126,11 +126,17 @@ struct InferReply {
     duration_ms: u64,
 }
 
-/// Everything a running request holds; dropping it (the request ended, or the client went
-/// away) frees the slot and cancels the generation.
-struct InFlight {
+/// What a request's work holds while it runs: its admission place and the worker's `busy`
+/// status. The guest job owns it, so the place is released when the work has stopped, not
+/// when the client left.
+struct Place {
     _admitted: Admitted,
     _running: RunningRequest,
+}
+
+/// Held by whatever answers the client (the handler, then the event stream); dropping it
+/// (the answer ended, or the client went away) cancels the request's work.
+struct InFlight {
     cancellation: Cancellation,
 }
 
@@ -153,16 +159,19 @@ pub(super) async fn infer(
         .admit()
         .await
         .map_err(|full| ApiError::unavailable(full.to_string()))?;
-    let in_flight = InFlight {
+    let place = Place {
         _admitted: admitted,
         _running: app.status.request_started(),
+    };
+    let in_flight = InFlight {
         cancellation: Cancellation::for_request(app.cut.clone()),
     };
     if request.stream {
-        streamed(&app, model, request, in_flight).await
+        streamed(&app, model, request, place, in_flight).await
     } else {
         let started = Instant::now();
-        let response = finish(start_guest(&app, model, request, None, &in_flight)).await?;
+        let job = start_guest(&app, model, request, None, place, &in_flight);
+        let response = finish(job).await?;
         drop(in_flight);
         Ok(axum::Json(InferReply {
             text: response.text,
@@ -180,10 +189,11 @@ async fn streamed(
     app: &AppState,
     model: Arc<Engine>,
     request: InferRequest,
+    place: Place,
     in_flight: InFlight,
 ) -> Result<Response, ApiError> {
     let (client, mut pieces) = mpsc::channel(SSE_BUFFER);
-    let job = start_guest(app, model, request, Some(client), &in_flight);
+    let job = start_guest(app, model, request, Some(client), place, &in_flight);
     let (first, job) = match pieces.recv().await {
         Some(first) => (Some(first), Some(job)),
         None => {
@@ -195,12 +205,14 @@ async fn streamed(
     Ok(Sse::new(sse_events(pieces, job, in_flight)).into_response())
 }
 
-/// Runs the request on the active guest, on a blocking thread.
+/// Runs the request on the active guest, on a blocking thread that holds `place` until the
+/// guest has returned.
 fn start_guest(
     app: &AppState,
     model: Arc<Engine>,
     request: InferRequest,
     client: Option<mpsc::Sender<String>>,
+    place: Place,
     in_flight: &InFlight,
 ) -> GuestJob {
     let guest = app.guests.active();
@@ -210,7 +222,10 @@ fn start_guest(
         client,
         cancellation: in_flight.cancellation.clone(),
     };
-    tokio::task::spawn_blocking(move || runtime.handle(&guest, request, context))
+    tokio::task::spawn_blocking(move || {
+        let _place = place;
+        runtime.handle(&guest, request, context)
+    })
 }
 
 async fn finish(job: GuestJob) -> Result<InferResponse, ApiError> {

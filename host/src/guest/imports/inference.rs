@@ -38,12 +38,9 @@ impl inference::Host for RequestState {
         let model = self.loaded_model()?.clone();
         let cancellation = self.cancellation.clone();
         let completion = self.sandbox.off_the_clock(|| {
-            model.generate(&prompt, &params, &mut |_| {
-                if cancellation.is_cancelled() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
+            let cancelled = Some(cancellation.for_engine());
+            model.generate_cancellable(&prompt, &params, cancelled, &mut |_| {
+                ControlFlow::Continue(())
             })
         });
         Ok(wit_completion(completion.map_err(infer_error)?))
