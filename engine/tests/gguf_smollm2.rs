@@ -129,7 +129,6 @@ fn every_tensor_matches_gguf_py_bit_for_bit() {
 #[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
 fn tokenizer_matches_the_references() {
     let f = model();
-    let path = manifest().join("tests/fixtures/gguf/smollm2_tokens.json");
     let started = Instant::now();
     let tok = f.tokenizer().unwrap();
     eprintln!(

@@ -1,0 +1,300 @@
+//! Serving throughput over HTTP: the real `rbee-host` binary and, when given, llama.cpp's
+//! `llama-server` on the same GGUF, driven by the same streaming clients, alternating
+//! server by server for each client count so both see the same machine.
+//!
+//!     cargo build -p rbee-host && cargo run -p rbee-host --example bench_serving -- \
+//!         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH] \
+//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2]
+//!
+//! Every client streams completions of prompts whose greedy continuation does not end
+//! early (counting, lists, code), temperature 0, `--tokens` new tokens each. Reported per
+//! server and client count: aggregate generated tokens/s (all clients' tokens over the wall
+//! time), per-stream tokens/s (median), and time to first token (p50, p95). One JSON line
+//! per measurement follows the table, for scripts.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    /// The guest rbee-host serves.
+    #[arg(long, default_value = "guests/llm.wasm")]
+    guest: PathBuf,
+    /// llama.cpp's server binary (`../shared/tools/build-llama-server.sh` builds one).
+    #[arg(long)]
+    llama_server: Option<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    clients: Vec<usize>,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 128)]
+    tokens: u32,
+    /// Requests per client in each measurement.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Long prompts (~500 tokens, 64 new tokens): prefill under load.
+    #[arg(long)]
+    long_prompts: bool,
+}
+
+/// Prompts whose greedy continuation keeps going: lists, counting, code.
+const PROMPTS: &[&str] = &[
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "Here is a list of fruits: apple, banana, cherry, date,",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "A B C D E F G H I J K L M N O P",
+    "Monday, Tuesday, Wednesday, Thursday,",
+    "for i in range(10):\n    print(i)\nfor j in range(",
+    "The numbers from one to twenty are: one, two, three, four,",
+    "import numpy as np\nimport pandas as pd\nimport",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Server {
+    RbeeHost,
+    LlamaServer,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::RbeeHost => "rbee-host",
+            Server::LlamaServer => "llama-server",
+        }
+    }
+}
+
+struct Running {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start(server: Server, args: &Args, slots: usize) -> Running {
+    let port = free_port();
+    let mut command = match server {
+        Server::RbeeHost => {
+            let binary = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.parent()?.join("rbee-host")))
+                .filter(|path| path.exists())
+                .expect("build rbee-host first: cargo build -p rbee-host");
+            let mut command = Command::new(binary);
+            command
+                .arg("--guest")
+                .arg(&args.guest)
+                .arg("--model")
+                .arg(&args.model)
+                .args(["--device", "cpu", "--host", "127.0.0.1", "--no-watch"])
+                .args(["--port", &port.to_string()])
+                .args(["--max-concurrent", &slots.to_string()]);
+            command
+        }
+        Server::LlamaServer => {
+            let mut command = Command::new(args.llama_server.as_ref().expect("--llama-server"));
+            command
+                .arg("-m")
+                .arg(&args.model)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["-np", &slots.to_string(), "-t", "2", "-c"])
+                .arg((slots * 2048).to_string());
+            command
+        }
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let running = Running {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // rbee-host answers /health at once and /info says `ready` once loaded;
+        // llama-server's /health is 200 once the model is loaded.
+        let ready = match server {
+            Server::RbeeHost => client
+                .get(format!("{}/info", running.url))
+                .send()
+                .await
+                .ok()
+                .and_then(|r| futures::executor::block_on(r.json::<Value>()).ok())
+                .is_some_and(|info| info["status"] == "ready"),
+            Server::LlamaServer => client
+                .get(format!("{}/health", running.url))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+        };
+        if ready {
+            return running;
+        }
+        assert!(Instant::now() < deadline, "{} did not start", server.name());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One streamed completion: (time to first token, generated tokens, total time).
+async fn request(
+    client: &reqwest::Client,
+    server: Server,
+    url: &str,
+    prompt: &str,
+    tokens: u32,
+) -> (Duration, u32, Duration) {
+    let started = Instant::now();
+    let (path, body) = match server {
+        Server::RbeeHost => (
+            "/v1/infer",
+            json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "stream": true}),
+        ),
+        Server::LlamaServer => (
+            "/completion",
+            json!({"prompt": prompt, "n_predict": tokens, "temperature": 0.0, "stream": true,
+                   "cache_prompt": false}),
+        ),
+    };
+    let response = client
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("a response");
+    assert!(response.status().is_success(), "{}", response.status());
+    let mut events = response.bytes_stream().eventsource();
+    let (mut first, mut count) = (None, 0u32);
+    while let Some(Ok(event)) = events.next().await {
+        if event.data == "[DONE]" {
+            break;
+        }
+        let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        let piece = match server {
+            Server::RbeeHost => data.get("token").is_some(),
+            Server::LlamaServer => data["content"].as_str().is_some_and(|c| !c.is_empty()),
+        };
+        if piece {
+            first.get_or_insert_with(|| started.elapsed());
+            count += 1;
+        }
+        if server == Server::LlamaServer && data["stop"] == true {
+            break;
+        }
+    }
+    (first.unwrap_or_default(), count, started.elapsed())
+}
+
+struct Measured {
+    aggregate: f64,
+    per_stream: f64,
+    ttft_p50: Duration,
+    ttft_p95: Duration,
+}
+
+async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Measured {
+    let client = reqwest::Client::new();
+    let (prompts, tokens) = if args.long_prompts {
+        let long: Vec<String> = PROMPTS.iter().map(|p| p.repeat(40)).collect();
+        (long, 64)
+    } else {
+        (PROMPTS.iter().map(|p| p.to_string()).collect(), args.tokens)
+    };
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, url, prompts) = (client.clone(), url.to_string(), prompts.clone());
+            let rounds = args.rounds;
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                for r in 0..rounds {
+                    let prompt = &prompts[(c + r * 3) % prompts.len()];
+                    results.push(request(&client, server, &url, prompt, tokens).await);
+                }
+                results
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.extend(task.await.expect("a client"));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let generated: u32 = results.iter().map(|r| r.1).sum();
+    let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();
+    ttft.sort();
+    let mut streams: Vec<f64> = results
+        .iter()
+        .map(|(first, n, total)| *n as f64 / (*total - *first).as_secs_f64().max(1e-9))
+        .collect();
+    streams.sort_by(f64::total_cmp);
+    let pick = |q: f64| ttft[((ttft.len() - 1) as f64 * q).round() as usize];
+    Measured {
+        aggregate: generated as f64 / wall,
+        per_stream: streams[streams.len() / 2],
+        ttft_p50: pick(0.5),
+        ttft_p95: pick(0.95),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let mut servers = vec![Server::RbeeHost];
+    if args.llama_server.is_some() {
+        servers.push(Server::LlamaServer);
+    }
+    println!(
+        "{:<13} {:>7} {:>12} {:>12} {:>10} {:>10}",
+        "server", "clients", "aggregate/s", "per-stream/s", "ttft p50", "ttft p95"
+    );
+    let mut lines = Vec::new();
+    for &clients in &args.clients {
+        for &server in &servers {
+            let running = start(server, &args, clients.max(1)).await;
+            // One warm-up request, then the measurement.
+            request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
+            let m = measure(server, &running.url, clients, &args).await;
+            drop(running);
+            println!(
+                "{:<13} {:>7} {:>12.1} {:>12.1} {:>8.0}ms {:>8.0}ms",
+                server.name(),
+                clients,
+                m.aggregate,
+                m.per_stream,
+                m.ttft_p50.as_secs_f64() * 1e3,
+                m.ttft_p95.as_secs_f64() * 1e3
+            );
+            lines.push(json!({
+                "server": server.name(), "clients": clients, "long_prompts": args.long_prompts,
+                "aggregate_tps": m.aggregate, "per_stream_tps": m.per_stream,
+                "ttft_p50_ms": m.ttft_p50.as_secs_f64() * 1e3,
+                "ttft_p95_ms": m.ttft_p95.as_secs_f64() * 1e3,
+            }));
+        }
+    }
+    for line in lines {
+        println!("{line}");
+    }
+}
