@@ -10,10 +10,10 @@
 //!   Cranelift, validate, instantiate once), and **second start**: the same with the cache the
 //!   first start filled (deserialize instead of compile);
 //! - **per request**, each the median of `--requests` runs after a warm-up:
-//!   `rejected` (a request the guest refuses: a fresh instance, the guest's validation and its
-//!   error, no model work), `infer` (greedy, `--tokens` tokens, answered as JSON) and `stream`
-//!   (the same streamed through `output.emit`), next to `engine`, the model called directly,
-//!   for the same tokens. `infer - engine` is what the guest costs a request.
+//!   `rejected` (a request refused before any model work: a fresh instance, the guest's call,
+//!   the engine's check and its error), `infer` (greedy, `--tokens` tokens, answered as JSON)
+//!   and `stream` (the same streamed through `output.emit`), next to `engine`, the model
+//!   called directly, for the same tokens. `infer - engine` is what the guest costs a request.
 
 mod common;
 
