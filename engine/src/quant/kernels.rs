@@ -152,6 +152,27 @@ pub fn dot_q4_1<const R: usize>(simd: Simd, rows: [&[u8]; R], x: &QuantizedRow) 
     }
 }
 
+/// `Σ_k w_k x_k` of one regrouped Q4_1 row with each of `M` input rows: each block is
+/// unpacked once for all inputs (a batch of decode rows costs little more than one). Every
+/// result is bit-identical to [`dot_q4_1`]'s for that input alone: the same operations on
+/// it in the same order.
+#[inline]
+pub fn dot_q4_1_inputs<const M: usize>(simd: Simd, row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
+    for x in xs {
+        assert_eq!(
+            row.len(),
+            x.blocks() * Q4_1_BYTES,
+            "dot_q4_1_inputs: row length"
+        );
+    }
+    match simd {
+        // SAFETY: as in `dot_q4_1`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2::dot_q4_1_inputs(row, xs) },
+        Simd::Portable => xs.map(|x| dot_q4_1_portable(row, x)),
+    }
+}
+
 /// `Σ_k w_k x_k` for one row of Q8_0 values (`quants`) with one scale per 32.
 #[inline]
 pub fn dot_q8_0(simd: Simd, quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
@@ -246,6 +267,41 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// One Q4_1 block's 16 nibble bytes at `nibbles` widened to i16: elements 0..16 (low
+    /// nibbles) and 16..32 (high nibbles).
+    ///
+    /// # Safety
+    /// 16 bytes at `nibbles` are readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn q4_1_unpack(nibbles: *const u8) -> (__m256i, __m256i) {
+        // SAFETY: the caller's contract; an unaligned load.
+        unsafe {
+            let qs = _mm_loadu_si128(nibbles as *const __m128i);
+            let low_nibbles = _mm_set1_epi8(0x0F);
+            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low_nibbles));
+            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles));
+            (lo, hi)
+        }
+    }
+
+    /// `Σ q·xq` of an unpacked block with 32 i16 at `xq`, as eight f32 partial sums.
+    ///
+    /// # Safety
+    /// 32 i16 at `xq` are readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn q4_1_dot_unpacked((lo, hi): (__m256i, __m256i), xq: *const i16) -> __m256 {
+        // SAFETY: the caller's contract; unaligned loads.
+        unsafe {
+            let xq = xq as *const __m256i;
+            _mm256_cvtepi32_ps(_mm256_add_epi32(
+                _mm256_madd_epi16(lo, _mm256_loadu_si256(xq)),
+                _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(1))),
+            ))
+        }
+    }
+
     /// `Σ q·xq` of one Q4_1 block (16 nibble bytes at `nibbles`) as eight f32 partial sums.
     ///
     /// # Safety
@@ -253,18 +309,68 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn q4_1_products(nibbles: *const u8, xq: *const i16) -> __m256 {
-        // SAFETY: the caller's contract; unaligned loads.
-        unsafe {
-            let qs = _mm_loadu_si128(nibbles as *const __m128i);
-            let low_nibbles = _mm_set1_epi8(0x0F);
-            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low_nibbles));
-            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles));
-            let xq = xq as *const __m256i;
-            _mm256_cvtepi32_ps(_mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256(xq)),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(1))),
-            ))
+        // SAFETY: the caller's contract.
+        unsafe { q4_1_dot_unpacked(q4_1_unpack(nibbles), xq) }
+    }
+
+    /// One row against `M` inputs: `dot_q4_1`'s arithmetic for each input (so the same
+    /// results), with each block's nibbles unpacked once for all of them.
+    ///
+    /// # Safety
+    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
+        let blocks = xs.first().map_or(0, |x| x.blocks());
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut m_acc = [_mm256_setzero_ps(); M];
+        let mut tail = [0f32; M];
+        let mut scales = [[0f32; GROUP]; M];
+        for g in 0..blocks.div_ceil(GROUP) {
+            let (start, n) = group(blocks, g);
+            let first = g * GROUP;
+            // SAFETY: group `g` spans `row[start..start + n * 20]` and blocks
+            // `first..first + n` of every input (the caller's contract).
+            unsafe {
+                let grp = row.as_ptr().add(start);
+                if n == GROUP {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
+                    for j in 0..M {
+                        let xs_ = _mm256_loadu_ps(xs[j].scales.as_ptr().add(first));
+                        let sums = _mm256_loadu_ps(xs[j].sums.as_ptr().add(first));
+                        m_acc[j] = _mm256_fmadd_ps(m, sums, m_acc[j]);
+                        _mm256_storeu_ps(scales[j].as_mut_ptr(), _mm256_mul_ps(d, xs_));
+                    }
+                    for i in 0..GROUP {
+                        let unpacked = q4_1_unpack(grp.add(4 * GROUP + 16 * i));
+                        for j in 0..M {
+                            let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
+                            let p = q4_1_dot_unpacked(unpacked, xq);
+                            let scale = _mm256_broadcast_ss(&scales[j][i]);
+                            acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
+                        }
+                    }
+                } else {
+                    let f16 = |at: usize| {
+                        let bits = (grp.add(at) as *const u16).read_unaligned();
+                        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+                    };
+                    for i in 0..n {
+                        let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
+                        let unpacked = q4_1_unpack(grp.add(4 * n + 16 * i));
+                        for j in 0..M {
+                            let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
+                            let p = q4_1_dot_unpacked(unpacked, xq);
+                            let ds = _mm256_set1_ps(d * xs[j].scales[first + i]);
+                            acc[j] = _mm256_fmadd_ps(ds, p, acc[j]);
+                            tail[j] += m * xs[j].sums[first + i];
+                        }
+                    }
+                }
+            }
         }
+        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j], m_acc[j])) + tail[j])
     }
 
     /// `R` rows at once: every activation block loaded is used `R` times, and the per-row
@@ -446,6 +552,14 @@ mod tests {
             let [got] = dot_q4_1(simd, [&row], &xq);
             let [a, b] = dot_q4_1(simd, [&row, &row], &xq);
             assert_eq!([a, b], [got, got], "{simd:?}: two rows at once");
+            let other = QuantizedRow::new(&pseudo_random(blocks * BLOCK, 17));
+            let [alone_other] = dot_q4_1(simd, [&row], &other);
+            let together = dot_q4_1_inputs(simd, &row, [&xq, &other, &xq]);
+            assert_eq!(
+                together,
+                [got, alone_other, got],
+                "{simd:?}: several inputs at once"
+            );
             assert!(close(got, &w, &x), "{simd:?}: {got}");
         }
     }

@@ -31,8 +31,11 @@ pub use kernels::{BLOCK, Q4_1_BYTES};
 
 const Q8_0_BYTES: usize = 34;
 
-/// Input rows from which the tiled gemm path beats one fused dot per row.
-const GEMM_MIN_ROWS: usize = 4;
+/// Input rows from which the tiled gemm path beats the integer dots. The gemm path writes
+/// every weight out as f32 once per call (≈130 ms for SmolLM2 on two cores, whatever the
+/// row count); the integer path unpacks each block once for up to four rows and costs
+/// about 9 ms per extra row (SmolLM2, same machine), so they meet near 13 rows.
+const GEMM_MIN_ROWS: usize = 12;
 /// The f32 expansion of weight rows handed to gemm at once: big enough that gemm's packing of
 /// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
@@ -147,26 +150,47 @@ impl BlockMatrix {
         self.rows
     }
 
-    /// Rows `rows` dotted with the prepared input row `x` into `out` (one value per row);
-    /// Q4_1 rows two at a time.
-    fn dot_rows(&self, simd: Simd, rows: Range<usize>, x: &QuantizedRow, out: &mut [f32]) {
-        debug_assert_eq!(out.len(), rows.len());
+    /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`). One
+    /// input: Q4_1 rows two at a time; several: each Q4_1 block unpacked once for up to four
+    /// inputs. Either way a (row, input) value is the same.
+    fn dot_rows(&self, simd: Simd, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
+        let m = xs.len();
+        debug_assert_eq!(out.len(), rows.len() * m);
         let blocks = self.cols / BLOCK;
         match &self.blocks {
             Blocks::Q8_0 { quants, scales } => {
-                for (o, r) in out.iter_mut().zip(rows) {
+                for (out, r) in out.chunks_exact_mut(m).zip(rows) {
                     let row = &quants[r * self.cols..(r + 1) * self.cols];
-                    *o = kernels::dot_q8_0(simd, row, &scales[r * blocks..(r + 1) * blocks], x);
+                    let scales = &scales[r * blocks..(r + 1) * blocks];
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        *o = kernels::dot_q8_0(simd, row, scales, x);
+                    }
                 }
             }
             Blocks::Q4_1(bytes) => {
                 let row = |r: usize| &bytes[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
-                let mut pairs = out.chunks_exact_mut(2);
-                for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
-                    pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
+                if let [x] = xs {
+                    let mut pairs = out.chunks_exact_mut(2);
+                    for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
+                        pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
+                    }
+                    if let [last] = pairs.into_remainder() {
+                        *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
+                    }
+                    return;
                 }
-                if let [last] = pairs.into_remainder() {
-                    *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
+                for (out, r) in out.chunks_exact_mut(m).zip(rows) {
+                    let row = row(r);
+                    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
+                        use kernels::dot_q4_1_inputs as dot;
+                        match xs {
+                            [a, b, c, d] => out.copy_from_slice(&dot(simd, row, [a, b, c, d])),
+                            [a, b, c] => out.copy_from_slice(&dot(simd, row, [a, b, c])),
+                            [a, b] => out.copy_from_slice(&dot(simd, row, [a, b])),
+                            [a] => out.copy_from_slice(&dot(simd, row, [a])),
+                            _ => {}
+                        }
+                    }
                 }
             }
         }
@@ -242,19 +266,13 @@ impl BlockMatrix {
             .for_each(|(c, out)| {
                 let first = c * chunk;
                 let len = out.len() / m;
-                let mut dots = vec![0f32; len];
-                for (j, xj) in inputs.iter().enumerate() {
-                    // This chunk's stacked rows, matrix by matrix.
-                    for (&start, mat) in starts.iter().zip(mats) {
-                        let lo = start.max(first);
-                        let hi = (start + mat.rows).min(first + len);
-                        if lo < hi {
-                            let dots = &mut dots[lo - first..hi - first];
-                            mat.dot_rows(simd, lo - start..hi - start, xj, dots);
-                        }
-                    }
-                    for (slot, dot) in out.iter_mut().skip(j).step_by(m).zip(&dots) {
-                        *slot = *dot;
+                // This chunk's stacked rows, matrix by matrix.
+                for (&start, mat) in starts.iter().zip(mats) {
+                    let lo = start.max(first);
+                    let hi = (start + mat.rows).min(first + len);
+                    if lo < hi {
+                        let out = &mut out[(lo - first) * m..(hi - first) * m];
+                        mat.dot_rows(simd, lo - start..hi - start, &inputs, out);
                     }
                 }
             });
@@ -335,8 +353,8 @@ mod tests {
 
     #[test]
     fn matches_f32_matmul_closely() {
-        // m = 1 and 3 take the row-dot path, 7 the tiled one.
-        for m in [1, 3, 7] {
+        // m = 1, 3 and 7 take the row-dot path, 13 the tiled one.
+        for m in [1, 3, 7, 13] {
             matches_f32_matmul_closely_for(40, 96, m);
         }
     }
