@@ -7,4 +7,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 model=$(scripts/fetch-model.sh)
 guests/build.sh llm
-exec cargo run -p rbee-host -- --guest guests/llm.wasm --model "$model" "$@"
+# The same build as scripts/test.sh (every target of the workspace, so both commands share
+# one set of compiled dependencies whichever runs first), then the binary it made.
+cargo build --workspace --all-targets
+target=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+exec "$target/debug/rbee-host" --guest guests/llm.wasm --model "$model" "$@"
