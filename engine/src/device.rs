@@ -26,6 +26,13 @@ pub fn select(choice: DeviceChoice) -> Result<Selected, EngineError> {
             cpu()
         })),
         DeviceChoice::Gpu(n) => gpu(n).map_err(EngineError::InvalidInput),
+        DeviceChoice::Index(n) => gpu(n).or_else(|reason| match n {
+            0 => {
+                tracing::info!("device 0: no usable GPU ({reason}); running on the CPU");
+                Ok(cpu())
+            }
+            _ => Err(EngineError::InvalidInput(reason)),
+        }),
     }
 }
 

@@ -31,6 +31,9 @@ pub enum DeviceChoice {
     Cpu,
     /// The N-th GPU adapter.
     Gpu(usize),
+    /// A bare index, as upstream's hive spawns workers (`--device 0`): GPU N where there is
+    /// one; on a machine without a GPU, 0 means the CPU (and says so in the log).
+    Index(usize),
 }
 
 impl std::str::FromStr for DeviceChoice {
@@ -40,13 +43,19 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Ok(Self::Auto),
             "cpu" | "cpu:0" | "cpu-0" => Ok(Self::Cpu),
             "gpu" | "cuda" => Ok(Self::Gpu(0)),
+            other if other.bytes().all(|b| b.is_ascii_digit()) => other
+                .parse()
+                .map(Self::Index)
+                .map_err(|e| format!("device index `{s}`: {e}")),
             other => other
                 .strip_prefix("gpu:")
                 .or_else(|| other.strip_prefix("gpu-"))
                 .or_else(|| other.strip_prefix("cuda:"))
                 .and_then(|n| n.parse().ok())
                 .map(Self::Gpu)
-                .ok_or_else(|| format!("unknown device `{s}`: expected auto, cpu, gpu or gpu:N")),
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`: expected auto, cpu, gpu, gpu:N or an index N")
+                }),
         }
     }
 }

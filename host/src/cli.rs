@@ -36,7 +36,8 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,
 
-    /// Where the model runs: auto (a GPU if one is found, else the CPU), cpu, gpu or gpu:N.
+    /// Where the model runs: auto (a GPU if one is found, else the CPU), cpu, gpu, gpu:N, or a
+    /// bare index N as the hive passes it (GPU N; 0 is the CPU on a machine without a GPU).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
 
@@ -177,6 +178,13 @@ mod tests {
         assert_eq!(args.port, 9400);
         assert_eq!(args.heartbeat_url(), Some("http://queen:8500"));
         assert_eq!(args.heartbeat_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn accepts_the_hives_bare_device_index() {
+        let args =
+            Args::try_parse_from(["rbee-host", "--model=m", "--guest=g", "--device", "0"]).unwrap();
+        assert_eq!(args.device, DeviceChoice::Index(0));
     }
 
     #[test]

@@ -260,6 +260,7 @@ fn model_name(path: &Path) -> String {
 fn requested_device(device: DeviceChoice) -> String {
     match device {
         DeviceChoice::Gpu(index) => format!("GPU-{index}"),
-        DeviceChoice::Auto | DeviceChoice::Cpu => "CPU-0".into(),
+        // A bare index resolves once the model loads (GPU N, or the CPU for 0 without one).
+        DeviceChoice::Auto | DeviceChoice::Cpu | DeviceChoice::Index(_) => "CPU-0".into(),
     }
 }

@@ -41,6 +41,21 @@ async fn info_is_worker_info() {
     );
 }
 
+/// Upstream's hive spawns workers with a bare device index: `--device 0` is GPU 0 where
+/// there is one, and the CPU on a machine without (as here and in CI).
+#[tokio::test]
+async fn the_hives_device_index_zero_is_accepted() {
+    let worker = Worker::start(Options::new("llm").arg("--device=0")).await;
+    let info = worker.info().await;
+    assert_eq!(info["status"], "ready");
+    assert!(
+        info["device"] == "CPU-0" || info["device"] == "GPU-0",
+        "{info}"
+    );
+    let (status, body) = worker.infer(greedy("Hello", 3)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn infer_answers_json() {
     let worker = Worker::start(Options::new("llm")).await;

@@ -101,14 +101,14 @@ impl Worker {
             .arg(&options.guest)
             .arg("--model")
             .arg(&options.model)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--host",
-                "127.0.0.1",
-                "--device",
-                "cpu",
-            ])
+            .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
+            // The CPU unless the test names a device itself.
+            .args(
+                (!options.args.iter().any(|arg| arg.starts_with("--device")))
+                    .then_some(["--device", "cpu"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--cache-dir")
             .arg(&cache_dir)
             .args(&options.args)
