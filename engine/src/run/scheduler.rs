@@ -284,7 +284,23 @@ fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
         if running.is_empty() {
             continue;
         }
-        step(core, limits, &mut running);
+        // A panic in a step (a bug in a kernel) fails the sequences of that step, not the
+        // worker: the scheduler goes on with the next ones.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(core, limits, &mut running)
+        }));
+        if let Err(panic) = stepped {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!("a forward step panicked: {what}");
+            for sequence in running.drain(..) {
+                let error = EngineError::Model(format!("the forward step failed: {what}"));
+                sequence.request.finish(Err(error));
+            }
+        }
     }
 }
 
