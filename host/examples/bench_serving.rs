@@ -136,13 +136,13 @@ async fn start(server: Server, args: &Args, slots: usize) -> Running {
         // rbee-host answers /health at once and /info says `ready` once loaded;
         // llama-server's /health is 200 once the model is loaded.
         let ready = match server {
-            Server::RbeeHost => client
-                .get(format!("{}/info", running.url))
-                .send()
-                .await
-                .ok()
-                .and_then(|r| futures::executor::block_on(r.json::<Value>()).ok())
-                .is_some_and(|info| info["status"] == "ready"),
+            Server::RbeeHost => match client.get(format!("{}/info", running.url)).send().await {
+                Ok(response) => response
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|info| info["status"] == "ready"),
+                Err(_) => false,
+            },
             Server::LlamaServer => client
                 .get(format!("{}/health", running.url))
                 .send()

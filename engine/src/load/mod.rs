@@ -168,43 +168,34 @@ impl FromBurn<'_> {
             .find(|(n, _)| n == wanted)
             .map(|(_, p)| p)
             .ok_or_else(|| format!("no tensor `{name}` in the model"))?;
-        let values = |data: burn::tensor::TensorData| {
-            data.convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| format!("`{name}`: {e:?}"))
-        };
-        match (param, bias.is_some()) {
+        let taken = match (param, bias.is_some()) {
             (ParamMut::Proj(proj), true) => {
                 let bias = proj
                     .bias
                     .as_mut()
                     .ok_or_else(|| format!("`{name}` is not in the model"))?;
-                values(
-                    std::mem::replace(bias, Param::from_tensor(Tensor::zeros([1], device)))
-                        .val()
-                        .into_data(),
-                )
+                take_values(bias, device)
             }
-            (ParamMut::Proj(proj), false) => values(
-                std::mem::replace(
-                    &mut proj.weight,
-                    Param::from_tensor(Tensor::zeros([1, 1], device)),
-                )
-                .val()
-                .into_data(),
-            ),
-            (ParamMut::Matrix(p), _) => values(
-                std::mem::replace(p, Param::from_tensor(Tensor::zeros([1, 1], device)))
-                    .val()
-                    .into_data(),
-            ),
-            (ParamMut::Vector(p), _) => values(
-                std::mem::replace(p, Param::from_tensor(Tensor::zeros([1], device)))
-                    .val()
-                    .into_data(),
-            ),
-        }
+            (ParamMut::Proj(proj), false) => take_values(&mut proj.weight, device),
+            (ParamMut::Matrix(p), _) => take_values(p, device),
+            (ParamMut::Vector(p), _) => take_values(p, device),
+        };
+        taken.map_err(|e| format!("`{name}`: {e}"))
     }
+}
+
+/// `param`'s values as f32, leaving an empty placeholder in its place.
+fn take_values<const D: usize>(
+    param: &mut Param<Tensor<D>>,
+    device: &Device,
+) -> Result<Vec<f32>, String> {
+    let empty = Param::from_tensor(Tensor::zeros([1; D], device));
+    std::mem::replace(param, empty)
+        .val()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))
 }
 
 impl CpuWeights for FromBurn<'_> {
