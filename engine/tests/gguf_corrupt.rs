@@ -182,6 +182,59 @@ fn counts_larger_than_the_file_are_refused_before_allocating() {
 }
 
 #[test]
+fn metadata_cannot_amplify_far_beyond_the_file_size() {
+    // 3 M one-byte elements: a 3 MB file whose array, decoded one 32-byte `Value` per
+    // element, took 96 MB; the reader may take at most the file's size plus 64 MiB.
+    let count = 3_000_000u64;
+    let mut arr = 0u32.to_le_bytes().to_vec(); // u8 elements
+    arr.extend(count.to_le_bytes());
+    arr.resize(arr.len() + count as usize, 7);
+    expect_err(
+        Builder::new().kv("bytes", 9, &arr).build(),
+        &["elements of metadata `bytes`", "bytes of memory"],
+    );
+
+    // Many small arrays add up the same way: each passes the per-array checks.
+    let mut builder = Builder::new();
+    for i in 0..40 {
+        let count = 100_000u64;
+        let mut arr = 7u32.to_le_bytes().to_vec(); // bool elements
+        arr.extend(count.to_le_bytes());
+        arr.resize(arr.len() + count as usize, 1);
+        builder = builder.kv(&format!("a{i}"), 9, &arr);
+    }
+    expect_err(builder.build(), &["bytes of memory"]);
+
+    // A real vocabulary's worth of metadata (49152 tokens with scores and types, as in
+    // SmolLM2) is far inside the budget even without any tensor data.
+    let n = 49_152u64;
+    let mut tokens = 8u32.to_le_bytes().to_vec();
+    tokens.extend(n.to_le_bytes());
+    let mut scores = 6u32.to_le_bytes().to_vec();
+    scores.extend(n.to_le_bytes());
+    for i in 0..n {
+        let token = format!("tok{i}");
+        tokens.extend((token.len() as u64).to_le_bytes());
+        tokens.extend(token.as_bytes());
+        scores.extend((i as f32).to_le_bytes());
+    }
+    let f = parse(
+        Builder::new()
+            .kv("tokenizer.ggml.tokens", 9, &tokens)
+            .kv("tokenizer.ggml.scores", 9, &scores)
+            .build(),
+    )
+    .unwrap();
+    assert_eq!(
+        f.metadata()
+            .get_str_array("tokenizer.ggml.tokens")
+            .unwrap()
+            .len(),
+        n as usize
+    );
+}
+
+#[test]
 fn malformed_values() {
     expect_err(
         Builder::new().kv("k", 13, &[0; 8]).build(),

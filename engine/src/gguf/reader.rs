@@ -30,6 +30,12 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
 /// Nested metadata arrays deeper than this are rejected, so a crafted file cannot blow the stack.
 const MAX_ARRAY_DEPTH: u32 = 8;
+/// Memory the parsed header (metadata values, tensor infos and their indexes) may take beyond
+/// the file's own size. A decoded element is bigger than its encoding (a one-byte `u8` array
+/// element becomes a 32-byte [`Value`]), so without a budget a crafted file of N bytes could
+/// make the reader allocate 32·N. Real models' headers take a few MB to a few tens of MB
+/// (a 256k-entry vocabulary with scores and types is ~30 MB), far less than their tensors.
+const HEADER_MEMORY_SLACK: u64 = 64 << 20;
 
 /// One tensor's description from the header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +170,7 @@ impl GgufFile {
             buf,
             pos: 0,
             path: &path,
+            budget: (buf.len() as u64).saturating_add(HEADER_MEMORY_SLACK),
         };
         let version = cur.header()?;
         let tensor_count = cur.u64("tensor count")?;
@@ -180,10 +187,21 @@ impl GgufFile {
             }
         };
         cur.check_count(tensor_count, 8 + 4 + 4 + 8, "tensor infos")?;
+        cur.charge(
+            tensor_count,
+            (size_of::<TensorInfo>() + size_of::<(String, usize)>()) as u64,
+            "tensor infos",
+        )?;
         let mut tensors = Vec::with_capacity(tensor_count as usize);
         let mut by_name = HashMap::with_capacity(tensor_count as usize);
         for i in 0..tensor_count {
             let info = cur.tensor_info(i, alignment)?;
+            // The name is held twice (the info and the index), each dimension once.
+            cur.charge(
+                1,
+                info.name.len() as u64 + 8 * info.dims.len() as u64,
+                "tensor infos",
+            )?;
             if by_name.insert(info.name.clone(), tensors.len()).is_some() {
                 return Err(cur.malformed(format!("duplicate tensor name `{}`", info.name)));
             }
@@ -330,6 +348,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Bytes of memory the decoded header may still take, charged before each allocation.
+    budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -362,6 +382,12 @@ impl<'a> Cursor<'a> {
         let mut metadata = Metadata::new(self.path.to_path_buf());
         for i in 0..count {
             let key = self.string(&format!("metadata key #{i}"))?;
+            // The entry, and its key again in the index.
+            self.charge(
+                1,
+                (size_of::<(String, Value)>() + size_of::<(String, usize)>() + key.len()) as u64,
+                "metadata entries",
+            )?;
             let ty = self.u32(&format!("type of metadata `{key}`"))?;
             let value = self.value(ty, &format!("metadata `{key}`"), 0)?;
             metadata.insert(key, value)?;
@@ -459,12 +485,29 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
+        self.charge(1, len, what)?;
         // Files are supposed to hold UTF-8; a stray invalid byte in, say, a model name should
         // not make the whole model unloadable.
         Ok(match std::str::from_utf8(bytes) {
             Ok(s) => s.to_owned(),
             Err(_) => String::from_utf8_lossy(bytes).into_owned(),
         })
+    }
+
+    /// Takes `count × size` bytes from the memory budget, or errors: called before allocating
+    /// what the file asks for, so that no file makes the reader allocate far beyond its size.
+    fn charge(&mut self, count: u64, size: u64, what: &str) -> Result<()> {
+        match count.checked_mul(size) {
+            Some(need) if need <= self.budget => {
+                self.budget -= need;
+                Ok(())
+            }
+            _ => Err(self.malformed(format!(
+                "{what}: the header would take more than {} bytes of memory for a file of {} bytes",
+                (self.buf.len() as u64).saturating_add(HEADER_MEMORY_SLACK),
+                self.buf.len()
+            ))),
+        }
     }
 
     fn malformed(&self, msg: String) -> GgufError {
@@ -522,6 +565,11 @@ impl<'a> Cursor<'a> {
                     );
                 };
                 self.check_count(count, elem.min_size(), &format!("elements of {what}"))?;
+                self.charge(
+                    count,
+                    size_of::<Value>() as u64,
+                    &format!("elements of {what}"),
+                )?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_id, what, depth + 1)?);

@@ -11,7 +11,10 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::progress::Progress;
-use super::{Checkpoint, Format, SpecialTokens, WeightPlan, finish_burn_model, load_error};
+use super::{
+    Checkpoint, Format, SpecialTokens, Stored, WeightPlan, check_config_fits, finish_burn_model,
+    load_error,
+};
 use crate::device::Selected;
 use crate::gguf::{GgmlType, GgufFile, GgufModelConfig, RawTensor, hf_to_gguf, unpermute_qk};
 use crate::model::burn::{BurnModel, ParamMut};
@@ -82,6 +85,14 @@ fn model_config(file: &GgufFile, g: &GgufModelConfig) -> Result<ModelConfig, Str
         attention_bias: file.has_tensor("blk.0.attn_q.bias"),
     };
     config.validate()?;
+    let stored = file
+        .tensors()
+        .iter()
+        .fold(Stored::default(), |s, t| Stored {
+            tensors: s.tensors + 1,
+            elements: s.elements.saturating_add(t.n_elements()),
+        });
+    check_config_fits(&config, stored)?;
     if let Some(dims) = g.rope_dimension_count
         && dims != config.head_dim
     {

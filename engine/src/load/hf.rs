@@ -12,7 +12,10 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::progress::Progress;
-use super::{Checkpoint, Format, SpecialTokens, WeightPlan, finish_burn_model, load_error};
+use super::{
+    Checkpoint, Format, SpecialTokens, Stored, WeightPlan, check_config_fits, finish_burn_model,
+    load_error,
+};
 use crate::WeightFormat;
 use crate::device::Selected;
 use crate::model::ModelConfig;
@@ -40,10 +43,18 @@ pub fn load(
     // Read every shard's header first: it names the tensors (tied or untied output?) and
     // catches truncated files with a clear message before anything is allocated.
     let mut names = BTreeSet::new();
+    let mut elements = 0u64;
     for shard in &shards {
-        names.extend(safetensors_names(shard)?);
+        let header = safetensors_header(shard)?;
+        names.extend(header.names);
+        elements = elements.saturating_add(header.elements);
     }
     config.tie_word_embeddings = !names.contains("lm_head.weight");
+    let stored = Stored {
+        tensors: names.len() as u64,
+        elements,
+    };
+    check_config_fits(&config, stored).map_err(|e| load_error(&config_path, e))?;
 
     let mut model = BurnModel::new(&config, &device.device);
     let expected: BTreeSet<String> = expected_tensors(&config).into_iter().collect();
@@ -129,12 +140,44 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, crate::EngineError> {
         .values()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    files
+        .into_iter()
+        .map(|file| {
+            shard_path(dir, &file).ok_or_else(|| {
+                load_error(
+                    &index_path,
+                    format!(
+                        "weight_map names `{file}`, which is not a file inside the model folder"
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
-/// Tensor names in a safetensors file, after checking that the header is sound and that
-/// the file is long enough for every tensor it declares.
-fn safetensors_names(path: &Path) -> Result<Vec<String>, crate::EngineError> {
+/// `dir/name` when `name` is a relative path that stays inside `dir` (only plain
+/// components: no `..`, no root, no Windows prefix), as shard names are: a model from a
+/// stranger must not make the loader open `../../etc/…` or `/dev/zero`. Symbolic links in
+/// the folder are still followed, as the Hugging Face cache (snapshots linking to blobs)
+/// needs.
+fn shard_path(dir: &Path, name: &str) -> Option<PathBuf> {
+    let relative = Path::new(name);
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (plain && !name.is_empty()).then(|| dir.join(relative))
+}
+
+/// What a safetensors header declares.
+struct SafetensorsHeader {
+    names: Vec<String>,
+    /// Elements of every tensor together.
+    elements: u64,
+}
+
+/// Tensor names and sizes in a safetensors file, after checking that the header is sound and
+/// that the file is long enough for every tensor it declares.
+fn safetensors_header(path: &Path) -> Result<SafetensorsHeader, crate::EngineError> {
     let err = |reason: String| load_error(path, reason);
     let mut file = fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
     let file_len = file.metadata().map_err(|e| err(e.to_string()))?.len();
@@ -154,15 +197,30 @@ fn safetensors_names(path: &Path) -> Result<Vec<String>, crate::EngineError> {
         serde_json::from_slice(&header).map_err(|e| err(format!("invalid header: {e}")))?;
     let mut end = 0u64;
     let mut names = Vec::new();
+    let mut elements = 0u64;
     for (name, info) in header {
         if name == "__metadata__" {
             continue;
         }
-        if let Some(offsets) = info["data_offsets"].as_array()
-            && let Some(stop) = offsets.get(1).and_then(Value::as_u64)
-        {
+        let offsets = info["data_offsets"].as_array();
+        let offset = |i: usize| offsets.and_then(|o| o.get(i)).and_then(Value::as_u64);
+        if let Some(stop) = offset(1) {
             end = end.max(stop);
         }
+        // Counted only as far as the tensor's bytes back it (no dtype is smaller than half
+        // a byte), so a header cannot declare shapes its data does not hold.
+        let bytes = offset(1)
+            .unwrap_or(0)
+            .saturating_sub(offset(0).unwrap_or(0));
+        let count = info["shape"]
+            .as_array()
+            .and_then(|shape| {
+                shape
+                    .iter()
+                    .try_fold(1u64, |n, d| n.checked_mul(d.as_u64()?))
+            })
+            .unwrap_or(0);
+        elements = elements.saturating_add(count.min(bytes.saturating_mul(2)));
         names.push(name);
     }
     let data_len = file_len - 8 - header_len;
@@ -171,7 +229,7 @@ fn safetensors_names(path: &Path) -> Result<Vec<String>, crate::EngineError> {
             "truncated: tensors need {end} bytes of data, the file has {data_len}"
         )));
     }
-    Ok(names)
+    Ok(SafetensorsHeader { names, elements })
 }
 
 /// HF names of every tensor the model needs.

@@ -38,12 +38,14 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, best first; ties keep the lower id first so the order
-        // (and so a seeded draw) does not depend on the sort's stability.
+        // (and so a seeded draw) does not depend on the sort's stability. Sorted on the raw
+        // logits: dividing by a tiny temperature first would overflow them to ±inf, losing
+        // their order.
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / self.temperature))
+            .map(|(i, &l)| (i as u32, l))
             .collect();
         if candidates.is_empty() {
             return argmax(logits);
@@ -52,8 +54,15 @@ impl Sampler {
         if self.top_k > 0 && self.top_k < candidates.len() {
             candidates.truncate(self.top_k);
         }
+        // Softmax of logit / temperature, shifted by the best logit *before* the division:
+        // (l - max) / t is 0 for the best and ≤ 0 for the rest, so a temperature so small that
+        // l / t overflows (1e-30, the smallest positive f32) gives exp(-inf) = 0 for the others
+        // and the draw is greedy, where inf - inf used to make every probability NaN.
         let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
+        let mut probs: Vec<f32> = candidates
+            .iter()
+            .map(|(_, l)| ((l - max) / self.temperature).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.top_p > 0.0 && self.top_p < 1.0 {
@@ -177,5 +186,38 @@ mod tests {
         let mut logits = [-1.0, -1.5];
         apply_repeat_penalty(&mut logits, &[0], 2.0);
         assert_eq!(logits, [-2.0, -1.5]);
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        // l / t overflows f32 for all of these: the draw must still be the best token, never
+        // a NaN-driven pick of the last candidate.
+        for temperature in [1e-30, 1e-38, f32::MIN_POSITIVE, 1e-45] {
+            for seed in 0..8 {
+                let mut s = Sampler::new(&params(temperature, 0, 1.0, seed));
+                assert_eq!(
+                    s.sample(&mut [0.1, 3.0, 2.9, -1.0], &[]),
+                    1,
+                    "temperature {temperature:e}"
+                );
+                // All negative: l / t is -inf for every token.
+                assert_eq!(
+                    s.sample(&mut [-7.0, -6.0, -2.5, -3.0], &[]),
+                    2,
+                    "temperature {temperature:e}"
+                );
+                let mut nucleus = Sampler::new(&params(temperature, 3, 0.9, seed));
+                assert_eq!(nucleus.sample(&mut [1.0, 5.0, 4.0, 2.0], &[]), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn ties_at_a_vanishing_temperature_stay_among_the_best() {
+        let mut s = Sampler::new(&params(1e-40, 0, 1.0, 5));
+        for _ in 0..32 {
+            let id = s.sample(&mut [1.0, 4.0, -2.0, 4.0], &[]);
+            assert!(id == 1 || id == 3, "picked {id}");
+        }
     }
 }
