@@ -47,7 +47,7 @@ pub struct Args {
     pub weights: WeightFormat,
 
     /// This worker's id, as the hive assigned it (a random one otherwise).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_non_empty)]
     pub worker_id: Option<String>,
 
     /// The queen to send heartbeats to, e.g. http://localhost:8500. No heartbeats without it.
@@ -60,7 +60,7 @@ pub struct Args {
     pub hive_url: Option<String>,
 
     /// Seconds between heartbeats (the queen marks a worker unavailable after 3 missed beats).
-    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_heartbeat_interval)]
     pub heartbeat_interval: Duration,
 
     /// Requests served at the same time: their sequences are decoded together, one forward
@@ -71,24 +71,27 @@ pub struct Args {
     /// KV-cache positions (prompt + max_tokens) the running sequences may hold together; a
     /// request that does not fit waits for one to finish. Default: 1 GiB of cache for the
     /// model, and at least one full context.
-    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=MAX_KV_BUDGET_TOKENS))]
     pub kv_budget_tokens: Option<u64>,
 
-    /// Requests that may wait for a free slot; beyond this the worker answers 503.
-    #[arg(long, default_value_t = 16)]
+    /// Requests that may wait for a free slot (0: none wait); beyond this the worker answers 503.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_QUEUE_SIZE))]
     pub queue_size: u32,
 
     /// Longest a guest may compute per request, in seconds of its own time (time spent waiting
     /// on the model is not counted). A guest past it fails its request with 504.
-    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_guest_timeout)]
     pub guest_timeout: Duration,
 
-    /// Memory a guest instance may use, in MiB. A guest growing past it fails its request.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    /// Memory a guest instance may use, in MiB (at most 4096, all a 32-bit WebAssembly
+    /// memory can address). A guest growing past it fails its request.
+    #[arg(long, default_value_t = 256, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_MEMORY_MB))]
     pub guest_memory_mb: u64,
 
     /// Where compiled guests are cached (keyed by content hash and engine settings).
-    /// Defaults to $XDG_CACHE_HOME/rbee-host or ~/.cache/rbee-host.
+    /// Defaults to $XDG_CACHE_HOME/rbee-host or ~/.cache/rbee-host. Created private (0700);
+    /// one that is not this user's, or that other users can write, is not used (a warning
+    /// says why, and guests are compiled at every start).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
@@ -101,7 +104,8 @@ pub struct Args {
         long,
         env = "RBEE_ADMIN_TOKEN",
         value_name = "TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_token
     )]
     pub admin_token: Option<String>,
 
@@ -110,11 +114,11 @@ pub struct Args {
     pub no_watch: bool,
 
     /// Largest request body accepted, in KiB (the admin endpoint accepts up to 256 MiB).
-    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    #[arg(long, default_value_t = 1024, value_name = "KIB", value_parser = parse_max_body_kb)]
     pub max_body_kb: usize,
 
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cut.
-    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_shutdown_grace)]
     pub shutdown_grace: Duration,
 }
 
@@ -139,14 +143,78 @@ fn parse_weights(s: &str) -> Result<WeightFormat, String> {
     }
 }
 
-fn parse_seconds(s: &str) -> Result<Duration, String> {
+// Bounds on numeric flags. Each is far beyond any sensible setting and below where the
+// value would overflow what it is converted into (a byte count, an `Instant` deadline), so
+// a typo is refused at start with the flag's name rather than wrapping into a tiny limit
+// or panicking later.
+
+/// Guest memory: a 32-bit WebAssembly memory addresses at most 4 GiB.
+const MAX_GUEST_MEMORY_MB: u64 = 4096;
+/// Request bodies: 1 GiB.
+const MAX_BODY_KB: usize = 1 << 20;
+/// Requests waiting for a slot.
+const MAX_QUEUE_SIZE: i64 = 1 << 16;
+/// KV-cache positions: far beyond any context (model contexts are u32 counts).
+const MAX_KV_BUDGET_TOKENS: u64 = u32::MAX as u64;
+/// A day: the longest any of the time flags may be.
+const MAX_SECONDS: f64 = 86_400.0;
+/// An hour: a guest may not hold a request, or shutdown wait, longer than this.
+const MAX_GUEST_SECONDS: f64 = 3_600.0;
+
+fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_SECONDS)
+}
+
+fn parse_guest_timeout(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_GUEST_SECONDS)
+}
+
+fn parse_shutdown_grace(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_GUEST_SECONDS)
+}
+
+/// A positive number of seconds, at most `max` (fractions allowed: `0.5`).
+fn parse_seconds(s: &str, max: f64) -> Result<Duration, String> {
     let seconds: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(seconds > 0.0 && seconds.is_finite()) {
         return Err(format!("`{s}` must be a positive number of seconds"));
     }
+    if seconds > max {
+        return Err(format!("`{s}` is too long: at most {max} seconds"));
+    }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_max_body_kb(s: &str) -> Result<usize, String> {
+    let kib: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of KiB"))?;
+    if !(1..=MAX_BODY_KB).contains(&kib) {
+        return Err(format!("`{s}` is out of range: 1 to {MAX_BODY_KB} KiB"));
+    }
+    Ok(kib)
+}
+
+/// A secret the worker compares a request's credentials with: an empty one would let an
+/// empty `Authorization: Bearer ` through, and one with whitespace or control characters
+/// cannot be sent in a header as given.
+fn parse_token(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the token contains whitespace or control characters".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.to_owned())
 }
 
 #[cfg(test)]
@@ -208,9 +276,44 @@ mod tests {
             ["--heartbeat-interval", "-1"],
             ["--weights", "int3"],
             ["--max-concurrent", "0"],
+            ["--heartbeat-interval", "0"],
+            ["--heartbeat-interval", "1e30"],
+            ["--guest-timeout", "0"],
+            ["--guest-timeout", "1e20"],
+            ["--shutdown-grace", "inf"],
+            ["--guest-memory-mb", "0"],
+            // × 1024² wraps a u64 into a small limit.
+            ["--guest-memory-mb", "17592186044416"],
+            ["--guest-memory-mb", "4097"],
+            ["--max-body-kb", "0"],
+            ["--max-body-kb", "18014398509481984"],
+            ["--queue-size", "65537"],
+            ["--kv-budget-tokens", "0"],
+            ["--admin-token", ""],
+            ["--admin-token", "two words"],
+            ["--worker-id", ""],
         ] {
             let argv = ["rbee-host", "--model=m", "--guest=g", bad[0], bad[1]];
             assert!(Args::try_parse_from(argv).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn accepts_values_at_the_bounds() {
+        let args = Args::try_parse_from([
+            "rbee-host",
+            "--model=m",
+            "--guest=g",
+            "--guest-memory-mb=4096",
+            "--max-body-kb=1048576",
+            "--queue-size=0",
+            "--guest-timeout=3600",
+            "--heartbeat-interval=86400",
+            "--admin-token=s3cret",
+        ])
+        .unwrap();
+        assert_eq!(args.guest_memory_mb << 20, 4 << 30);
+        assert_eq!(args.queue_size, 0);
+        assert_eq!(args.guest_timeout, Duration::from_secs(3600));
     }
 }

@@ -4,7 +4,9 @@
 mod harness;
 
 mod api;
+mod cli;
 mod conformance;
+mod guest_cache;
 mod heartbeat;
 mod hot_swap;
 mod lifecycle;

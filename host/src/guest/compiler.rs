@@ -65,10 +65,15 @@ impl Compiler {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-        let cache = match cache_dir {
-            Some(dir) => Some(ComponentCache::open(dir, &engine)?),
-            None => None,
-        };
+        // A cache that cannot be used safely (another user can write it, see `cache`) is a
+        // slower start, not a failed one: the worker compiles every guest and says why.
+        let cache = cache_dir.and_then(|dir| match ComponentCache::open(dir, &engine) {
+            Ok(cache) => Some(cache),
+            Err(error) => {
+                tracing::warn!("not caching compiled guests: {error:#}");
+                None
+            }
+        });
         Ok(Self {
             engine,
             linker,
@@ -120,6 +125,13 @@ impl Compiler {
         pre.instantiate(&mut store)
             .map_err(anyhow::Error::from)
             .context("the guest failed to instantiate")?;
+        // Only a guest that passed every check above is cached for next time.
+        if !from_cache
+            && let Some(cache) = &self.cache
+            && let Err(error) = cache.put(&sha256, &component)
+        {
+            tracing::warn!("cannot cache the compiled guest: {error:#}");
+        }
         Ok(LoadedGuest {
             pre,
             meta: GuestMeta {
@@ -135,8 +147,7 @@ impl Compiler {
         })
     }
 
-    /// The compiled component and whether it came from the cache; a fresh compilation is
-    /// cached for next time.
+    /// The compiled component and whether it came from the cache.
     fn component(&self, bytes: &[u8], sha256: &str) -> anyhow::Result<(Component, bool)> {
         let cache = self.cache.as_ref();
         if let Some(component) = cache.and_then(|cache| cache.get(&self.engine, sha256)) {
@@ -145,11 +156,6 @@ impl Compiler {
         let component = Component::new(&self.engine, bytes)
             .map_err(anyhow::Error::from)
             .context("not a valid WebAssembly component")?;
-        if let Some(cache) = cache
-            && let Err(error) = cache.put(sha256, &component)
-        {
-            tracing::warn!("cannot cache the compiled guest: {error:#}");
-        }
         Ok((component, false))
     }
 }
