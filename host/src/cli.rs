@@ -78,6 +78,20 @@ pub struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_QUEUE_SIZE))]
     pub queue_size: u32,
 
+    /// Longest a request may wait in the queue for a slot, in seconds; past it, 503.
+    #[arg(long, default_value = "60", value_name = "SECONDS", value_parser = parse_request_time)]
+    pub queue_timeout: Duration,
+
+    /// Longest a request may take from arrival to the end of its answer (a stream included),
+    /// in seconds; past it, 504, or a last error event in a stream.
+    #[arg(long, default_value = "600", value_name = "SECONDS", value_parser = parse_request_time)]
+    pub request_timeout: Duration,
+
+    /// Open client connections. At the limit, the oldest connection that has not sent a
+    /// request yet is closed for the new one. Lowered to fit the open-file limit.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Longest a guest may compute per request, in seconds of its own time (time spent waiting
     /// on the model is not counted). A guest past it fails its request with 504.
     #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_guest_timeout)]
@@ -171,6 +185,11 @@ fn parse_guest_timeout(s: &str) -> Result<Duration, String> {
 
 fn parse_shutdown_grace(s: &str) -> Result<Duration, String> {
     parse_seconds(s, MAX_GUEST_SECONDS)
+}
+
+/// `--queue-timeout`, `--request-timeout`.
+fn parse_request_time(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, MAX_SECONDS)
 }
 
 /// A positive number of seconds, at most `max` (fractions allowed: `0.5`).

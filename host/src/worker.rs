@@ -2,8 +2,11 @@
 //!
 //! Start-up order: listen (so the port is known), compile the guest (a broken guest fails
 //! fast), serve HTTP while the model loads in the background (`/info` says `starting`,
-//! `/v1/infer` answers 503), then `ready`. SIGTERM/SIGINT stop accepting, give in-flight
-//! requests a grace period, cut what is left, send the final `stopped` heartbeat and exit.
+//! `/v1/infer` answers 503), then `ready`. SIGTERM/SIGINT stop accepting and report
+//! `stopped` at once (the queen sends no more work), give in-flight requests a grace period,
+//! cut what is left and exit once the final heartbeat is out. A second signal exits at once.
+//! Nothing the worker waits for on the way out is unbounded: `main` does not wait for blocking
+//! threads (a model load or a guest that is stuck) either.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,10 @@ const FINAL_BEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long cut requests get to end their responses after the grace period.
 const CUT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The exit status after a second SIGTERM/SIGINT (128 + SIGINT, as a shell reports an
+/// interrupted command).
+const SECOND_SIGNAL_EXIT: i32 = 130;
 
 /// Why the worker shuts down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,10 +67,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         status: status.clone(),
         guests: guests.clone(),
         model: OnceLock::new(),
-        admission: Admission::new(args.max_concurrent as usize, args.queue_size as usize),
+        admission: Admission::new(
+            args.max_concurrent as usize,
+            args.queue_size as usize,
+            args.queue_timeout,
+        ),
         cut: Arc::new(AtomicBool::new(false)),
         admin_token: args.admin_token.clone(),
         max_body_bytes: args.max_body_kb * 1024,
+        request_timeout: args.request_timeout,
     });
     let _triggers = reload::start(guests, args.guest.clone(), !args.no_watch)?;
     let heartbeat = match args.heartbeat_url() {
@@ -84,11 +96,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(shut_down_on_signal(shutdown));
 
     tracing::info!(port, "listening");
-    let mut server = serve(listener, app.clone(), shutting_down.clone());
+    let limits = http::Limits::new(args.max_connections as usize, args.request_timeout);
+    let mut server = serve(listener, app.clone(), limits, shutting_down.clone());
     let reason = wait_for_shutdown(shutting_down, &mut server).await?;
     tracing::info!(?reason, grace = ?args.shutdown_grace, "shutting down: no new requests");
-    drain(&mut server, args.shutdown_grace, &app.cut).await;
+    // Not `ready` any more: the queen hears it now, not after the grace period, and new
+    // requests get 503 while the ones in flight finish.
     status.stopped();
+    drain(&mut server, args.shutdown_grace, &app.cut).await;
     if let Some(heartbeat) = heartbeat
         && tokio::time::timeout(FINAL_BEAT_TIMEOUT, heartbeat)
             .await
@@ -108,12 +123,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 fn serve(
     listener: TcpListener,
     app: Arc<AppState>,
+    limits: http::Limits,
     mut shutting_down: ShutdownReceiver,
 ) -> ServerTask {
-    let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(async move {
+    let shutdown = async move {
         let _ = shutting_down.wait_for(Option::is_some).await;
-    });
-    tokio::spawn(async move { server.await })
+    };
+    tokio::spawn(http::serve(listener, http::router(app), limits, shutdown))
 }
 
 /// Waits until a shutdown is asked for; the server ending by itself is an error.
@@ -239,6 +255,13 @@ async fn shut_down_on_signal(shutdown: ShutdownSender) {
         }
         first
     });
+    // An operator who signals again does not want to wait for the grace period.
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now, without waiting for requests in flight");
+    std::process::exit(SECOND_SIGNAL_EXIT);
 }
 
 /// The id the hive assigned, or a random one.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{Options, Queen, Worker, free_port, greedy};
 
@@ -130,4 +130,107 @@ async fn hive_url_is_accepted_as_the_heartbeat_target() {
     queen
         .wait_for("ready", |beat| beat.body["worker"]["status"] == "ready")
         .await;
+}
+
+/// A queen behind `https://`: the worker's heartbeats go over TLS (rustls), trusting the
+/// queen's certificate through `SSL_CERT_FILE` as an operator with a private CA would.
+#[tokio::test]
+async fn an_https_queen_gets_the_beats() {
+    use std::sync::{Arc, Mutex};
+
+    use tokio_rustls::rustls;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("queen.pem");
+    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certified.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into()),
+        )
+        .unwrap();
+
+    let beats: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let recorded = beats.clone();
+    let app = axum::Router::new().route(
+        "/v1/worker-heartbeat",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            recorded.lock().unwrap().push(body);
+            async { axum::Json(json!({ "status": "ok" })) }
+        }),
+    );
+    let listener = TlsListener {
+        tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+    };
+    let queen_port = listener.tcp.local_addr().unwrap().port();
+    let queen = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let cache = tempfile::tempdir().unwrap();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_rbee-host"))
+        .arg("--guest")
+        .arg(crate::harness::guest("llm"))
+        .arg("--model")
+        .arg(crate::harness::tiny_model())
+        .args(["--port", &free_port().to_string(), "--host", "127.0.0.1"])
+        .args(["--device", "cpu", "--heartbeat-interval=0.2"])
+        .arg(format!("--queen-url=https://localhost:{queen_port}"))
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .env("SSL_CERT_FILE", &ca_file)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let ready = beats
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|beat| beat["worker"]["status"] == "ready");
+        if ready || Instant::now() > deadline {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    queen.abort();
+    assert!(
+        ready,
+        "no `ready` beat over https: {:?}",
+        beats.lock().unwrap()
+    );
+}
+
+/// A TLS listener for axum::serve: TCP accept, then the handshake (a failed one is skipped).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }

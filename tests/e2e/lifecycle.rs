@@ -171,3 +171,111 @@ async fn a_client_that_disconnects_stops_its_generation() {
         started.elapsed()
     );
 }
+
+/// A model folder whose tokenizer.json is a FIFO nobody writes: loading it blocks for good.
+fn model_that_never_loads() -> tempfile::TempDir {
+    let model = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "tokenizer.json" {
+            std::fs::copy(entry.path(), model.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let made = std::process::Command::new("mkfifo")
+        .arg(model.path().join("tokenizer.json"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    model
+}
+
+/// A model load that never ends does not keep the worker from exiting: SIGTERM, the final
+/// `stopped` beat, exit (it used to wait for the loading thread for ever).
+#[tokio::test]
+async fn a_stuck_model_load_does_not_keep_the_worker_from_exiting() {
+    let queen = Queen::start(Duration::ZERO).await;
+    let model = model_that_never_loads();
+    let mut options = Options::new("llm").arg(format!("--queen-url={}", queen.url));
+    options.model = model.path().to_owned();
+    options.wait = Wait::Http;
+    let mut worker = Worker::start(options).await;
+    assert_eq!(worker.info().await["status"], "starting");
+    let signalled = std::time::Instant::now();
+    worker.signal("TERM");
+    let exit = worker.wait_exit(Duration::from_secs(15)).await;
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    let last = queen.beats().last().cloned().unwrap();
+    assert_eq!(last.body["worker"]["status"], "stopped");
+}
+
+/// A second SIGTERM exits at once, without waiting for the grace period or the request in
+/// flight (which computes for 8 s; the grace is 30 s).
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut worker = Worker::start(Options::new("chaos").arg("--shutdown-grace=30")).await;
+    let client = worker.client.clone();
+    let url = worker.url("/v1/infer");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({ "prompt": "slow-8000", "max_tokens": 2 }))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = std::time::Instant::now();
+    worker.signal("TERM");
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    let took = second.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "exited {took:?} after the second signal"
+    );
+    assert!(!exit.success(), "{exit:?}");
+    in_flight.abort();
+}
+
+/// Draining is not `ready`: the queen hears `stopped` as soon as the signal arrives, while
+/// the request in flight is still running (it used to hear it only after the grace period),
+/// and the request still gets its answer.
+#[tokio::test]
+async fn draining_starts_by_leaving_ready() {
+    let queen = Queen::start(Duration::ZERO).await;
+    let mut worker = Worker::start(
+        Options::new("chaos")
+            .arg(format!("--queen-url={}", queen.url))
+            .arg("--heartbeat-interval=3600")
+            .arg("--shutdown-grace=20"),
+    )
+    .await;
+    queen
+        .wait_for("ready", |beat| beat.body["worker"]["status"] == "ready")
+        .await;
+    let in_flight = worker.infer(json!({ "prompt": "slow-3000", "max_tokens": 2 }));
+    let signal = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        worker.signal("TERM");
+        let signalled = std::time::Instant::now();
+        let stopped = queen
+            .wait_for("stopped", |beat| beat.body["worker"]["status"] == "stopped")
+            .await;
+        stopped.at.duration_since(signalled)
+    };
+    let ((status, body), heard_after) = tokio::join!(in_flight, signal);
+    let answered = std::time::Instant::now();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        heard_after < Duration::from_secs(1),
+        "the queen heard `stopped` {heard_after:?} after the signal"
+    );
+    let stopped = queen
+        .beats()
+        .into_iter()
+        .find(|beat| beat.body["worker"]["status"] == "stopped")
+        .unwrap();
+    assert!(stopped.at < answered, "`stopped` only after the answer");
+    assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+}

@@ -9,5 +9,6 @@ mod conformance;
 mod guest_cache;
 mod heartbeat;
 mod hot_swap;
+mod hostile_http;
 mod lifecycle;
 mod sandbox;

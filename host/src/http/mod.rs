@@ -5,15 +5,20 @@
 //! routes) gets a module of its own. Whatever is common to routes is an axum seam rather than
 //! a check inside each handler: the body's schema and readiness are extractors
 //! (`infer::InferInput`, [`ReadyModel`]), the admin token is a route layer, and every error is
-//! `{"error": "..."}` through [`ApiError`].
+//! `{"error": "..."}` through [`ApiError`]. The layers around every route (request timeout,
+//! panics, axum's own errors as JSON) are in `guard`; the server loop and its connection
+//! limits in `server`.
 
 mod admin;
 mod error;
+mod guard;
 mod infer;
 mod info;
+mod server;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
@@ -22,6 +27,7 @@ use axum::routing::{get, post};
 use rbee_engine::Engine;
 
 pub use error::ApiError;
+pub use server::{Limits, serve};
 
 use crate::admission::Admission;
 use crate::guest::GuestRuntime;
@@ -38,6 +44,8 @@ pub struct AppState {
     pub cut: Arc<AtomicBool>,
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
+    /// Wall-clock bound on a request, from its arrival to the end of its answer.
+    pub request_timeout: Duration,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -51,7 +59,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     if let Some(token) = &state.admin_token {
         router = router.route("/v1/admin/guest", admin::guest_route(token));
     }
-    router.with_state(state)
+    let request_timeout = state.request_timeout;
+    // Last, so that the layers cover every route above.
+    guard::harden(router.with_state(state), request_timeout)
 }
 
 /// The model, for a route that needs it; 503 while it loads and once the worker is stopping.

@@ -1,0 +1,220 @@
+//! Clients written as an attacker would: requests for what does not exist, sockets opened and
+//! left silent or half-written, a request held in the queue behind work that does not end,
+//! a stream that is never read. Each costs only its own request: the worker keeps answering.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Options, Worker, greedy};
+
+/// A raw HTTP/1.1 exchange on a fresh socket: (status, body).
+fn raw(port: u16, request: &str) -> (u16, String) {
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    socket.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn error_of(body: &str) -> String {
+    let json: Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON body: {body:?}"));
+    json["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no `error` string: {json}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_are_json_errors() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let port = worker.port;
+    let cases = [
+        ("GET /nope", 404),
+        ("GET /v1/infer", 405),
+        ("DELETE /info", 405),
+        ("PUT /health", 405),
+    ];
+    for (line, expected) in cases {
+        let request = format!("{line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, body) = tokio::task::spawn_blocking(move || raw(port, &request))
+            .await
+            .unwrap();
+        assert_eq!(status, expected, "{line}: {body}");
+        let error = error_of(&body);
+        assert!(!error.is_empty(), "{line}");
+    }
+    // A body that is not the route's JSON: axum's own rejection, as JSON too.
+    let request = "POST /v1/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                   Content-Type: application/json\r\nContent-Length: 5\r\n\r\n{nope";
+    let (status, body) = tokio::task::spawn_blocking(move || raw(port, request))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    error_of(&body);
+}
+
+/// How long `GET /health` takes on a fresh connection.
+async fn health_latency(worker: &Worker) -> Duration {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let response = client.get(worker.url("/health")).send().await;
+    let elapsed = started.elapsed();
+    let response = response.expect("/health did not answer");
+    assert_eq!(response.status(), 200);
+    elapsed
+}
+
+/// 500 sockets that connect and then send nothing, or half a request head, against a worker
+/// whose open-file limit is 256: without a cap, the worker runs out of descriptors holding
+/// them and `/health` is never accepted (40 s and counting, measured); with it, the oldest
+/// half-open sockets are closed to make room and `/health` answers at once.
+#[tokio::test]
+async fn half_open_sockets_do_not_starve_health() {
+    let worker = Worker::start(Options::new("llm")).await;
+    let limited = Command::new("prlimit")
+        .args(["--pid", &worker.pid().to_string(), "--nofile=256:256"])
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(limited.success());
+    let before = health_latency(&worker).await;
+
+    let port = worker.port;
+    let sockets = tokio::task::spawn_blocking(move || {
+        let mut sockets = Vec::new();
+        for i in 0..500 {
+            let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            if i % 2 == 1 {
+                socket
+                    .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+            }
+            sockets.push(socket);
+        }
+        sockets
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        worst = worst.max(health_latency(&worker).await);
+    }
+    eprintln!(
+        "/health: {before:?} idle, at worst {worst:?} with {} half-open sockets",
+        sockets.len()
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "/health took {worst:?} behind half-open sockets"
+    );
+    // And the model is still served.
+    let (status, body) = worker.infer(greedy("hello", 2)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// One slot, held by a request that computes for 4 s: the next one waits in the queue for
+/// the queue timeout (1 s), then gets 503 with a JSON error rather than hanging behind it.
+#[tokio::test]
+async fn a_request_stuck_in_the_queue_gets_503() {
+    let worker = Worker::start(
+        Options::new("chaos")
+            .arg("--max-concurrent=1")
+            .arg("--queue-timeout=1"),
+    )
+    .await;
+    let holder = worker.infer(json!({ "prompt": "slow-4000", "max_tokens": 2 }));
+    let queued = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let answer = worker.infer(greedy("queued", 2)).await;
+        (answer, started.elapsed())
+    };
+    let ((held, _), ((status, body), waited)) = tokio::join!(holder, queued);
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("queue"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+    assert_eq!(held, 200);
+}
+
+/// A request that runs past `--request-timeout` gets 504 with a JSON error at the deadline.
+#[tokio::test]
+async fn a_request_past_the_request_timeout_gets_504() {
+    let worker = Worker::start(Options::new("chaos").arg("--request-timeout=1")).await;
+    let started = Instant::now();
+    let (status, body) = worker
+        .infer(json!({ "prompt": "slow-5000", "max_tokens": 2 }))
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("request timeout"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A streaming client that sends its request and never reads the answer, while the guest
+/// streams as fast as it can (chaos `flood-N` emits until `emit` has waited N ms for the
+/// client). With one slot, the next request waits behind it; the worker cuts the unread
+/// stream (its writes wait no longer than the request timeout, 2 s) and serves the next
+/// request, instead of holding the slot for the minute the flood would last.
+#[tokio::test]
+async fn a_stream_nobody_reads_gives_its_slot_back() {
+    let worker = Worker::start(
+        Options::new("chaos")
+            .arg("--max-concurrent=1")
+            .arg("--request-timeout=2")
+            .arg("--guest-timeout=120"),
+    )
+    .await;
+    let body = json!({ "prompt": "flood-60000", "stream": true }).to_string();
+    let request = format!(
+        "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut reader_that_never_reads = TcpStream::connect(("127.0.0.1", worker.port)).unwrap();
+    reader_that_never_reads
+        .write_all(request.as_bytes())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(30), worker.infer(greedy("next", 2)))
+            .await
+            .expect("the unread stream kept the slot");
+    let waited = started.elapsed();
+    eprintln!("the request behind an unread stream waited {waited:?}");
+    assert_eq!(status, 200, "{body}");
+    assert!(waited < Duration::from_secs(8), "waited {waited:?}");
+    drop(reader_that_never_reads);
+}
