@@ -205,6 +205,17 @@ fn metadata_cannot_amplify_far_beyond_the_file_size() {
     }
     expect_err(builder.build(), &["bytes of memory"]);
 
+    // Tensor infos too: 900k scalar tensors (31 bytes each in the file, ~110 decoded with
+    // their index entry) used to parse into ~100 MB from a 28 MB file.
+    let mut builder = Builder::new();
+    for i in 0..900_000 {
+        builder = builder.tensor(&format!("t{i:06}"), &[], 0, 0);
+    }
+    expect_err(
+        builder.data(&[0; 32]).build(),
+        &["tensor infos", "bytes of memory"],
+    );
+
     // A real vocabulary's worth of metadata (49152 tokens with scores and types, as in
     // SmolLM2) is far inside the budget even without any tensor data.
     let n = 49_152u64;
