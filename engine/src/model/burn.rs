@@ -141,12 +141,30 @@ fn attend(
         "a multi-position pass must start at position 0"
     );
     let (k, v) = cache.append(layer, k, v);
+    // Flex's fused attention reads grouped K/V heads as they are. Burn's attention contract
+    // (and CubeCL's kernels, which fail on it) want one K/V head per query head: elsewhere
+    // each K/V head is repeated for the query heads that share it.
+    let nh = q.dims()[1];
+    let (k, v) = if k.dims()[1] != nh && k.device() != Device::flex() {
+        (repeat_heads(k, nh), repeat_heads(v, nh))
+    } else {
+        (k, v)
+    };
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
         is_causal: s > 1,
     };
     attention(q, k, v, None, None, options)
+}
+
+/// `[b, nkv, t, hd]` → `[b, nh, t, hd]`, query head `i` reading K/V head `i / (nh / nkv)`
+/// (the Hugging Face `repeat_kv` order).
+fn repeat_heads(x: Tensor<4>, nh: usize) -> Tensor<4> {
+    let [b, nkv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, nkv, nh / nkv, t, hd])
+        .reshape([b, nh, t, hd])
 }
 
 // ---------------------------------------------------------------------------------------
