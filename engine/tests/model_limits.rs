@@ -152,6 +152,16 @@ fn an_absurd_gguf_context_length_is_a_load_error() {
     // Loaded before: 4 billion positions went into the KV budget and (truncated) into /info.
     let path = edited_gguf("context", &[("llama.context_length", Value::U32(u32::MAX))]);
     expect_load_error(&path, &["context length 4294967295", "model.gguf"]);
+    // Under the absolute cap, but 2^20 positions × 16 head dims outweigh this model's ~100k
+    // weights (its f32 position tables alone would take 128 MB).
+    let path = edited_gguf(
+        "context-tables",
+        &[("llama.context_length", Value::U32(1 << 20))],
+    );
+    expect_load_error(
+        &path,
+        &["context length 1048576 × head dim 16", "outweigh the model"],
+    );
 }
 
 #[test]

@@ -78,6 +78,18 @@ pub(crate) fn check_config_fits(config: &ModelConfig, stored: Stored) -> Result<
             config.vocab_size
         ));
     }
+    // Position tables (cos and sin per position and head dimension, on the device path) grow
+    // with the context: held to the size of the weights, so a tiny model cannot declare a
+    // context whose tables outweigh it. Real models are far inside this (Llama 3.1 8B:
+    // 131072 × 128 positions·dims for 8 G weights; SmolLM2-135M: 8192 × 64 for 135 M).
+    let positions = (config.max_position_embeddings as u64).saturating_mul(config.head_dim as u64);
+    if positions > stored.elements {
+        return Err(format!(
+            "context length {} × head dim {} is more than the checkpoint's {} weights: the \
+             position tables would outweigh the model",
+            config.max_position_embeddings, config.head_dim, stored.elements
+        ));
+    }
     let too_big = || {
         format!(
             "the config ({} layers, hidden size {}, {} heads of {}, {} kv heads, MLP {}, \
