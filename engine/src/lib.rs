@@ -20,7 +20,7 @@ mod model;
 mod quant;
 mod run;
 
-pub use run::{BatchStats, Cancelled};
+pub use run::{BatchStats, Cancelled, Prompt, PromptPart};
 
 /// Where to run the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -308,12 +308,12 @@ impl Engine {
         };
         let core = std::sync::Arc::new(run::Core {
             model: checkpoint.model,
-            tokenizer,
+            prompts: run::PromptEncoder::new(tokenizer, bos_id)?,
             eos_ids: special.eos_ids,
-            bos_id,
             context_length: config.max_position_embeddings,
             vocab_size: config.vocab_size,
             stats: Default::default(),
+            max_token_bytes: Default::default(),
         });
         let scheduler = run::Scheduler::start(core.clone(), limits)
             .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;

@@ -2,19 +2,20 @@
 //! running generation into each forward pass (`scheduler`), choosing tokens (`sampling`)
 //! and streaming text (`text`).
 
+mod prompt;
 mod sampling;
 mod scheduler;
 mod text;
 
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-
-use tokenizers::Tokenizer;
+use std::sync::{Arc, OnceLock};
 
 use crate::model::Model;
 use crate::{Completion, Engine, EngineError, FinishReason, SamplingParams};
+pub(crate) use prompt::PromptEncoder;
+pub use prompt::{Prompt, PromptPart};
 pub use scheduler::BatchStats;
 pub(crate) use scheduler::{Counters, Limits, Scheduler};
 use scheduler::{Event, Submission};
@@ -26,12 +27,13 @@ pub type Cancelled = Arc<dyn Fn() -> bool + Send + Sync>;
 /// What every generation shares: the model and what turns text into its input and back.
 pub(crate) struct Core {
     pub model: Model,
-    pub tokenizer: Tokenizer,
+    pub prompts: PromptEncoder,
     pub eos_ids: Vec<u32>,
-    pub bos_id: Option<u32>,
     pub context_length: usize,
     pub vocab_size: usize,
     pub stats: Counters,
+    /// Bytes of text one token stands for, at most; found on first use.
+    pub max_token_bytes: OnceLock<usize>,
 }
 
 impl Engine {
@@ -42,7 +44,21 @@ impl Engine {
 
     /// Token ids of `text`, without special tokens.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        self.core.encode(text, false)
+        self.core.check_text_size(text.len())?;
+        self.core.prompts.encode_text(text, false)
+    }
+
+    /// The longest text, in bytes, whose tokens could fit in the context: longer text is
+    /// refused before tokenizing, so its cost is bounded by the context, not by the caller.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.core.max_prompt_bytes()
+    }
+
+    /// The ids a generation of `prompt` starts from, the beginning-of-sequence token
+    /// included where the model expects one.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        self.core.check_text_size(prompt.len())?;
+        self.core.prompts.encode(prompt)
     }
 
     /// The logits (`[ids.len(), vocab_size]`, row-major) of one forward pass over `ids`.
@@ -70,7 +86,7 @@ impl Engine {
     /// runs in the shared batch with every other one.
     pub fn generate(
         &self,
-        prompt: &str,
+        prompt: impl Into<Prompt>,
         params: &SamplingParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, EngineError> {
@@ -81,12 +97,12 @@ impl Engine {
     /// while the prompt is still being read, when no text is produced to refuse.
     pub fn generate_cancellable(
         &self,
-        prompt: &str,
+        prompt: impl Into<Prompt>,
         params: &SamplingParams,
         cancelled: Option<Cancelled>,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, EngineError> {
-        let prompt_ids = self.core.encode(prompt, true)?;
+        let prompt_ids = self.encode_prompt(&prompt.into())?;
         let generation = self.start(prompt_ids, params, cancelled)?;
         Ok(generation.follow(on_text)?.0)
     }
@@ -205,23 +221,29 @@ impl Drop for Generation {
 }
 
 impl Core {
-    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, EngineError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, special)
-            .map_err(|e| EngineError::InvalidInput(format!("cannot tokenize: {e}")))?;
-        let mut ids = encoding.get_ids().to_vec();
-        // A templated prompt often starts with the bos string itself; the tokenizer's
-        // post-processor then adds a second one.
-        if special
-            && let Some(bos) = self.bos_id
-            && ids.len() >= 2
-            && ids[0] == bos
-            && ids[1] == bos
-        {
-            ids.remove(0);
+    /// [`Engine::max_prompt_bytes`]. A token stands for at most as many bytes as its
+    /// vocabulary entry holds (byte-level BPE spells a byte as one or two; SentencePiece a
+    /// space as three, a fallback byte as six), so more text than the context's worth of the
+    /// longest entry is more tokens than the context holds. This assumes normalization does
+    /// not shrink text, as for the byte-level and SentencePiece tokenizers of LLMs.
+    fn max_prompt_bytes(&self) -> usize {
+        let token_bytes = *self.max_token_bytes.get_or_init(|| {
+            let vocabulary = self.prompts.tokenizer().get_vocab(true);
+            vocabulary.keys().map(String::len).max().unwrap_or(1).max(1)
+        });
+        self.context_length.saturating_mul(token_bytes)
+    }
+
+    fn check_text_size(&self, bytes: usize) -> Result<(), EngineError> {
+        let most = self.max_prompt_bytes();
+        if bytes > most {
+            return Err(EngineError::InvalidInput(format!(
+                "the text is {bytes} bytes, more than can ever fit in the model's context of \
+                 {} tokens (at most {most} bytes)",
+                self.context_length
+            )));
         }
-        Ok(ids)
+        Ok(())
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), EngineError> {

@@ -273,7 +273,7 @@ fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
                 next_input: None,
                 cache: core.model.new_cache(need),
                 sampler: Sampler::new(&request.params),
-                text: TextStream::new(&core.tokenizer, &request.params.stop),
+                text: TextStream::new(core.prompts.tokenizer(), &request.params.stop),
                 history: request.prompt.clone(),
                 generated: 0,
                 started: Instant::now(),
