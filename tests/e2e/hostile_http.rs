@@ -218,3 +218,45 @@ async fn a_stream_nobody_reads_gives_its_slot_back() {
     assert!(waited < Duration::from_secs(8), "waited {waited:?}");
     drop(reader_that_never_reads);
 }
+
+/// Guest uploads run one at a time: while one is still sending its body, another (with the
+/// right token) is refused at once with 429, instead of a second body of up to 256 MiB being
+/// read and compiled beside it. The first then completes.
+#[tokio::test]
+async fn guest_uploads_run_one_at_a_time() {
+    use futures::SinkExt;
+
+    let worker = Worker::start(Options::new("llm").arg("--admin-token=secret")).await;
+    let component = std::fs::read(crate::harness::guest("llm")).unwrap();
+    let (mut body, chunks) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let first = tokio::spawn(
+        worker
+            .client
+            .put(worker.url("/v1/admin/guest"))
+            .bearer_auth("secret")
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send(),
+    );
+    let half = component.len() / 2;
+    body.send(Ok(component[..half].to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    let second = worker
+        .client
+        .put(worker.url("/v1/admin/guest"))
+        .bearer_auth("secret")
+        .body(component.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 429);
+    let error = error_of(&second.text().await.unwrap());
+    assert!(error.contains("in progress"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    body.send(Ok(component[half..].to_vec())).await.unwrap();
+    drop(body);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
+}

@@ -2,18 +2,21 @@
 //! guest and the last failed load, `PUT /v1/admin/guest` swaps in a new one.
 //!
 //! The bearer token is checked by a route layer, in front of the handlers and their
-//! extractors, so an unauthenticated upload is refused before its body is read.
+//! extractors, so an unauthenticated upload is refused before its body is read. Behind it, a
+//! second layer lets one upload run at a time: each holds its body (up to 256 MiB) in memory
+//! and compiles it, so concurrent ones would multiply both.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, get};
 use axum::{Json, body::Bytes};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use super::AppState;
 use super::error::ApiError;
@@ -25,10 +28,34 @@ const MAX_GUEST_BYTES: usize = 256 << 20;
 /// `/v1/admin/guest`, behind the bearer check for `token`.
 pub(super) fn guest_route(token: &str) -> MethodRouter<Arc<AppState>> {
     let token: Arc<str> = token.into();
+    let uploads = Arc::new(Semaphore::new(1));
     get(guest_status)
         .put(replace_guest)
         .layer(DefaultBodyLimit::max(MAX_GUEST_BYTES))
+        // The last route layer runs first: the token, then the one-upload gate.
+        .route_layer(middleware::from_fn_with_state(
+            uploads,
+            one_upload_at_a_time,
+        ))
         .route_layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// 429 for an upload while another one is being read or compiled.
+async fn one_upload_at_a_time(
+    State(uploads): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if request.method() != Method::PUT {
+        return Ok(next.run(request).await);
+    }
+    let Ok(_uploading) = uploads.try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "another guest upload is in progress; retry once it has finished",
+        ));
+    };
+    Ok(next.run(request).await)
 }
 
 /// The bearer check: 401 without credentials, 403 with wrong ones.
