@@ -224,7 +224,7 @@ fn workload() -> Vec<(Vec<u32>, u32)> {
     (0..4u32)
         .map(|i| {
             let prompt = (0..3 + 5 * i).map(|k| 4 + (k * 7 + i * 13) % 370).collect();
-            (prompt, 6 + 3 * i)
+            (prompt, 4 + 2 * i)
         })
         .collect()
 }
@@ -266,12 +266,9 @@ fn batch_equivalence(weights: WeightFormat) {
     eprintln!("batching on the GPU, {weights:?}: {:?}", started.elapsed());
 }
 
+/// In the weights a GPU runs by default (the batch is formed the same way for f32: Burn's
+/// layers run a step's sequences one after another).
 #[test]
-fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch_f32() {
-    batch_equivalence(WeightFormat::F32);
-}
-
-#[test]
-fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch_auto_f16() {
+fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch() {
     batch_equivalence(WeightFormat::Auto);
 }
