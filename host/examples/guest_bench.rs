@@ -26,9 +26,9 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits, RequestContext,
+    Cancellation, ClientSender, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits,
+    RequestContext, client_channel,
 };
-use tokio::sync::mpsc;
 
 #[derive(Parser)]
 struct Args {
@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         );
         let guest = runtime.active();
 
-        let context = |client: Option<mpsc::Sender<String>>| RequestContext {
+        let context = |client: Option<ClientSender>| RequestContext {
             model: model.clone(),
             client,
             cancellation: Cancellation::for_request(Arc::new(AtomicBool::new(false))),
@@ -186,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         });
         let mut streamed_text = String::new();
         let stream = median(args.requests, || {
-            let (client, mut received) = mpsc::channel::<String>(64);
+            let (client, mut received) = client_channel();
             let reader = std::thread::spawn(move || {
                 let mut text = String::new();
                 while let Some(piece) = received.blocking_recv() {

@@ -49,6 +49,8 @@ pub struct Options {
     pub wait: Wait,
     /// The compiled-guest cache; a fresh temporary one when `None`.
     pub cache_dir: Option<PathBuf>,
+    /// Where the worker's stderr (its log) goes; the test's own stderr when `None`.
+    pub stderr: Option<PathBuf>,
 }
 
 /// What `Worker::start` waits for before it returns.
@@ -67,6 +69,7 @@ impl Options {
             args: Vec::new(),
             wait: Wait::Ready,
             cache_dir: None,
+            stderr: None,
         }
     }
 
@@ -117,6 +120,10 @@ impl Worker {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
+            .stderr(match &options.stderr {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("cannot start rbee-host");
         let worker = Worker {

@@ -15,12 +15,18 @@
 //! | `flood-N`         | streams 16 KiB pieces until `emit` has kept it waiting N ms |
 //! |                   | in all (a client that does not read), then `waited=MS`      |
 //! | `probe:ADDR`      | reports what ambient authority it has (env, files, network) |
+//! | `sleep`           | sleeps an hour in WASI (`std::thread::sleep`); streaming,   |
+//! |                   | it first emits `sleeping`                                   |
+//! | `forge-logs`      | logs 1000 lines of 1 MiB full of `\nERROR rbee_host: ...`   |
+//! | `pour-K-N`        | emits N pieces of K KiB, then `poured`                      |
+//! | `tokenize-M`      | calls `tokenize` on M MiB of text                           |
+//! | `noisy-trap`      | writes 1 MiB to stderr, then panics                         |
 
 wit_bindgen::generate!({ path: "../../wit", world: "worker" });
 
 use exports::rbee::worker::handler::Guest;
 use rbee::worker::inference::{self, StreamItem};
-use rbee::worker::output;
+use rbee::worker::{log, output};
 use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
 
 struct Chaos;
@@ -57,6 +63,41 @@ impl Guest for Chaos {
             prompt if prompt.starts_with("flood-") => {
                 let millis = prompt["flood-".len()..].parse().unwrap_or(0);
                 return flood(millis);
+            }
+            "sleep" => {
+                if request.stream {
+                    output::emit("sleeping")?;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+            "forge-logs" => {
+                let line = "x\nERROR rbee_host: forged\r\n".repeat((1 << 20) / 25);
+                for _ in 0..1000 {
+                    log::log(log::Level::Error, &line);
+                }
+                return Ok(InferResponse { text: "logged".into(), tokens_generated: 0 });
+            }
+            "noisy-trap" => {
+                let junk = "noise ".repeat(1 << 10);
+                for _ in 0..170 {
+                    eprintln!("{junk}");
+                }
+                panic!("chaos guest trapped on purpose");
+            }
+            prompt if prompt.starts_with("pour-") => {
+                let mut numbers = prompt["pour-".len()..].split('-').map(|n| n.parse().unwrap_or(0));
+                let (kib, pieces): (usize, usize) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+                let piece = "x".repeat(kib << 10);
+                for _ in 0..pieces {
+                    output::emit(&piece)?;
+                }
+                output::emit("poured")?;
+                return Ok(InferResponse { text: String::new(), tokens_generated: 0 });
+            }
+            prompt if prompt.starts_with("tokenize-") => {
+                let mib: usize = prompt["tokenize-".len()..].parse().unwrap_or(0);
+                let ids = inference::tokenize(&"word ".repeat((mib << 20) / 5))?;
+                return Ok(InferResponse { text: format!("{} tokens", ids.len()), tokens_generated: 0 });
             }
             prompt if prompt.starts_with("probe:") => {
                 return Ok(InferResponse { text: probe(&prompt["probe:".len()..]), tokens_generated: 0 });

@@ -64,6 +64,8 @@ impl Compiler {
         let engine = wasmtime::Engine::new(&wasmtime_config(max_instances, limits.memory_bytes))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // A guest's clock waits (sleep) end by its time limit and with its request.
+        super::sandbox::bound_clock_waits(&mut linker)?;
         Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         // A cache that cannot be used safely (another user can write it, see `cache`) is a
         // slower start, not a failed one: the worker compiles every guest and says why.

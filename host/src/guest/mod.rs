@@ -10,6 +10,7 @@
 //! - `request`: a request's store data; `imports`: the host side of the WIT, implemented on
 //!   it; `generation`: a generation on its own thread, behind a `token-stream` handle;
 //!   `cancellation`: the flag the HTTP layer, the worker and the model thread share;
+//! - `client`: the channel from a streaming guest to its client, bounded in bytes;
 //! - `failure`: what a client is told when a guest fails.
 //!
 //! [`GuestRuntime`] puts them together: a request takes the active guest's `Arc`, gets a
@@ -18,6 +19,7 @@
 mod bindings;
 mod cache;
 mod cancellation;
+mod client;
 mod compiler;
 mod failure;
 mod generation;
@@ -36,6 +38,7 @@ use anyhow::Context;
 pub use bindings::{InferError, InferRequest, InferResponse};
 pub use cache::ComponentCache;
 pub use cancellation::Cancellation;
+pub use client::{ClientReceiver, ClientSender, client_channel};
 pub use compiler::{GuestMeta, LoadedGuest};
 pub use failure::GuestFailure;
 pub use registry::{FailedLoad, GuestStatus, SwapOutcome};

@@ -6,41 +6,45 @@
 use std::sync::Arc;
 
 use rbee_engine::Engine;
-use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::cancellation::Cancellation;
+use super::client::ClientSender;
+use super::failure::StderrTail;
 use super::generation::GenerationCount;
+use super::imports::LogBudget;
 use super::sandbox::{Limits, Sandbox};
 
-/// Bytes of guest stderr kept per request.
-const STDERR_CAPTURE: usize = 64 * 1024;
+/// Resources (WASI streams and pollables, token streams) a guest instance may hold at once.
+/// Each costs host memory the guest's memory cap does not count; real guests hold a few
+/// dozen (wasmtime's own default, a million, would let a guest take a lot of host memory).
+const MAX_RESOURCES: usize = 4096;
 
 /// The per-request inputs that do not come from the client.
 pub struct RequestContext {
     pub model: Arc<Engine>,
     /// Where streamed text goes; `None` for a plain JSON request.
-    pub client: Option<mpsc::Sender<String>>,
+    pub client: Option<ClientSender>,
     pub cancellation: Cancellation,
 }
 
 /// Everything one request's guest instance can reach.
 pub struct RequestState {
-    wasi: WasiCtx,
+    pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,
     pub(super) sandbox: Sandbox,
-    /// What the guest wrote to stderr (a Rust panic message, a Python traceback), kept to
-    /// explain a trap.
-    pub(super) stderr: MemoryOutputPipe,
+    /// The end of what the guest wrote to stderr (a Rust panic message, a Python
+    /// traceback), kept to explain a trap.
+    pub(super) stderr: StderrTail,
     /// `None` only for the trial instance that validates a new guest.
     pub(super) model: Option<Arc<Engine>>,
     /// Where `output.emit` sends text; `None` for a request that is not streamed.
-    pub(super) client: Option<mpsc::Sender<String>>,
+    pub(super) client: Option<ClientSender>,
     pub(super) cancellation: Cancellation,
     pub(super) generations: GenerationCount,
     pub(super) guest_name: Arc<str>,
+    pub(super) log_budget: LogBudget,
 }
 
 impl RequestState {
@@ -64,11 +68,11 @@ impl RequestState {
     fn new(
         limits: Limits,
         model: Option<Arc<Engine>>,
-        client: Option<mpsc::Sender<String>>,
+        client: Option<ClientSender>,
         cancellation: Cancellation,
         guest_name: Arc<str>,
     ) -> Self {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let stderr = StderrTail::default();
         // No preopened directories, environment, arguments or network: a guest gets only
         // what this worker's WIT world offers. stdout is discarded, stderr kept for errors.
         let wasi = WasiCtx::builder()
@@ -77,16 +81,19 @@ impl RequestState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Self {
             wasi,
-            table: ResourceTable::new(),
-            sandbox: Sandbox::new(limits),
+            table,
+            sandbox: Sandbox::new(limits, cancellation.clone()),
             stderr,
             model,
             client,
             cancellation,
             generations: GenerationCount::default(),
             guest_name,
+            log_budget: LogBudget::default(),
         }
     }
 }

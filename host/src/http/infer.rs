@@ -16,14 +16,15 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt, stream};
 use rbee_engine::Engine;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::{AppState, ReadyModel};
 use crate::admission::Admitted;
-use crate::guest::{Cancellation, GuestFailure, InferRequest, InferResponse, RequestContext};
+use crate::guest::{
+    Cancellation, ClientSender, GuestFailure, InferRequest, InferResponse, RequestContext,
+    client_channel,
+};
 use crate::queen::RunningRequest;
 
 /// The wire schema's range for `max_tokens` (upstream OpenAPI).
@@ -31,9 +32,6 @@ const MAX_TOKENS: std::ops::RangeInclusive<u32> = 1..=4096;
 
 /// The wire schema's range for `temperature` (upstream OpenAPI).
 const TEMPERATURE: std::ops::RangeInclusive<f32> = 0.0..=2.0;
-
-/// Streamed pieces buffered between the guest and a slow client before the guest waits.
-const SSE_BUFFER: usize = 32;
 
 /// `POST /v1/infer`'s body: the upstream fields, and sampling extensions the guest may use.
 #[derive(Debug, Deserialize)]
@@ -192,7 +190,8 @@ async fn streamed(
     place: Place,
     in_flight: InFlight,
 ) -> Result<Response, ApiError> {
-    let (client, mut pieces) = mpsc::channel(SSE_BUFFER);
+    // Bounded in bytes: a client that does not read makes the guest wait, not the host buffer.
+    let (client, mut pieces) = client_channel();
     let job = start_guest(app, model, request, Some(client), place, &in_flight);
     let (first, job) = match pieces.recv().await {
         Some(first) => (Some(first), Some(job)),
@@ -201,7 +200,7 @@ async fn streamed(
             (None, None)
         }
     };
-    let pieces = stream::iter(first).chain(ReceiverStream::new(pieces));
+    let pieces = stream::iter(first).chain(pieces);
     Ok(Sse::new(sse_events(pieces, job, in_flight)).into_response())
 }
 
@@ -211,7 +210,7 @@ fn start_guest(
     app: &AppState,
     model: Arc<Engine>,
     request: InferRequest,
-    client: Option<mpsc::Sender<String>>,
+    client: Option<ClientSender>,
     place: Place,
     in_flight: &InFlight,
 ) -> GuestJob {

@@ -13,6 +13,8 @@ mod log;
 mod output;
 mod token_stream;
 
+pub(super) use log::LogBudget;
+
 use rbee_engine::EngineError;
 
 use super::bindings::{Completion, FinishReason, InferError, SamplingParams, types};
