@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod cli;
 mod conformance;
+mod gpu;
 mod guest_cache;
 mod heartbeat;
 mod hostile_guest;
