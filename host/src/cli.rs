@@ -175,8 +175,14 @@ const MAX_SECONDS: f64 = 86_400.0;
 /// An hour: a guest may not hold a request, or shutdown wait, longer than this.
 const MAX_GUEST_SECONDS: f64 = 3_600.0;
 
+/// At least 10 ms: a shorter interval floods the queen (and one that rounds to 0 ns made
+/// tokio's interval panic).
 fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
-    parse_seconds(s, MAX_SECONDS)
+    let interval = parse_seconds(s, MAX_SECONDS)?;
+    if interval < Duration::from_millis(10) {
+        return Err(format!("`{s}` is too short: at least 0.01 seconds"));
+    }
+    Ok(interval)
 }
 
 fn parse_guest_timeout(s: &str) -> Result<Duration, String> {
@@ -203,7 +209,11 @@ fn parse_seconds(s: &str, max: f64) -> Result<Duration, String> {
     if seconds > max {
         return Err(format!("`{s}` is too long: at most {max} seconds"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    // 1e-12 is positive but rounds to a zero Duration.
+    match Duration::from_secs_f64(seconds) {
+        Duration::ZERO => Err(format!("`{s}` is shorter than a nanosecond")),
+        duration => Ok(duration),
+    }
 }
 
 fn parse_max_body_kb(s: &str) -> Result<usize, String> {
@@ -297,6 +307,9 @@ mod tests {
             ["--max-concurrent", "0"],
             ["--heartbeat-interval", "0"],
             ["--heartbeat-interval", "1e30"],
+            ["--heartbeat-interval", "1e-12"],
+            ["--heartbeat-interval", "0.001"],
+            ["--guest-timeout", "1e-12"],
             ["--guest-timeout", "0"],
             ["--guest-timeout", "1e20"],
             ["--shutdown-grace", "inf"],

@@ -63,6 +63,12 @@ fn out_of_range_values_are_refused_at_start() {
             "positive number of seconds",
         ),
         (&["--guest-timeout", "1e12"], "--guest-timeout", "too long"),
+        // Rounds to a zero Duration: tokio's interval panicked on it.
+        (
+            &["--heartbeat-interval", "1e-12"],
+            "--heartbeat-interval",
+            "shorter than a nanosecond",
+        ),
         (
             &["--shutdown-grace", "NaN"],
             "--shutdown-grace",
