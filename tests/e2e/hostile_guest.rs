@@ -204,6 +204,7 @@ async fn an_emit_larger_than_the_cap_is_refused() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let grown = peak_rss(worker.pid()).saturating_sub(before);
+    eprintln!("peak memory grew {} KiB", grown >> 10);
     let status = response.status();
     let body = response.text().await.unwrap();
     assert!(grown < 16 * MIB, "peak memory grew {} MiB", grown / MIB);
@@ -233,6 +234,7 @@ async fn a_client_that_does_not_read_holds_a_bounded_buffer() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let grown = peak_rss(worker.pid()).saturating_sub(before);
+    eprintln!("peak memory grew {} KiB", grown >> 10);
     assert!(
         grown < 16 * MIB,
         "four unread streams grew peak memory {} MiB",
@@ -262,6 +264,7 @@ async fn tokenizing_text_that_cannot_fit_is_refused_at_once() {
     .expect("tokenizing 48 MiB got no answer within 60 s");
     let took = started.elapsed();
     let grown = peak_rss(worker.pid()).saturating_sub(before);
+    eprintln!("peak memory grew {} KiB", grown >> 10);
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("can ever fit"),
@@ -285,5 +288,25 @@ async fn a_trap_after_much_stderr_keeps_the_panic_message() {
         "the panic message is lost: {error}"
     );
     assert!(error.len() < 4096, "{} bytes of error", error.len());
+    still_serves(&worker).await;
+}
+
+#[tokio::test]
+async fn a_guest_holding_ever_more_handles_is_stopped_early() {
+    let worker = roomy_worker().await;
+    still_serves(&worker).await;
+    let before = peak_rss(worker.pid());
+    // Clock pollables, one after another, never dropped.
+    let (status, body) = worker.infer(json!({ "prompt": "handles" })).await;
+    let grown = peak_rss(worker.pid()).saturating_sub(before);
+    eprintln!("peak memory grew {} KiB", grown >> 10);
+    assert_eq!(status, 500, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("chaos"), "{body}");
+    // wasmtime's own bound, a million entries, lets it grow the host's memory by 20 MiB.
+    assert!(
+        grown < 4 * MIB,
+        "the guest's handles grew peak memory {} MiB",
+        grown / MIB
+    );
     still_serves(&worker).await;
 }

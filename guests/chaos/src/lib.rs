@@ -21,6 +21,7 @@
 //! | `pour-K-N`        | emits N pieces of K KiB, then `poured`                      |
 //! | `tokenize-M`      | calls `tokenize` on M MiB of text                           |
 //! | `noisy-trap`      | writes 1 MiB to stderr, then panics                         |
+//! | `handles`         | holds clock pollables until the host refuses one (a trap)   |
 
 wit_bindgen::generate!({ path: "../../wit", world: "worker" });
 
@@ -30,6 +31,35 @@ use rbee::worker::{log, output};
 use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
 
 struct Chaos;
+
+/// The one WASI function the `handles` misbehaviour needs, declared here rather than taken
+/// from a WASI crate: a subset of `wasi:clocks/monotonic-clock`, which the host provides.
+mod wasi_clock {
+    wit_bindgen::generate!({
+        inline: r#"
+            package chaos:handles;
+            world handles {
+                import wasi:clocks/monotonic-clock@0.2.1;
+            }
+            package wasi:io@0.2.1 {
+                interface poll {
+                    resource pollable {
+                        ready: func() -> bool;
+                    }
+                }
+            }
+            package wasi:clocks@0.2.1 {
+                interface monotonic-clock {
+                    use wasi:io/poll@0.2.1.{pollable};
+                    type duration = u64;
+                    subscribe-duration: func(when: duration) -> pollable;
+                }
+            }
+        "#,
+        world: "chaos:handles/handles",
+        generate_all,
+    });
+}
 
 fn params(max_tokens: u32) -> SamplingParams {
     SamplingParams {
@@ -76,6 +106,14 @@ impl Guest for Chaos {
                     log::log(log::Level::Error, &line);
                 }
                 return Ok(InferResponse { text: "logged".into(), tokens_generated: 0 });
+            }
+            "handles" => {
+                // Each `subscribe-duration` is a resource in the host's table for as long
+                // as the guest holds it.
+                let mut held = Vec::new();
+                loop {
+                    held.push(wasi_clock::wasi::clocks::monotonic_clock::subscribe_duration(0));
+                }
             }
             "noisy-trap" => {
                 let junk = "noise ".repeat(1 << 10);
