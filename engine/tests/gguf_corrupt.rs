@@ -245,6 +245,57 @@ fn metadata_cannot_amplify_far_beyond_the_file_size() {
     );
 }
 
+/// A SentencePiece ("llama") vocabulary of `tokens`, with scores and no merges, so the
+/// tokenizer derives its merges from the scores.
+fn spm_vocabulary(tokens: &[String]) -> Vec<u8> {
+    let mut model = Vec::new();
+    Builder::string(&mut model, "llama");
+    let mut array = 8u32.to_le_bytes().to_vec();
+    array.extend((tokens.len() as u64).to_le_bytes());
+    let mut scores = 6u32.to_le_bytes().to_vec();
+    scores.extend((tokens.len() as u64).to_le_bytes());
+    for (i, token) in tokens.iter().enumerate() {
+        Builder::string(&mut array, token);
+        scores.extend((-(i as f32)).to_le_bytes());
+    }
+    Builder::new()
+        .kv("tokenizer.ggml.model", 8, &model)
+        .kv("tokenizer.ggml.tokens", 9, &array)
+        .kv("tokenizer.ggml.scores", 9, &scores)
+        .build()
+}
+
+#[test]
+fn merges_derived_from_scores_cannot_amplify() {
+    // Families "x", "xx", ... "x"×128 for 60 letters: a 0.6 MB file whose every token splits
+    // into two others at every position, which derived ~80 MB of merges (n³/3 bytes per
+    // family, and as much work hashing the halves).
+    let letters = ('a'..='z').chain('A'..='Z').chain('0'..='7');
+    let tokens: Vec<String> = letters
+        .flat_map(|c| (1..=128).map(move |n| c.to_string().repeat(n)))
+        .collect();
+    let file = parse(spm_vocabulary(&tokens)).unwrap();
+    let err = file.tokenizer().unwrap_err().to_string();
+    assert!(
+        err.contains("bad.gguf") && err.contains("merges derived"),
+        "{err}"
+    );
+
+    // A token far longer than any SentencePiece piece is refused outright.
+    let tokens = vec!["a".to_string(), "a".repeat(200)];
+    let err = parse(spm_vocabulary(&tokens))
+        .unwrap()
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token 1 is 200 characters long"), "{err}");
+
+    // An ordinary vocabulary still builds.
+    let tokens: Vec<String> = ["a", "b", "ab", "ba", "abab"].map(String::from).to_vec();
+    let tokenizer = parse(spm_vocabulary(&tokens)).unwrap().tokenizer().unwrap();
+    assert_eq!(tokenizer.get_vocab_size(false), 5);
+}
+
 #[test]
 fn malformed_values() {
     expect_err(

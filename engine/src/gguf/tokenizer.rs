@@ -45,6 +45,10 @@ use super::reader::GgufFile;
 const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// Longest token merges are derived for (SentencePiece vocabularies without merges).
+const MAX_DERIVED_TOKEN_CHARS: usize = 128;
+/// Most memory merges derived from scores may take.
+const MAX_DERIVED_MERGES_BYTES: u64 = 64 << 20;
 
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -205,7 +209,7 @@ fn sentencepiece_bpe(md: &Metadata, tokens: &[&str], vocab: Vocab) -> Result<Tok
     }
     let merges = match file_merges(md)? {
         Some(m) => m,
-        None => merges_from_scores(tokens, &scores, &vocab),
+        None => merges_from_scores(tokens, &scores, &vocab).map_err(&err)?,
     };
     let mut builder = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -358,19 +362,47 @@ fn file_merges(md: &Metadata) -> Result<Option<Merges>> {
 /// Merges equivalent to SentencePiece's "merge the pair forming the best-scoring token": every
 /// split of every token into two tokens, ranked by the merged token's score (best first). Ties
 /// keep vocabulary order, which is how llama.cpp's queue sees equal scores most of the time.
-fn merges_from_scores(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Merges {
+///
+/// Every split of every token is looked up, and every merge holds both halves, so the work is
+/// quadratic in a token's length and the merges can be far larger than the vocabulary (a
+/// crafted family "a", "aa", ... "a"×n yields n³/3 bytes of merges). Tokens are therefore
+/// held to [`MAX_DERIVED_TOKEN_CHARS`] (SentencePiece pieces are a few dozen at most) and the
+/// merges to [`MAX_DERIVED_MERGES_BYTES`] (a 32k vocabulary derives a few MB).
+fn merges_from_scores(
+    tokens: &[&str],
+    scores: &[f32],
+    vocab: &Vocab,
+) -> std::result::Result<Merges, String> {
     let ids: HashMap<&str, usize> = vocab
         .iter()
         .map(|(t, &i)| (t.as_str(), i as usize))
         .collect();
     let mut ranked: Vec<(f32, usize, usize, usize)> = Vec::new();
+    let mut bytes = 0u64;
     for (id, tok) in tokens.iter().enumerate() {
         if ids.get(tok) != Some(&id) {
             continue;
         }
+        let chars = tok.chars().count();
+        if chars > MAX_DERIVED_TOKEN_CHARS {
+            return Err(format!(
+                "token {id} is {chars} characters long: too long to derive merges from scores \
+                 (at most {MAX_DERIVED_TOKEN_CHARS}; the file has no tokenizer.ggml.merges)"
+            ));
+        }
         for (split, _) in tok.char_indices().skip(1) {
             let (l, r) = tok.split_at(split);
             if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                // The entry here and the merge's two strings.
+                bytes += (size_of::<(f32, usize, usize, usize)>()
+                    + 2 * size_of::<String>()
+                    + tok.len()) as u64;
+                if bytes > MAX_DERIVED_MERGES_BYTES {
+                    return Err(format!(
+                        "the merges derived from the scores would take more than \
+                         {MAX_DERIVED_MERGES_BYTES} bytes"
+                    ));
+                }
                 ranked.push((scores[id], id, li, ri));
             }
         }
@@ -381,8 +413,8 @@ fn merges_from_scores(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Merges 
             .then(a.2.cmp(&b.2))
             .then(a.3.cmp(&b.3))
     });
-    ranked
+    Ok(ranked
         .into_iter()
         .map(|(_, _, l, r)| (tokens[l].to_string(), tokens[r].to_string()))
-        .collect()
+        .collect())
 }
