@@ -170,6 +170,7 @@ fn main() -> anyhow::Result<()> {
             model: model.clone(),
             client,
             cancellation: Cancellation::for_request(Arc::new(AtomicBool::new(false))),
+            metrics: None,
         };
         let mut refused = greedy_request(args.tokens, false);
         refused.top_p = Some(2.0);

@@ -123,6 +123,22 @@ pub struct Args {
     )]
     pub admin_token: Option<String>,
 
+    /// Requires `Authorization: Bearer KEY` on the OpenAI routes (/v1/models, /v1/completions,
+    /// /v1/chat/completions), as llama-server and vLLM do. /health and the rbee routes stay open.
+    #[arg(
+        long,
+        env = "RBEE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true,
+        value_parser = parse_token
+    )]
+    pub api_key: Option<String>,
+
+    /// The model's name in /v1/models, /info and heartbeats (default: the model file's stem or
+    /// folder name). OpenAI requests naming another model get 404.
+    #[arg(long, value_name = "NAME", value_parser = parse_non_empty)]
+    pub served_model_name: Option<String>,
+
     /// Do not watch the guest file for changes (SIGHUP and the admin endpoint still reload).
     #[arg(long)]
     pub no_watch: bool,

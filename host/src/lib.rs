@@ -5,6 +5,7 @@
 //!   route family; it owns the wire formats.
 //! - `guest`: the guest runtime (wasmtime, the sandbox, the compile cache, hot-swap, and the
 //!   host side of the WIT); the guest owns request policy.
+//! - `metrics`: `/metrics`, Prometheus metrics named like vLLM's.
 //! - `queen`: the worker's status as the queen sees it, and the heartbeats that report it.
 //! - `admission`: how many requests run and wait; `reload`: the guest file watch and SIGHUP;
 //!   `cli`: the command line; `worker`: start-up and shutdown, tying the rest together;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod clock;
 pub mod guest;
 pub mod http;
+pub mod metrics;
 pub mod queen;
 pub mod reload;
 pub mod worker;

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,6 +23,7 @@ use crate::admission::Admission;
 use crate::cli::Args;
 use crate::guest::{ComponentCache, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits};
 use crate::http::{self, AppState};
+use crate::metrics::{Metrics, WorkerState};
 use crate::queen::{Heartbeats, Status};
 use crate::reload;
 
@@ -55,15 +56,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
+    let served_model = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&args.model));
     let status = Arc::new(Status::new(
         worker_id(&args),
-        model_name(&args.model),
+        served_model.clone(),
         requested_device(args.device),
         port,
     ));
 
     let guests = Arc::new(start_guest_runtime(&args).await?);
-    let app = Arc::new(AppState {
+    let app = Arc::new_cyclic(|app| AppState {
+        metrics: Metrics::new(&served_model, Arc::new(MetricsState(app.clone()))),
         status: status.clone(),
         guests: guests.clone(),
         model: OnceLock::new(),
@@ -74,6 +80,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ),
         cut: Arc::new(AtomicBool::new(false)),
         admin_token: args.admin_token.clone(),
+        api_key: args.api_key.clone(),
+        served_model: served_model.clone(),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs()),
         max_body_bytes: args.max_body_kb * 1024,
         request_timeout: args.request_timeout,
     });
@@ -220,7 +231,7 @@ async fn load_model(
                 "model ready"
             );
             if app.model.set(Arc::new(engine)).is_ok() {
-                app.status.model_ready(info.id, info.device);
+                app.status.model_ready(info.device);
             }
         }
         Ok(Err(error)) => {
@@ -272,6 +283,25 @@ fn worker_id(args: &Args) -> String {
 }
 
 /// The model's name before it is loaded: the folder's or file's name.
+/// What `/metrics` reads from the worker on each scrape. Weak: the metrics live in the
+/// state they read.
+struct MetricsState(Weak<AppState>);
+
+impl WorkerState for MetricsState {
+    fn requests(&self) -> (usize, usize) {
+        self.0
+            .upgrade()
+            .map_or((0, 0), |app| app.admission.counts())
+    }
+
+    fn guests(&self) -> (u64, u64) {
+        self.0.upgrade().map_or((0, 0), |app| {
+            let status = app.guests.status();
+            (status.active.generation, status.failed_loads)
+        })
+    }
+}
+
 fn model_name(path: &Path) -> String {
     path.file_stem()
         .or(path.file_name())

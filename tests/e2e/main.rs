@@ -13,4 +13,5 @@ mod hostile_guest;
 mod hostile_http;
 mod hot_swap;
 mod lifecycle;
+mod openai;
 mod sandbox;

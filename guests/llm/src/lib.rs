@@ -1,86 +1,197 @@
-//! The default rbee guest: serves the upstream `/v1/infer` contract on the model as it is.
+//! The default rbee guest: the upstream `/v1/infer` contract on the model as it is, and the
+//! OpenAI-compatible routes (`/v1/completions`, `/v1/chat/completions`) with the model's own
+//! chat template.
 //!
-//! Policy lives here: defaults are filled in (max_tokens 256 or what the context leaves,
-//! temperature 0.7 as the API documents, top-p 0.95) and the prompt goes to the model
-//! unchanged. Ranges are not checked here: the host has already refused a request outside the
-//! API's schema, and the engine refuses what it cannot run (see `sampling-params` in the WIT).
-//! Streaming requests forward each piece of text to the client as it arrives.
+//! Policy lives here; the wire formats are the host's:
+//! - defaults: `/v1/infer` as the rbee API documents it (max_tokens 256 or what the context
+//!   leaves, temperature 0.7, top-p 0.95); the OpenAI routes as OpenAI documents them
+//!   (temperature 1, top-p 1; a completion 16 tokens, a chat answer what the context leaves);
+//! - prompts: `/v1/infer` and `/v1/completions` send the prompt to the model unchanged; a chat
+//!   is rendered with the checkpoint's chat template (`template`), ChatML when it has none,
+//!   and the clients' words go to the model as text that cannot become special tokens.
+//!
+//! Ranges are not checked here: the host has already refused a request outside its route's
+//! schema, and the engine refuses what it cannot run (see `sampling-params` in the WIT).
 
-wit_bindgen::generate!({ path: "../../wit", world: "worker" });
+mod template;
 
-use exports::rbee::worker::handler::Guest;
+wit_bindgen::generate!({ path: "../../wit", world: "openai-worker" });
+
+use exports::rbee::worker::{handler, openai};
 use rbee::worker::inference::{self, StreamItem};
 use rbee::worker::log::{Level, log};
 use rbee::worker::output;
-use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
+use rbee::worker::types::{
+    ChatRequest, Completion, CompletionRequest, GenerationOptions, InferError, InferRequest,
+    InferResponse, PromptPart, Role, SamplingParams,
+};
 
-const DEFAULT_MAX_TOKENS: u32 = 256;
-const DEFAULT_TEMPERATURE: f32 = 0.7;
-const DEFAULT_TOP_P: f32 = 0.95;
+use template::{Message, Part, SpecialTokens};
+
+/// `/v1/infer`'s defaults (the rbee API's documentation).
+const INFER_MAX_TOKENS: u32 = 256;
+const INFER_TEMPERATURE: f32 = 0.7;
+const INFER_TOP_P: f32 = 0.95;
+/// OpenAI's documented defaults.
+const OPENAI_COMPLETION_MAX_TOKENS: u32 = 16;
+const OPENAI_TEMPERATURE: f32 = 1.0;
+const OPENAI_TOP_P: f32 = 1.0;
 
 struct Llm;
 
-impl Guest for Llm {
+impl handler::Guest for Llm {
     fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
-        let params = sampling_params(&request)?;
-        log(
-            Level::Debug,
-            &format!(
-                "llm: {} prompt bytes, max_tokens {}, temperature {}, stream {}",
-                request.prompt.len(),
-                params.max_tokens,
-                params.temperature,
-                request.stream
-            ),
-        );
-        if !request.stream {
-            let completion = inference::infer(&request.prompt, &params)?;
-            return Ok(InferResponse {
-                text: completion.text,
-                tokens_generated: completion.tokens_generated,
-            });
-        }
-        let stream = inference::infer_stream(&request.prompt, &params)?;
-        loop {
-            match stream.next()? {
-                StreamItem::Text(text) => output::emit(&text)?,
-                StreamItem::Done(completion) => {
-                    return Ok(InferResponse {
-                        text: completion.text,
-                        tokens_generated: completion.tokens_generated,
-                    });
-                }
-            }
+        let max_tokens = match request.max_tokens {
+            Some(max_tokens) => max_tokens,
+            None => room_after(&request.prompt, INFER_MAX_TOKENS)?,
+        };
+        let params = SamplingParams {
+            max_tokens,
+            temperature: request.temperature.unwrap_or(INFER_TEMPERATURE),
+            top_k: request.top_k.unwrap_or(0),
+            top_p: request.top_p.unwrap_or(INFER_TOP_P),
+            repeat_penalty: request.repeat_penalty.unwrap_or(1.0),
+            seed: request.seed,
+            stop: request.stop,
+        };
+        debug_log("infer", request.prompt.len(), &params, request.stream);
+        let completion = generate(Prompt::Text(&request.prompt), &params, request.stream)?;
+        Ok(InferResponse {
+            text: completion.text,
+            tokens_generated: completion.tokens_generated,
+        })
+    }
+}
+
+impl openai::Guest for Llm {
+    fn complete(request: CompletionRequest) -> Result<Completion, InferError> {
+        let options = request.options;
+        let max_tokens = options.max_tokens.unwrap_or(OPENAI_COMPLETION_MAX_TOKENS);
+        let params = openai_params(&options, max_tokens);
+        debug_log("completions", request.prompt.len(), &params, options.stream);
+        generate(Prompt::Text(&request.prompt), &params, options.stream)
+    }
+
+    fn chat(request: ChatRequest) -> Result<Completion, InferError> {
+        let model = inference::model();
+        let template = model.chat_template.as_deref().unwrap_or(template::CHATML);
+        let messages: Vec<Message> = request
+            .messages
+            .iter()
+            .map(|message| Message {
+                role: match message.role {
+                    Role::System => "system",
+                    Role::User => "user",
+                    Role::Assistant => "assistant",
+                },
+                content: &message.content,
+            })
+            .collect();
+        let tokens = SpecialTokens {
+            bos: model.bos_token.as_deref().unwrap_or(""),
+            eos: model.eos_tokens.first().map_or("", String::as_str),
+        };
+        let parts: Vec<PromptPart> = template::render(template, &messages, &tokens)
+            .map_err(|error| {
+                // The template's own refusal (`raise_exception`) is about the conversation.
+                InferError::InvalidInput(format!("the model's chat template: {error:#}"))
+            })?
+            .into_iter()
+            .map(|part| match part {
+                Part::Markup(text) => PromptPart::Markup(text),
+                Part::Text(text) => PromptPart::Text(text),
+            })
+            .collect();
+        let options = request.options;
+        let max_tokens = match options.max_tokens {
+            Some(max_tokens) => max_tokens,
+            None => room_after_parts(&parts, model.context_length)?,
+        };
+        let params = openai_params(&options, max_tokens);
+        let bytes = parts.iter().map(part_len).sum();
+        debug_log("chat", bytes, &params, options.stream);
+        generate(Prompt::Parts(&parts), &params, options.stream)
+    }
+}
+
+enum Prompt<'a> {
+    Text(&'a str),
+    Parts(&'a [PromptPart]),
+}
+
+/// One generation, streamed through `output.emit` when the client asked for a stream.
+fn generate(
+    prompt: Prompt,
+    params: &SamplingParams,
+    stream: bool,
+) -> Result<Completion, InferError> {
+    if !stream {
+        return match prompt {
+            Prompt::Text(text) => inference::infer(text, params),
+            Prompt::Parts(parts) => inference::infer_parts(parts, params),
+        };
+    }
+    let tokens = match prompt {
+        Prompt::Text(text) => inference::infer_stream(text, params)?,
+        Prompt::Parts(parts) => inference::infer_stream_parts(parts, params)?,
+    };
+    loop {
+        match tokens.next()? {
+            StreamItem::Text(text) => output::emit(&text)?,
+            StreamItem::Done(completion) => return Ok(completion),
         }
     }
 }
 
-/// Up to DEFAULT_MAX_TOKENS, but never more than the context leaves after the prompt (and a
-/// beginning-of-sequence token), so a request without max_tokens does not fail on a small
-/// model.
-fn default_max_tokens(prompt: &str) -> Result<u32, InferError> {
-    let context = inference::model().context_length;
-    let prompt_tokens = inference::tokenize(prompt)?.len() as u32 + 1;
-    Ok(context
-        .saturating_sub(prompt_tokens)
-        .clamp(1, DEFAULT_MAX_TOKENS))
+fn openai_params(options: &GenerationOptions, max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: options.temperature.unwrap_or(OPENAI_TEMPERATURE),
+        top_k: options.top_k.unwrap_or(0),
+        top_p: options.top_p.unwrap_or(OPENAI_TOP_P),
+        repeat_penalty: options.repeat_penalty.unwrap_or(1.0),
+        seed: options.seed,
+        stop: options.stop.clone(),
+    }
 }
 
-/// Fills the defaults for what the client left out.
-fn sampling_params(request: &InferRequest) -> Result<SamplingParams, InferError> {
-    let max_tokens = match request.max_tokens {
-        Some(max_tokens) => max_tokens,
-        None => default_max_tokens(&request.prompt)?,
-    };
-    Ok(SamplingParams {
-        max_tokens,
-        temperature: request.temperature.unwrap_or(DEFAULT_TEMPERATURE),
-        top_k: request.top_k.unwrap_or(0),
-        top_p: request.top_p.unwrap_or(DEFAULT_TOP_P),
-        repeat_penalty: request.repeat_penalty.unwrap_or(1.0),
-        seed: request.seed,
-        stop: request.stop.clone(),
-    })
+/// Up to `cap` tokens, but never more than the context leaves after the prompt (and a
+/// beginning-of-sequence token), so a request without max_tokens does not fail on a small
+/// model.
+fn room_after(prompt: &str, cap: u32) -> Result<u32, InferError> {
+    let context = inference::model().context_length;
+    let prompt_tokens = inference::tokenize(prompt)?.len() as u32 + 1;
+    Ok(context.saturating_sub(prompt_tokens).clamp(1, cap))
+}
+
+/// What the context leaves after a templated prompt, counted on its whole text. That is
+/// the prompt's length unless a client typed special-token text, which the engine reads as
+/// longer plain text; such a prompt near the context's end then fails as `context-overflow`.
+fn room_after_parts(parts: &[PromptPart], context: u32) -> Result<u32, InferError> {
+    let text: String = parts
+        .iter()
+        .map(|part| match part {
+            PromptPart::Markup(text) | PromptPart::Text(text) => text.as_str(),
+        })
+        .collect();
+    let prompt_tokens = inference::tokenize(&text)?.len() as u32 + 1;
+    Ok(context.saturating_sub(prompt_tokens).max(1))
+}
+
+fn part_len(part: &PromptPart) -> usize {
+    match part {
+        PromptPart::Markup(text) | PromptPart::Text(text) => text.len(),
+    }
+}
+
+fn debug_log(route: &str, prompt_bytes: usize, params: &SamplingParams, stream: bool) {
+    log(
+        Level::Debug,
+        &format!(
+            "llm {route}: {prompt_bytes} prompt bytes, max_tokens {}, temperature {}, stream {stream}",
+            params.max_tokens, params.temperature,
+        ),
+    );
 }
 
 export!(Llm);

@@ -13,9 +13,9 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 use wasmtime::Store;
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Instance, InstancePre, Linker};
 
-use super::bindings::{Worker, WorkerPre};
+use super::bindings::{OpenaiWorker, handler, openai};
 use super::cache::ComponentCache;
 use super::pool::wasmtime_config;
 use super::request::RequestState;
@@ -36,15 +36,65 @@ pub struct GuestMeta {
     pub from_cache: bool,
     /// 1 for the guest the worker started with, +1 for each swap.
     pub generation: u64,
+    /// Whether the guest exports `openai` and so serves the OpenAI-compatible routes.
+    pub openai: bool,
 }
 
 /// A compiled, validated guest, ready to instantiate.
 pub struct LoadedGuest {
-    pub(super) pre: WorkerPre<RequestState>,
+    pub(super) pre: InstancePre<RequestState>,
+    pub(super) exports: Exports,
     /// The name again, shared with every request's store for its log lines.
     pub(super) name: Arc<str>,
     pub meta: GuestMeta,
 }
+
+/// Where a guest's exports are, found once at load: `handler` is required, `openai` optional.
+pub(super) struct Exports {
+    handler: handler::GuestIndices,
+    openai: Option<openai::GuestIndices>,
+}
+
+impl Exports {
+    fn find(pre: &InstancePre<RequestState>) -> anyhow::Result<Self> {
+        let handler = handler::GuestIndices::new(pre)
+            .map_err(anyhow::Error::from)
+            .context("the guest does not export the rbee:worker/handler interface")?;
+        // Absent, or present with another shape: either way the guest does not serve the
+        // OpenAI routes, and says so in the log.
+        let openai = match openai::GuestIndices::new(pre) {
+            Ok(openai) => Some(openai),
+            Err(error) if pre.component().get_export_index(None, OPENAI_EXPORT).is_some() => {
+                tracing::warn!("the guest's `openai` export does not match this host's: {error:#}");
+                None
+            }
+            Err(_) => None,
+        };
+        Ok(Self { handler, openai })
+    }
+
+    pub fn handler(
+        &self,
+        store: &mut Store<RequestState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<handler::Guest> {
+        self.handler.load(store, instance)
+    }
+
+    /// `None` when the guest does not serve the OpenAI routes.
+    pub fn openai(
+        &self,
+        store: &mut Store<RequestState>,
+        instance: &Instance,
+    ) -> Option<wasmtime::Result<openai::Guest>> {
+        self.openai
+            .as_ref()
+            .map(|openai| openai.load(&mut *store, instance))
+    }
+}
+
+/// The `openai` interface's export name, as a component spells it.
+const OPENAI_EXPORT: &str = "rbee:worker/openai@0.1.0";
 
 pub(super) struct Compiler {
     engine: wasmtime::Engine,
@@ -66,7 +116,7 @@ impl Compiler {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         // A guest's clock waits (sleep) end by its time limit and with its request.
         super::sandbox::bound_clock_waits(&mut linker)?;
-        Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        OpenaiWorker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         // A cache that cannot be used safely (another user can write it, see `cache`) is a
         // slower start, not a failed one: the worker compiles every guest and says why.
         let cache = cache_dir.and_then(|dir| match ComponentCache::open(dir, &engine) {
@@ -117,9 +167,7 @@ impl Compiler {
             .instantiate_pre(&component)
             .map_err(anyhow::Error::from)
             .context("the guest imports something this host does not provide")?;
-        let pre = WorkerPre::new(pre)
-            .map_err(anyhow::Error::from)
-            .context("the guest does not export the rbee:worker/handler interface")?;
+        let exports = Exports::find(&pre)?;
         let name: Arc<str> = name.into();
         // A trial instantiation runs the guest's start-up code (a language runtime's
         // initialisation) so a guest that cannot even start never goes live.
@@ -137,6 +185,7 @@ impl Compiler {
         Ok(LoadedGuest {
             pre,
             meta: GuestMeta {
+                openai: exports.openai.is_some(),
                 name: name.to_string(),
                 sha256,
                 source,
@@ -145,6 +194,7 @@ impl Compiler {
                 from_cache,
                 generation,
             },
+            exports,
             name,
         })
     }

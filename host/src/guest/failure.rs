@@ -30,6 +30,11 @@ pub enum GuestFailure {
     OutOfMemory { guest: String, limit_mib: usize },
     #[error("guest `{guest}` failed: {reason}")]
     Trapped { guest: String, reason: String },
+    #[error(
+        "guest `{guest}` does not serve the OpenAI-compatible routes (it does not export \
+         rbee:worker/openai; see guests/README.md); it serves POST /v1/infer"
+    )]
+    NoOpenAi { guest: String },
 }
 
 impl GuestFailure {

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use rbee_engine::{Completion, Engine, EngineError, SamplingParams};
+use rbee_engine::{Completion, Engine, EngineError, Prompt, SamplingParams};
 
 use super::cancellation::Cancellation;
+use crate::metrics::RequestMetrics;
 
 /// Pieces of text buffered between the model thread and the guest.
 const STREAM_BUFFER: usize = 16;
@@ -67,10 +68,11 @@ impl Generation {
     /// Starts generating on a new thread, counted in `count` until that thread ends.
     pub fn start(
         model: Arc<Engine>,
-        prompt: String,
+        prompt: Prompt,
         params: SamplingParams,
         cancellation: Cancellation,
         count: &GenerationCount,
+        metrics: Option<Arc<RequestMetrics>>,
     ) -> std::io::Result<Self> {
         let (sender, events) = mpsc::sync_channel(STREAM_BUFFER);
         let stop = Arc::new(AtomicBool::new(false));
@@ -82,11 +84,12 @@ impl Generation {
                 let _running = running;
                 generate(
                     &model,
-                    &prompt,
+                    prompt,
                     &params,
                     &sender,
                     &thread_stop,
                     &cancellation,
+                    metrics.as_deref(),
                 );
             })?;
         Ok(Self {
@@ -133,14 +136,18 @@ impl Drop for Generation {
 /// cancellation at every step, prompt chunks included.
 fn generate(
     model: &Engine,
-    prompt: &str,
+    prompt: Prompt,
     params: &SamplingParams,
     sender: &SyncSender<Generated>,
     stop: &AtomicBool,
     cancellation: &Cancellation,
+    metrics: Option<&RequestMetrics>,
 ) {
     let cancelled = Some(cancellation.for_engine());
     let result = model.generate_cancellable(prompt, params, cancelled, &mut |text| {
+        if let Some(metrics) = metrics {
+            metrics.token();
+        }
         if stop.load(Ordering::Acquire) {
             return ControlFlow::Break(());
         }
@@ -149,5 +156,8 @@ fn generate(
             Err(_) => ControlFlow::Break(()),
         }
     });
+    if let (Some(metrics), Ok(done)) = (metrics, &result) {
+        metrics.generation(done.prompt_tokens, done.generated_tokens, done.finish_reason);
+    }
     let _ = sender.send(Generated::Finished(result));
 }

@@ -35,7 +35,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-pub use bindings::{InferError, InferRequest, InferResponse};
+pub use bindings::{
+    ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, GenerationOptions,
+    InferError, InferRequest, InferResponse, Role,
+};
 pub use cache::ComponentCache;
 pub use cancellation::Cancellation;
 pub use client::{ClientReceiver, ClientSender, client_channel};
@@ -100,27 +103,70 @@ impl GuestRuntime {
         })
     }
 
-    /// Serves one request on `guest` in a fresh instance. Blocking: call it from a blocking
-    /// thread.
+    /// Serves one `/v1/infer` request on `guest` in a fresh instance. Blocking: call it from
+    /// a blocking thread.
     pub fn handle(
         &self,
         guest: &LoadedGuest,
         request: InferRequest,
         context: RequestContext,
     ) -> Result<InferResponse, GuestFailure> {
+        self.call(guest, context, |store, instance| {
+            guest
+                .exports
+                .handler(store, instance)?
+                .call_handle(store, &request)
+        })
+    }
+
+    /// Serves one OpenAI-style request on `guest` in a fresh instance; a guest without the
+    /// `openai` export is refused before it is instantiated. Blocking.
+    pub fn openai(
+        &self,
+        guest: &LoadedGuest,
+        request: OpenAiRequest,
+        context: RequestContext,
+    ) -> Result<Completion, GuestFailure> {
+        if !guest.meta.openai {
+            return Err(GuestFailure::NoOpenAi {
+                guest: guest.meta.name.clone(),
+            });
+        }
+        self.call(guest, context, |store, instance| {
+            let openai = guest
+                .exports
+                .openai(store, instance)
+                .expect("checked by meta.openai")?;
+            match &request {
+                OpenAiRequest::Completion(request) => openai.call_complete(store, request),
+                OpenAiRequest::Chat(request) => openai.call_chat(store, request),
+            }
+        })
+    }
+
+    /// Instantiates `guest` in a fresh store for one request and runs `call` on it, turning
+    /// a trap into the failure a client is told.
+    fn call<T>(
+        &self,
+        guest: &LoadedGuest,
+        context: RequestContext,
+        call: impl FnOnce(
+            &mut wasmtime::Store<RequestState>,
+            &wasmtime::component::Instance,
+        ) -> wasmtime::Result<Result<T, InferError>>,
+    ) -> Result<T, GuestFailure> {
         let limits = self.compiler.limits();
         let mut store = self.compiler.store(RequestState::for_request(
             limits,
             context,
             guest.name.clone(),
         ));
-        let outcome = guest.pre.instantiate(&mut store).and_then(|worker| {
-            worker
-                .rbee_worker_handler()
-                .call_handle(&mut store, &request)
-        });
+        let outcome = guest
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| call(&mut store, &instance));
         match outcome {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(error)) => Err(GuestFailure::Returned(error)),
             Err(trap) => Err(GuestFailure::from_trap(
                 &guest.meta.name,
@@ -130,4 +176,10 @@ impl GuestRuntime {
             )),
         }
     }
+}
+
+/// An OpenAI-style request as the guest's `openai` export takes it.
+pub enum OpenAiRequest {
+    Completion(CompletionRequest),
+    Chat(ChatRequest),
 }

@@ -27,6 +27,8 @@ pub struct FailedLoad {
 pub struct GuestStatus {
     pub active: GuestMeta,
     pub last_failure: Option<FailedLoad>,
+    /// Loads that failed since the worker started.
+    pub failed_loads: u64,
 }
 
 /// What became of a load that succeeded.
@@ -46,6 +48,7 @@ pub(super) struct Registry {
 struct History {
     generation: u64,
     last_failure: Option<FailedLoad>,
+    failed_loads: u64,
 }
 
 impl Registry {
@@ -56,6 +59,7 @@ impl Registry {
             history: Mutex::new(History {
                 generation: 1,
                 last_failure: None,
+                failed_loads: 0,
             }),
             loading: Mutex::new(()),
         }
@@ -66,9 +70,11 @@ impl Registry {
     }
 
     pub fn status(&self) -> GuestStatus {
+        let history = self.history();
         GuestStatus {
             active: self.active().meta.clone(),
-            last_failure: self.history().last_failure.clone(),
+            last_failure: history.last_failure.clone(),
+            failed_loads: history.failed_loads,
         }
     }
 
@@ -127,7 +133,9 @@ impl Registry {
         error: anyhow::Error,
     ) -> anyhow::Error {
         tracing::error!(%source, "guest load failed, the previous guest keeps serving: {error:#}");
-        self.history().last_failure = Some(FailedLoad {
+        let mut history = self.history();
+        history.failed_loads += 1;
+        history.last_failure = Some(FailedLoad {
             source,
             sha256,
             at: now_rfc3339(),

@@ -15,6 +15,7 @@ use super::failure::StderrTail;
 use super::generation::GenerationCount;
 use super::imports::LogBudget;
 use super::sandbox::{Limits, Sandbox};
+use crate::metrics::RequestMetrics;
 
 /// Resources (WASI streams and pollables, token streams) a guest instance may hold at once.
 /// Each costs host memory the guest's memory cap does not count; real guests hold a few
@@ -27,10 +28,13 @@ pub struct RequestContext {
     /// Where streamed text goes; `None` for a plain JSON request.
     pub client: Option<ClientSender>,
     pub cancellation: Cancellation,
+    /// Where the request's token timings and counts go (`None`: not measured).
+    pub metrics: Option<Arc<RequestMetrics>>,
 }
 
 /// Everything one request's guest instance can reach.
 pub struct RequestState {
+    pub(super) metrics: Option<Arc<RequestMetrics>>,
     pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,
     pub(super) sandbox: Sandbox,
@@ -50,13 +54,15 @@ pub struct RequestState {
 impl RequestState {
     /// State for one client request.
     pub fn for_request(limits: Limits, context: RequestContext, guest_name: Arc<str>) -> Self {
-        Self::new(
+        let mut state = Self::new(
             limits,
             Some(context.model),
             context.client,
             context.cancellation,
             guest_name,
-        )
+        );
+        state.metrics = context.metrics;
+        state
     }
 
     /// State for the trial instantiation that validates a guest before it goes live: no
@@ -84,6 +90,7 @@ impl RequestState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         Self {
+            metrics: None,
             wasi,
             table,
             sandbox: Sandbox::new(limits, cancellation.clone()),

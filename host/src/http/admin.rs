@@ -18,8 +18,8 @@ use axum::{Json, body::Bytes};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, constant_time_eq};
 use crate::guest::{GuestMeta, GuestSource, GuestStatus, SwapOutcome};
 
 /// Largest guest component the admin endpoint accepts.
@@ -81,11 +81,6 @@ fn authorize(expected: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "wrong admin token")),
     }
-}
-
-/// Compares without an early exit, so response timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn guest_status(State(app): State<Arc<AppState>>) -> Json<GuestStatus> {

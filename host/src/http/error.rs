@@ -77,6 +77,7 @@ impl From<GuestFailure> for ApiError {
         let status = match &failure {
             GuestFailure::Returned(error) => return Self::from_guest_error(error),
             GuestFailure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GuestFailure::NoOpenAi { .. } => StatusCode::NOT_IMPLEMENTED,
             GuestFailure::OutOfMemory { .. } | GuestFailure::Trapped { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

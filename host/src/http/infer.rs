@@ -16,16 +16,11 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt, stream};
 use rbee_engine::Engine;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 
 use super::error::ApiError;
+use super::work::{self, GuestJob, InFlight, Place};
 use super::{AppState, ReadyModel};
-use crate::admission::Admitted;
-use crate::guest::{
-    Cancellation, ClientSender, GuestFailure, InferRequest, InferResponse, RequestContext,
-    client_channel,
-};
-use crate::queen::RunningRequest;
+use crate::guest::{ClientSender, InferRequest, InferResponse, client_channel};
 
 /// The wire schema's range for `max_tokens` (upstream OpenAPI).
 const MAX_TOKENS: std::ops::RangeInclusive<u32> = 1..=4096;
@@ -124,52 +119,18 @@ struct InferReply {
     duration_ms: u64,
 }
 
-/// What a request's work holds while it runs: its admission place and the worker's `busy`
-/// status. The guest job owns it, so the place is released when the work has stopped, not
-/// when the client left.
-struct Place {
-    _admitted: Admitted,
-    _running: RunningRequest,
-}
-
-/// Held by whatever answers the client (the handler, then the event stream); dropping it
-/// (the answer ended, or the client went away) cancels the request's work.
-struct InFlight {
-    cancellation: Cancellation,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // Harmless when the request has finished; stops the model when it has not.
-        self.cancellation.client_gone();
-    }
-}
-
-type GuestJob = JoinHandle<Result<InferResponse, GuestFailure>>;
-
 pub(super) async fn infer(
     State(app): State<Arc<AppState>>,
     ReadyModel(model): ReadyModel,
     InferInput(request): InferInput,
 ) -> Result<Response, ApiError> {
-    let admitted = app
-        .admission
-        .admit()
-        .await
-        .map_err(|full| ApiError::unavailable(full.to_string()))?;
-    let place = Place {
-        _admitted: admitted,
-        _running: app.status.request_started(),
-    };
-    let in_flight = InFlight {
-        cancellation: Cancellation::for_request(app.cut.clone()),
-    };
+    let place = work::admit(&app).await?;
     if request.stream {
-        streamed(&app, model, request, place, in_flight).await
+        streamed(&app, model, request, place).await
     } else {
         let started = Instant::now();
-        let job = start_guest(&app, model, request, None, place, &in_flight);
-        let response = finish(job).await?;
+        let (job, in_flight) = start(&app, model, request, None, place);
+        let response = work::finish(job).await?;
         drop(in_flight);
         Ok(axum::Json(InferReply {
             text: response.text,
@@ -188,15 +149,14 @@ async fn streamed(
     model: Arc<Engine>,
     request: InferRequest,
     place: Place,
-    in_flight: InFlight,
 ) -> Result<Response, ApiError> {
     // Bounded in bytes: a client that does not read makes the guest wait, not the host buffer.
     let (client, mut pieces) = client_channel();
-    let job = start_guest(app, model, request, Some(client), place, &in_flight);
+    let (job, in_flight) = start(app, model, request, Some(client), place);
     let (first, job) = match pieces.recv().await {
         Some(first) => (Some(first), Some(job)),
         None => {
-            finish(job).await?;
+            work::finish(job).await?;
             (None, None)
         }
     };
@@ -204,36 +164,17 @@ async fn streamed(
     Ok(Sse::new(sse_events(pieces, job, in_flight)).into_response())
 }
 
-/// Runs the request on the active guest, on a blocking thread that holds `place` until the
-/// guest has returned.
-fn start_guest(
+/// Runs the request on the guest's `handler` export.
+fn start(
     app: &AppState,
     model: Arc<Engine>,
     request: InferRequest,
     client: Option<ClientSender>,
     place: Place,
-    in_flight: &InFlight,
-) -> GuestJob {
-    let guest = app.guests.active();
-    let runtime = app.guests.clone();
-    let context = RequestContext {
-        model,
-        client,
-        cancellation: in_flight.cancellation.clone(),
-    };
-    tokio::task::spawn_blocking(move || {
-        let _place = place;
-        runtime.handle(&guest, request, context)
+) -> (GuestJob<InferResponse>, InFlight) {
+    work::start_guest(app, model, client, place, move |runtime, guest, context| {
+        runtime.handle(guest, request, context)
     })
-}
-
-async fn finish(job: GuestJob) -> Result<InferResponse, ApiError> {
-    match job.await {
-        Ok(outcome) => outcome.map_err(ApiError::from),
-        Err(join) => Err(ApiError::internal(format!(
-            "the request's worker thread failed: {join}"
-        ))),
-    }
 }
 
 /// The event stream: each emitted piece as `data: {"token": ...}`, then `data: [DONE]`, or a
@@ -241,7 +182,7 @@ async fn finish(job: GuestJob) -> Result<InferResponse, ApiError> {
 /// owns `in_flight`, so a client that goes away (the stream is dropped) cancels the request.
 fn sse_events(
     pieces: impl Stream<Item = String>,
-    job: Option<GuestJob>,
+    job: Option<GuestJob<InferResponse>>,
     in_flight: InFlight,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let tokens = pieces
@@ -249,7 +190,7 @@ fn sse_events(
     let end = stream::once(async move {
         let _in_flight = in_flight;
         let outcome = match job {
-            Some(job) => finish(job).await.map(drop),
+            Some(job) => work::finish(job).await.map(drop),
             None => Ok(()),
         };
         match outcome {

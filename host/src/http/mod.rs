@@ -14,7 +14,10 @@ mod error;
 mod guard;
 mod infer;
 mod info;
+mod metrics;
+mod openai;
 mod server;
+mod work;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -43,6 +46,13 @@ pub struct AppState {
     /// Raised when the shutdown grace period ends: running generations stop.
     pub cut: Arc<AtomicBool>,
     pub admin_token: Option<String>,
+    /// With `--api-key`, the OpenAI routes need it as a bearer token.
+    pub api_key: Option<String>,
+    /// The model's name on the OpenAI routes, in `/info` and in heartbeats.
+    pub served_model: String,
+    /// When the worker started (Unix seconds): `/v1/models`' `created`.
+    pub started_at: u64,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub max_body_bytes: usize,
     /// Wall-clock bound on a request, from its arrival to the end of its answer.
     pub request_timeout: Duration,
@@ -52,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/health", get(info::health))
         .route("/info", get(info::info))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/v1/infer",
             post(infer::infer).layer(DefaultBodyLimit::max(state.max_body_bytes)),
@@ -59,6 +70,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     if let Some(token) = &state.admin_token {
         router = router.route("/v1/admin/guest", admin::guest_route(token));
     }
+    router = router.merge(openai::routes(&state));
     let request_timeout = state.request_timeout;
     // Last, so that the layers cover every route above.
     guard::harden(router.with_state(state), request_timeout)
@@ -79,4 +91,9 @@ impl FromRequestParts<Arc<AppState>> for ReadyModel {
             (_, Some(model)) => Ok(Self(model.clone())),
         }
     }
+}
+
+/// Compares secrets without an early exit, so response timing does not reveal them.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -76,11 +76,11 @@ impl Status {
             .send_if_modified(|info| replace(&mut info.port, port));
     }
 
-    /// The model is loaded: record what it is and start serving.
-    pub fn model_ready(&self, model_id: String, device: String) {
+    /// The model is loaded: record where it runs and start serving. (The model's id is the
+    /// served name, known from the start.)
+    pub fn model_ready(&self, device: String) {
         let running = *self.lock_running();
         self.info.send_if_modified(|info| {
-            info.model_id = model_id;
             info.device = device;
             if info.status == WorkerStatus::Starting {
                 info.status = if running > 0 {
@@ -159,9 +159,9 @@ mod tests {
     fn lifecycle_transitions() {
         let status = status();
         assert_eq!(status.status(), WorkerStatus::Starting);
-        status.model_ready("SmolLM2".into(), "CPU-0".into());
+        status.model_ready("CPU-0".into());
         assert_eq!(status.status(), WorkerStatus::Ready);
-        assert_eq!(status.info().model_id, "SmolLM2");
+        assert_eq!(status.info().model_id, "m");
         {
             let _first = status.request_started();
             let _second = status.request_started();
@@ -187,7 +187,7 @@ mod tests {
     fn changes_are_published() {
         let status = status();
         let mut changes = status.subscribe();
-        status.model_ready("m".into(), "CPU-0".into());
+        status.model_ready("CPU-0".into());
         assert!(changes.has_changed().unwrap());
         assert_eq!(changes.borrow_and_update().status, WorkerStatus::Ready);
         status.set_port(9301);

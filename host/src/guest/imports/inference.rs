@@ -5,11 +5,13 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use rbee_engine::Engine;
+use rbee_engine::{Engine, Prompt};
 use wasmtime::component::Resource;
 
-use super::{engine_params, infer_error, wit_completion};
-use crate::guest::bindings::{Completion, InferError, ModelInfo, SamplingParams, inference};
+use super::{engine_params, engine_prompt, infer_error, wit_completion};
+use crate::guest::bindings::{
+    Completion, InferError, ModelInfo, PromptPart, SamplingParams, inference,
+};
 use crate::guest::generation::Generation;
 use crate::guest::request::RequestState;
 
@@ -31,24 +33,43 @@ impl RequestState {
     }
 }
 
-impl inference::Host for RequestState {
-    fn infer(&mut self, prompt: String, params: SamplingParams) -> Result<Completion, InferError> {
+impl RequestState {
+    /// `infer` and `infer-parts`: one generation, waited for off the guest's clock.
+    fn run_generation(
+        &mut self,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<Completion, InferError> {
         let params = engine_params(params)?;
         self.check_one_generation()?;
         let model = self.loaded_model()?.clone();
         let cancellation = self.cancellation.clone();
+        let metrics = self.metrics.clone();
         let completion = self.sandbox.off_the_clock(|| {
             let cancelled = Some(cancellation.for_engine());
-            model.generate_cancellable(&prompt, &params, cancelled, &mut |_| {
+            model.generate_cancellable(prompt, &params, cancelled, &mut |_| {
+                if let Some(metrics) = &metrics {
+                    metrics.token();
+                }
                 ControlFlow::Continue(())
             })
         });
-        Ok(wit_completion(completion.map_err(infer_error)?))
+        let completion = completion.map_err(infer_error)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.generation(
+                completion.prompt_tokens,
+                completion.generated_tokens,
+                completion.finish_reason,
+            );
+        }
+        Ok(wit_completion(completion))
     }
 
-    fn infer_stream(
+    /// `infer-stream` and `infer-stream-parts`: a generation on its own thread, behind a
+    /// `token-stream` handle.
+    fn start_generation(
         &mut self,
-        prompt: String,
+        prompt: Prompt,
         params: SamplingParams,
     ) -> Result<Resource<Generation>, InferError> {
         // Checked here, not on the model thread, so a bad call fails at once rather than on
@@ -61,6 +82,7 @@ impl inference::Host for RequestState {
             params,
             self.cancellation.clone(),
             &self.generations,
+            self.metrics.clone(),
         )
         .map_err(|error| {
             InferError::ModelError(format!("cannot start a generation thread: {error}"))
@@ -68,6 +90,36 @@ impl inference::Host for RequestState {
         self.table
             .push(generation)
             .map_err(|error| InferError::ModelError(format!("too many open streams: {error}")))
+    }
+}
+
+impl inference::Host for RequestState {
+    fn infer(&mut self, prompt: String, params: SamplingParams) -> Result<Completion, InferError> {
+        self.run_generation(Prompt::Text(prompt), params)
+    }
+
+    fn infer_parts(
+        &mut self,
+        prompt: Vec<PromptPart>,
+        params: SamplingParams,
+    ) -> Result<Completion, InferError> {
+        self.run_generation(engine_prompt(prompt), params)
+    }
+
+    fn infer_stream(
+        &mut self,
+        prompt: String,
+        params: SamplingParams,
+    ) -> Result<Resource<Generation>, InferError> {
+        self.start_generation(Prompt::Text(prompt), params)
+    }
+
+    fn infer_stream_parts(
+        &mut self,
+        prompt: Vec<PromptPart>,
+        params: SamplingParams,
+    ) -> Result<Resource<Generation>, InferError> {
+        self.start_generation(engine_prompt(prompt), params)
     }
 
     fn tokenize(&mut self, text: String) -> Result<Vec<u32>, InferError> {

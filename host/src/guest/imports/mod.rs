@@ -17,7 +17,7 @@ pub(super) use log::LogBudget;
 
 use rbee_engine::EngineError;
 
-use super::bindings::{Completion, FinishReason, InferError, SamplingParams, types};
+use super::bindings::{Completion, FinishReason, InferError, PromptPart, SamplingParams, types};
 use super::request::RequestState;
 
 impl types::Host for RequestState {}
@@ -36,6 +36,19 @@ fn engine_params(params: SamplingParams) -> Result<rbee_engine::SamplingParams, 
     };
     params.validate().map_err(infer_error)?;
     Ok(params)
+}
+
+/// A guest's prompt parts as the engine takes them.
+fn engine_prompt(parts: Vec<PromptPart>) -> rbee_engine::Prompt {
+    rbee_engine::Prompt::Parts(
+        parts
+            .into_iter()
+            .map(|part| match part {
+                PromptPart::Markup(text) => rbee_engine::PromptPart::Markup(text),
+                PromptPart::Text(text) => rbee_engine::PromptPart::Text(text),
+            })
+            .collect(),
+    )
 }
 
 fn wit_completion(done: rbee_engine::Completion) -> Completion {

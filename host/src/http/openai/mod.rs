@@ -1,0 +1,195 @@
+//! The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/completions` and
+//! `POST /v1/chat/completions`, as the OpenAI SDKs, Open WebUI and LangChain call them.
+//!
+//! The host owns the wire format: parsing and checking bodies (`wire`), the response and
+//! chunk shapes, ids and usage (`reply`), errors in OpenAI's shape (`error`) and the optional
+//! `--api-key`. The guest's `openai` export owns the policy: how messages become a prompt
+//! (the model's chat template), defaults and stop rules. A guest without that export keeps
+//! serving `/v1/infer`; these routes then answer 501 naming it.
+
+mod error;
+mod reply;
+mod wire;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use rbee_engine::Engine;
+
+pub use error::OpenAiError;
+use reply::{Answer, Route};
+use wire::Envelope;
+
+use super::AppState;
+use super::work::{self, GuestJob, InFlight};
+use crate::guest::{Completion, OpenAiRequest, client_channel};
+use crate::http::ReadyModel;
+
+/// The OpenAI routes, behind the API key when one is set.
+pub(super) fn routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let body_limit = DefaultBodyLimit::max(state.max_body_bytes);
+    let router = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions).layer(body_limit))
+        .route("/v1/chat/completions", post(chat).layer(body_limit));
+    match &state.api_key {
+        Some(key) => router.route_layer(middleware::from_fn_with_state(
+            Arc::<str>::from(key.as_str()),
+            require_api_key,
+        )),
+        None => router,
+    }
+}
+
+/// The bearer check, as llama-server and vLLM do it: 401 unless the key matches.
+async fn require_api_key(
+    State(key): State<Arc<str>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, OpenAiError> {
+    authorize(&key, request.headers())?;
+    Ok(next.run(request).await)
+}
+
+fn authorize(key: &str, headers: &HeaderMap) -> Result<(), OpenAiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        Some(given) if super::constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
+        Some(_) => Err(
+            OpenAiError::new(StatusCode::UNAUTHORIZED, "incorrect API key")
+                .with_code("invalid_api_key"),
+        ),
+        None => Err(OpenAiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this server needs an API key: `Authorization: Bearer <key>`",
+        )
+        .with_code("invalid_api_key")),
+    }
+}
+
+/// `GET /v1/models`: the one model this worker serves.
+async fn models(State(app): State<Arc<AppState>>) -> Response {
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": app.served_model,
+            "object": "model",
+            "created": app.started_at,
+            "owned_by": "rbee",
+        }],
+    }))
+    .into_response()
+}
+
+/// The model, for a route that generates: 503 in OpenAI's shape while it loads.
+struct Model(Arc<Engine>);
+
+impl FromRequestParts<Arc<AppState>> for Model {
+    type Rejection = OpenAiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let ReadyModel(model) = ReadyModel::from_request_parts(parts, app).await?;
+        Ok(Self(model))
+    }
+}
+
+async fn completions(
+    State(app): State<Arc<AppState>>,
+    Model(model): Model,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
+    let (envelope, request) = wire::completion(&body)?;
+    serve(
+        &app,
+        model,
+        envelope,
+        Route::Completion,
+        OpenAiRequest::Completion(request),
+    )
+    .await
+}
+
+async fn chat(
+    State(app): State<Arc<AppState>>,
+    Model(model): Model,
+    body: Bytes,
+) -> Result<Response, OpenAiError> {
+    let (envelope, request) = wire::chat(&body)?;
+    serve(
+        &app,
+        model,
+        envelope,
+        Route::Chat,
+        OpenAiRequest::Chat(request),
+    )
+    .await
+}
+
+/// Runs one request on the guest and answers it as JSON or as a stream of chunks.
+async fn serve(
+    app: &AppState,
+    model: Arc<Engine>,
+    envelope: Envelope,
+    route: Route,
+    request: OpenAiRequest,
+) -> Result<Response, OpenAiError> {
+    if let Some(named) = &envelope.model
+        && named != &app.served_model
+    {
+        return Err(OpenAiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..OpenAiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the model `{named}` does not exist; this worker serves `{}`",
+                    app.served_model
+                ),
+            )
+        });
+    }
+    let answer = Answer::new(route, app.served_model.clone());
+    let place = work::admit(app).await?;
+    if !envelope.stream {
+        let (job, in_flight) = start(app, model, request, None, place);
+        let completion = work::finish(job).await?;
+        drop(in_flight);
+        return Ok(axum::Json(answer.whole(completion)).into_response());
+    }
+    let (client, mut pieces) = client_channel();
+    let (job, in_flight) = start(app, model, request, Some(client), place);
+    // As on /v1/infer: the first piece is awaited so that a guest failing before it says
+    // anything gets an HTTP error rather than a stream that only holds one.
+    let first = pieces.recv().await;
+    let end = match first {
+        Some(_) => reply::End::Running(job),
+        None => reply::End::Done(work::finish(job).await?),
+    };
+    let stream = answer.stream(first, pieces, end, envelope.include_usage, in_flight);
+    Ok(stream.into_response())
+}
+
+fn start(
+    app: &AppState,
+    model: Arc<Engine>,
+    request: OpenAiRequest,
+    client: Option<crate::guest::ClientSender>,
+    place: work::Place,
+) -> (GuestJob<Completion>, InFlight) {
+    work::start_guest(app, model, client, place, move |runtime, guest, context| {
+        runtime.openai(guest, request, context)
+    })
+}

@@ -1,0 +1,223 @@
+//! The OpenAI answers: whole responses, and streams of chunks as the SDKs parse them.
+//!
+//! A stream has one id throughout. A chat stream's first chunk carries `role: "assistant"`;
+//! then one chunk per piece of text; then exactly one chunk with the `finish_reason`; with
+//! `stream_options.include_usage`, one more chunk with `choices: []` and the usage (and
+//! `usage: null` on the others, as OpenAI sends them); then `data: [DONE]`. A failure after
+//! the stream began ends it with an `{"error": {...}}` event, then `[DONE]`.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{StreamExt, stream};
+use serde_json::{Value, json};
+
+use super::error::OpenAiError;
+use crate::guest::{ClientReceiver, Completion, FinishReason};
+use crate::http::work::{self, GuestJob, InFlight};
+
+/// Which route answers: they differ in object names and in where the text goes.
+#[derive(Clone, Copy)]
+pub enum Route {
+    Completion,
+    Chat,
+}
+
+/// The parts every response and chunk of one request share.
+pub struct Answer {
+    route: Route,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+/// How a stream ends: with the guest still running, or already answered (it emitted nothing).
+pub enum End {
+    Running(GuestJob<Completion>),
+    Done(Completion),
+}
+
+impl Answer {
+    pub fn new(route: Route, model: String) -> Self {
+        let prefix = match route {
+            Route::Completion => "cmpl",
+            Route::Chat => "chatcmpl",
+        };
+        Self {
+            route,
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs()),
+            model,
+        }
+    }
+
+    /// The JSON response of a request that was not streamed.
+    pub fn whole(&self, completion: Completion) -> Value {
+        let finish_reason = finish_reason(completion.finish_reason);
+        let choice = match self.route {
+            Route::Completion => json!({
+                "index": 0,
+                "text": completion.text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Route::Chat => json!({
+                "index": 0,
+                "message": { "role": "assistant", "content": completion.text, "refusal": null },
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(&completion),
+        })
+    }
+
+    /// The event stream of a streamed request: `first` (the piece already received), the
+    /// rest of `pieces`, then the end. The stream owns `in_flight`, so a client that goes
+    /// away cancels the work.
+    pub fn stream(
+        self,
+        first: Option<String>,
+        pieces: ClientReceiver,
+        end: End,
+        include_usage: bool,
+        in_flight: InFlight,
+    ) -> Response {
+        let opening = match self.route {
+            Route::Chat => Some(self.chunk(
+                json!({ "role": "assistant", "content": "" }),
+                None,
+                include_usage,
+            )),
+            Route::Completion => None,
+        };
+        let this = std::sync::Arc::new(self);
+        let texts = {
+            let this = this.clone();
+            stream::iter(first)
+                .chain(pieces)
+                .map(move |piece| this.text_chunk(&piece, include_usage))
+        };
+        let closing = stream::once(async move {
+            let _in_flight = in_flight;
+            let outcome = match end {
+                End::Running(job) => work::finish(job).await.map_err(OpenAiError::from),
+                End::Done(completion) => Ok(completion),
+            };
+            this.closing(outcome, include_usage)
+        })
+        .flat_map(stream::iter);
+        let events = stream::iter(opening)
+            .chain(texts)
+            .chain(closing)
+            .map(Ok::<_, Infallible>);
+        Sse::new(events).into_response()
+    }
+
+    fn text_chunk(&self, piece: &str, include_usage: bool) -> Event {
+        match self.route {
+            Route::Completion => self.chunk(json!(piece), None, include_usage),
+            Route::Chat => self.chunk(json!({ "content": piece }), None, include_usage),
+        }
+    }
+
+    /// The events after the last piece: the finish reason, the usage, `[DONE]`; or the error.
+    fn closing(&self, outcome: Result<Completion, OpenAiError>, include_usage: bool) -> Vec<Event> {
+        let mut events = Vec::new();
+        match outcome {
+            Ok(completion) => {
+                let empty = match self.route {
+                    Route::Completion => json!(""),
+                    Route::Chat => json!({}),
+                };
+                let reason = finish_reason(completion.finish_reason);
+                events.push(self.chunk(empty, Some(reason), include_usage));
+                if include_usage {
+                    events.push(self.event(json!([]), usage(&completion)));
+                }
+            }
+            Err(error) => events.push(data(&json!({ "error": error.detail() }))),
+        }
+        events.push(Event::default().data("[DONE]"));
+        events
+    }
+
+    /// One chunk with one choice: `delta` (chat) or `text` (completion).
+    fn chunk(&self, content: Value, finish_reason: Option<&str>, include_usage: bool) -> Event {
+        let choice = match self.route {
+            Route::Completion => json!({
+                "index": 0,
+                "text": content,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Route::Chat => json!({
+                "index": 0,
+                "delta": content,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut chunk = self.body(json!([choice]));
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        data(&chunk)
+    }
+
+    fn event(&self, choices: Value, usage: Value) -> Event {
+        let mut chunk = self.body(choices);
+        chunk["usage"] = usage;
+        data(&chunk)
+    }
+
+    fn body(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.route, chunk) {
+            (Route::Completion, _) => "text_completion",
+            (Route::Chat, false) => "chat.completion",
+            (Route::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+fn data(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`.
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // Only seen by a client that is gone; say something true anyway.
+        FinishReason::Cancelled => "abort",
+    }
+}
+
+fn usage(completion: &Completion) -> Value {
+    json!({
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.tokens_generated,
+        "total_tokens": completion.prompt_tokens + completion.tokens_generated,
+    })
+}
