@@ -1,5 +1,6 @@
 //! rbee-host: an rbee LLM worker whose request logic is a hot-swappable WebAssembly guest.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a log file or a collector gets plain lines.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = rbee_host::cli::Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
