@@ -25,11 +25,12 @@ pub use run::{BatchStats, Cancelled, Prompt, PromptPart};
 /// Where to run the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
-    /// A GPU when wgpu finds an adapter, else the CPU.
+    /// A hardware GPU when wgpu finds one, else the CPU (a software adapter such as
+    /// lavapipe is no GPU here: the CPU path is far faster).
     #[default]
     Auto,
     Cpu,
-    /// The N-th GPU adapter.
+    /// The N-th hardware GPU; GPU 0 is the software adapter when that is all there is.
     Gpu(usize),
     /// A bare index, as upstream's hive spawns workers (`--device 0`): GPU N where there is
     /// one; on a machine without a GPU, 0 means the CPU (and says so in the log).

@@ -11,6 +11,9 @@
 //! device: each engine is loaded once per test binary and the tests share the device, so only
 //! the first test to run a kernel pays.
 
+// Without wgpu there is no GPU to test.
+#![cfg(feature = "wgpu")]
+
 mod common;
 
 use std::collections::HashMap;
