@@ -35,13 +35,7 @@ async fn chunks(worker: &Worker, path: &str, body: Value) -> (Vec<Value>, bool) 
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
+    assert_ok_with_type(&response, "text/event-stream");
     let mut events = response.bytes_stream().eventsource();
     let mut chunks = Vec::new();
     let mut done = false;
@@ -55,6 +49,12 @@ async fn chunks(worker: &Worker, path: &str, body: Value) -> (Vec<Value>, bool) 
         }
     }
     (chunks, done)
+}
+
+fn assert_ok_with_type(response: &reqwest::Response, content_type: &str) {
+    assert_eq!(response.status(), 200);
+    let given = response.headers()["content-type"].to_str().unwrap();
+    assert!(given.starts_with(content_type), "content-type {given}");
 }
 
 /// An error in OpenAI's shape, with its `param`.
@@ -338,13 +338,7 @@ async fn metrics_count_what_the_api_returned() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200);
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("application/openmetrics-text; version=1.0.0")
-        );
+        assert_ok_with_type(&response, "application/openmetrics-text; version=1.0.0");
         samples(&response.text().await.unwrap())
     };
     let label = format!("{{model_name=\"{TINY}\"}}");

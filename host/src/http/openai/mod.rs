@@ -17,7 +17,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,8 +27,8 @@ pub use error::OpenAiError;
 use reply::{Answer, Route};
 use wire::Envelope;
 
-use super::AppState;
 use super::work::{self, GuestJob, InFlight};
+use super::{AppState, Bearer};
 use crate::guest::{Completion, OpenAiRequest, client_channel};
 use crate::http::ReadyModel;
 
@@ -59,22 +59,12 @@ async fn require_api_key(
 }
 
 fn authorize(key: &str, headers: &HeaderMap) -> Result<(), OpenAiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match given {
-        Some(given) if super::constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
-        Some(_) => Err(
-            OpenAiError::new(StatusCode::UNAUTHORIZED, "incorrect API key")
-                .with_code("invalid_api_key"),
-        ),
-        None => Err(OpenAiError::new(
-            StatusCode::UNAUTHORIZED,
-            "this server needs an API key: `Authorization: Bearer <key>`",
-        )
-        .with_code("invalid_api_key")),
-    }
+    let message = match super::bearer(headers, key) {
+        Bearer::Right => return Ok(()),
+        Bearer::Wrong => "incorrect API key",
+        Bearer::Missing => "this server needs an API key: `Authorization: Bearer <key>`",
+    };
+    Err(OpenAiError::new(StatusCode::UNAUTHORIZED, message).with_code("invalid_api_key"))
 }
 
 /// `GET /v1/models`: the one model this worker serves.
