@@ -88,7 +88,8 @@ pub struct Args {
     pub request_timeout: Duration,
 
     /// Open client connections. At the limit, the oldest connection that has not sent a
-    /// request yet is closed for the new one. Lowered to fit the open-file limit.
+    /// request yet is closed for the new one (else the oldest, once its answer is done).
+    /// Lowered to fit the open-file limit.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

@@ -134,6 +134,76 @@ async fn half_open_sockets_do_not_starve_health() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Sockets that each send one request and then sit idle on keep-alive, more of them than
+/// `--max-connections`: the oldest are closed (gracefully: none was answering) to let a new
+/// client in, rather than the new one waiting for an idle one to time out (10 s).
+#[tokio::test]
+async fn idle_keep_alive_sockets_at_the_cap_do_not_starve_health() {
+    let worker = Worker::start(Options::new("llm").arg("--max-connections=50")).await;
+    let port = worker.port;
+    let sockets = tokio::task::spawn_blocking(move || {
+        let mut sockets = Vec::new();
+        for _ in 0..120 {
+            let Ok(mut socket) = TcpStream::connect(("127.0.0.1", port)) else {
+                break;
+            };
+            // Short: sockets past the cap wait to be accepted, and the test must not wait for
+            // the header timeout (10 s) to free their places.
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let _ = socket.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut answer = [0u8; 256];
+            let _ = socket.read(&mut answer);
+            sockets.push(socket);
+        }
+        sockets
+    })
+    .await
+    .unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        worst = worst.max(health_latency(&worker).await);
+    }
+    eprintln!(
+        "/health at worst {worst:?} with {} idle keep-alive sockets at a cap of 50",
+        sockets.len()
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "/health took {worst:?} behind idle keep-alive sockets"
+    );
+}
+
+/// An upload without the token is refused before its body is read: the 401 comes back
+/// while the client has sent only the head of a 200 MB request.
+#[tokio::test]
+async fn an_unauthenticated_upload_is_refused_before_its_body() {
+    let worker = Worker::start(Options::new("llm").arg("--admin-token=secret")).await;
+    let port = worker.port;
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket
+            .write_all(
+                b"PUT /v1/admin/guest HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n\r\n",
+            )
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = socket.read(&mut answer).expect("no answer before the body");
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        let status: u16 = answer.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401, "{body}");
+    error_of(&body);
+}
+
 /// One slot, held by a request that computes for 4 s: the next one waits in the queue for
 /// the queue timeout (1 s), then gets 503 with a JSON error rather than hanging behind it.
 #[tokio::test]

@@ -5,9 +5,11 @@
 //!   closed after [`HEADER_TIMEOUT`]; the same timer bounds an idle keep-alive connection.
 //! - A cap on open connections. At the cap, a new connection is served by closing the oldest
 //!   one that has not yet sent a complete request head (a half-open socket, by the look of
-//!   it); only when every open connection has sent a request does the new one wait for one
-//!   to close. Half-open sockets therefore cannot keep `GET /health` out, however many there
-//!   are, and the process never runs out of file descriptors for them.
+//!   it); when every open connection has sent a request, the oldest is asked to close once
+//!   its answer is done (at once when it idles between requests: hyper's graceful close, so
+//!   no request in flight is cut). Neither half-open nor idle keep-alive sockets can keep
+//!   `GET /health` out, however many there are, and the process never runs out of file
+//!   descriptors for them.
 //! - A write timeout on each socket: a client that stops reading its answer (an SSE stream
 //!   above all) for [`Limits::write_timeout`] loses its connection, and with it its request
 //!   (the answer's body is dropped, which cancels the work and frees its admission place).
@@ -28,9 +30,8 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 use tokio_io_timeout::TimeoutStream;
 use tower::ServiceExt;
@@ -60,6 +61,10 @@ impl Limits {
     }
 }
 
+/// How often a server at its cap asks one more connection to close while it waits for one to
+/// go (the one asked may be in the middle of a long answer).
+const EVICT_AGAIN: Duration = Duration::from_millis(100);
+
 /// File descriptors kept for everything but client connections (model and guest files, the
 /// queen, the compile cache, the file watcher).
 const RESERVED_FDS: u64 = 64;
@@ -80,9 +85,9 @@ pub async fn serve(
         );
     }
     let connections = Arc::new(Connections::default());
-    let graceful = GracefulShutdown::new();
+    let (stopping, stop) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
-    loop {
+    'accepting: loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -90,28 +95,32 @@ pub async fn serve(
                     // Out of descriptors (or a connection reset before it was accepted): make
                     // room if we can and try again shortly rather than spin.
                     tracing::warn!("accepting a connection failed: {error}");
-                    connections.evict_oldest_unserved();
+                    connections.evict_one();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        // Asked again each time: the open-file limit can be changed while the worker runs.
-        let cap = connection_cap(limits.max_connections);
-        if connections.len() >= cap {
-            // Waits for the evicted connection's socket to be closed, or, when every
-            // connection is serving a request, for the first of them to end.
-            connections.evict_oldest_unserved();
+        loop {
+            // Asked again each time: the open-file limit can be changed while the worker runs.
+            let cap = connection_cap(limits.max_connections);
+            if connections.len() < cap {
+                break;
+            }
+            connections.evict_one();
             tokio::select! {
                 () = connections.wait_below(cap) => {}
-                () = &mut shutdown => break,
+                () = tokio::time::sleep(EVICT_AGAIN) => {}
+                () = &mut shutdown => break 'accepting,
             }
         }
-        connections.spawn(stream, router.clone(), limits.write_timeout, &graceful);
+        connections.spawn(stream, router.clone(), limits.write_timeout, stop.clone());
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Idle connections close at once, busy ones once their answer is done.
+    stopping.send_replace(true);
+    connections.wait_below(1).await;
     Ok(())
 }
 
@@ -146,9 +155,19 @@ struct Open {
 struct Connection {
     /// Set once a complete request head has arrived.
     served: Arc<AtomicBool>,
-    /// Closing: its task was aborted, its socket is closed when the task is dropped.
-    evicted: bool,
+    /// Asked to close already (it stays counted until its socket is closed).
+    closing: bool,
+    /// Asks the connection to close once its current answer is done.
+    close: Arc<Notify>,
     task: AbortHandle,
+}
+
+/// How a connection is made to close.
+enum Eviction {
+    /// It never sent a request head: drop it now.
+    Abort(AbortHandle),
+    /// It did: close it when it idles (hyper's graceful close).
+    Graceful(Arc<Notify>),
 }
 
 impl Connections {
@@ -162,22 +181,33 @@ impl Connections {
         self.lock().by_age.len()
     }
 
-    /// Closes the oldest connection that has not sent a complete request head; false when
-    /// there is none. It stays counted until its task is gone and its socket closed.
-    fn evict_oldest_unserved(&self) -> bool {
-        let victim = {
+    /// Makes room for one connection: closes the oldest that has not sent a complete request
+    /// head, or else asks the oldest of the others to close once its answer is done.
+    fn evict_one(&self) {
+        let eviction = {
             let mut open = self.lock();
-            let oldest = open.by_age.values_mut().find(|connection| {
-                !connection.evicted && !connection.served.load(Ordering::Acquire)
-            });
-            oldest.map(|connection| {
-                connection.evicted = true;
-                connection.task.clone()
-            })
+            let served = |connection: &Connection| connection.served.load(Ordering::Acquire);
+            let open_ones = || open.by_age.iter().filter(|(_, c)| !c.closing);
+            let victim = open_ones()
+                .find(|(_, connection)| !served(connection))
+                .or_else(|| open_ones().next())
+                .map(|(&id, _)| id);
+            victim
+                .and_then(|id| open.by_age.get_mut(&id))
+                .map(|connection| {
+                    connection.closing = true;
+                    match served(connection) {
+                        false => Eviction::Abort(connection.task.clone()),
+                        true => Eviction::Graceful(connection.close.clone()),
+                    }
+                })
         };
-        // Aborted out of the lock: dropping the connection's future closes its socket and
-        // takes the lock to unregister it.
-        victim.map(|task| task.abort()).is_some()
+        // Out of the lock: a dropped connection takes the lock to unregister itself.
+        match eviction {
+            Some(Eviction::Abort(task)) => task.abort(),
+            Some(Eviction::Graceful(close)) => close.notify_one(),
+            None => {}
+        }
     }
 
     async fn wait_below(&self, max: usize) {
@@ -195,7 +225,7 @@ impl Connections {
         stream: TcpStream,
         router: Router,
         write_timeout: Duration,
-        graceful: &GracefulShutdown,
+        mut stop: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
         let mut stream = TimeoutStream::new(stream);
@@ -210,7 +240,8 @@ impl Connections {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(Box::pin(stream)), service);
-        let connection = graceful.watch(connection);
+        let close = Arc::new(Notify::new());
+        let asked = close.clone();
 
         // Registered before the task can end, so that its removal always finds it.
         let mut open = self.lock();
@@ -222,7 +253,15 @@ impl Connections {
                 connections: this,
                 id,
             };
-            if let Err(error) = connection.await {
+            let mut connection = pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = closing(&asked, &mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!("connection ended: {error}");
             }
         });
@@ -230,10 +269,19 @@ impl Connections {
             id,
             Connection {
                 served,
-                evicted: false,
+                closing: false,
+                close,
                 task: task.abort_handle(),
             },
         );
+    }
+}
+
+/// Resolves when the connection is asked to close: evicted, or the server is stopping.
+async fn closing(asked: &Notify, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = asked.notified() => {}
+        _ = stop.wait_for(|&stopping| stopping) => {}
     }
 }
 
