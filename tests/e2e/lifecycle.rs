@@ -230,6 +230,7 @@ async fn a_second_signal_exits_at_once() {
     worker.signal("TERM");
     let exit = worker.wait_exit(Duration::from_secs(20)).await;
     let took = second.elapsed();
+    eprintln!("exited {took:?} after the second signal");
     assert!(
         took < Duration::from_secs(2),
         "exited {took:?} after the second signal"
@@ -266,6 +267,7 @@ async fn draining_starts_by_leaving_ready() {
     };
     let ((status, body), heard_after) = tokio::join!(in_flight, signal);
     let answered = std::time::Instant::now();
+    eprintln!("the queen heard `stopped` {heard_after:?} after the signal");
     assert_eq!(status, 200, "{body}");
     assert!(
         heard_after < Duration::from_secs(1),
@@ -278,4 +280,41 @@ async fn draining_starts_by_leaving_ready() {
         .unwrap();
     assert!(stopped.at < answered, "`stopped` only after the answer");
     assert!(worker.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// A guest stuck in a blocking call (chaos `sleep`: an hour in WASI) does not keep the worker
+/// from exiting: SIGTERM, the grace period (1 s), the cut, the final `stopped` beat, exit.
+#[tokio::test]
+async fn a_stuck_guest_does_not_keep_the_worker_from_exiting() {
+    let queen = Queen::start(Duration::ZERO).await;
+    let mut worker = Worker::start(
+        Options::new("chaos")
+            .arg(format!("--queen-url={}", queen.url))
+            .arg("--shutdown-grace=1")
+            .arg("--guest-timeout=3600"),
+    )
+    .await;
+    let client = worker.client.clone();
+    let url = worker.url("/v1/infer");
+    let stuck = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({ "prompt": "sleep", "max_tokens": 2 }))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = std::time::Instant::now();
+    worker.signal("TERM");
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    let took = signalled.elapsed();
+    eprintln!("exited {took:?} after SIGTERM with a guest asleep in WASI");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after SIGTERM"
+    );
+    let last = queen.beats().last().cloned().unwrap();
+    assert_eq!(last.body["worker"]["status"], "stopped");
+    stuck.abort();
 }
