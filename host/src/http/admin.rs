@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use axum::{Json, body::Bytes};
 use serde::Serialize;
@@ -59,13 +59,19 @@ async fn one_upload_at_a_time(
 }
 
 /// The bearer check: 401 without credentials, 403 with wrong ones.
-async fn require_token(
-    State(token): State<Arc<str>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    authorize(&token, request.headers())?;
-    Ok(next.run(request).await)
+async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    match authorize(&token, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => {
+            // The upload's body is left unread, so this connection cannot carry another
+            // request; saying so keeps a client from reusing it into a broken pipe.
+            let mut response = refused.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 fn authorize(expected: &str, headers: &HeaderMap) -> Result<(), ApiError> {
