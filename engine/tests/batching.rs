@@ -180,6 +180,42 @@ fn a_sequence_cancelled_while_reading_its_prompt_leaves_and_frees_its_place() {
     assert_eq!(beside.generated_tokens, alone.generated_tokens);
 }
 
+/// A step whose sequences have all been cancelled stops between layers: a long prompt
+/// chunk nobody wants does not hold up whatever waits behind it.
+#[test]
+fn a_step_nobody_wants_stops_between_layers() {
+    // The whole prompt in one step.
+    let engine = engine(
+        WeightFormat::Auto,
+        LoadOptions {
+            prompt_chunk: 4096,
+            ..LoadOptions::default()
+        },
+    );
+    let prompt = "the bees hum ".repeat(12);
+    // Yes from the third check on. Checked only between steps, that is after the prompt
+    // step and one decode step (2 tokens); checked between layers too, inside the prompt
+    // step.
+    let checks = Arc::new(AtomicUsize::new(0));
+    let cancelled: rbee_engine::Cancelled = {
+        let checks = checks.clone();
+        Arc::new(move || checks.fetch_add(1, Ordering::AcqRel) >= 2)
+    };
+    let completion = engine
+        .generate_cancellable(prompt.as_str(), &no_eos(20), Some(cancelled), &mut |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(completion.finish_reason, FinishReason::Cancelled);
+    assert_eq!(
+        completion.generated_tokens, 0,
+        "the prompt step ran to its end"
+    );
+    // The engine goes on serving.
+    let next = engine.generate_ids(&[7, 8, 9], &no_eos(3)).unwrap().0;
+    assert_eq!(next.generated_tokens, 3);
+}
+
 #[test]
 fn the_kv_budget_queues_sequences_instead_of_failing() {
     let params = no_eos(40);

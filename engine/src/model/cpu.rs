@@ -191,9 +191,10 @@ impl CpuModel {
                 cache,
                 logits: true,
             }];
+            let never = || false;
             return self
-                .forward_batch(&mut batch, 0)
-                .remove(0)
+                .forward_batch(&mut batch, 0, &never)
+                .and_then(|mut logits| logits.remove(0))
                 .unwrap_or_default();
         }
         // Every position's logits: the verification path, one sequence.
@@ -201,7 +202,9 @@ impl CpuModel {
             rows: 0..ids.len(),
             decode: false,
         }];
-        let x = self.layers_forward(ids, &mut [(cache, 0..ids.len())], &rows);
+        let x = self
+            .layers_forward(ids, &mut [(cache, 0..ids.len())], &rows, &|| false)
+            .expect("never abandoned");
         let mut normed = vec![0f32; x.len()];
         rms_norm(&x, &self.norm, self.eps, &mut normed);
         self.head.matmul(&normed, ids.len())
@@ -212,11 +215,15 @@ impl CpuModel {
     /// prompt chunk is multiplied on its own, and every row's arithmetic is the same as if
     /// its sequence ran alone, so batching never changes a sequence's tokens. Returns the
     /// last position's logits of each segment that asks for them.
+    /// `None` when `abandoned` said so between two layers: nobody wants the step any more
+    /// (every sequence in it was cancelled), and the caches' new positions are left
+    /// half-written for sequences that are about to leave.
     pub fn forward_batch(
         &self,
         batch: &mut [Segment<'_>],
         decoding: usize,
-    ) -> Vec<Option<Vec<f32>>> {
+        abandoned: &(dyn Fn() -> bool + Sync),
+    ) -> Option<Vec<Option<Vec<f32>>>> {
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
         for segment in batch.iter() {
@@ -240,7 +247,7 @@ impl CpuModel {
             .zip(&spans)
             .map(|(segment, span)| (&mut *segment.cache, span.clone()))
             .collect();
-        let x = self.layers_forward(&ids, &mut caches, &groups);
+        let x = self.layers_forward(&ids, &mut caches, &groups, abandoned)?;
         let hidden = self.norm.len();
         let wanted: Vec<usize> = batch
             .iter()
@@ -255,28 +262,35 @@ impl CpuModel {
         let logits = self.logits(&last_rows, wanted.len());
         let vocab = self.head.rows();
         let mut rows = logits.chunks_exact(vocab.max(1));
-        batch
+        let logits = batch
             .iter()
             .map(|segment| {
                 segment
                     .logits
                     .then(|| rows.next().map(<[f32]>::to_vec).unwrap_or_default())
             })
-            .collect()
+            .collect();
+        Some(logits)
     }
 
     /// The residual stream of `ids` after every layer. `caches` pairs each sequence's cache
-    /// with its rows of `ids`; `groups` are the row ranges multiplied together.
+    /// with its rows of `ids`; `groups` are the row ranges multiplied together. `None` when
+    /// `abandoned` says so before a layer (a long prompt chunk then stops within a layer's
+    /// time, not the chunk's).
     fn layers_forward(
         &self,
         ids: &[u32],
         caches: &mut [(&mut CpuCache, Range<usize>)],
         groups: &[Group],
-    ) -> Vec<f32> {
+        abandoned: &(dyn Fn() -> bool + Sync),
+    ) -> Option<Vec<f32>> {
         let mut x = self.embeddings.lookup(ids);
         let hidden = self.norm.len();
         let mut normed = vec![0f32; x.len()];
         for (index, layer) in self.layers.iter().enumerate() {
+            if abandoned() {
+                return None;
+            }
             rms_norm(&x, &layer.input_norm, self.eps, &mut normed);
             let [q, k, v] = grouped(groups, hidden, &normed, layer.qkv.each_ref());
             let mut attended = vec![0f32; q.len()];
@@ -313,7 +327,7 @@ impl CpuModel {
         for (cache, rows) in caches.iter_mut() {
             cache.len += rows.len();
         }
-        x
+        Some(x)
     }
 
     /// The final norm and the output head over `rows` last positions of `x`: `[rows, vocab]`.

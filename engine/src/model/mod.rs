@@ -82,12 +82,14 @@ impl Model {
     /// One step of several sequences (`batch[..decoding]` single decode positions, the rest
     /// prompt chunks): the last position's logits of each item that asks for them. On the
     /// CPU the step reads the weights once for all decode rows; Burn's layers run the items
-    /// one after another.
+    /// one after another. `Ok(None)` when `abandoned` said so part-way (checked between
+    /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
     pub fn forward_batch(
         &self,
         batch: &mut [BatchItem<'_>],
         decoding: usize,
-    ) -> Result<Vec<Option<Vec<f32>>>, EngineError> {
+        abandoned: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Vec<Option<Vec<f32>>>>, EngineError> {
         in_pool(|| match self {
             Model::Cpu(model) => {
                 let mut segments = Vec::with_capacity(batch.len());
@@ -101,15 +103,19 @@ impl Model {
                         logits: item.logits,
                     });
                 }
-                Ok(model.forward_batch(&mut segments, decoding))
+                Ok(model.forward_batch(&mut segments, decoding, abandoned))
             }
-            Model::Burn(_) => batch
-                .iter_mut()
-                .map(|item| {
+            Model::Burn(_) => {
+                let mut outputs = Vec::with_capacity(batch.len());
+                for item in batch.iter_mut() {
+                    if abandoned() {
+                        return Ok(None);
+                    }
                     let logits = self.forward_one(item.ids, item.cache, true)?;
-                    Ok(item.logits.then_some(logits))
-                })
-                .collect(),
+                    outputs.push(item.logits.then_some(logits));
+                }
+                Ok(Some(outputs))
+            }
         })
     }
 

@@ -79,6 +79,18 @@ pub(crate) struct Limits {
     pub prompt_chunk: usize,
 }
 
+/// Whether a generation's reader or caller has given up on it.
+struct Cancellation {
+    stop: Arc<AtomicBool>,
+    cancelled: Option<Cancelled>,
+}
+
+impl Cancellation {
+    fn is_set(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.cancelled.as_ref().is_some_and(|c| c())
+    }
+}
+
 /// A generation asked for: everything the scheduler needs to run it.
 pub(crate) struct Submission {
     pub prompt: Vec<u32>,
@@ -96,7 +108,16 @@ impl Submission {
     }
 
     fn is_cancelled(&self) -> bool {
-        self.stop.load(Ordering::Acquire) || self.cancelled.as_ref().is_some_and(|c| c())
+        self.cancellation().is_set()
+    }
+
+    /// The same check as a value of its own, which a step holds while the sequences'
+    /// caches are lent to the model.
+    fn cancellation(&self) -> Cancellation {
+        Cancellation {
+            stop: self.stop.clone(),
+            cancelled: self.cancelled.clone(),
+        }
     }
 
     fn cancelled_before_start(self) {
@@ -326,6 +347,10 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
             }
         })
         .collect();
+    let cancellations: Vec<_> = running
+        .iter()
+        .map(|sequence| sequence.request.cancellation())
+        .collect();
     let mut batch: Vec<BatchItem<'_>> = running
         .iter_mut()
         .zip(&inputs)
@@ -338,10 +363,15 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
         .collect();
     core.stats
         .record(batch.len(), inputs.iter().map(Vec::len).sum());
-    let outputs = core.model.forward_batch(&mut batch, decoding);
+    // A step whose sequences have all been cancelled stops between layers rather than
+    // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
+    // behind it starts at once; the cancelled sequences then leave at the boundary.
+    let abandoned = || cancellations.iter().all(Cancellation::is_set);
+    let outputs = core.model.forward_batch(&mut batch, decoding, &abandoned);
     drop(batch);
     let outputs = match outputs {
-        Ok(outputs) => outputs,
+        Ok(Some(outputs)) => outputs,
+        Ok(None) => return,
         Err(error) => {
             let message = error.to_string();
             for sequence in running.drain(..) {
