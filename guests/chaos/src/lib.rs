@@ -27,8 +27,8 @@ wit_bindgen::generate!({ path: "../../wit", world: "worker" });
 
 use exports::rbee::worker::handler::Guest;
 use rbee::worker::inference::{self, StreamItem};
-use rbee::worker::{log, output};
 use rbee::worker::types::{InferError, InferRequest, InferResponse, SamplingParams};
+use rbee::worker::{log, output};
 
 struct Chaos;
 
@@ -80,7 +80,13 @@ impl Guest for Chaos {
             "hog" => hog_memory(),
             "trap" => panic!("chaos guest trapped on purpose"),
             "bad-temperature" => {
-                inference::infer("hi", &SamplingParams { temperature: -1.0, ..params(4) })?;
+                inference::infer(
+                    "hi",
+                    &SamplingParams {
+                        temperature: -1.0,
+                        ..params(4)
+                    },
+                )?;
             }
             "bad-max-tokens" => {
                 inference::infer("hi", &params(0))?;
@@ -105,7 +111,10 @@ impl Guest for Chaos {
                 for _ in 0..1000 {
                     log::log(log::Level::Error, &line);
                 }
-                return Ok(InferResponse { text: "logged".into(), tokens_generated: 0 });
+                return Ok(InferResponse {
+                    text: "logged".into(),
+                    tokens_generated: 0,
+                });
             }
             "handles" => {
                 // Each `subscribe-duration` is a resource in the host's table for as long
@@ -123,22 +132,34 @@ impl Guest for Chaos {
                 panic!("chaos guest trapped on purpose");
             }
             prompt if prompt.starts_with("pour-") => {
-                let mut numbers = prompt["pour-".len()..].split('-').map(|n| n.parse().unwrap_or(0));
-                let (kib, pieces): (usize, usize) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+                let mut numbers = prompt["pour-".len()..]
+                    .split('-')
+                    .map(|n| n.parse().unwrap_or(0));
+                let (kib, pieces): (usize, usize) =
+                    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
                 let piece = "x".repeat(kib << 10);
                 for _ in 0..pieces {
                     output::emit(&piece)?;
                 }
                 output::emit("poured")?;
-                return Ok(InferResponse { text: String::new(), tokens_generated: 0 });
+                return Ok(InferResponse {
+                    text: String::new(),
+                    tokens_generated: 0,
+                });
             }
             prompt if prompt.starts_with("tokenize-") => {
                 let mib: usize = prompt["tokenize-".len()..].parse().unwrap_or(0);
                 let ids = inference::tokenize(&"word ".repeat((mib << 20) / 5))?;
-                return Ok(InferResponse { text: format!("{} tokens", ids.len()), tokens_generated: 0 });
+                return Ok(InferResponse {
+                    text: format!("{} tokens", ids.len()),
+                    tokens_generated: 0,
+                });
             }
             prompt if prompt.starts_with("probe:") => {
-                return Ok(InferResponse { text: probe(&prompt["probe:".len()..]), tokens_generated: 0 });
+                return Ok(InferResponse {
+                    text: probe(&prompt["probe:".len()..]),
+                    tokens_generated: 0,
+                });
             }
             prompt => {
                 if let Some(millis) = prompt.strip_prefix("slow-").and_then(|n| n.parse().ok()) {
@@ -147,7 +168,9 @@ impl Guest for Chaos {
                 return serve(&request);
             }
         }
-        Err(InferError::GuestError("the host accepted a call it must refuse".into()))
+        Err(InferError::GuestError(
+            "the host accepted a call it must refuse".into(),
+        ))
     }
 }
 
@@ -155,14 +178,20 @@ fn serve(request: &InferRequest) -> Result<InferResponse, InferError> {
     let params = params(request.max_tokens.unwrap_or(8));
     if !request.stream {
         let done = inference::infer(&request.prompt, &params)?;
-        return Ok(InferResponse { text: done.text, tokens_generated: done.tokens_generated });
+        return Ok(InferResponse {
+            text: done.text,
+            tokens_generated: done.tokens_generated,
+        });
     }
     let stream = inference::infer_stream(&request.prompt, &params)?;
     loop {
         match stream.next()? {
             StreamItem::Text(text) => output::emit(&text)?,
             StreamItem::Done(done) => {
-                return Ok(InferResponse { text: done.text, tokens_generated: done.tokens_generated });
+                return Ok(InferResponse {
+                    text: done.text,
+                    tokens_generated: done.tokens_generated,
+                });
             }
         }
     }
@@ -184,7 +213,10 @@ fn flood(millis: u64) -> Result<InferResponse, InferError> {
         }
     }
     output::emit(&format!("waited={}", waited.as_millis()))?;
-    Ok(InferResponse { text: String::new(), tokens_generated: 0 })
+    Ok(InferResponse {
+        text: String::new(),
+        tokens_generated: 0,
+    })
 }
 
 /// What a guest can reach without the host's WIT: environment variables, the filesystem root,

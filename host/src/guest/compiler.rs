@@ -64,7 +64,12 @@ impl Exports {
         // OpenAI routes, and says so in the log.
         let openai = match openai::GuestIndices::new(pre) {
             Ok(openai) => Some(openai),
-            Err(error) if pre.component().get_export_index(None, OPENAI_EXPORT).is_some() => {
+            Err(error)
+                if pre
+                    .component()
+                    .get_export_index(None, OPENAI_EXPORT)
+                    .is_some() =>
+            {
                 tracing::warn!("the guest's `openai` export does not match this host's: {error:#}");
                 None
             }

@@ -157,7 +157,11 @@ fn generate(
         }
     });
     if let (Some(metrics), Ok(done)) = (metrics, &result) {
-        metrics.generation(done.prompt_tokens, done.generated_tokens, done.finish_reason);
+        metrics.generation(
+            done.prompt_tokens,
+            done.generated_tokens,
+            done.finish_reason,
+        );
     }
     let _ = sender.send(Generated::Finished(result));
 }
