@@ -8,7 +8,15 @@ venv="${RBEE_PY_CLIENTS:-$HOME/.cache/rbee-host/py-clients}"
 python="$venv/bin/python"
 if ! "$python" -c 'import openai, prometheus_client' 2>/dev/null; then
     echo "python-clients.sh: installing openai and prometheus-client into $venv" >&2
-    python3 -m venv "$venv" >&2
+    if ! python3 -m venv "$venv" >&2; then
+        # Debian's python3 has no venv module without python3-venv.
+        if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >&2 ||
+                { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >&2; }
+        fi
+        rm -rf "$venv"
+        python3 -m venv "$venv" >&2
+    fi
     "$python" -m pip install --quiet --disable-pip-version-check openai prometheus-client >&2
 fi
 echo "$python"
