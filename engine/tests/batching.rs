@@ -9,8 +9,8 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
 
+use common::together;
 use rbee_engine::{
     Completion, DeviceChoice, Engine, FinishReason, LoadOptions, SamplingParams, WeightFormat,
 };
@@ -41,24 +41,6 @@ fn workload() -> Vec<(Vec<u32>, u32)> {
 
 fn no_eos(max_tokens: u32) -> SamplingParams {
     SamplingParams::greedy(max_tokens)
-}
-
-/// Runs every job of `workload` at once, each thread starting a little after the previous
-/// one, and returns each job's generated ids.
-fn together(engine: &Arc<Engine>, jobs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
-    let handles: Vec<_> = jobs
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, (prompt, params))| {
-            let engine = engine.clone();
-            thread::spawn(move || {
-                thread::sleep(Duration::from_millis(3 * i as u64));
-                engine.generate_ids(&prompt, &params).unwrap().1
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 fn batch_equivalence(weights: WeightFormat) {

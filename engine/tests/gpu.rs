@@ -19,10 +19,9 @@ mod common;
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{fixtures, greedy};
+use common::{fixtures, greedy, together};
 use rbee_engine::{DeviceChoice, Engine, FinishReason, LoadOptions, WeightFormat};
 use serde_json::Value;
 
@@ -251,25 +250,16 @@ fn batch_equivalence(weights: WeightFormat) {
         return;
     };
     let started = Instant::now();
-    let jobs = workload();
+    let jobs: Vec<_> = workload()
+        .into_iter()
+        .map(|(prompt, max)| (prompt, greedy(max)))
+        .collect();
     let alone: Vec<Vec<u32>> = jobs
         .iter()
-        .map(|(prompt, max)| engine.generate_ids(prompt, &greedy(*max)).unwrap().1)
+        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
         .collect();
     let before = engine.batch_stats();
-    let handles: Vec<_> = jobs
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, (prompt, max))| {
-            let engine = engine.clone();
-            thread::spawn(move || {
-                thread::sleep(Duration::from_millis(3 * i as u64));
-                engine.generate_ids(&prompt, &greedy(max)).unwrap().1
-            })
-        })
-        .collect();
-    let batched: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let batched = together(&engine, &jobs);
     let stats = engine.batch_stats();
     assert!(
         stats.batched_steps > before.batched_steps,

@@ -189,15 +189,19 @@ impl Worker {
         }
     }
 
-    /// POST /v1/infer with a JSON body: (status, body as JSON).
-    pub async fn infer(&self, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(self.url("/v1/infer"))
-            .json(&body)
+    /// POSTs `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// POSTs `body` to `path` and reads the answer as JSON (with its status).
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.post(path, body).await;
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         let json = serde_json::from_str(&text)
@@ -205,17 +209,15 @@ impl Worker {
         (status, json)
     }
 
+    /// POST /v1/infer with a JSON body: (status, body as JSON).
+    pub async fn infer(&self, body: Value) -> (u16, Value) {
+        self.post_json("/v1/infer", &body).await
+    }
+
     /// POST /v1/infer with `stream: true`, read with an SSE client.
     pub async fn infer_stream(&self, mut body: Value) -> Streamed {
         body["stream"] = Value::Bool(true);
-        let response = self
-            .client
-            .post(self.url("/v1/infer"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        read_sse(response).await
+        read_sse(self.post("/v1/infer", &body).await).await
     }
 
     pub fn signal(&self, signal: &str) {

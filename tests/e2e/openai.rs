@@ -15,26 +15,12 @@ use crate::harness::{Options, Worker, greedy, repo_root, smollm2};
 const TINY: &str = "tiny-llama";
 
 async fn post(worker: &Worker, path: &str, body: Value) -> (u16, Value) {
-    let response = worker
-        .client
-        .post(worker.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    worker.post_json(path, &body).await
 }
 
 /// The `data:` payloads of a stream, parsed as JSON, and whether it ended with `[DONE]`.
 async fn chunks(worker: &Worker, path: &str, body: Value) -> (Vec<Value>, bool) {
-    let response = worker
-        .client
-        .post(worker.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = worker.post(path, &body).await;
     assert_ok_with_type(&response, "text/event-stream");
     let mut events = response.bytes_stream().eventsource();
     let mut chunks = Vec::new();

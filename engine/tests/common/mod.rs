@@ -36,6 +36,24 @@ pub fn greedy(max_tokens: u32) -> SamplingParams {
     SamplingParams::greedy(max_tokens)
 }
 
+/// Runs every job at once, each thread starting a little after the previous one, so the
+/// sequences join the batch at different steps; returns each job's generated ids.
+pub fn together(engine: &Arc<Engine>, jobs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
+    let handles: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (prompt, params))| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(3 * i as u64));
+                engine.generate_ids(&prompt, &params).unwrap().1
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// A fresh, empty scratch folder under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rbee-engine-test-{}-{name}", std::process::id()));
