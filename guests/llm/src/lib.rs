@@ -43,7 +43,11 @@ impl handler::Guest for Llm {
     fn handle(request: InferRequest) -> Result<InferResponse, InferError> {
         let max_tokens = match request.max_tokens {
             Some(max_tokens) => max_tokens,
-            None => room_after(&request.prompt, INFER_MAX_TOKENS)?,
+            None => room_after(
+                &request.prompt,
+                inference::model().context_length,
+                INFER_MAX_TOKENS,
+            )?,
         };
         let params = SamplingParams {
             max_tokens,
@@ -102,14 +106,17 @@ impl openai::Guest for Llm {
                 Part::Text(text) => PromptPart::Text(text),
             })
             .collect();
+        let text: String = parts.iter().map(part_text).collect();
         let options = request.options;
         let max_tokens = match options.max_tokens {
             Some(max_tokens) => max_tokens,
-            None => room_after_parts(&parts, model.context_length)?,
+            // All the context leaves, counted on the prompt's whole text. That is its length
+            // unless a client typed special-token text, which the engine reads as longer plain
+            // text; such a prompt near the context's end then fails as `context-overflow`.
+            None => room_after(&text, model.context_length, u32::MAX)?,
         };
         let params = openai_params(&options, max_tokens);
-        let bytes = parts.iter().map(part_len).sum();
-        debug_log("chat", bytes, &params, options.stream);
+        debug_log("chat", text.len(), &params, options.stream);
         generate(Prompt::Parts(&parts), &params, options.stream)
     }
 }
@@ -158,29 +165,14 @@ fn openai_params(options: &GenerationOptions, max_tokens: u32) -> SamplingParams
 /// Up to `cap` tokens, but never more than the context leaves after the prompt (and a
 /// beginning-of-sequence token), so a request without max_tokens does not fail on a small
 /// model.
-fn room_after(prompt: &str, cap: u32) -> Result<u32, InferError> {
-    let context = inference::model().context_length;
+fn room_after(prompt: &str, context: u32, cap: u32) -> Result<u32, InferError> {
     let prompt_tokens = inference::tokenize(prompt)?.len() as u32 + 1;
     Ok(context.saturating_sub(prompt_tokens).clamp(1, cap))
 }
 
-/// What the context leaves after a templated prompt, counted on its whole text. That is
-/// the prompt's length unless a client typed special-token text, which the engine reads as
-/// longer plain text; such a prompt near the context's end then fails as `context-overflow`.
-fn room_after_parts(parts: &[PromptPart], context: u32) -> Result<u32, InferError> {
-    let text: String = parts
-        .iter()
-        .map(|part| match part {
-            PromptPart::Markup(text) | PromptPart::Text(text) => text.as_str(),
-        })
-        .collect();
-    let prompt_tokens = inference::tokenize(&text)?.len() as u32 + 1;
-    Ok(context.saturating_sub(prompt_tokens).max(1))
-}
-
-fn part_len(part: &PromptPart) -> usize {
+fn part_text(part: &PromptPart) -> &str {
     match part {
-        PromptPart::Markup(text) | PromptPart::Text(text) => text.len(),
+        PromptPart::Markup(text) | PromptPart::Text(text) => text,
     }
 }
 
