@@ -17,7 +17,7 @@ use crate::{Completion, Engine, EngineError, FinishReason, SamplingParams};
 pub(crate) use prompt::PromptEncoder;
 pub use prompt::{Prompt, PromptPart};
 pub use scheduler::BatchStats;
-pub(crate) use scheduler::{Counters, Limits, Scheduler};
+pub(crate) use scheduler::{Cancellation, Counters, Limits, Scheduler};
 use scheduler::{Event, Submission};
 
 /// A caller's own reason to stop a generation (its client left, the worker is shutting
@@ -156,8 +156,10 @@ impl Engine {
             prompt,
             params: params.clone(),
             events,
-            stop: stop.clone(),
-            cancelled,
+            cancellation: Cancellation {
+                stop: stop.clone(),
+                cancelled,
+            },
         })?;
         Ok(Generation {
             events: receiver,

@@ -79,10 +79,14 @@ pub(crate) struct Limits {
     pub prompt_chunk: usize,
 }
 
-/// Whether a generation's reader or caller has given up on it.
-struct Cancellation {
-    stop: Arc<AtomicBool>,
-    cancelled: Option<Cancelled>,
+/// Whether a generation's reader or caller has given up on it. Cloned by a step, which
+/// holds it while the sequences' caches are lent to the model.
+#[derive(Clone)]
+pub(crate) struct Cancellation {
+    /// Set by the generation's handle (its reader stopped or went away).
+    pub stop: Arc<AtomicBool>,
+    /// The caller's own cancellation, checked at every step.
+    pub cancelled: Option<Cancelled>,
 }
 
 impl Cancellation {
@@ -96,10 +100,7 @@ pub(crate) struct Submission {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub events: Sender<Event>,
-    /// Set by the generation's handle (its reader stopped or went away).
-    pub stop: Arc<AtomicBool>,
-    /// The caller's own cancellation, checked at every step.
-    pub cancelled: Option<Cancelled>,
+    pub cancellation: Cancellation,
 }
 
 impl Submission {
@@ -108,16 +109,7 @@ impl Submission {
     }
 
     fn is_cancelled(&self) -> bool {
-        self.cancellation().is_set()
-    }
-
-    /// The same check as a value of its own, which a step holds while the sequences'
-    /// caches are lent to the model.
-    fn cancellation(&self) -> Cancellation {
-        Cancellation {
-            stop: self.stop.clone(),
-            cancelled: self.cancelled.clone(),
-        }
+        self.cancellation.is_set()
     }
 
     fn cancelled_before_start(self) {
@@ -349,7 +341,7 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
         .collect();
     let cancellations: Vec<_> = running
         .iter()
-        .map(|sequence| sequence.request.cancellation())
+        .map(|sequence| sequence.request.cancellation.clone())
         .collect();
     let mut batch: Vec<BatchItem<'_>> = running
         .iter_mut()
