@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 use wasmtime::Store;
-use wasmtime::component::{Component, HasSelf, Instance, InstancePre, Linker};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 
 use super::bindings::{OpenaiWorker, handler, openai};
 use super::cache::ComponentCache;
@@ -51,8 +51,9 @@ pub struct LoadedGuest {
 
 /// Where a guest's exports are, found once at load: `handler` is required, `openai` optional.
 pub(super) struct Exports {
-    handler: handler::GuestIndices,
-    openai: Option<openai::GuestIndices>,
+    pub handler: handler::GuestIndices,
+    /// `None` when the guest does not serve the OpenAI routes.
+    pub openai: Option<openai::GuestIndices>,
 }
 
 impl Exports {
@@ -76,25 +77,6 @@ impl Exports {
             Err(_) => None,
         };
         Ok(Self { handler, openai })
-    }
-
-    pub fn handler(
-        &self,
-        store: &mut Store<RequestState>,
-        instance: &Instance,
-    ) -> wasmtime::Result<handler::Guest> {
-        self.handler.load(store, instance)
-    }
-
-    /// `None` when the guest does not serve the OpenAI routes.
-    pub fn openai(
-        &self,
-        store: &mut Store<RequestState>,
-        instance: &Instance,
-    ) -> Option<wasmtime::Result<openai::Guest>> {
-        self.openai
-            .as_ref()
-            .map(|openai| openai.load(&mut *store, instance))
     }
 }
 

@@ -114,7 +114,8 @@ impl GuestRuntime {
         self.call(guest, context, |store, instance| {
             guest
                 .exports
-                .handler(store, instance)?
+                .handler
+                .load(&mut *store, instance)?
                 .call_handle(store, &request)
         })
     }
@@ -127,16 +128,13 @@ impl GuestRuntime {
         request: OpenAiRequest,
         context: RequestContext,
     ) -> Result<Completion, GuestFailure> {
-        if !guest.meta.openai {
+        let Some(openai) = &guest.exports.openai else {
             return Err(GuestFailure::NoOpenAi {
                 guest: guest.meta.name.clone(),
             });
-        }
+        };
         self.call(guest, context, |store, instance| {
-            let openai = guest
-                .exports
-                .openai(store, instance)
-                .expect("checked by meta.openai")?;
+            let openai = openai.load(&mut *store, instance)?;
             match &request {
                 OpenAiRequest::Completion(request) => openai.call_complete(store, request),
                 OpenAiRequest::Chat(request) => openai.call_chat(store, request),
