@@ -5,6 +5,10 @@
 //! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
 //! --new-tokens N (64), --runs N (3, best run reported). Prints one human line and one JSON
 //! line (for scripts/bench.sh).
+//!
+//! `--clients N` (1) runs N generations of the same prompt at once (they share every
+//! forward pass) and reports their aggregate decode rate: generated tokens after the first
+//! of each, over the time from the last first token to the last token.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,6 +22,7 @@ fn main() {
     let mut prompt_tokens = 128usize;
     let mut new_tokens = 64u32;
     let mut runs = 3;
+    let mut clients = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -33,6 +38,7 @@ fn main() {
             "--prompt-tokens" => prompt_tokens = value().parse().unwrap(),
             "--new-tokens" => new_tokens = value().parse().unwrap(),
             "--runs" => runs = value().parse().unwrap(),
+            "--clients" => clients = value().parse().unwrap(),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -44,6 +50,7 @@ fn main() {
         &LoadOptions {
             device,
             weights,
+            max_batch: clients.max(rbee_engine::DEFAULT_MAX_BATCH),
             ..LoadOptions::default()
         },
     )
@@ -64,11 +71,15 @@ fn main() {
     // reported.
     let mut best: Option<(f64, f64, u32)> = None;
     for run in 0..=runs {
-        let (done, _) = engine.generate_ids(&ids, &params).unwrap();
-        let prefill_tps = ids.len() as f64 / done.prefill.as_secs_f64();
-        // The first new token comes from the prefill's logits; the rest each cost one step.
-        let steps = done.generated_tokens.saturating_sub(1).max(1);
-        let decode_tps = steps as f64 / done.decode.as_secs_f64();
+        let (prefill_tps, decode_tps, done) = if clients > 1 {
+            together(&engine, &ids, &params, clients)
+        } else {
+            let (done, _) = engine.generate_ids(&ids, &params).unwrap();
+            let prefill_tps = ids.len() as f64 / done.prefill.as_secs_f64();
+            // The first new token comes from the prefill's logits; the rest each cost one step.
+            let steps = done.generated_tokens.saturating_sub(1).max(1);
+            (prefill_tps, steps as f64 / done.decode.as_secs_f64(), done)
+        };
         if run == 0 {
             continue;
         }
@@ -79,17 +90,64 @@ fn main() {
     }
     let (prefill_tps, decode_tps, generated) = best.unwrap();
     let peak_mb = peak_rss_mb();
+    let clients_note = if clients > 1 {
+        format!(" ({clients} clients at once: aggregate)")
+    } else {
+        String::new()
+    };
     println!(
-        "{} on {}: load {load_s:.2} s, prefill {prefill_tps:.1} tok/s ({} tokens), decode {decode_tps:.1} tok/s ({generated} tokens), peak RSS {peak_mb:.0} MB",
+        "{} on {}{clients_note}: load {load_s:.2} s, prefill {prefill_tps:.1} tok/s ({} tokens), decode {decode_tps:.1} tok/s ({generated} tokens), peak RSS {peak_mb:.0} MB",
         engine.info().id,
         engine.info().device,
         ids.len()
     );
     println!(
-        "{{\"engine\":\"rbee-engine\",\"device\":\"{}\",\"weights\":\"{weights:?}\",\"prefill_tps\":{prefill_tps:.2},\"decode_tps\":{decode_tps:.2},\"prompt_tokens\":{},\"new_tokens\":{generated},\"peak_rss_mb\":{peak_mb:.1},\"load_s\":{load_s:.2}}}",
+        "{{\"engine\":\"rbee-engine\",\"device\":\"{}\",\"weights\":\"{weights:?}\",\"prefill_tps\":{prefill_tps:.2},\"decode_tps\":{decode_tps:.2},\"prompt_tokens\":{},\"new_tokens\":{generated},\"clients\":{clients},\"peak_rss_mb\":{peak_mb:.1},\"load_s\":{load_s:.2}}}",
         engine.info().device,
         ids.len()
     );
+}
+
+/// `clients` generations of `ids` at once: (aggregate prefill tok/s, aggregate decode tok/s,
+/// one of the completions). Prefill: all prompts over the time to the last first token;
+/// decode: the tokens after each first one over the time from the last first token to the
+/// last token.
+fn together(
+    engine: &Engine,
+    ids: &[u32],
+    params: &SamplingParams,
+    clients: usize,
+) -> (f64, f64, rbee_engine::Completion) {
+    let started = Instant::now();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (done, _) = engine.generate_ids(ids, params).unwrap();
+                    (done, started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // A generation's prefill ends at its first token; its decode runs from there to its end.
+    let first_tokens = results
+        .iter()
+        .map(|(done, ended)| ended.saturating_sub(done.decode))
+        .max()
+        .unwrap();
+    let last = results.iter().map(|(_, ended)| *ended).max().unwrap();
+    let decoded: u32 = results
+        .iter()
+        .map(|(done, _)| done.generated_tokens.saturating_sub(1))
+        .sum();
+    let prefill_tps = (ids.len() * clients) as f64 / first_tokens.as_secs_f64();
+    let decode_tps = decoded as f64 / (last - first_tokens).as_secs_f64();
+    (
+        prefill_tps,
+        decode_tps,
+        results.into_iter().next().unwrap().0,
+    )
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MB; 0 where unknown.

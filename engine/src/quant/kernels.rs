@@ -258,6 +258,25 @@ mod avx2 {
 
     use super::{BLOCK, GROUP, QuantizedRow, group};
 
+    /// How far ahead of the row being multiplied its successors are asked into cache. Rows
+    /// are contiguous and read in order, yet the hardware's own prefetching left one input
+    /// row against a 100 MB Q4_1 matrix (two cores, this VM reads ~11.5 GB/s) at 17.0–18.8
+    /// ms; asking for the bytes 4 KiB ahead (about ten SmolLM2 rows) took 12.8–14.2 ms in
+    /// the same run (2 KiB: 12.6–14.3, 8 KiB: 13.8–14.2). Batched rows are bound by the
+    /// arithmetic, not the reads, and gain nothing either way.
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for `len` bytes from `PREFETCH_AHEAD` past `row` (addresses past the weights are
+    /// fine: a prefetch never faults).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_ahead(row: *const u8, len: usize) {
+        let ahead = row.wrapping_add(PREFETCH_AHEAD);
+        for offset in (0..len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(offset) as *const i8);
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -321,6 +340,7 @@ mod avx2 {
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
+        prefetch_ahead(row.as_ptr(), row.len());
         let blocks = xs.first().map_or(0, |x| x.blocks());
         let mut acc = [_mm256_setzero_ps(); M];
         let mut m_acc = [_mm256_setzero_ps(); M];
@@ -382,6 +402,9 @@ mod avx2 {
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
+        for row in rows {
+            prefetch_ahead(row.as_ptr(), row.len());
+        }
         let blocks = x.blocks();
         // Per row: one accumulator for `d·sₓ·Σq·xq`, one for the `m·Σx` terms of whole
         // groups (all lanes of both are summed at the end), and the short group's `m` terms.
@@ -464,6 +487,8 @@ mod avx2 {
     /// `quants` and `scales` hold exactly `x.blocks()` blocks.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
+        prefetch_ahead(quants.as_ptr() as *const u8, quants.len());
+        prefetch_ahead(scales.as_ptr() as *const u8, size_of_val(scales));
         let blocks = x.blocks();
         let (q, xq) = (quants.as_ptr(), x.values.as_ptr());
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
