@@ -27,9 +27,9 @@ fn engine(weights: WeightFormat, options: LoadOptions) -> Engine {
     .unwrap()
 }
 
-/// Prompts of different lengths (token ids of the tiny vocabulary) and output lengths, so
-/// sequences join and leave the batch at different steps and some are still reading their
-/// prompt (in chunks of 8) while others decode.
+/// Prompts of different lengths (3 to 48 token ids of the tiny vocabulary) and output
+/// lengths, so sequences join and leave the batch at different steps and some are still
+/// reading their prompt while others decode.
 fn workload() -> Vec<(Vec<u32>, u32)> {
     (0..6u32)
         .map(|i| {
@@ -43,12 +43,15 @@ fn no_eos(max_tokens: u32) -> SamplingParams {
     SamplingParams::greedy(max_tokens)
 }
 
-fn batch_equivalence(weights: WeightFormat) {
+/// `prompt_chunk` 8: every prompt chunk is short and multiplied with the decode rows in one
+/// call; 20: chunks of 20 take the tiled path on their own while the shorter last chunks
+/// join the decode rows.
+fn batch_equivalence(weights: WeightFormat, prompt_chunk: usize) {
     let engine = Arc::new(engine(
         weights,
         LoadOptions {
             max_batch: 4,
-            prompt_chunk: 8,
+            prompt_chunk,
             ..LoadOptions::default()
         },
     ));
@@ -75,12 +78,13 @@ fn batch_equivalence(weights: WeightFormat) {
 
 #[test]
 fn greedy_tokens_are_the_same_alone_or_in_a_changing_batch_cpu_blocks() {
-    batch_equivalence(WeightFormat::Auto);
+    batch_equivalence(WeightFormat::Auto, 8);
+    batch_equivalence(WeightFormat::Auto, 20);
 }
 
 #[test]
 fn greedy_tokens_are_the_same_alone_or_in_a_changing_batch_burn_f32() {
-    batch_equivalence(WeightFormat::F32);
+    batch_equivalence(WeightFormat::F32, 8);
 }
 
 #[test]

@@ -293,28 +293,34 @@ impl CpuModel {
             }
             rms_norm(&x, &layer.input_norm, self.eps, &mut normed);
             let [q, k, v] = grouped(groups, hidden, &normed, layer.qkv.each_ref());
-            let mut attended = vec![0f32; q.len()];
             let (nh, nkv, hd) = self.heads;
-            for (cache, rows) in caches.iter_mut() {
-                let positions = cache.len..cache.len + rows.len();
-                let row =
-                    |values: &[f32], width| values[rows.start * width..rows.end * width].to_vec();
-                let (mut q, mut k, mut v) =
-                    (row(&q, nh * hd), row(&k, nkv * hd), row(&v, nkv * hd));
-                for (values, bias) in [&mut q, &mut k, &mut v].into_iter().zip(&layer.qkv_bias) {
-                    if let Some(bias) = bias {
-                        for row in values.chunks_exact_mut(bias.len()) {
-                            add(row, bias);
+            // Each sequence's attention on its own cache, the sequences spread over the pool
+            // (a short context's rows are too little work to split within one sequence).
+            let parts: Vec<Vec<f32>> = caches
+                .par_iter_mut()
+                .map(|(cache, rows)| {
+                    let positions = cache.len..cache.len + rows.len();
+                    let row = |values: &[f32], width| {
+                        values[rows.start * width..rows.end * width].to_vec()
+                    };
+                    let (mut q, mut k, mut v) =
+                        (row(&q, nh * hd), row(&k, nkv * hd), row(&v, nkv * hd));
+                    for (values, bias) in [&mut q, &mut k, &mut v].into_iter().zip(&layer.qkv_bias)
+                    {
+                        if let Some(bias) = bias {
+                            for row in values.chunks_exact_mut(bias.len()) {
+                                add(row, bias);
+                            }
                         }
                     }
-                }
-                self.rope.rotate(&mut q, nh, positions.clone());
-                self.rope.rotate(&mut k, nkv, positions.clone());
-                let kv = &mut cache.layers[index];
-                kv.append(&k, &v, positions.start);
-                let out = kv.attend(&q, nh, positions);
-                attended[rows.start * nh * hd..rows.end * nh * hd].copy_from_slice(&out);
-            }
+                    self.rope.rotate(&mut q, nh, positions.clone());
+                    self.rope.rotate(&mut k, nkv, positions.clone());
+                    let kv = &mut cache.layers[index];
+                    kv.append(&k, &v, positions.start);
+                    kv.attend(&q, nh, positions)
+                })
+                .collect();
+            let attended = parts.concat();
             let [o] = grouped(groups, nh * hd, &attended, [&layer.o]);
             add(&mut x, &o);
 
@@ -359,33 +365,60 @@ struct Group {
     decode: bool,
 }
 
-/// `x · Wᵢᵀ` for each row group of `x` (rows of `width`), the results put back in row
-/// order.
+impl Group {
+    /// Whether this group's rows go through the row kernel, alone as in any batch.
+    fn row_kernel(&self) -> bool {
+        self.decode || BlockMatrix::row_kernel_for(self.rows.len())
+    }
+}
+
+/// `x · Wᵢᵀ` for each row group of `x` (rows of `width`), the results in row order. Every
+/// group that takes the row kernel (the decode rows and the short prompt chunks) is
+/// multiplied in one call, so the step reads the weights once for all of them; a long
+/// prompt chunk is multiplied on its own by the tiled path. Each row's arithmetic is what it
+/// would be if its group ran alone.
 fn grouped<const N: usize>(
     groups: &[Group],
     width: usize,
     x: &[f32],
     mats: [&BlockMatrix; N],
 ) -> [Vec<f32>; N] {
-    let matmul = |group: &Group| {
-        let (rows, m) = (
-            &x[group.rows.start * width..group.rows.end * width],
-            group.rows.len(),
-        );
-        if group.decode {
-            BlockMatrix::matmul_rows(mats, rows, m)
+    let rows_of = |group: &Group| &x[group.rows.start * width..group.rows.end * width];
+    if let [only] = groups {
+        let m = only.rows.len();
+        return if only.decode {
+            BlockMatrix::matmul_rows(mats, rows_of(only), m)
         } else {
-            BlockMatrix::matmul_many(mats, rows, m)
+            BlockMatrix::matmul_many(mats, rows_of(only), m)
+        };
+    }
+    let total = groups.iter().map(|g| g.rows.len()).sum::<usize>();
+    let mut out: [Vec<f32>; N] = mats.map(|w| vec![0f32; total * w.rows()]);
+    let mut place = |group: &Group, part: &[Vec<f32>; N], first: usize| {
+        for ((out, part), w) in out.iter_mut().zip(part).zip(mats) {
+            let (at, len) = (first * w.rows(), group.rows.len() * w.rows());
+            out[group.rows.start * w.rows()..][..len].copy_from_slice(&part[at..at + len]);
         }
     };
-    if let [only] = groups {
-        return matmul(only);
-    }
-    let mut out: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-    for group in groups {
-        for (out, part) in out.iter_mut().zip(matmul(group)) {
-            out.extend(part);
+    let (row_groups, tiled): (Vec<&Group>, Vec<&Group>) =
+        groups.iter().partition(|g| g.row_kernel());
+    if !row_groups.is_empty() {
+        let gathered: Vec<f32> = row_groups
+            .iter()
+            .flat_map(|g| rows_of(g))
+            .copied()
+            .collect();
+        let m = gathered.len() / width.max(1);
+        let part = BlockMatrix::matmul_rows(mats, &gathered, m);
+        let mut first = 0;
+        for group in row_groups {
+            place(group, &part, first);
+            first += group.rows.len();
         }
+    }
+    for group in tiled {
+        let part = BlockMatrix::matmul_many(mats, rows_of(group), group.rows.len());
+        place(group, &part, 0);
     }
     out
 }

@@ -224,6 +224,15 @@ fn dot_q8_0_portable(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
 
 /// One regrouped row of Q4_1 blocks as f32 values.
 pub fn expand_q4_1(row: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if Simd::detect() == Simd::Avx2 {
+        // SAFETY: `Simd::Avx2` means the CPU has AVX2 and F16C.
+        return unsafe { avx2::expand_q4_1(row, out) };
+    }
+    expand_q4_1_portable(row, out)
+}
+
+fn expand_q4_1_portable(row: &[u8], out: &mut [f32]) {
     let blocks = out.len() / BLOCK;
     for g in 0..blocks.div_ceil(GROUP) {
         let (start, n) = group(blocks, g);
@@ -458,6 +467,55 @@ mod avx2 {
             }
         }
         std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r], m_acc[r])) + tail[r])
+    }
+
+    /// [`super::expand_q4_1`]: the same values (a multiply, then an add, as the portable
+    /// loop rounds them), eight at a time. The tiled prefill expands every weight once per
+    /// call, and the portable loop took about a fifth of a short prompt's prefill.
+    ///
+    /// # Safety
+    /// `row` holds the regrouped blocks of `out.len() / 32` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn expand_q4_1(row: &[u8], out: &mut [f32]) {
+        let blocks = out.len() / BLOCK;
+        let whole = blocks / GROUP;
+        for g in 0..whole {
+            let (start, _) = group(blocks, g);
+            let mut d = [0f32; GROUP];
+            let mut m = [0f32; GROUP];
+            // SAFETY: group `g` is whole and inside `row`, its 256 values inside `out` (the
+            // caller's contract).
+            unsafe {
+                let grp = row.as_ptr().add(start);
+                _mm256_storeu_ps(
+                    d.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i)),
+                );
+                _mm256_storeu_ps(
+                    m.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i)),
+                );
+                for i in 0..GROUP {
+                    let (di, mi) = (_mm256_set1_ps(d[i]), _mm256_set1_ps(m[i]));
+                    let bytes = _mm_loadu_si128(grp.add(4 * GROUP + 16 * i) as *const __m128i);
+                    let mask = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(bytes, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                    let dst = out.as_mut_ptr().add((g * GROUP + i) * BLOCK);
+                    for (k, eight) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+                        _mm256_storeu_ps(dst.add(8 * k), _mm256_add_ps(_mm256_mul_ps(q, di), mi));
+                    }
+                }
+            }
+        }
+        if whole * GROUP < blocks {
+            let (start, _) = group(blocks, whole);
+            super::expand_q4_1_portable(&row[start..], &mut out[whole * GROUP * BLOCK..]);
+        }
     }
 
     /// `Σ q·xq` of one Q8_0 block as eight f32 partial sums.
