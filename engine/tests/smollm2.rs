@@ -94,3 +94,41 @@ fn f32_weights_match_transformers() {
 fn default_weights_keep_the_first_8_tokens() {
     first_8_tokens_match(WeightFormat::Auto);
 }
+
+/// SmolLM2's real widths through the batched paths: prompts of 5 and 11 tokens go through
+/// the row kernel with the decode rows, 17, 20 and 26 through the tiled path together (one
+/// gemm call for all of them), the first of each arriving while others already decode.
+/// Every sequence's greedy tokens are those it gets alone.
+#[test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
+fn greedy_tokens_are_the_same_alone_or_batched() {
+    let engine = std::sync::Arc::new(
+        rbee_engine::Engine::load(
+            &model_path(),
+            &rbee_engine::LoadOptions {
+                max_batch: 5,
+                ..rbee_engine::LoadOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let text = "Count the honey bees in the garden, one after another, and list them: ";
+    let ids = engine.tokenize(text).unwrap();
+    let jobs: Vec<_> = [5usize, 11, 17, 20, 26]
+        .iter()
+        .map(|&len| {
+            let prompt: Vec<u32> = ids.iter().cycle().take(len).copied().collect();
+            let mut params = rbee_engine::SamplingParams::greedy(24);
+            params.stop.clear();
+            (prompt, params)
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
+        .collect();
+    let batched = common::together(&engine, &jobs);
+    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(alone, batched, "prompt of {} tokens", jobs[i].0.len());
+    }
+}

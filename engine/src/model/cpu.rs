@@ -402,23 +402,27 @@ fn grouped<const N: usize>(
     };
     let (row_groups, tiled): (Vec<&Group>, Vec<&Group>) =
         groups.iter().partition(|g| g.row_kernel());
-    if !row_groups.is_empty() {
-        let gathered: Vec<f32> = row_groups
-            .iter()
-            .flat_map(|g| rows_of(g))
-            .copied()
-            .collect();
-        let m = gathered.len() / width.max(1);
-        let part = BlockMatrix::matmul_rows(mats, &gathered, m);
+    // The row-kernel groups in one call, and the long prompt chunks in another: gemm sums
+    // each output over the inner dimension in the same order whatever the number of rows,
+    // so a chunk's values are those of its call alone, and the weights are expanded once
+    // for all chunks instead of once per chunk.
+    for (kind, multiply) in [
+        (
+            row_groups,
+            BlockMatrix::matmul_rows::<N> as fn(_, &_, _) -> _,
+        ),
+        (tiled, BlockMatrix::matmul_many::<N>),
+    ] {
+        if kind.is_empty() {
+            continue;
+        }
+        let gathered: Vec<f32> = kind.iter().flat_map(|g| rows_of(g)).copied().collect();
+        let part = multiply(mats, &gathered, gathered.len() / width.max(1));
         let mut first = 0;
-        for group in row_groups {
+        for group in kind {
             place(group, &part, first);
             first += group.rows.len();
         }
-    }
-    for group in tiled {
-        let part = BlockMatrix::matmul_many(mats, rows_of(group), group.rows.len());
-        place(group, &part, 0);
     }
     out
 }

@@ -173,16 +173,24 @@ pub fn dot_q4_1_inputs<const M: usize>(simd: Simd, row: &[u8], xs: [&QuantizedRo
     }
 }
 
-/// `Σ_k w_k x_k` for one row of Q8_0 values (`quants`) with one scale per 32.
+/// `Σ_k w_k x_k` for one row of Q8_0 values (`quants`) with one scale per 32, and each of
+/// `M` inputs; an input's result does not depend on `M`.
 #[inline]
-pub fn dot_q8_0(simd: Simd, quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
-    assert_eq!(quants.len(), x.values.len(), "dot_q8_0: row length");
-    assert_eq!(scales.len(), x.blocks(), "dot_q8_0: scales");
+pub fn dot_q8_0_inputs<const M: usize>(
+    simd: Simd,
+    quants: &[i8],
+    scales: &[f32],
+    xs: [&QuantizedRow; M],
+) -> [f32; M] {
+    for x in xs {
+        assert_eq!(quants.len(), x.values.len(), "dot_q8_0_inputs: row length");
+        assert_eq!(scales.len(), x.blocks(), "dot_q8_0_inputs: scales");
+    }
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q8_0(quants, scales, x) },
-        Simd::Portable => dot_q8_0_portable(quants, scales, x),
+        Simd::Avx2 => unsafe { avx2::dot_q8_0_inputs(quants, scales, xs) },
+        Simd::Portable => xs.map(|x| dot_q8_0_portable(quants, scales, x)),
     }
 }
 
@@ -313,13 +321,14 @@ mod avx2 {
         }
     }
 
-    /// `Σ q·xq` of an unpacked block with 32 i16 at `xq`, as eight f32 partial sums.
+    /// `Σ q·xq` of an unpacked block (Q4_1 or Q8_0, as 32 i16) with 32 i16 at `xq`, as
+    /// eight f32 partial sums.
     ///
     /// # Safety
     /// 32 i16 at `xq` are readable.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn q4_1_dot_unpacked((lo, hi): (__m256i, __m256i), xq: *const i16) -> __m256 {
+    unsafe fn dot_unpacked((lo, hi): (__m256i, __m256i), xq: *const i16) -> __m256 {
         // SAFETY: the caller's contract; unaligned loads.
         unsafe {
             let xq = xq as *const __m256i;
@@ -338,7 +347,7 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     unsafe fn q4_1_products(nibbles: *const u8, xq: *const i16) -> __m256 {
         // SAFETY: the caller's contract.
-        unsafe { q4_1_dot_unpacked(q4_1_unpack(nibbles), xq) }
+        unsafe { dot_unpacked(q4_1_unpack(nibbles), xq) }
     }
 
     /// One row against `M` inputs: `dot_q4_1`'s arithmetic for each input (so the same
@@ -375,7 +384,7 @@ mod avx2 {
                         let unpacked = q4_1_unpack(grp.add(4 * GROUP + 16 * i));
                         for j in 0..M {
                             let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                            let p = q4_1_dot_unpacked(unpacked, xq);
+                            let p = dot_unpacked(unpacked, xq);
                             let scale = _mm256_broadcast_ss(&scales[j][i]);
                             acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
                         }
@@ -390,7 +399,7 @@ mod avx2 {
                         let unpacked = q4_1_unpack(grp.add(4 * n + 16 * i));
                         for j in 0..M {
                             let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                            let p = q4_1_dot_unpacked(unpacked, xq);
+                            let p = dot_unpacked(unpacked, xq);
                             let ds = _mm256_set1_ps(d * xs[j].scales[first + i]);
                             acc[j] = _mm256_fmadd_ps(ds, p, acc[j]);
                             tail[j] += m * xs[j].sums[first + i];
@@ -518,64 +527,74 @@ mod avx2 {
         }
     }
 
-    /// `Σ q·xq` of one Q8_0 block as eight f32 partial sums.
+    /// One Q8_0 block's 32 i8 at `q` widened to i16 (two halves of 16).
     ///
     /// # Safety
-    /// 32 i8 at `q` and 32 i16 at `xq` are readable.
+    /// 32 i8 at `q` are readable.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn q8_0_products(q: *const i8, xq: *const i16) -> __m256 {
-        // SAFETY: the caller's contract.
+    unsafe fn q8_0_unpack(q: *const i8) -> (__m256i, __m256i) {
+        // SAFETY: the caller's contract; unaligned loads.
         unsafe {
-            let (q, xq) = (q as *const __m128i, xq as *const __m256i);
-            _mm256_cvtepi32_ps(_mm256_add_epi32(
-                _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(q)),
-                    _mm256_loadu_si256(xq),
-                ),
-                _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1))),
-                    _mm256_loadu_si256(xq.add(1)),
-                ),
-            ))
+            let q = q as *const __m128i;
+            (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(q)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1))),
+            )
         }
     }
 
+    /// One Q8_0 row with `M` inputs: each block widened once for all of them (the output
+    /// head of a batch of decode rows). A lone input is `M` = 1, so an input's result is the
+    /// same with any `M`. Blocks alternate between two accumulators per input, so one input
+    /// is not held up by a single FMA chain.
+    ///
     /// # Safety
-    /// `quants` and `scales` hold exactly `x.blocks()` blocks.
+    /// `quants` and `scales` hold exactly `x.blocks()` blocks for every input `x`.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
+    pub unsafe fn dot_q8_0_inputs<const M: usize>(
+        quants: &[i8],
+        scales: &[f32],
+        xs: [&QuantizedRow; M],
+    ) -> [f32; M] {
         prefetch_ahead(quants.as_ptr() as *const u8, quants.len());
         prefetch_ahead(scales.as_ptr() as *const u8, size_of_val(scales));
-        let blocks = x.blocks();
-        let (q, xq) = (quants.as_ptr(), x.values.as_ptr());
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut products = [0f32; GROUP];
+        let blocks = scales.len();
+        let q = quants.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let mut products = [[0f32; GROUP]; M];
         let mut b = 0;
         // SAFETY (every block below): b < blocks, the caller's contract.
         while b + GROUP <= blocks {
             unsafe {
-                let ds = _mm256_mul_ps(
-                    _mm256_loadu_ps(scales.as_ptr().add(b)),
-                    _mm256_loadu_ps(x.scales.as_ptr().add(b)),
-                );
-                _mm256_storeu_ps(products.as_mut_ptr(), ds);
-                for pair in 0..GROUP / 2 {
-                    let i = 2 * pair;
-                    let p0 = q8_0_products(q.add(BLOCK * (b + i)), xq.add(BLOCK * (b + i)));
-                    let p1 = q8_0_products(q.add(BLOCK * (b + i + 1)), xq.add(BLOCK * (b + i + 1)));
-                    acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&products[i]), p0, acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&products[i + 1]), p1, acc1);
+                let d = _mm256_loadu_ps(scales.as_ptr().add(b));
+                for j in 0..M {
+                    let ds = _mm256_mul_ps(d, _mm256_loadu_ps(xs[j].scales.as_ptr().add(b)));
+                    _mm256_storeu_ps(products[j].as_mut_ptr(), ds);
+                }
+                for i in 0..GROUP {
+                    let unpacked = q8_0_unpack(q.add(BLOCK * (b + i)));
+                    for j in 0..M {
+                        let xq = xs[j].values.as_ptr().add(BLOCK * (b + i));
+                        let p = dot_unpacked(unpacked, xq);
+                        let scale = _mm256_broadcast_ss(&products[j][i]);
+                        acc[j][i % 2] = _mm256_fmadd_ps(scale, p, acc[j][i % 2]);
+                    }
                 }
             }
             b += GROUP;
         }
         while b < blocks {
-            let p = unsafe { q8_0_products(q.add(BLOCK * b), xq.add(BLOCK * b)) };
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[b] * x.scales[b]), p, acc0);
+            let unpacked = unsafe { q8_0_unpack(q.add(BLOCK * b)) };
+            for j in 0..M {
+                let p = unsafe { dot_unpacked(unpacked, xs[j].values.as_ptr().add(BLOCK * b)) };
+                let scale = _mm256_set1_ps(scales[b] * xs[j].scales[b]);
+                acc[j][0] = _mm256_fmadd_ps(scale, p, acc[j][0]);
+            }
             b += 1;
         }
-        hsum(_mm256_add_ps(acc0, acc1))
+        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j][0], acc[j][1])))
     }
 }
 
@@ -660,8 +679,16 @@ mod tests {
         expand_q8_0(&quants, &scales, &mut w);
         let xq = QuantizedRow::new(&x);
         for simd in [Simd::Portable, Simd::detect()] {
-            let got = dot_q8_0(simd, &quants, &scales, &xq);
+            let [got] = dot_q8_0_inputs(simd, &quants, &scales, [&xq]);
             assert!(close(got, &w, &x), "{simd:?}: {got}");
+            let other = QuantizedRow::new(&pseudo_random(blocks * BLOCK, 19));
+            let [alone_other] = dot_q8_0_inputs(simd, &quants, &scales, [&other]);
+            let together = dot_q8_0_inputs(simd, &quants, &scales, [&xq, &other, &xq]);
+            assert_eq!(
+                together,
+                [got, alone_other, got],
+                "{simd:?}: several inputs at once"
+            );
         }
     }
 }

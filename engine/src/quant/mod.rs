@@ -152,7 +152,7 @@ impl BlockMatrix {
     }
 
     /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`). One
-    /// input: Q4_1 rows two at a time; several: each Q4_1 block unpacked once for up to four
+    /// input: Q4_1 rows two at a time; several: each block unpacked once for up to four
     /// inputs. Either way a (row, input) value is the same.
     fn dot_rows(&self, simd: Simd, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
         let m = xs.len();
@@ -163,8 +163,17 @@ impl BlockMatrix {
                 for (out, r) in out.chunks_exact_mut(m).zip(rows) {
                     let row = &quants[r * self.cols..(r + 1) * self.cols];
                     let scales = &scales[r * blocks..(r + 1) * blocks];
-                    for (o, x) in out.iter_mut().zip(xs) {
-                        *o = kernels::dot_q8_0(simd, row, scales, x);
+                    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
+                        use kernels::dot_q8_0_inputs as dot;
+                        match xs {
+                            [a, b, c, d] => {
+                                out.copy_from_slice(&dot(simd, row, scales, [a, b, c, d]))
+                            }
+                            [a, b, c] => out.copy_from_slice(&dot(simd, row, scales, [a, b, c])),
+                            [a, b] => out.copy_from_slice(&dot(simd, row, scales, [a, b])),
+                            [a] => out.copy_from_slice(&dot(simd, row, scales, [a])),
+                            _ => {}
+                        }
                     }
                 }
             }
