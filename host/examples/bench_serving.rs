@@ -4,7 +4,7 @@
 //!
 //!     cargo build -p rbee-host && cargo run -p rbee-host --example bench_serving -- \
 //!         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH] \
-//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2]
+//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2] [--long-prompts] [--plot FILE.svg]
 //!
 //! Every client streams completions of prompts whose greedy continuation does not end
 //! early (counting, lists, code), temperature 0, `--tokens` new tokens each. Reported per
@@ -42,6 +42,10 @@ struct Args {
     /// Long prompts (~500 tokens, 64 new tokens): prefill under load.
     #[arg(long)]
     long_prompts: bool,
+    /// Draws aggregate tokens/s and time to first token (p50) against the client count,
+    /// one line per server, into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// Prompts whose greedy continuation keeps going: lists, counting, code.
@@ -157,14 +161,15 @@ async fn start(server: Server, args: &Args, slots: usize) -> Running {
     }
 }
 
-/// One streamed completion: (time to first token, generated tokens, total time).
+/// One streamed completion: (time to first token, generated tokens, total time), or why it
+/// failed (a server that drops a connection is counted, not fatal to the run).
 async fn request(
     client: &reqwest::Client,
     server: Server,
     url: &str,
     prompt: &str,
     tokens: u32,
-) -> (Duration, u32, Duration) {
+) -> Result<(Duration, u32, Duration), String> {
     let started = Instant::now();
     let (path, body) = match server {
         Server::RbeeHost => (
@@ -182,8 +187,10 @@ async fn request(
         .json(&body)
         .send()
         .await
-        .expect("a response");
-    assert!(response.status().is_success(), "{}", response.status());
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(response.status().to_string());
+    }
     let mut events = response.bytes_stream().eventsource();
     let (mut first, mut count) = (None, 0u32);
     while let Some(Ok(event)) = events.next().await {
@@ -203,7 +210,7 @@ async fn request(
             break;
         }
     }
-    (first.unwrap_or_default(), count, started.elapsed())
+    Ok((first.unwrap_or_default(), count, started.elapsed()))
 }
 
 struct Measured {
@@ -211,6 +218,8 @@ struct Measured {
     per_stream: f64,
     ttft_p50: Duration,
     ttft_p95: Duration,
+    /// Requests that got no answer (each also printed once).
+    failed: usize,
 }
 
 async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Measured {
@@ -237,8 +246,20 @@ async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Meas
         })
         .collect();
     let mut results = Vec::new();
+    let mut failed = 0;
     for task in tasks {
-        results.extend(task.await.expect("a client"));
+        for result in task.await.expect("a client") {
+            match result {
+                Ok(r) => results.push(r),
+                Err(e) => {
+                    eprintln!("{}: a request failed: {e}", server.name());
+                    failed += 1;
+                }
+            }
+        }
+    }
+    if results.is_empty() {
+        results.push((Duration::ZERO, 0, Duration::from_secs(1)));
     }
     let wall = started.elapsed().as_secs_f64();
     let generated: u32 = results.iter().map(|r| r.1).sum();
@@ -255,6 +276,7 @@ async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Meas
         per_stream: streams[streams.len() / 2],
         ttft_p50: pick(0.5),
         ttft_p95: pick(0.95),
+        failed,
     }
 }
 
@@ -266,35 +288,102 @@ async fn main() {
         servers.push(Server::LlamaServer);
     }
     println!(
-        "{:<13} {:>7} {:>12} {:>12} {:>10} {:>10}",
-        "server", "clients", "aggregate/s", "per-stream/s", "ttft p50", "ttft p95"
+        "{:<13} {:>7} {:>12} {:>12} {:>10} {:>10} {:>7}",
+        "server", "clients", "aggregate/s", "per-stream/s", "ttft p50", "ttft p95", "failed"
     );
     let mut lines = Vec::new();
+    let mut all = Vec::new();
     for &clients in &args.clients {
         for &server in &servers {
             let running = start(server, &args, clients.max(1)).await;
             // One warm-up request, then the measurement.
-            request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
+            let _ = request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
             let m = measure(server, &running.url, clients, &args).await;
             drop(running);
             println!(
-                "{:<13} {:>7} {:>12.1} {:>12.1} {:>8.0}ms {:>8.0}ms",
+                "{:<13} {:>7} {:>12.1} {:>12.1} {:>8.0}ms {:>8.0}ms {:>7}",
                 server.name(),
                 clients,
                 m.aggregate,
                 m.per_stream,
                 m.ttft_p50.as_secs_f64() * 1e3,
-                m.ttft_p95.as_secs_f64() * 1e3
+                m.ttft_p95.as_secs_f64() * 1e3,
+                m.failed
             );
             lines.push(json!({
                 "server": server.name(), "clients": clients, "long_prompts": args.long_prompts,
                 "aggregate_tps": m.aggregate, "per_stream_tps": m.per_stream,
                 "ttft_p50_ms": m.ttft_p50.as_secs_f64() * 1e3,
-                "ttft_p95_ms": m.ttft_p95.as_secs_f64() * 1e3,
+                "ttft_p95_ms": m.ttft_p95.as_secs_f64() * 1e3, "failed": m.failed,
             }));
+            all.push((server, clients, m));
         }
     }
     for line in lines {
         println!("{line}");
     }
+    if let Some(path) = &args.plot {
+        let title = if args.long_prompts {
+            "~500-token prompts, 64 new tokens"
+        } else {
+            "short prompts, 128 new tokens"
+        };
+        plot(path, title, &servers, &all).expect("drawing the plot");
+        println!("plot: {}", path.display());
+    }
+}
+
+/// Two panels side by side: aggregate tokens/s and TTFT p50 against clients, per server.
+fn plot(
+    path: &std::path::Path,
+    title: &str,
+    servers: &[Server],
+    all: &[(Server, usize, Measured)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let panels = root.split_evenly((1, 2));
+    let max_clients = all.iter().map(|(_, c, _)| *c).max().unwrap_or(1) as f64;
+    type Value = fn(&Measured) -> f64;
+    let charts: [(&str, Value); 2] = [
+        ("aggregate tokens/s", |m| m.aggregate),
+        ("time to first token p50 (ms)", |m| {
+            m.ttft_p50.as_secs_f64() * 1e3
+        }),
+    ];
+    for (panel, (label, value)) in panels.iter().zip(charts) {
+        let top = all.iter().map(|(_, _, m)| value(m)).fold(0.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .caption(label, ("sans-serif", 16))
+            .build_cartesian_2d(0.5..max_clients + 0.5, 0.0..top.max(1.0))?;
+        chart
+            .configure_mesh()
+            .x_desc("concurrent clients")
+            .y_desc(label)
+            .draw()?;
+        for (server, color) in servers.iter().zip([BLUE, RED]) {
+            let points: Vec<(f64, f64)> = all
+                .iter()
+                .filter(|(s, _, _)| s == server)
+                .map(|(_, c, m)| (*c as f64, value(m)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(server.name())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
 }
