@@ -53,9 +53,10 @@ impl Simd {
 pub struct QuantizedRow {
     /// `x` rounded to i16 per block: `x ≈ values · scale`.
     values: Vec<i16>,
-    /// One per block.
+    /// One per block, then zeros up to a whole group of 8 (so a row's short last group is
+    /// read eight lanes at a time, its missing blocks adding 0).
     scales: Vec<f32>,
-    /// `Σ x` per block, from the f32 values (Q4_1's `m` term).
+    /// `Σ x` per block, from the f32 values (Q4_1's `m` term); padded as `scales`.
     sums: Vec<f32>,
 }
 
@@ -80,8 +81,8 @@ impl QuantizedRow {
     fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut values = vec![0i16; x.len()];
-        let mut scales = Vec::with_capacity(blocks);
-        let mut sums = Vec::with_capacity(blocks);
+        let mut scales = Vec::with_capacity(blocks.next_multiple_of(GROUP));
+        let mut sums = Vec::with_capacity(blocks.next_multiple_of(GROUP));
         for (block, q) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = max / i16::MAX as f32;
@@ -92,6 +93,8 @@ impl QuantizedRow {
             scales.push(scale);
             sums.push(block.iter().sum());
         }
+        scales.resize(blocks.next_multiple_of(GROUP), 0.0);
+        sums.resize(blocks.next_multiple_of(GROUP), 0.0);
         Self {
             values,
             scales,
@@ -100,7 +103,7 @@ impl QuantizedRow {
     }
 
     fn blocks(&self) -> usize {
-        self.scales.len()
+        self.values.len() / BLOCK
     }
 }
 
@@ -339,143 +342,133 @@ mod avx2 {
         }
     }
 
-    /// `Σ q·xq` of one Q4_1 block (16 nibble bytes at `nibbles`) as eight f32 partial sums.
+    /// A group's 8 `d`s and 8 `m`s as f32 (`n` < 8: the short last group of a row, its
+    /// missing lanes 0).
     ///
     /// # Safety
-    /// 16 bytes at `nibbles` and 32 i16 at `xq` are readable.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn q4_1_products(nibbles: *const u8, xq: *const i16) -> __m256 {
-        // SAFETY: the caller's contract.
-        unsafe { dot_unpacked(q4_1_unpack(nibbles), xq) }
+    /// The group of `n` blocks at `grp` is readable.
+    #[inline(always)]
+    unsafe fn group_scales(grp: *const u8, n: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's contract: `d`s at 0..2n, `m`s at 2n..4n.
+        unsafe {
+            if n == GROUP {
+                return (
+                    _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i)),
+                );
+            }
+            let (mut d, mut m) = ([0u16; GROUP], [0u16; GROUP]);
+            std::ptr::copy_nonoverlapping(grp, d.as_mut_ptr() as *mut u8, 2 * n);
+            std::ptr::copy_nonoverlapping(grp.add(2 * n), m.as_mut_ptr() as *mut u8, 2 * n);
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
+            )
+        }
     }
 
-    /// One row against `M` inputs: `dot_q4_1`'s arithmetic for each input (so the same
-    /// results), with each block's nibbles unpacked once for all of them.
+    /// Group `g` (of `n` blocks) of `R` rows (at `grps`) against `M` inputs, each block of a
+    /// row unpacked once for all inputs and the rows interleaved block by block (their FMA
+    /// chains are independent, so the core overlaps them): per (row, input), `m·Σx` of the 8
+    /// lanes into `offsets`, and `d·sₓ·Σq·xq` of each block into `acc`, in block order. The
+    /// one body every Q4_1 kernel runs, so a (row, input) value is the same whichever kernel
+    /// and batch computed it.
     ///
     /// # Safety
-    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
+    /// The group is inside every row, and its blocks (and lanes up to 8) inside every input.
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
-        prefetch_ahead(row.as_ptr(), row.len());
-        let blocks = xs.first().map_or(0, |x| x.blocks());
-        let mut acc = [_mm256_setzero_ps(); M];
-        let mut m_acc = [_mm256_setzero_ps(); M];
-        let mut tail = [0f32; M];
-        let mut scales = [[0f32; GROUP]; M];
-        for g in 0..blocks.div_ceil(GROUP) {
-            let (start, n) = group(blocks, g);
-            let first = g * GROUP;
-            // SAFETY: group `g` spans `row[start..start + n * 20]` and blocks
-            // `first..first + n` of every input (the caller's contract).
-            unsafe {
-                let grp = row.as_ptr().add(start);
-                if n == GROUP {
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
-                    let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
+    unsafe fn q4_1_group<const R: usize, const M: usize>(
+        grps: [*const u8; R],
+        n: usize,
+        first: usize,
+        xs: [&QuantizedRow; M],
+        acc: &mut [[__m256; M]; R],
+        offsets: &mut [[__m256; M]; R],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut factors = [[[0f32; GROUP]; M]; R];
+            for r in 0..R {
+                let (d, m) = group_scales(grps[r], n);
+                for j in 0..M {
+                    let xs_ = _mm256_loadu_ps(xs[j].scales.as_ptr().add(first));
+                    let sums = _mm256_loadu_ps(xs[j].sums.as_ptr().add(first));
+                    offsets[r][j] = _mm256_fmadd_ps(m, sums, offsets[r][j]);
+                    _mm256_storeu_ps(factors[r][j].as_mut_ptr(), _mm256_mul_ps(d, xs_));
+                }
+            }
+            for i in 0..n {
+                for r in 0..R {
+                    let unpacked = q4_1_unpack(grps[r].add(4 * n + 16 * i));
                     for j in 0..M {
-                        let xs_ = _mm256_loadu_ps(xs[j].scales.as_ptr().add(first));
-                        let sums = _mm256_loadu_ps(xs[j].sums.as_ptr().add(first));
-                        m_acc[j] = _mm256_fmadd_ps(m, sums, m_acc[j]);
-                        _mm256_storeu_ps(scales[j].as_mut_ptr(), _mm256_mul_ps(d, xs_));
-                    }
-                    for i in 0..GROUP {
-                        let unpacked = q4_1_unpack(grp.add(4 * GROUP + 16 * i));
-                        for j in 0..M {
-                            let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                            let p = dot_unpacked(unpacked, xq);
-                            let scale = _mm256_broadcast_ss(&scales[j][i]);
-                            acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
-                        }
-                    }
-                } else {
-                    let f16 = |at: usize| {
-                        let bits = (grp.add(at) as *const u16).read_unaligned();
-                        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-                    };
-                    for i in 0..n {
-                        let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
-                        let unpacked = q4_1_unpack(grp.add(4 * n + 16 * i));
-                        for j in 0..M {
-                            let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                            let p = dot_unpacked(unpacked, xq);
-                            let ds = _mm256_set1_ps(d * xs[j].scales[first + i]);
-                            acc[j] = _mm256_fmadd_ps(ds, p, acc[j]);
-                            tail[j] += m * xs[j].sums[first + i];
-                        }
+                        let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
+                        let p = dot_unpacked(unpacked, xq);
+                        let factor = _mm256_broadcast_ss(&factors[r][j][i]);
+                        acc[r][j] = _mm256_fmadd_ps(factor, p, acc[r][j]);
                     }
                 }
             }
         }
-        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j], m_acc[j])) + tail[j])
     }
 
-    /// `R` rows at once: every activation block loaded is used `R` times, and the per-row
-    /// setup and final sums are shared out over more work (SmolLM2's rows are only 18 blocks).
+    /// `R` rows against `M` inputs: [`q4_1_group`] over the rows' groups.
+    ///
+    /// # Safety
+    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
+    #[inline(always)]
+    unsafe fn dot_q4_1_rows_inputs<const R: usize, const M: usize>(
+        rows: [&[u8]; R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R] {
+        // SAFETY: group `g` spans `row[start..start + n * 20]` of every row, and blocks
+        // `g * 8..g * 8 + n` (lanes up to 8, padded) of every input (the caller's contract);
+        // a whole group is passed as the constant 8, so it is unrolled. The callers enable
+        // AVX2, FMA and F16C.
+        unsafe {
+            let blocks = xs.first().map_or(0, |x| x.blocks());
+            let mut acc = [[_mm256_setzero_ps(); M]; R];
+            let mut offsets = [[_mm256_setzero_ps(); M]; R];
+            for g in 0..blocks.div_ceil(GROUP) {
+                let (start, n) = group(blocks, g);
+                let grps = rows.map(|row| row.as_ptr().add(start));
+                if n == GROUP {
+                    q4_1_group(grps, GROUP, g * GROUP, xs, &mut acc, &mut offsets);
+                } else {
+                    q4_1_group(grps, n, g * GROUP, xs, &mut acc, &mut offsets);
+                }
+            }
+            std::array::from_fn(|r| {
+                std::array::from_fn(|j| hsum(_mm256_add_ps(acc[r][j], offsets[r][j])))
+            })
+        }
+    }
+
+    /// One row against `M` inputs (a batch of rows): each block unpacked once for all of
+    /// them.
+    ///
+    /// # Safety
+    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
+        prefetch_ahead(row.as_ptr(), row.len());
+        // SAFETY: the caller's contract.
+        let [out] = unsafe { dot_q4_1_rows_inputs([row], xs) };
+        out
+    }
+
+    /// `R` rows with one input (decoding one sequence): every activation block loaded is
+    /// used `R` times, and the rows' chains overlap.
     ///
     /// # Safety
     /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks.
-    // Block `i` and row `r` index several arrays in lockstep; plain ranges read clearest.
-    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
         for row in rows {
             prefetch_ahead(row.as_ptr(), row.len());
         }
-        let blocks = x.blocks();
-        // Per row: one accumulator for `d·sₓ·Σq·xq`, one for the `m·Σx` terms of whole
-        // groups (all lanes of both are summed at the end), and the short group's `m` terms.
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut m_acc = [_mm256_setzero_ps(); R];
-        let mut tail = [0f32; R];
-        // `d·sₓ` of the current group, read back one lane at a time by broadcast loads.
-        let mut scales = [[0f32; GROUP]; R];
-        for g in 0..blocks.div_ceil(GROUP) {
-            let (start, n) = group(blocks, g);
-            let first = g * GROUP;
-            // SAFETY: group `g` spans `row[start..start + n * 20]` of every row and blocks
-            // `first..first + n` of `x` (the caller's contract).
-            unsafe {
-                let xq = x.values.as_ptr().add(first * BLOCK);
-                if n == GROUP {
-                    let xs = _mm256_loadu_ps(x.scales.as_ptr().add(first));
-                    let sums = _mm256_loadu_ps(x.sums.as_ptr().add(first));
-                    for r in 0..R {
-                        let grp = rows[r].as_ptr().add(start);
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i));
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i));
-                        m_acc[r] = _mm256_fmadd_ps(m, sums, m_acc[r]);
-                        _mm256_storeu_ps(scales[r].as_mut_ptr(), _mm256_mul_ps(d, xs));
-                    }
-                    for i in 0..GROUP {
-                        for r in 0..R {
-                            let nibbles = rows[r].as_ptr().add(start + 4 * GROUP + 16 * i);
-                            let p = q4_1_products(nibbles, xq.add(BLOCK * i));
-                            let scale = _mm256_broadcast_ss(&scales[r][i]);
-                            acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
-                        }
-                    }
-                } else {
-                    // The row's last, short group: its scales one by one.
-                    for r in 0..R {
-                        let grp = rows[r].as_ptr().add(start);
-                        let f16 = |at: usize| {
-                            let bits = (grp.add(at) as *const u16).read_unaligned();
-                            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-                        };
-                        for i in 0..n {
-                            let (d, m) = (f16(2 * i), f16(2 * n + 2 * i));
-                            let p = q4_1_products(grp.add(4 * n + 16 * i), xq.add(BLOCK * i));
-                            let ds = _mm256_set1_ps(d * x.scales[first + i]);
-                            acc[r] = _mm256_fmadd_ps(ds, p, acc[r]);
-                            tail[r] += m * x.sums[first + i];
-                        }
-                    }
-                }
-            }
-        }
-        std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r], m_acc[r])) + tail[r])
+        // SAFETY: the caller's contract.
+        unsafe { dot_q4_1_rows_inputs(rows, [x]) }.map(|[value]| value)
     }
 
     /// [`super::expand_q4_1`]: the same values (a multiply, then an add, as the portable
