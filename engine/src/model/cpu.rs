@@ -211,9 +211,10 @@ impl CpuModel {
     }
 
     /// One step of several sequences: `batch[..decoding]` are single decode positions, the
-    /// rest prompt chunks. The layers read every weight once for all decode rows; each
-    /// prompt chunk is multiplied on its own, and every row's arithmetic is the same as if
-    /// its sequence ran alone, so batching never changes a sequence's tokens. Returns the
+    /// rest prompt chunks. A layer multiplies the decode rows and the short prompt chunks in
+    /// one call of the row kernel and the long prompt chunks in one gemm call (`grouped`),
+    /// and every row's arithmetic is the same as if its sequence ran alone, so batching
+    /// never changes a sequence's tokens. Returns the
     /// last position's logits of each segment that asks for them.
     /// `None` when `abandoned` said so between two layers: nobody wants the step any more
     /// (every sequence in it was cancelled), and the caches' new positions are left
@@ -230,7 +231,8 @@ impl CpuModel {
             spans.push(ids.len()..ids.len() + segment.ids.len());
             ids.extend_from_slice(segment.ids);
         }
-        // Row groups multiplied together: all decode rows, then each prompt chunk.
+        // The row groups: all decode rows, then each prompt chunk (each chunk's length picks
+        // its path, as it would alone).
         let mut groups = Vec::with_capacity(batch.len());
         if decoding > 0 {
             groups.push(Group {
@@ -374,9 +376,9 @@ impl Group {
 
 /// `x · Wᵢᵀ` for each row group of `x` (rows of `width`), the results in row order. Every
 /// group that takes the row kernel (the decode rows and the short prompt chunks) is
-/// multiplied in one call, so the step reads the weights once for all of them; a long
-/// prompt chunk is multiplied on its own by the tiled path. Each row's arithmetic is what it
-/// would be if its group ran alone.
+/// multiplied in one call, so the step reads the weights once for all of them; the long
+/// prompt chunks go to the tiled path together. Each row's arithmetic is what it would be
+/// if its group ran alone.
 fn grouped<const N: usize>(
     groups: &[Group],
     width: usize,
