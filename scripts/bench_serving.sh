@@ -2,7 +2,8 @@
 # Serving throughput of rbee-host against llama.cpp's llama-server on the same GGUF, one
 # command (the continuous-batching benchmark of engine/BENCHMARKS.md):
 #   scripts/bench_serving.sh [MODEL.gguf]      (default: SmolLM2-135M-Instruct, fetched if absent)
-# Both workloads — short prompts that generate 128 tokens, ~500-token prompts that generate 64 —
+# Both workloads — short prompts (8–38 tokens) that generate 128 tokens, long ones (320–1520)
+# that generate 64 —
 # at CLIENTS concurrent streaming clients (default 1,2,4,8), the two servers alternating for each
 # client count; prints the tables and JSON lines and draws each workload into
 # $OUT/serving-{short,long}.svg (default target/bench-serving).

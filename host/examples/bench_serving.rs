@@ -39,7 +39,8 @@ struct Args {
     /// Requests per client in each measurement.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
-    /// Long prompts (~500 tokens, 64 new tokens): prefill under load.
+    /// Long prompts (each short one 40 times: 320–1520 tokens of SmolLM2's, 64 new tokens):
+    /// prefill under load.
     #[arg(long)]
     long_prompts: bool,
     /// Draws aggregate tokens/s and time to first token (p50) against the client count,
@@ -182,12 +183,14 @@ async fn request(
                    "cache_prompt": false}),
         ),
     };
-    let response = client
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    // A request that could not be sent at all (a kept-alive connection the server had
+    // closed: llama-server does so between requests) is sent once more on a new connection.
+    let send = || client.post(format!("{url}{path}")).json(&body).send();
+    let response = match send().await {
+        Err(e) if e.is_request() && !e.is_timeout() => send().await,
+        other => other,
+    }
+    .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(response.status().to_string());
     }
@@ -324,9 +327,9 @@ async fn main() {
     }
     if let Some(path) = &args.plot {
         let title = if args.long_prompts {
-            "~500-token prompts, 64 new tokens"
+            "long prompts (320-1520 tokens), 64 new tokens"
         } else {
-            "short prompts, 128 new tokens"
+            "short prompts (8-38 tokens), 128 new tokens"
         };
         plot(path, title, &servers, &all).expect("drawing the plot");
         println!("plot: {}", path.display());
