@@ -64,7 +64,9 @@ pub struct Args {
     pub heartbeat_interval: Duration,
 
     /// Requests served at the same time: their sequences are decoded together, one forward
-    /// pass for all of them (continuous batching). More wait in the queue.
+    /// pass for all of them (continuous batching). More wait in the queue. The default 4 is
+    /// measured (engine/BENCHMARKS.md): on SmolLM2 and two cores, 8 gave no more tokens/s
+    /// than 4 (116–121 against 110–120) and a later first token.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent: u32,
 
