@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
-use common::together;
+use common::{assert_same_alone_and_batched, greedy, together};
 use rbee_engine::{
     Completion, DeviceChoice, Engine, FinishReason, LoadOptions, SamplingParams, WeightFormat,
 };
@@ -39,10 +39,6 @@ fn workload() -> Vec<(Vec<u32>, u32)> {
         .collect()
 }
 
-fn no_eos(max_tokens: u32) -> SamplingParams {
-    SamplingParams::greedy(max_tokens)
-}
-
 /// `prompt_chunk` 8: every prompt chunk is short and multiplied with the decode rows in one
 /// call; 20: chunks of 20 take the tiled path on their own while the shorter last chunks
 /// join the decode rows.
@@ -57,23 +53,9 @@ fn batch_equivalence(weights: WeightFormat, prompt_chunk: usize) {
     ));
     let jobs: Vec<(Vec<u32>, SamplingParams)> = workload()
         .into_iter()
-        .map(|(prompt, max)| (prompt, no_eos(max)))
+        .map(|(prompt, max)| (prompt, greedy(max)))
         .collect();
-    let alone: Vec<Vec<u32>> = jobs
-        .iter()
-        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
-        .collect();
-    let before = engine.batch_stats();
-    let batched = together(&engine, &jobs);
-    let stats = engine.batch_stats();
-    assert!(
-        stats.batched_steps > before.batched_steps,
-        "{weights:?}: no pass served two sequences ({stats:?})"
-    );
-    assert!(stats.most_sequences <= 4, "max_batch is 4: {stats:?}");
-    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(alone, batched, "{weights:?}: sequence {i} alone vs batched");
-    }
+    assert_same_alone_and_batched(&engine, &jobs, 4, &format!("{weights:?}"));
 }
 
 #[test]
@@ -102,13 +84,8 @@ fn seeded_sampling_is_reproducible_inside_a_batch() {
         .enumerate()
         .map(|(i, (prompt, _))| (prompt, sampled(100 + i as u64)))
         .collect();
-    let alone: Vec<Vec<u32>> = jobs
-        .iter()
-        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
-        .collect();
-    let batched = together(&engine, &jobs);
-    assert!(engine.batch_stats().batched_steps > 0);
-    assert_eq!(alone, batched);
+    let max_batch = LoadOptions::default().max_batch;
+    assert_same_alone_and_batched(&engine, &jobs, max_batch, "seeded sampling");
 }
 
 #[test]
@@ -128,7 +105,7 @@ fn a_sequence_cancelled_while_reading_its_prompt_leaves_and_frees_its_place() {
         victim_prompt.push_str("the bees hum ");
     }
     let neighbour_prompt: Vec<u32> = (0..120u32).map(|k| 5 + k * 11 % 370).collect();
-    let params = no_eos(130);
+    let params = greedy(130);
     let alone = engine.generate_ids(&neighbour_prompt, &params).unwrap().0;
 
     let neighbour = {
@@ -155,7 +132,7 @@ fn a_sequence_cancelled_while_reading_its_prompt_leaves_and_frees_its_place() {
 
     // Its place is free at once: a short third sequence runs beside the neighbour and ends
     // long before it (had the place stayed taken, it would wait for the neighbour to end).
-    let third = engine.generate_ids(&[7, 8, 9], &no_eos(5)).unwrap().0;
+    let third = engine.generate_ids(&[7, 8, 9], &greedy(5)).unwrap().0;
     assert_eq!(third.generated_tokens, 5);
     assert!(
         !neighbour.is_finished(),
@@ -188,7 +165,7 @@ fn a_step_nobody_wants_stops_between_layers() {
         Arc::new(move || checks.fetch_add(1, Ordering::AcqRel) >= 2)
     };
     let completion = engine
-        .generate_cancellable(prompt.as_str(), &no_eos(20), Some(cancelled), &mut |_| {
+        .generate_cancellable(prompt.as_str(), &greedy(20), Some(cancelled), &mut |_| {
             std::ops::ControlFlow::Continue(())
         })
         .unwrap();
@@ -198,13 +175,13 @@ fn a_step_nobody_wants_stops_between_layers() {
         "the prompt step ran to its end"
     );
     // The engine goes on serving.
-    let next = engine.generate_ids(&[7, 8, 9], &no_eos(3)).unwrap().0;
+    let next = engine.generate_ids(&[7, 8, 9], &greedy(3)).unwrap().0;
     assert_eq!(next.generated_tokens, 3);
 }
 
 #[test]
 fn the_kv_budget_queues_sequences_instead_of_failing() {
-    let params = no_eos(40);
+    let params = greedy(40);
     let prompt: Vec<u32> = (0..20).map(|k| 4 + k * 5).collect();
     let need = prompt.len() + 40;
     let engine = Arc::new(engine(
@@ -222,7 +199,7 @@ fn the_kv_budget_queues_sequences_instead_of_failing() {
     }
     assert_eq!(engine.batch_stats().most_sequences, 1, "one fits at a time");
     // More than the budget can ever hold is refused at once.
-    let too_long = no_eos(2 * need as u32);
+    let too_long = greedy(2 * need as u32);
     let error = engine.generate_ids(&prompt, &too_long).unwrap_err();
     assert!(error.to_string().contains("budget"), "{error}");
 }

@@ -21,7 +21,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::time::Instant;
 
-use common::{fixtures, greedy, together};
+use common::{assert_same_alone_and_batched, fixtures, greedy};
 use rbee_engine::{DeviceChoice, Engine, FinishReason, LoadOptions, WeightFormat};
 use serde_json::Value;
 
@@ -254,21 +254,7 @@ fn batch_equivalence(weights: WeightFormat) {
         .into_iter()
         .map(|(prompt, max)| (prompt, greedy(max)))
         .collect();
-    let alone: Vec<Vec<u32>> = jobs
-        .iter()
-        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
-        .collect();
-    let before = engine.batch_stats();
-    let batched = together(&engine, &jobs);
-    let stats = engine.batch_stats();
-    assert!(
-        stats.batched_steps > before.batched_steps,
-        "{weights:?}: no pass served two sequences ({stats:?})"
-    );
-    assert!(stats.most_sequences <= 4, "max_batch is 4: {stats:?}");
-    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(alone, batched, "{weights:?}: sequence {i} alone vs batched");
-    }
+    assert_same_alone_and_batched(&engine, &jobs, 4, &format!("{weights:?}"));
     eprintln!("batching on the GPU, {weights:?}: {:?}", started.elapsed());
 }
 

@@ -118,17 +118,8 @@ fn greedy_tokens_are_the_same_alone_or_batched() {
         .iter()
         .map(|&len| {
             let prompt: Vec<u32> = ids.iter().cycle().take(len).copied().collect();
-            let mut params = rbee_engine::SamplingParams::greedy(24);
-            params.stop.clear();
-            (prompt, params)
+            (prompt, greedy(24))
         })
         .collect();
-    let alone: Vec<Vec<u32>> = jobs
-        .iter()
-        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
-        .collect();
-    let batched = common::together(&engine, &jobs);
-    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
-        assert_eq!(alone, batched, "prompt of {} tokens", jobs[i].0.len());
-    }
+    common::assert_same_alone_and_batched(&engine, &jobs, 5, "SmolLM2");
 }

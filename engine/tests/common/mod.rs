@@ -54,6 +54,35 @@ pub fn together(engine: &Arc<Engine>, jobs: &[(Vec<u32>, SamplingParams)]) -> Ve
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// Runs `jobs` one after another, then all at once ([`together`]), and asserts that every
+/// job's tokens are the same both ways, that some pass served two sequences and that none
+/// served more than `max_batch`. `label` names the case in the messages.
+pub fn assert_same_alone_and_batched(
+    engine: &Arc<Engine>,
+    jobs: &[(Vec<u32>, SamplingParams)],
+    max_batch: usize,
+    label: &str,
+) {
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| engine.generate_ids(prompt, params).unwrap().1)
+        .collect();
+    let before = engine.batch_stats();
+    let batched = together(engine, jobs);
+    let stats = engine.batch_stats();
+    assert!(
+        stats.batched_steps > before.batched_steps,
+        "{label}: no pass served two sequences ({stats:?})"
+    );
+    assert!(
+        stats.most_sequences <= max_batch as u64,
+        "max_batch is {max_batch}: {stats:?}"
+    );
+    for (i, (alone, batched)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(alone, batched, "{label}: sequence {i} alone vs batched");
+    }
+}
+
 /// A fresh, empty scratch folder under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rbee-engine-test-{}-{name}", std::process::id()));
