@@ -161,20 +161,12 @@ impl BlockMatrix {
         match &self.blocks {
             Blocks::Q8_0 { quants, scales } => {
                 for (out, r) in out.chunks_exact_mut(m).zip(rows) {
-                    let row = &quants[r * self.cols..(r + 1) * self.cols];
-                    let scales = &scales[r * blocks..(r + 1) * blocks];
-                    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
-                        use kernels::dot_q8_0_inputs as dot;
-                        match xs {
-                            [a, b, c, d] => {
-                                out.copy_from_slice(&dot(simd, row, scales, [a, b, c, d]))
-                            }
-                            [a, b, c] => out.copy_from_slice(&dot(simd, row, scales, [a, b, c])),
-                            [a, b] => out.copy_from_slice(&dot(simd, row, scales, [a, b])),
-                            [a] => out.copy_from_slice(&dot(simd, row, scales, [a])),
-                            _ => {}
-                        }
-                    }
+                    let row = Q8_0Row {
+                        simd,
+                        quants: &quants[r * self.cols..(r + 1) * self.cols],
+                        scales: &scales[r * blocks..(r + 1) * blocks],
+                    };
+                    dot_in_fours(&row, xs, out);
                 }
             }
             Blocks::Q4_1(bytes) => {
@@ -190,17 +182,14 @@ impl BlockMatrix {
                     return;
                 }
                 for (out, r) in out.chunks_exact_mut(m).zip(rows) {
-                    let row = row(r);
-                    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
-                        use kernels::dot_q4_1_inputs as dot;
-                        match xs {
-                            [a, b, c, d] => out.copy_from_slice(&dot(simd, row, [a, b, c, d])),
-                            [a, b, c] => out.copy_from_slice(&dot(simd, row, [a, b, c])),
-                            [a, b] => out.copy_from_slice(&dot(simd, row, [a, b])),
-                            [a] => out.copy_from_slice(&dot(simd, row, [a])),
-                            _ => {}
-                        }
-                    }
+                    dot_in_fours(
+                        &Q4_1Row {
+                            simd,
+                            bytes: row(r),
+                        },
+                        xs,
+                        out,
+                    );
                 }
             }
         }
@@ -358,6 +347,49 @@ impl BlockMatrix {
         }
         TILE.set(tile);
         out
+    }
+}
+
+/// One weight row dotted with `M` prepared inputs at once, for any `M`: each block is
+/// unpacked once per call.
+trait RowDot {
+    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M];
+}
+
+struct Q8_0Row<'a> {
+    simd: Simd,
+    quants: &'a [i8],
+    scales: &'a [f32],
+}
+
+impl RowDot for Q8_0Row<'_> {
+    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M] {
+        kernels::dot_q8_0_inputs(self.simd, self.quants, self.scales, xs)
+    }
+}
+
+struct Q4_1Row<'a> {
+    simd: Simd,
+    bytes: &'a [u8],
+}
+
+impl RowDot for Q4_1Row<'_> {
+    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M] {
+        kernels::dot_q4_1_inputs(self.simd, self.bytes, xs)
+    }
+}
+
+/// `row` dotted with every input into `out`, four inputs per call (the kernels keep up to
+/// four inputs' sums in registers).
+fn dot_in_fours(row: &impl RowDot, xs: &[QuantizedRow], out: &mut [f32]) {
+    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
+        match xs {
+            [a, b, c, d] => out.copy_from_slice(&row.dot([a, b, c, d])),
+            [a, b, c] => out.copy_from_slice(&row.dot([a, b, c])),
+            [a, b] => out.copy_from_slice(&row.dot([a, b])),
+            [a] => out.copy_from_slice(&row.dot([a])),
+            _ => {}
+        }
     }
 }
 
