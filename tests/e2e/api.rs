@@ -7,12 +7,7 @@ use crate::harness::{Options, Worker, greedy, tiny_model};
 #[tokio::test]
 async fn health_is_plain_ok() {
     let worker = Worker::start(Options::new("llm")).await;
-    let response = worker
-        .client
-        .get(worker.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let response = worker.get("/health").await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -256,12 +251,7 @@ async fn a_full_queue_answers_503() {
 #[tokio::test]
 async fn unknown_routes_are_404() {
     let worker = Worker::start(Options::new("llm")).await;
-    let response = worker
-        .client
-        .get(worker.url("/v1/nope"))
-        .send()
-        .await
-        .unwrap();
+    let response = worker.get("/v1/nope").await;
     assert_eq!(response.status(), 404);
     // Admin endpoints do not exist without --admin-token.
     let response = worker

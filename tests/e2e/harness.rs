@@ -189,6 +189,11 @@ impl Worker {
         }
     }
 
+    /// GETs `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
     /// POSTs `body` as JSON to `path`.
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client

@@ -62,12 +62,7 @@ fn assert_openai_error(status: u16, body: &Value, want_status: u16, param: Optio
 #[tokio::test]
 async fn models_lists_the_served_model_under_its_file_name() {
     let worker = Worker::start(Options::new("llm")).await;
-    let response = worker
-        .client
-        .get(worker.url("/v1/models"))
-        .send()
-        .await
-        .unwrap();
+    let response = worker.get("/v1/models").await;
     assert_eq!(response.status(), 200);
     let models: Value = response.json().await.unwrap();
     assert_eq!(models["object"], "list");
@@ -277,12 +272,7 @@ async fn the_api_key_guards_the_openai_routes_only() {
     assert_eq!(models(Some("sk-wrong")).await.unwrap().status(), 401);
     assert_eq!(models(Some("sk-test")).await.unwrap().status(), 200);
     // /health, /info and the rbee contract stay open.
-    let health = worker
-        .client
-        .get(worker.url("/health"))
-        .send()
-        .await
-        .unwrap();
+    let health = worker.get("/health").await;
     assert_eq!(health.status(), 200);
     assert_eq!(worker.infer(greedy("Hi", 2)).await.0, 200);
 }
@@ -318,12 +308,7 @@ fn samples(text: &str) -> HashMap<String, f64> {
 async fn metrics_count_what_the_api_returned() {
     let worker = Worker::start(Options::new("llm")).await;
     let scrape = || async {
-        let response = worker
-            .client
-            .get(worker.url("/metrics"))
-            .send()
-            .await
-            .unwrap();
+        let response = worker.get("/metrics").await;
         assert_ok_with_type(&response, "application/openmetrics-text; version=1.0.0");
         samples(&response.text().await.unwrap())
     };
