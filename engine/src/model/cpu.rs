@@ -502,7 +502,7 @@ impl KvCache {
             match simd {
                 // SAFETY: `Simd::Avx2` means the CPU has AVX2 and FMA.
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe { attend_row_avx2(q, keys, values, scale, out) },
+                Simd::Avx2 { .. } => unsafe { attend_row_avx2(q, keys, values, scale, out) },
                 Simd::Portable => attend_row(q, keys, values, scale, out),
             }
         };

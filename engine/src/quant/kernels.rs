@@ -20,7 +20,10 @@
 //! the 8 products `d·sₓ`, and one FMA adds the 8 `m·Σx` terms.
 //!
 //! Each kernel has a portable version (the reference, and what non-x86 CPUs run) and an
-//! AVX2/FMA/F16C one picked at run time; the tests hold them to each other.
+//! AVX2/FMA/F16C one picked at run time; the tests hold them to each other. Where the CPU also
+//! has AVX-VNNI, the dots add the second half of each block's products with `vpdpwssd`
+//! (multiply pairs and accumulate, exact in i32 as `vpmaddwd` + `vpaddd`), one instruction
+//! fewer per block and input: the same sums, from the same body.
 
 pub const BLOCK: usize = 32;
 /// Bytes of one Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles.
@@ -32,8 +35,11 @@ const GROUP: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
     Portable,
+    /// AVX2, FMA and F16C; `vnni`: AVX-VNNI too (the dots' pair sums in one instruction).
     #[cfg(target_arch = "x86_64")]
-    Avx2,
+    Avx2 {
+        vnni: bool,
+    },
 }
 
 impl Simd {
@@ -43,9 +49,25 @@ impl Simd {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
-            return Simd::Avx2;
+            return Simd::Avx2 {
+                vnni: std::arch::is_x86_feature_detected!("avxvnni"),
+            };
         }
         Simd::Portable
+    }
+
+    /// Every kernel set this CPU can run, for tests that hold them to each other.
+    #[cfg(test)]
+    pub fn available() -> Vec<Self> {
+        let mut sets = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if let Simd::Avx2 { vnni } = Simd::detect() {
+            sets.push(Simd::Avx2 { vnni: false });
+            if vnni {
+                sets.push(Simd::Avx2 { vnni: true });
+            }
+        }
+        sets
     }
 }
 
@@ -67,7 +89,7 @@ impl QuantizedRow {
             // left the portable loop scalar, a libm rounding per value, which was a sixth of
             // the thread that runs a batched step's serial part.)
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { Self::new_avx2(x) },
+            Simd::Avx2 { .. } => unsafe { Self::new_avx2(x) },
             Simd::Portable => Self::quantize(x),
         }
     }
@@ -170,7 +192,9 @@ pub fn dot_q4_1<const R: usize>(simd: Simd, rows: [&[u8]; R], x: &QuantizedRow) 
         // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C; the
         // lengths agree (the assert above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q4_1(rows, x) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(rows, x) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(rows, x) },
         Simd::Portable => rows.map(|row| dot_q4_1_portable(row, x)),
     }
 }
@@ -191,7 +215,9 @@ pub fn dot_q4_1_inputs<const M: usize>(simd: Simd, row: &[u8], xs: [&QuantizedRo
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q4_1_inputs(row, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1_inputs(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_inputs_vnni(row, xs) },
         Simd::Portable => xs.map(|x| dot_q4_1_portable(row, x)),
     }
 }
@@ -212,7 +238,9 @@ pub fn dot_q8_0_inputs<const M: usize>(
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::dot_q8_0_inputs(quants, scales, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0_inputs(quants, scales, xs) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_inputs_vnni(quants, scales, xs) },
         Simd::Portable => xs.map(|x| dot_q8_0_portable(quants, scales, x)),
     }
 }
@@ -256,7 +284,7 @@ fn dot_q8_0_portable(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
 /// One regrouped row of Q4_1 blocks as f32 values.
 pub fn expand_q4_1(row: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if Simd::detect() == Simd::Avx2 {
+    if let Simd::Avx2 { .. } = Simd::detect() {
         // SAFETY: `Simd::Avx2` means the CPU has AVX2 and F16C.
         return unsafe { avx2::expand_q4_1(row, out) };
     }
@@ -377,20 +405,26 @@ mod avx2 {
     }
 
     /// `Σ q·xq` of an unpacked block (Q4_1 or Q8_0, as 32 i16) with 32 i16 at `xq`, as
-    /// eight f32 partial sums.
+    /// eight f32 partial sums. `VNNI`: the second half's pairs are multiplied and added to
+    /// the first's in one `vpdpwssd` (the same exact i32 sums).
     ///
     /// # Safety
-    /// 32 i16 at `xq` are readable.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn dot_unpacked((lo, hi): (__m256i, __m256i), xq: *const i16) -> __m256 {
+    /// 32 i16 at `xq` are readable; `VNNI` only where the CPU has AVX-VNNI.
+    #[inline(always)]
+    unsafe fn dot_unpacked<const VNNI: bool>(
+        (lo, hi): (__m256i, __m256i),
+        xq: *const i16,
+    ) -> __m256 {
         // SAFETY: the caller's contract; unaligned loads.
         unsafe {
             let xq = xq as *const __m256i;
-            _mm256_cvtepi32_ps(_mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256(xq)),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(1))),
-            ))
+            let first = _mm256_madd_epi16(lo, _mm256_loadu_si256(xq));
+            let second = _mm256_loadu_si256(xq.add(1));
+            _mm256_cvtepi32_ps(if VNNI {
+                _mm256_dpwssd_avx_epi32(first, hi, second)
+            } else {
+                _mm256_add_epi32(first, _mm256_madd_epi16(hi, second))
+            })
         }
     }
 
@@ -401,21 +435,26 @@ mod avx2 {
     /// The group of `n` blocks at `grp` is readable.
     #[inline(always)]
     unsafe fn group_scales(grp: *const u8, n: usize) -> (__m256, __m256) {
-        // SAFETY: the caller's contract: `d`s at 0..2n, `m`s at 2n..4n.
+        /// `[n..n + 8]` keeps the first `8 - n` lanes of eight u16.
+        const KEEP: [u16; 16] = [
+            0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        // SAFETY: the caller's contract: `d`s at 0..2n, `m`s at 2n..4n. Both 16-byte loads
+        // stay inside the group's 20n bytes (2n + 16 <= 20n for n >= 1); for a short group
+        // they also read the next bytes, whose lanes the mask clears before they are
+        // converted (a nibble byte pair can be an f16 NaN). The loads are direct: the short
+        // group was copied into a zeroed array first, and loading 16 bytes over those small
+        // stores stalled (a store not forwarded), twice per SmolLM2 row.
         unsafe {
-            if n == GROUP {
-                return (
-                    _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i)),
-                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i)),
-                );
-            }
-            let (mut d, mut m) = ([0u16; GROUP], [0u16; GROUP]);
-            std::ptr::copy_nonoverlapping(grp, d.as_mut_ptr() as *mut u8, 2 * n);
-            std::ptr::copy_nonoverlapping(grp.add(2 * n), m.as_mut_ptr() as *mut u8, 2 * n);
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i)),
-            )
+            let d = _mm_loadu_si128(grp as *const __m128i);
+            let m = _mm_loadu_si128(grp.add(2 * n) as *const __m128i);
+            let (d, m) = if n == GROUP {
+                (d, m)
+            } else {
+                let keep = _mm_loadu_si128(KEEP.as_ptr().add(GROUP - n) as *const __m128i);
+                (_mm_and_si128(d, keep), _mm_and_si128(m, keep))
+            };
+            (_mm256_cvtph_ps(d), _mm256_cvtph_ps(m))
         }
     }
 
@@ -430,7 +469,7 @@ mod avx2 {
     /// The group is inside every row, and its blocks (and lanes up to 8) inside every input.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn q4_1_group<const R: usize, const M: usize>(
+    unsafe fn q4_1_group<const R: usize, const M: usize, const VNNI: bool>(
         grps: [*const u8; R],
         n: usize,
         first: usize,
@@ -455,7 +494,7 @@ mod avx2 {
                     let unpacked = q4_1_unpack(grps[r].add(4 * n + 16 * i));
                     for j in 0..M {
                         let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                        let p = dot_unpacked(unpacked, xq);
+                        let p = dot_unpacked::<VNNI>(unpacked, xq);
                         let factor = _mm256_broadcast_ss(&factors[r][j][i]);
                         acc[r][j] = _mm256_fmadd_ps(factor, p, acc[r][j]);
                     }
@@ -469,7 +508,7 @@ mod avx2 {
     /// # Safety
     /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
     #[inline(always)]
-    unsafe fn dot_q4_1_rows_inputs<const R: usize, const M: usize>(
+    unsafe fn dot_q4_1_rows_inputs<const R: usize, const M: usize, const VNNI: bool>(
         rows: [&[u8]; R],
         xs: [&QuantizedRow; M],
     ) -> [[f32; M]; R] {
@@ -485,9 +524,9 @@ mod avx2 {
                 let (start, n) = group(blocks, g);
                 let grps = rows.map(|row| row.as_ptr().add(start));
                 if n == GROUP {
-                    q4_1_group(grps, GROUP, g * GROUP, xs, &mut acc, &mut offsets);
+                    q4_1_group::<R, M, VNNI>(grps, GROUP, g * GROUP, xs, &mut acc, &mut offsets);
                 } else {
-                    q4_1_group(grps, n, g * GROUP, xs, &mut acc, &mut offsets);
+                    q4_1_group::<R, M, VNNI>(grps, n, g * GROUP, xs, &mut acc, &mut offsets);
                 }
             }
             std::array::from_fn(|r| {
@@ -500,27 +539,83 @@ mod avx2 {
     /// them.
     ///
     /// # Safety
-    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
-        prefetch_ahead(row.as_ptr(), row.len());
-        // SAFETY: the caller's contract.
-        let [out] = unsafe { dot_q4_1_rows_inputs([row], xs) };
-        out
+    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`; `VNNI`
+    /// only where the CPU has AVX-VNNI.
+    #[inline(always)]
+    unsafe fn q4_1_inputs<const M: usize, const VNNI: bool>(
+        row: &[u8],
+        xs: [&QuantizedRow; M],
+    ) -> [f32; M] {
+        // SAFETY: the caller's contract (and a prefetch never faults).
+        unsafe {
+            prefetch_ahead(row.as_ptr(), row.len());
+            let [out] = dot_q4_1_rows_inputs::<1, M, VNNI>([row], xs);
+            out
+        }
     }
 
     /// `R` rows with one input (decoding one sequence): every activation block loaded is
     /// used `R` times, and the rows' chains overlap.
     ///
     /// # Safety
-    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks.
+    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks; `VNNI` only where the CPU
+    /// has AVX-VNNI.
+    #[inline(always)]
+    unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
+        rows: [&[u8]; R],
+        x: &QuantizedRow,
+    ) -> [f32; R] {
+        // SAFETY: the caller's contract (and a prefetch never faults).
+        unsafe {
+            for row in rows {
+                prefetch_ahead(row.as_ptr(), row.len());
+            }
+            dot_q4_1_rows_inputs::<R, 1, VNNI>(rows, [x]).map(|[value]| value)
+        }
+    }
+
+    // The entry points, one per instruction set: a `#[target_feature]` cannot depend on a
+    // const parameter. SAFETY (each): the caller's contract, as for the body it calls.
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
+        unsafe { q4_1_inputs::<M, false>(row, xs) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_q4_1_inputs_vnni<const M: usize>(
+        row: &[u8],
+        xs: [&QuantizedRow; M],
+    ) -> [f32; M] {
+        unsafe { q4_1_inputs::<M, true>(row, xs) }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
-        for row in rows {
-            prefetch_ahead(row.as_ptr(), row.len());
-        }
-        // SAFETY: the caller's contract.
-        unsafe { dot_q4_1_rows_inputs(rows, [x]) }.map(|[value]| value)
+        unsafe { q4_1_rows::<R, false>(rows, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_q4_1_vnni<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
+        unsafe { q4_1_rows::<R, true>(rows, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0_inputs<const M: usize>(
+        quants: &[i8],
+        scales: &[f32],
+        xs: [&QuantizedRow; M],
+    ) -> [f32; M] {
+        unsafe { q8_0_inputs::<M, false>(quants, scales, xs) }
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_q8_0_inputs_vnni<const M: usize>(
+        quants: &[i8],
+        scales: &[f32],
+        xs: [&QuantizedRow; M],
+    ) -> [f32; M] {
+        unsafe { q8_0_inputs::<M, true>(quants, scales, xs) }
     }
 
     /// [`super::expand_q4_1`]: the same values (a multiply, then an add, as the portable
@@ -595,24 +690,26 @@ mod avx2 {
     /// is not held up by a single FMA chain.
     ///
     /// # Safety
-    /// `quants` and `scales` hold exactly `x.blocks()` blocks for every input `x`.
+    /// `quants` and `scales` hold exactly `x.blocks()` blocks for every input `x`; `VNNI`
+    /// only where the CPU has AVX-VNNI.
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_inputs<const M: usize>(
+    #[inline(always)]
+    unsafe fn q8_0_inputs<const M: usize, const VNNI: bool>(
         quants: &[i8],
         scales: &[f32],
         xs: [&QuantizedRow; M],
     ) -> [f32; M] {
-        prefetch_ahead(quants.as_ptr() as *const u8, quants.len());
-        prefetch_ahead(scales.as_ptr() as *const u8, size_of_val(scales));
-        let blocks = scales.len();
-        let q = quants.as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        let mut products = [[0f32; GROUP]; M];
-        let mut b = 0;
-        // SAFETY (every block below): b < blocks, the caller's contract.
-        while b + GROUP <= blocks {
-            unsafe {
+        // SAFETY: every block read is below `blocks` (the caller's contract); the callers
+        // enable the instruction sets.
+        unsafe {
+            prefetch_ahead(quants.as_ptr() as *const u8, quants.len());
+            prefetch_ahead(scales.as_ptr() as *const u8, size_of_val(scales));
+            let blocks = scales.len();
+            let q = quants.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            let mut products = [[0f32; GROUP]; M];
+            let mut b = 0;
+            while b + GROUP <= blocks {
                 let d = _mm256_loadu_ps(scales.as_ptr().add(b));
                 for j in 0..M {
                     let ds = _mm256_mul_ps(d, _mm256_loadu_ps(xs[j].scales.as_ptr().add(b)));
@@ -622,24 +719,24 @@ mod avx2 {
                     let unpacked = q8_0_unpack(q.add(BLOCK * (b + i)));
                     for j in 0..M {
                         let xq = xs[j].values.as_ptr().add(BLOCK * (b + i));
-                        let p = dot_unpacked(unpacked, xq);
+                        let p = dot_unpacked::<VNNI>(unpacked, xq);
                         let scale = _mm256_broadcast_ss(&products[j][i]);
                         acc[j][i % 2] = _mm256_fmadd_ps(scale, p, acc[j][i % 2]);
                     }
                 }
+                b += GROUP;
             }
-            b += GROUP;
-        }
-        while b < blocks {
-            let unpacked = unsafe { q8_0_unpack(q.add(BLOCK * b)) };
-            for j in 0..M {
-                let p = unsafe { dot_unpacked(unpacked, xs[j].values.as_ptr().add(BLOCK * b)) };
-                let scale = _mm256_set1_ps(scales[b] * xs[j].scales[b]);
-                acc[j][0] = _mm256_fmadd_ps(scale, p, acc[j][0]);
+            while b < blocks {
+                let unpacked = q8_0_unpack(q.add(BLOCK * b));
+                for j in 0..M {
+                    let p = dot_unpacked::<VNNI>(unpacked, xs[j].values.as_ptr().add(BLOCK * b));
+                    let scale = _mm256_set1_ps(scales[b] * xs[j].scales[b]);
+                    acc[j][0] = _mm256_fmadd_ps(scale, p, acc[j][0]);
+                }
+                b += 1;
             }
-            b += 1;
+            std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j][0], acc[j][1])))
         }
-        std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j][0], acc[j][1])))
     }
 }
 
@@ -695,7 +792,7 @@ mod tests {
         expand_q4_1(&row, &mut expanded);
         assert_eq!(expanded, w, "regrouped blocks expand to the same values");
         let xq = QuantizedRow::new(&x);
-        for simd in [Simd::Portable, Simd::detect()] {
+        for simd in Simd::available() {
             let [got] = dot_q4_1(simd, [&row], &xq);
             let [a, b] = dot_q4_1(simd, [&row, &row], &xq);
             assert_eq!([a, b], [got, got], "{simd:?}: two rows at once");
@@ -708,6 +805,23 @@ mod tests {
                 "{simd:?}: several inputs at once"
             );
             assert!(close(got, &w, &x), "{simd:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn a_short_group_reads_only_its_own_scales() {
+        // 9 blocks: a whole group and one of a single block, whose nibbles are all 0xFF (as
+        // f16, NaN) right after its `m`: the vector kernels load 16 bytes from its scales.
+        let mut ggml = q4_1_row(9);
+        ggml[8 * Q4_1_BYTES + 4..].fill(0xFF);
+        let mut row = vec![0u8; ggml.len()];
+        regroup_q4_1(&ggml, &mut row);
+        let x = QuantizedRow::new(&pseudo_random(9 * BLOCK, 29));
+        let want = dot_q4_1_portable(&row, &x);
+        assert!(want.is_finite());
+        for simd in Simd::available() {
+            assert_eq!(dot_q4_1(simd, [&row], &x), [want], "{simd:?}");
+            assert_eq!(dot_q4_1_inputs(simd, &row, [&x, &x]), [want; 2], "{simd:?}");
         }
     }
 
@@ -738,7 +852,7 @@ mod tests {
         let mut w = vec![0f32; x.len()];
         expand_q8_0(&quants, &scales, &mut w);
         let xq = QuantizedRow::new(&x);
-        for simd in [Simd::Portable, Simd::detect()] {
+        for simd in Simd::available() {
             let [got] = dot_q8_0_inputs(simd, &quants, &scales, [&xq]);
             assert!(close(got, &w, &x), "{simd:?}: {got}");
             let other = QuantizedRow::new(&pseudo_random(blocks * BLOCK, 19));
