@@ -686,7 +686,9 @@ mod tests {
             // agreement to float rounding. A short one takes the integer path, whose i16
             // activations round to 1/65534 of each block's largest value: agreement to
             // 1e-4 of the logits' spread.
-            let long: Vec<u32> = (0..24).map(|k| ids[k % ids.len()] + k as u32).collect();
+            let long: Vec<u32> = (0..crate::quant::GEMM_MIN_ROWS + 4)
+                .map(|k| ids[k % ids.len()] + k as u32)
+                .collect();
             for (prompt, tolerance) in [(&long[..], 1e-4), (&ids[..], 1e-4 * spread(&burn, &ids))] {
                 let burn_logits = burn.logits(prompt).unwrap();
                 let max_error = cpu

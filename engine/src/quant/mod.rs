@@ -33,10 +33,14 @@ const Q8_0_BYTES: usize = 34;
 
 /// Input rows from which the tiled gemm path beats the integer dots. The gemm path expands
 /// every weight to f32 once per call, whatever the row count; the integer path unpacks each
-/// block once for up to four rows and pays the multiplications per row. With the expansion
-/// vectorized and its tile reused, a 16-token prompt took 116–164 tok/s through gemm and
-/// 134–160 through the integer path (SmolLM2 Q4_1, this 2-core machine): they meet near 16.
-const GEMM_MIN_ROWS: usize = 16;
+/// block once for up to four rows and pays the multiplications per row. Measured on SmolLM2
+/// Q4_1 (this 2-core machine, one prompt's prefill, the integer path for every row against
+/// this split, alternating): the integer path took 16 rows x1.43 as fast, 24 x1.10, 28
+/// x1.01, 32 x0.94 and 64 x0.72, so a gemm call costs about 16 integer rows plus 0.44 of one
+/// per row, and they meet at 28. A chunk's own length picks its path (a row's arithmetic must
+/// not depend on its batch), so several short prompts arriving together each take the integer
+/// path even where one gemm call for all of them would be cheaper.
+pub(crate) const GEMM_MIN_ROWS: usize = 28;
 /// The f32 expansion of weight rows handed to gemm at once: big enough that gemm's packing of
 /// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
@@ -409,8 +413,8 @@ mod tests {
 
     #[test]
     fn matches_f32_matmul_closely() {
-        // m = 1, 3 and 7 take the row-dot path, 13 the tiled one.
-        for m in [1, 3, 7, 13] {
+        // m = 1, 3 and 7 take the row-dot path, the last the tiled one.
+        for m in [1, 3, 7, GEMM_MIN_ROWS + 1] {
             matches_f32_matmul_closely_for(40, 96, m);
         }
     }
