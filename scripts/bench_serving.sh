@@ -4,8 +4,9 @@
 #   scripts/bench_serving.sh [MODEL.gguf]      (default: SmolLM2-135M-Instruct, fetched if absent)
 # Both workloads — short prompts (8–38 tokens) that generate 128 tokens, long ones (320–1520)
 # that generate 64 —
-# at CLIENTS concurrent streaming clients (default 1,2,4,8), the two servers alternating for each
-# client count; prints the tables and JSON lines and draws each workload into
+# at CLIENTS concurrent streaming clients (default 1,2,4,8), the two servers taking turns REPEATS
+# times (default 3) for each client count, the medians reported; prints the tables and JSON
+# lines and draws each workload into
 # $OUT/serving-{short,long}.svg (default target/bench-serving).
 # llama-server: LLAMA_SERVER=PATH, else ../shared/tools/build-llama-server.sh builds it (native
 # flags; on a CPU that advertises features its VM does not enable, e.g. AMX, build llama.cpp with
@@ -21,7 +22,8 @@ mkdir -p "$out"
 cargo build -q -p rbee-host
 cargo build -q -p rbee-host --example bench_serving
 bench="${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench_serving"
-common=(--model "$model" --llama-server "$llama" --clients "${CLIENTS:-1,2,4,8}" --rounds "${ROUNDS:-2}")
+common=(--model "$model" --llama-server "$llama" --clients "${CLIENTS:-1,2,4,8}" --rounds "${ROUNDS:-2}"
+        --repeats "${REPEATS:-3}")
 
 "$bench" "${common[@]}" --tokens 128 --plot "$out/serving-short.svg"
 "$bench" "${common[@]}" --long-prompts --plot "$out/serving-long.svg"

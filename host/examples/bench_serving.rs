@@ -4,13 +4,17 @@
 //!
 //!     cargo build -p rbee-host && cargo run -p rbee-host --example bench_serving -- \
 //!         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH] \
-//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2] [--long-prompts] [--plot FILE.svg]
+//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2] [--repeats 3] [--long-prompts]
+//!         [--plot FILE.svg]
 //!
 //! Every client streams completions of prompts whose greedy continuation does not end
 //! early (counting, lists, code), temperature 0, `--tokens` new tokens each. Reported per
 //! server and client count: aggregate generated tokens/s (all clients' tokens over the wall
-//! time), per-stream tokens/s (median), and time to first token (p50, p95). One JSON line
-//! per measurement follows the table, for scripts.
+//! time), per-stream tokens/s (median), and time to first token (p50, p95). Each client
+//! count is measured `--repeats` times, the servers taking turns, and each figure is the
+//! median of its repeats: on a shared machine one measurement of a few seconds can land in
+//! a slow spell that the other server's did not. One JSON line per server and client count
+//! follows the table, for scripts.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,6 +43,9 @@ struct Args {
     /// Requests per client in each measurement.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Measurements per server and client count, taken in turns; the medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Long prompts (each short one 40 times: 320–1520 tokens of SmolLM2's, 64 new tokens):
     /// prefill under load.
     #[arg(long)]
@@ -225,6 +232,24 @@ struct Measured {
     failed: usize,
 }
 
+impl Measured {
+    /// Each figure's median over repeated measurements (the upper one of an even count);
+    /// the failures are summed.
+    fn median(repeats: &[Measured]) -> Measured {
+        fn mid<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
+            values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+            values[values.len() / 2]
+        }
+        Measured {
+            aggregate: mid(repeats.iter().map(|m| m.aggregate).collect()),
+            per_stream: mid(repeats.iter().map(|m| m.per_stream).collect()),
+            ttft_p50: mid(repeats.iter().map(|m| m.ttft_p50).collect()),
+            ttft_p95: mid(repeats.iter().map(|m| m.ttft_p95).collect()),
+            failed: repeats.iter().map(|m| m.failed).sum(),
+        }
+    }
+}
+
 async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Measured {
     let client = reqwest::Client::new();
     let (prompts, tokens) = if args.long_prompts {
@@ -291,23 +316,42 @@ async fn main() {
         servers.push(Server::LlamaServer);
     }
     println!(
-        "{:<13} {:>7} {:>12} {:>12} {:>10} {:>10} {:>7}",
-        "server", "clients", "aggregate/s", "per-stream/s", "ttft p50", "ttft p95", "failed"
+        "{:<13} {:>7} {:>12} {:>14} {:>12} {:>10} {:>10} {:>7}",
+        "server",
+        "clients",
+        "aggregate/s",
+        "(min-max)",
+        "per-stream/s",
+        "ttft p50",
+        "ttft p95",
+        "failed"
     );
     let mut lines = Vec::new();
     let mut all = Vec::new();
     for &clients in &args.clients {
-        for &server in &servers {
-            let running = start(server, &args, clients.max(1)).await;
-            // One warm-up request, then the measurement.
-            let _ = request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
-            let m = measure(server, &running.url, clients, &args).await;
-            drop(running);
+        let mut repeats: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..args.repeats.max(1) {
+            for (&server, measured) in servers.iter().zip(&mut repeats) {
+                let running = start(server, &args, clients.max(1)).await;
+                // One warm-up request, then the measurement.
+                let _ = request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
+                measured.push(measure(server, &running.url, clients, &args).await);
+            }
+        }
+        for (&server, measured) in servers.iter().zip(&repeats) {
+            let aggregates: Vec<f64> = measured.iter().map(|m| m.aggregate).collect();
+            let m = Measured::median(measured);
+            let range = format!(
+                "({:.1}-{:.1})",
+                aggregates.iter().copied().fold(f64::INFINITY, f64::min),
+                aggregates.iter().copied().fold(0.0, f64::max)
+            );
             println!(
-                "{:<13} {:>7} {:>12.1} {:>12.1} {:>8.0}ms {:>8.0}ms {:>7}",
+                "{:<13} {:>7} {:>12.1} {:>14} {:>12.1} {:>8.0}ms {:>8.0}ms {:>7}",
                 server.name(),
                 clients,
                 m.aggregate,
+                range,
                 m.per_stream,
                 m.ttft_p50.as_secs_f64() * 1e3,
                 m.ttft_p95.as_secs_f64() * 1e3,
@@ -315,7 +359,8 @@ async fn main() {
             );
             lines.push(json!({
                 "server": server.name(), "clients": clients, "long_prompts": args.long_prompts,
-                "aggregate_tps": m.aggregate, "per_stream_tps": m.per_stream,
+                "aggregate_tps": m.aggregate, "aggregate_tps_repeats": aggregates,
+                "per_stream_tps": m.per_stream,
                 "ttft_p50_ms": m.ttft_p50.as_secs_f64() * 1e3,
                 "ttft_p95_ms": m.ttft_p95.as_secs_f64() * 1e3, "failed": m.failed,
             }));
