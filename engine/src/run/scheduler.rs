@@ -326,6 +326,21 @@ fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
 /// sequence's numbers are still those it gets alone.
 const PROMPT_TOKENS_PER_STEP: usize = 32;
 
+/// How many of a step's prompt chunks (their lengths, in the step's order) it reads: the
+/// first always, then each that keeps the step within `PROMPT_TOKENS_PER_STEP`.
+fn prompt_chunks_admitted(chunks: impl IntoIterator<Item = usize>) -> usize {
+    let mut admitted = 0;
+    let mut rows = 0;
+    for chunk in chunks {
+        if admitted > 0 && rows + chunk > PROMPT_TOKENS_PER_STEP {
+            break;
+        }
+        rows += chunk;
+        admitted += 1;
+    }
+    admitted
+}
+
 /// One forward pass over the running sequences — every decode row, and the prompt chunks
 /// that `PROMPT_TOKENS_PER_STEP` admits — then each one's token.
 fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
@@ -347,16 +362,8 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
         sequence.prefilled..end
     };
     // The step's sequences: `running[..stepping]`; the others wait for a later step.
-    let mut stepping = decoding;
-    let mut prompt_rows = 0;
-    for sequence in &running[decoding..] {
-        let rows = next_chunk(sequence).len();
-        if stepping > decoding && prompt_rows + rows > PROMPT_TOKENS_PER_STEP {
-            break;
-        }
-        prompt_rows += rows;
-        stepping += 1;
-    }
+    let stepping =
+        decoding + prompt_chunks_admitted(running[decoding..].iter().map(|s| next_chunk(s).len()));
     let inputs: Vec<Vec<u32>> = running[..stepping]
         .iter()
         .map(|sequence| match sequence.next_input {
@@ -426,5 +433,21 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
             Ok(reason) => sequence.finish(reason),
             Err(error) => sequence.request.finish(Err(error)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_reads_prompt_chunks_up_to_its_budget_and_at_least_one() {
+        assert_eq!(prompt_chunks_admitted([]), 0);
+        // Shortest first: 10 and 20 fit in 32 tokens, 30 waits.
+        assert_eq!(prompt_chunks_admitted([10, 20, 30]), 2);
+        assert_eq!(prompt_chunks_admitted([8, 8, 8, 8, 8]), 4);
+        // A chunk longer than the budget runs, alone.
+        assert_eq!(prompt_chunks_admitted([256, 5]), 1);
+        assert_eq!(prompt_chunks_admitted([PROMPT_TOKENS_PER_STEP, 1]), 1);
     }
 }
