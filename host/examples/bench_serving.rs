@@ -232,19 +232,20 @@ struct Measured {
     failed: usize,
 }
 
+/// The middle value (the upper one of an even count) of a non-empty list.
+fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[values.len() / 2]
+}
+
 impl Measured {
-    /// Each figure's median over repeated measurements (the upper one of an even count);
-    /// the failures are summed.
+    /// Each figure's median over repeated measurements; the failures are summed.
     fn median(repeats: &[Measured]) -> Measured {
-        fn mid<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
-            values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-            values[values.len() / 2]
-        }
         Measured {
-            aggregate: mid(repeats.iter().map(|m| m.aggregate).collect()),
-            per_stream: mid(repeats.iter().map(|m| m.per_stream).collect()),
-            ttft_p50: mid(repeats.iter().map(|m| m.ttft_p50).collect()),
-            ttft_p95: mid(repeats.iter().map(|m| m.ttft_p95).collect()),
+            aggregate: median(repeats.iter().map(|m| m.aggregate).collect()),
+            per_stream: median(repeats.iter().map(|m| m.per_stream).collect()),
+            ttft_p50: median(repeats.iter().map(|m| m.ttft_p50).collect()),
+            ttft_p95: median(repeats.iter().map(|m| m.ttft_p95).collect()),
             failed: repeats.iter().map(|m| m.failed).sum(),
         }
     }
@@ -293,15 +294,14 @@ async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Meas
     let generated: u32 = results.iter().map(|r| r.1).sum();
     let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();
     ttft.sort();
-    let mut streams: Vec<f64> = results
+    let streams: Vec<f64> = results
         .iter()
         .map(|(first, n, total)| *n as f64 / (*total - *first).as_secs_f64().max(1e-9))
         .collect();
-    streams.sort_by(f64::total_cmp);
     let pick = |q: f64| ttft[((ttft.len() - 1) as f64 * q).round() as usize];
     Measured {
         aggregate: generated as f64 / wall,
-        per_stream: streams[streams.len() / 2],
+        per_stream: median(streams),
         ttft_p50: pick(0.5),
         ttft_p95: pick(0.95),
         failed,

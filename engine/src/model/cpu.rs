@@ -214,9 +214,8 @@ impl CpuModel {
     /// rest prompt chunks. A layer multiplies the decode rows and the short prompt chunks in
     /// one call of the row kernel and the long prompt chunks in one gemm call (`grouped`),
     /// and every row's arithmetic is the same as if its sequence ran alone, so batching
-    /// never changes a sequence's tokens. Returns the
-    /// last position's logits of each segment that asks for them.
-    /// `None` when `abandoned` said so between two layers: nobody wants the step any more
+    /// never changes a sequence's tokens. Returns the last position's logits of each segment
+    /// that asks for them, or `None` when `abandoned` said so between two layers: nobody wants the step any more
     /// (every sequence in it was cancelled), and the caches' new positions are left
     /// half-written for sequences that are about to leave.
     pub fn forward_batch(

@@ -319,11 +319,11 @@ fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
 
 /// Prompt tokens a step reads (or one prompt chunk, where that is longer). Prompts that
 /// arrive together are read shortest first, as many per step as fit, instead of all in one
-/// step that each of them waits for: four 20-token prompts give their first tokens after one,
-/// two, three and four prompts' work rather than all after four (the median first token
-/// about twice as soon, the same work in all). A long prompt's chunk runs alone, and a short prompt that
-/// arrives meanwhile goes before its next one. Deferring a chunk does not change it, so a
-/// sequence's numbers are still those it gets alone.
+/// step that each of them waits for: four 20-token prompts give their first tokens after
+/// one, two, three and four prompts' work rather than all after four (the median first
+/// token about twice as soon, the same work in all). A long prompt's chunk runs alone, and a
+/// short prompt that arrives meanwhile goes before its next one. Deferring a chunk does not
+/// change it, so a sequence's numbers are still those it gets alone.
 const PROMPT_TOKENS_PER_STEP: usize = 32;
 
 /// How many of a step's prompt chunks (their lengths, in the step's order) it reads: the
