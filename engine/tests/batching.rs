@@ -27,21 +27,23 @@ fn engine(weights: WeightFormat, options: LoadOptions) -> Engine {
     .unwrap()
 }
 
-/// Prompts of different lengths (3 to 48 token ids of the tiny vocabulary) and output
+/// Prompts of different lengths (3 to 63 token ids of the tiny vocabulary) and output
 /// lengths, so sequences join and leave the batch at different steps and some are still
 /// reading their prompt while others decode.
 fn workload() -> Vec<(Vec<u32>, u32)> {
     (0..6u32)
         .map(|i| {
-            let prompt = (0..3 + 9 * i).map(|k| 4 + (k * 7 + i * 13) % 370).collect();
+            let prompt = (0..3 + 12 * i)
+                .map(|k| 4 + (k * 7 + i * 13) % 370)
+                .collect();
             (prompt, 20 + 17 * i)
         })
         .collect()
 }
 
 /// `prompt_chunk` 8: every prompt chunk is short and multiplied with the decode rows in one
-/// call; 30: chunks of 30 take the tiled path on their own while the shorter last chunks
-/// join the decode rows.
+/// call; 50: chunks of 50 take the tiled path on their own (from 48 rows) while the shorter
+/// last chunks join the decode rows.
 fn batch_equivalence(weights: WeightFormat, prompt_chunk: usize) {
     let engine = Arc::new(engine(
         weights,
@@ -61,7 +63,7 @@ fn batch_equivalence(weights: WeightFormat, prompt_chunk: usize) {
 #[test]
 fn greedy_tokens_are_the_same_alone_or_in_a_changing_batch_cpu_blocks() {
     batch_equivalence(WeightFormat::Auto, 8);
-    batch_equivalence(WeightFormat::Auto, 30);
+    batch_equivalence(WeightFormat::Auto, 50);
 }
 
 #[test]

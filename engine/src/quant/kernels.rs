@@ -15,11 +15,29 @@
 //! block and input.
 //!
 //! Q4_1 blocks use `Σ (d·q + m)·x = d·sₓ·Σ q·xq + m·Σ x`, with the f32 block sums `Σ x`
-//! kept beside the i16 values. Their rows are regrouped at load (same bytes, same size):
-//! ggml interleaves each block's f16 `d` and `m` with its nibbles, which costs a conversion
-//! and a shuffle per block; here each group of 8 blocks stores its 8 `d`s, then its 8 `m`s,
-//! then the 8 × 16 nibble bytes, so one instruction converts 8 scales, one multiply forms
-//! the 8 products `d·sₓ`, and one FMA adds the 8 `m·Σx` terms.
+//! kept beside the i16 values.
+//!
+//! **The layout: blocks side by side.** Weights and activations alike are stored in
+//! *subgroups* of blocks: a row's blocks are cut into groups of 8, then the rest into 4, 2
+//! and 1 (its binary digits). A subgroup of `p` blocks is a run of chunks of 16 values
+//! (activations, Q8_0 weights) or 16 nibble bytes (Q4_1), chunk `c` holding `16/p`
+//! consecutive units of each block in turn, from unit `c·16/p`. Widened to words and
+//! multiplied pairwise, a chunk gives each block `8/p` of a register's eight i32 lanes, so a
+//! subgroup's integer dot for one (row, input) builds up in one register, exactly, and is
+//! converted and scaled once: one conversion and one FMA (with the blocks' `d·sₓ` spread over
+//! their lanes) per subgroup, where a block per register paid them per block. A Q4_1 nibble
+//! chunk `k` widens to the low nibbles (activation chunk `k`) and the high ones (chunk
+//! `p + k`). Each Q4_1 subgroup stores its `p` f16 `d`s, then its `p` `m`s, then the nibble
+//! chunks (same bytes, same size as ggml's blocks), so one instruction converts a
+//! subgroup's scales and one FMA adds its `m·Σx` terms.
+//!
+//! **Two rows by up to four inputs per pass.** The kernel dots two weight rows with up to
+//! four inputs at once: each weight chunk is widened once for all inputs and each activation
+//! chunk loaded once for both rows, which leaves the multiplies as nearly all the work (in
+//! one process, alternating, ×1.7–1.8 at four inputs and ×1.3 at one against one block per
+//! register and one row per pass). Every (row, input) value comes from the same operations in
+//! the same order whatever the rows and inputs beside it, so a sequence decodes the same
+//! alone or in any batch.
 //!
 //! Each kernel has a portable version (the reference, and what non-x86 CPUs run) and an
 //! AVX2/FMA/F16C one picked at run time; the tests hold them to each other. Where the CPU also
@@ -30,8 +48,10 @@
 pub const BLOCK: usize = 32;
 /// Bytes of one Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles.
 pub const Q4_1_BYTES: usize = 20;
-/// Blocks per group in the regrouped Q4_1 row layout.
+/// Blocks in a whole subgroup: one i32 lane each.
 const GROUP: usize = 8;
+/// Values (or nibble bytes) per chunk: one register of words.
+const CHUNK: usize = 16;
 
 /// Which kernels this CPU runs, detected once per matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,10 +95,11 @@ impl Simd {
 
 /// One input row prepared for the integer kernels.
 pub struct QuantizedRow {
-    /// `x` rounded to i16 per block: `x ≈ values · scale`.
+    /// `x` rounded to i16 per block (`x ≈ values · scale`), in the subgroup layout (module
+    /// docs).
     values: Vec<i16>,
-    /// One per block, then zeros up to a whole group of 8 (so a row's short last group is
-    /// read eight lanes at a time, its missing blocks adding 0).
+    /// One per block, then `GROUP` zeros (a subgroup's scales are read eight lanes at a time
+    /// from its first block).
     scales: Vec<f32>,
     /// `Σ x` per block, from the f32 values (Q4_1's `m` term); padded as `scales`.
     sums: Vec<f32>,
@@ -101,8 +122,8 @@ impl QuantizedRow {
     unsafe fn new_avx2(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut values = vec![0i16; blocks * BLOCK];
-        let mut scales = vec![0f32; blocks.next_multiple_of(GROUP)];
-        let mut sums = vec![0f32; blocks.next_multiple_of(GROUP)];
+        let mut scales = vec![0f32; blocks + GROUP];
+        let mut sums = vec![0f32; blocks + GROUP];
         for b in 0..blocks {
             // SAFETY: block `b` is inside `x` and `values`.
             unsafe {
@@ -115,7 +136,7 @@ impl QuantizedRow {
             }
         }
         Self {
-            values,
+            values: to_subgroups(&values),
             scales,
             sums,
         }
@@ -125,8 +146,8 @@ impl QuantizedRow {
     fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut values = vec![0i16; x.len()];
-        let mut scales = Vec::with_capacity(blocks.next_multiple_of(GROUP));
-        let mut sums = Vec::with_capacity(blocks.next_multiple_of(GROUP));
+        let mut scales = Vec::with_capacity(blocks + GROUP);
+        let mut sums = Vec::with_capacity(blocks + GROUP);
         for (block, q) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = max / i16::MAX as f32;
@@ -137,10 +158,10 @@ impl QuantizedRow {
             scales.push(scale);
             sums.push(block.iter().sum());
         }
-        scales.resize(blocks.next_multiple_of(GROUP), 0.0);
-        sums.resize(blocks.next_multiple_of(GROUP), 0.0);
+        scales.resize(blocks + GROUP, 0.0);
+        sums.resize(blocks + GROUP, 0.0);
         Self {
-            values,
+            values: to_subgroups(&values),
             scales,
             sums,
         }
@@ -151,156 +172,220 @@ impl QuantizedRow {
     }
 }
 
-/// Where group `g` of a regrouped Q4_1 row starts, and how many blocks it has.
-#[inline]
-fn group(blocks: usize, g: usize) -> (usize, usize) {
-    let first = g * GROUP;
-    (first * Q4_1_BYTES, GROUP.min(blocks - first))
+/// A row of `blocks` blocks as subgroups, `(first block, blocks in it)`: whole groups of 8,
+/// then the rest as 4, 2 and 1.
+fn subgroups(blocks: usize) -> impl Iterator<Item = (usize, usize)> {
+    let whole = blocks - blocks % GROUP;
+    let rest = [4, 2, 1]
+        .into_iter()
+        .filter(move |p| (blocks % GROUP) & p != 0)
+        .scan(whole, |first, p| {
+            let at = *first;
+            *first += p;
+            Some((at, p))
+        });
+    (0..whole)
+        .step_by(GROUP)
+        .map(|first| (first, GROUP))
+        .chain(rest)
 }
 
-/// ggml's Q4_1 row (blocks of `d`, `m`, nibbles) in the grouped layout (module docs).
-pub fn regroup_q4_1(row: &[u8], out: &mut [u8]) {
-    let blocks = row.len() / Q4_1_BYTES;
-    for g in 0..blocks.div_ceil(GROUP) {
-        let (start, n) = group(blocks, g);
-        let src = &row[start..start + n * Q4_1_BYTES];
-        let dst = &mut out[start..start + n * Q4_1_BYTES];
-        for (i, block) in src.chunks_exact(Q4_1_BYTES).enumerate() {
-            dst[2 * i..2 * i + 2].copy_from_slice(&block[0..2]);
-            dst[2 * n + 2 * i..2 * n + 2 * i + 2].copy_from_slice(&block[2..4]);
-            dst[4 * n + 16 * i..4 * n + 16 * (i + 1)].copy_from_slice(&block[4..]);
+/// One subgroup of `p` blocks from block order (`blocks`, `p` blocks of equal width) to
+/// chunk order (`chunks`): chunk `c` holds `16/p` units of each block in turn, from unit
+/// `c·16/p`.
+fn interleave<T: Copy>(blocks: &[T], chunks: &mut [T], p: usize) {
+    let (width, run) = (blocks.len() / p, CHUNK / p);
+    for (c, chunk) in chunks.chunks_exact_mut(CHUNK).enumerate() {
+        for (b, part) in chunk.chunks_exact_mut(run).enumerate() {
+            part.copy_from_slice(&blocks[b * width + c * run..][..run]);
         }
     }
 }
 
-/// Block `i` of a group of `n` starting at `group`: `(d, m, nibbles)`.
-fn q4_1_block(group: &[u8], n: usize, i: usize) -> (f32, f32, &[u8]) {
-    let f16 = |at: usize| half::f16::from_le_bytes([group[at], group[at + 1]]).to_f32();
+/// The inverse of [`interleave`].
+fn deinterleave<T: Copy>(chunks: &[T], blocks: &mut [T], p: usize) {
+    let (width, run) = (blocks.len() / p, CHUNK / p);
+    for (c, chunk) in chunks.chunks_exact(CHUNK).enumerate() {
+        for (b, part) in chunk.chunks_exact(run).enumerate() {
+            blocks[b * width + c * run..][..run].copy_from_slice(part);
+        }
+    }
+}
+
+/// A row of 32-value blocks (block order) in the subgroup layout.
+fn to_subgroups<T: Copy + Default>(row: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); row.len()];
+    for (first, p) in subgroups(row.len() / BLOCK) {
+        let span = first * BLOCK..(first + p) * BLOCK;
+        interleave(&row[span.clone()], &mut out[span], p);
+    }
+    out
+}
+
+/// One row of Q8_0 values from block order into the subgroup layout, in place.
+pub fn interleave_q8_0(row: &mut [i8]) {
+    let laid_out = to_subgroups(row);
+    row.copy_from_slice(&laid_out);
+}
+
+/// ggml's Q4_1 row (blocks of `d`, `m`, nibbles) in the subgroup layout (module docs).
+pub fn regroup_q4_1(row: &[u8], out: &mut [u8]) {
+    let mut nibbles = [0u8; GROUP * CHUNK];
+    for (first, p) in subgroups(row.len() / Q4_1_BYTES) {
+        let src = &row[first * Q4_1_BYTES..(first + p) * Q4_1_BYTES];
+        let dst = &mut out[first * Q4_1_BYTES..(first + p) * Q4_1_BYTES];
+        for (i, block) in src.chunks_exact(Q4_1_BYTES).enumerate() {
+            dst[2 * i..2 * i + 2].copy_from_slice(&block[0..2]);
+            dst[2 * p + 2 * i..2 * p + 2 * i + 2].copy_from_slice(&block[2..4]);
+            nibbles[CHUNK * i..CHUNK * (i + 1)].copy_from_slice(&block[4..]);
+        }
+        interleave(&nibbles[..CHUNK * p], &mut dst[4 * p..], p);
+    }
+}
+
+/// A Q4_1 subgroup's `d`s, `m`s and nibble bytes in block order.
+fn q4_1_subgroup(sub: &[u8], p: usize) -> ([f32; GROUP], [f32; GROUP], [u8; GROUP * CHUNK]) {
+    let f16 = |at: usize| half::f16::from_le_bytes([sub[at], sub[at + 1]]).to_f32();
+    let mut nibbles = [0u8; GROUP * CHUNK];
+    deinterleave(&sub[4 * p..], &mut nibbles[..CHUNK * p], p);
     (
-        f16(2 * i),
-        f16(2 * n + 2 * i),
-        &group[4 * n + 16 * i..4 * n + 16 * (i + 1)],
+        std::array::from_fn(|i| if i < p { f16(2 * i) } else { 0.0 }),
+        std::array::from_fn(|i| if i < p { f16(2 * p + 2 * i) } else { 0.0 }),
+        nibbles,
     )
 }
 
-/// `Σ_k w_k x_k` for each of `R` regrouped rows of Q4_1 blocks (element k < 16 of a block is
-/// byte k's low nibble, element k + 16 its high nibble; w = d·q + m).
+/// `Σ_k w_k x_k` of each of `R` Q4_1 rows (in the subgroup layout) with each of `M`
+/// inputs: `[row][input]`. A (row, input) value does not depend on `R`, `M` or the others.
 #[inline]
-pub fn dot_q4_1<const R: usize>(simd: Simd, rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
-    for row in rows {
+pub fn dot_q4_1<const R: usize, const M: usize>(
+    simd: Simd,
+    rows: [&[u8]; R],
+    xs: [&QuantizedRow; M],
+) -> [[f32; M]; R] {
+    for (row, x) in rows.iter().zip(xs.iter().cycle()) {
         assert_eq!(row.len(), x.blocks() * Q4_1_BYTES, "dot_q4_1: row length");
     }
-    match simd {
-        // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C; the
-        // lengths agree (the assert above).
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(rows, x) },
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(rows, x) },
-        Simd::Portable => rows.map(|row| dot_q4_1_portable(row, x)),
-    }
-}
-
-/// `Σ_k w_k x_k` of one regrouped Q4_1 row with each of `M` input rows: each block is
-/// unpacked once for all inputs (a batch of decode rows costs little more than one). Every
-/// result is bit-identical to [`dot_q4_1`]'s for that input alone: the same operations on
-/// it in the same order.
-#[inline]
-pub fn dot_q4_1_inputs<const M: usize>(simd: Simd, row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
     for x in xs {
-        assert_eq!(
-            row.len(),
-            x.blocks() * Q4_1_BYTES,
-            "dot_q4_1_inputs: row length"
-        );
+        assert_eq!(x.blocks(), xs[0].blocks(), "dot_q4_1: input lengths");
     }
     match simd {
-        // SAFETY: as in `dot_q4_1`.
+        // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C
+        // (and `vnni: true` AVX-VNNI); the lengths agree (the asserts above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1_inputs(row, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(rows, xs) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_inputs_vnni(row, xs) },
-        Simd::Portable => xs.map(|x| dot_q4_1_portable(row, x)),
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(rows, xs) },
+        Simd::Portable => rows.map(|row| xs.map(|x| dot_q4_1_portable(row, x))),
     }
 }
 
-/// `Σ_k w_k x_k` for one row of Q8_0 values (`quants`) with one scale per 32, and each of
-/// `M` inputs; an input's result does not depend on `M`.
+/// `Σ_k w_k x_k` of each of `R` Q8_0 rows (`(values in the subgroup layout, one scale per
+/// block)`) with each of `M` inputs: `[row][input]`, each value independent of the others.
 #[inline]
-pub fn dot_q8_0_inputs<const M: usize>(
+pub fn dot_q8_0<const R: usize, const M: usize>(
     simd: Simd,
-    quants: &[i8],
-    scales: &[f32],
+    rows: [(&[i8], &[f32]); R],
     xs: [&QuantizedRow; M],
-) -> [f32; M] {
+) -> [[f32; M]; R] {
+    for ((quants, scales), x) in rows.iter().zip(xs.iter().cycle()) {
+        assert_eq!(quants.len(), x.values.len(), "dot_q8_0: row length");
+        assert_eq!(scales.len(), x.blocks(), "dot_q8_0: scales");
+    }
     for x in xs {
-        assert_eq!(quants.len(), x.values.len(), "dot_q8_0_inputs: row length");
-        assert_eq!(scales.len(), x.blocks(), "dot_q8_0_inputs: scales");
+        assert_eq!(x.blocks(), xs[0].blocks(), "dot_q8_0: input lengths");
     }
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0_inputs(quants, scales, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0(rows, xs) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_inputs_vnni(quants, scales, xs) },
-        Simd::Portable => xs.map(|x| dot_q8_0_portable(quants, scales, x)),
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_vnni(rows, xs) },
+        Simd::Portable => rows.map(|(q, s)| xs.map(|x| dot_q8_0_portable(q, s, x))),
     }
+}
+
+/// The vector kernels' arithmetic, lane by lane (the reference they are held to, bit for
+/// bit, and what non-x86 CPUs run). `words(first, p, c)`: the weights meeting activation
+/// chunk `c` of the subgroup at block `first`; `scales(first, p)`: its `d`s and `m`s (lanes
+/// from `p` zero).
+fn dot_lanes(
+    x: &QuantizedRow,
+    words: impl Fn(usize, usize, usize) -> [i16; CHUNK],
+    scales: impl Fn(usize, usize) -> ([f32; GROUP], [f32; GROUP]),
+) -> f32 {
+    let mut acc = [0f32; GROUP];
+    let mut offsets = [0f32; GROUP];
+    for (first, p) in subgroups(x.blocks()) {
+        let mut sums = [0i32; GROUP];
+        for c in 0..2 * p {
+            let xq = &x.values[first * BLOCK + c * CHUNK..][..CHUNK];
+            for (i, (w, xq)) in words(first, p, c).iter().zip(xq).enumerate() {
+                sums[i / 2] += *w as i32 * *xq as i32;
+            }
+        }
+        let (d, m) = scales(first, p);
+        for lane in 0..GROUP {
+            let b = lane * p / GROUP;
+            let factor = d[b] * x.scales[first + b];
+            acc[lane] = factor.mul_add(sums[lane] as f32, acc[lane]);
+            offsets[lane] = m[lane].mul_add(x.sums[first + lane], offsets[lane]);
+        }
+    }
+    // As `avx2::hsum` adds the lanes.
+    let v: [f32; GROUP] = std::array::from_fn(|i| acc[i] + offsets[i]);
+    let s: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
+    (s[0] + s[2]) + (s[1] + s[3])
 }
 
 fn dot_q4_1_portable(row: &[u8], x: &QuantizedRow) -> f32 {
-    let blocks = x.blocks();
-    let mut total = 0f32;
-    for g in 0..blocks.div_ceil(GROUP) {
-        let (start, n) = group(blocks, g);
-        for i in 0..n {
-            let b = g * GROUP + i;
-            let (d, m, nibbles) = q4_1_block(&row[start..], n, i);
-            let xq = &x.values[b * BLOCK..(b + 1) * BLOCK];
-            let qx: i32 = nibbles
-                .iter()
-                .enumerate()
-                .map(|(k, &byte)| {
-                    (byte & 0x0F) as i32 * xq[k] as i32 + (byte >> 4) as i32 * xq[k + 16] as i32
-                })
-                .sum();
-            total += d * x.scales[b] * qx as f32 + m * x.sums[b];
-        }
-    }
-    total
+    let sub = |first: usize, p: usize| &row[first * Q4_1_BYTES..(first + p) * Q4_1_BYTES];
+    dot_lanes(
+        x,
+        |first, p, c| {
+            let nibbles = &sub(first, p)[4 * p + CHUNK * (c % p)..][..CHUNK];
+            std::array::from_fn(|i| if c < p { nibbles[i] & 0x0F } else { nibbles[i] >> 4 } as i16)
+        },
+        |first, p| {
+            let (d, m, _) = q4_1_subgroup(sub(first, p), p);
+            (d, m)
+        },
+    )
 }
 
 fn dot_q8_0_portable(quants: &[i8], scales: &[f32], x: &QuantizedRow) -> f32 {
-    let mut total = 0f32;
-    for (((q, d), xq), scale) in quants
-        .chunks_exact(BLOCK)
-        .zip(scales)
-        .zip(x.values.chunks_exact(BLOCK))
-        .zip(&x.scales)
-    {
-        let qx: i32 = q.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
-        total += d * scale * qx as f32;
-    }
-    total
+    dot_lanes(
+        x,
+        |first, _, c| std::array::from_fn(|i| quants[first * BLOCK + c * CHUNK + i] as i16),
+        |first, p| {
+            let d = std::array::from_fn(|i| if i < p { scales[first + i] } else { 0.0 });
+            (d, [0.0; GROUP])
+        },
+    )
 }
 
-/// One regrouped row of Q4_1 blocks as f32 values.
+/// One row of Q4_1 blocks (subgroup layout) as f32 values, `d·q + m` (a multiply, then an
+/// add).
 pub fn expand_q4_1(row: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if let Simd::Avx2 { .. } = Simd::detect() {
-        // SAFETY: `Simd::Avx2` means the CPU has AVX2 and F16C.
-        return unsafe { avx2::expand_q4_1(row, out) };
-    }
-    expand_q4_1_portable(row, out)
-}
-
-fn expand_q4_1_portable(row: &[u8], out: &mut [f32]) {
-    let blocks = out.len() / BLOCK;
-    for g in 0..blocks.div_ceil(GROUP) {
-        let (start, n) = group(blocks, g);
-        for i in 0..n {
-            let (d, m, nibbles) = q4_1_block(&row[start..], n, i);
-            let b = g * GROUP + i;
-            let (lo, hi) = out[b * BLOCK..(b + 1) * BLOCK].split_at_mut(16);
+    let avx2 = matches!(Simd::detect(), Simd::Avx2 { .. });
+    for (first, p) in subgroups(out.len() / BLOCK) {
+        let sub = &row[first * Q4_1_BYTES..(first + p) * Q4_1_BYTES];
+        let out = &mut out[first * BLOCK..(first + p) * BLOCK];
+        #[cfg(target_arch = "x86_64")]
+        if avx2 && p == GROUP {
+            // SAFETY: `Simd::Avx2` means the CPU has AVX2 and F16C; a whole group in, its 256
+            // values out.
+            unsafe { avx2::expand_q4_1_group(sub, out) };
+            continue;
+        }
+        let (d, m, nibbles) = q4_1_subgroup(sub, p);
+        for ((out, nibbles), (d, m)) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(nibbles.chunks_exact(CHUNK))
+            .zip(d.into_iter().zip(m))
+        {
+            let (lo, hi) = out.split_at_mut(CHUNK);
             for ((&byte, lo), hi) in nibbles.iter().zip(lo).zip(hi) {
                 *lo = (byte & 0x0F) as f32 * d + m;
                 *hi = (byte >> 4) as f32 * d + m;
@@ -309,15 +394,20 @@ fn expand_q4_1_portable(row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// One row of Q8_0 values as f32.
+/// One row of Q8_0 values (subgroup layout) as f32.
 pub fn expand_q8_0(quants: &[i8], scales: &[f32], out: &mut [f32]) {
-    for ((q, d), o) in quants
-        .chunks_exact(BLOCK)
-        .zip(scales)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        for (o, &q) in o.iter_mut().zip(q) {
-            *o = q as f32 * d;
+    let mut values = [0i8; GROUP * BLOCK];
+    for (first, p) in subgroups(scales.len()) {
+        let values = &mut values[..p * BLOCK];
+        deinterleave(&quants[first * BLOCK..(first + p) * BLOCK], values, p);
+        for ((q, d), o) in values
+            .chunks_exact(BLOCK)
+            .zip(&scales[first..first + p])
+            .zip(out[first * BLOCK..].chunks_exact_mut(BLOCK))
+        {
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = q as f32 * d;
+            }
         }
     }
 }
@@ -326,7 +416,7 @@ pub fn expand_q8_0(quants: &[i8], scales: &[f32], out: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, GROUP, QuantizedRow, group};
+    use super::{BLOCK, CHUNK, GROUP, Q4_1_BYTES, QuantizedRow, subgroups};
 
     /// How far ahead of the row being multiplied its successors are asked into cache. Rows
     /// are contiguous and read in order, yet the hardware's own prefetching left one input
@@ -388,8 +478,8 @@ mod avx2 {
         }
     }
 
-    /// One Q4_1 block's 16 nibble bytes at `nibbles` widened to i16: elements 0..16 (low
-    /// nibbles) and 16..32 (high nibbles). The bytes are widened once, to 16 words, and one
+    /// A Q4_1 nibble chunk's 16 bytes at `nibbles` widened to i16: the low nibbles and the
+    /// high ones. The bytes are widened once, to 16 words, and one
     /// mask and one shift split them. Written with intrinsics, LLVM moves the mask and the
     /// shift ahead of the widening (onto the bytes), which then takes two widenings: two
     /// port-5 shuffles per block where one does. The widening is therefore an `asm!`
@@ -419,35 +509,24 @@ mod avx2 {
         )
     }
 
-    /// `Σ q·xq` of an unpacked block (Q4_1 or Q8_0, as 32 i16) with 32 i16 at `xq`, as
-    /// eight f32 partial sums. `VNNI`: the second half's pairs are multiplied and added to
-    /// the first's in one `vpdpwssd` (the same exact i32 sums).
-    ///
-    /// # Safety
-    /// 32 i16 at `xq` are readable; `VNNI` only where the CPU has AVX-VNNI.
+    /// `acc + Σ` of the pairwise products of `w` and `x` (i16 pairs into i32 lanes, exact).
+    /// `VNNI`: one `vpdpwssd`; otherwise `vpmaddwd` and an add, the same sums.
     #[inline(always)]
-    unsafe fn dot_unpacked<const VNNI: bool>(
-        (lo, hi): (__m256i, __m256i),
-        xq: *const i16,
-    ) -> __m256 {
-        // SAFETY: the caller's contract; unaligned loads.
+    unsafe fn dot_add<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the callers enable AVX2, and AVX-VNNI where `VNNI`.
         unsafe {
-            let xq = xq as *const __m256i;
-            let first = _mm256_madd_epi16(lo, _mm256_loadu_si256(xq));
-            let second = _mm256_loadu_si256(xq.add(1));
-            _mm256_cvtepi32_ps(if VNNI {
-                _mm256_dpwssd_avx_epi32(first, hi, second)
+            if VNNI {
+                _mm256_dpwssd_avx_epi32(acc, w, x)
             } else {
-                _mm256_add_epi32(first, _mm256_madd_epi16(hi, second))
-            })
+                _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+            }
         }
     }
 
-    /// A group's 8 `d`s and 8 `m`s as f32 (`n` < 8: the short last group of a row, its
-    /// missing lanes 0).
+    /// A Q4_1 subgroup's `n` `d`s and `n` `m`s as f32, the lanes from `n` 0.
     ///
     /// # Safety
-    /// The group of `n` blocks at `grp` is readable.
+    /// The subgroup of `n` blocks at `grp` is readable.
     #[inline(always)]
     unsafe fn group_scales(grp: *const u8, n: usize) -> (__m256, __m256) {
         /// `[n..n + 8]` keeps the first `8 - n` lanes of eight u16.
@@ -455,11 +534,11 @@ mod avx2 {
             0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
         // SAFETY: the caller's contract: `d`s at 0..2n, `m`s at 2n..4n. Both 16-byte loads
-        // stay inside the group's 20n bytes (2n + 16 <= 20n for n >= 1); for a short group
-        // they also read the next bytes, whose lanes the mask clears before they are
-        // converted (a nibble byte pair can be an f16 NaN). The loads are direct: the short
-        // group was copied into a zeroed array first, and loading 16 bytes over those small
-        // stores stalled (a store not forwarded), twice per SmolLM2 row.
+        // stay inside the subgroup's 20n bytes (2n + 16 <= 20n for n >= 1); for n < 8 they
+        // also read the next bytes, whose lanes the mask clears before they are
+        // converted (a nibble byte pair can be an f16 NaN). The loads are direct: copying a
+        // short group into a zeroed array first and loading 16 bytes over those small stores
+        // stalled (a store not forwarded).
         unsafe {
             let d = _mm_loadu_si128(grp as *const __m128i);
             let m = _mm_loadu_si128(grp.add(2 * n) as *const __m128i);
@@ -473,75 +552,174 @@ mod avx2 {
         }
     }
 
-    /// Group `g` (of `n` blocks) of `R` rows (at `grps`) against `M` inputs, each block of a
-    /// row unpacked once for all inputs and the rows interleaved block by block (their FMA
-    /// chains are independent, so the core overlaps them): per (row, input), `m·Σx` of the 8
-    /// lanes into `offsets`, and `d·sₓ·Σq·xq` of each block into `acc`, in block order. The
-    /// one body every Q4_1 kernel runs, so a (row, input) value is the same whichever kernel
-    /// and batch computed it.
+    /// Lane `i` takes element `i·p/8` (the block it belongs to in a subgroup of `p`), for `p`
+    /// = 1, 2 and 4.
+    const SPREAD: [[i32; GROUP]; 3] = [
+        [0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 1, 1, 2, 2, 3, 3],
+    ];
+    /// `[8 - n..16 - n]` enables the first `n` of eight i32 lanes.
+    const FIRST_LANES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// A weight row as the kernel reads it, subgroup by subgroup.
+    trait WeightRow: Copy {
+        /// The words of the subgroup at block `first` (of `p`) that meet activation chunks
+        /// `k` and `p + k`.
+        unsafe fn words(self, first: usize, p: usize, k: usize) -> (__m256i, __m256i);
+        /// The subgroup's `d`s (lanes from `p` 0) and its `m`s where the format has them.
+        unsafe fn scales(self, first: usize, p: usize) -> (__m256, Option<__m256>);
+        /// Asks for the row's bytes ahead (`PREFETCH_AHEAD`).
+        unsafe fn prefetch(self);
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q4_1Row(*const u8, usize);
+
+    impl WeightRow for Q4_1Row {
+        #[inline(always)]
+        unsafe fn words(self, first: usize, p: usize, k: usize) -> (__m256i, __m256i) {
+            // SAFETY: the subgroup's nibble chunk `k` (the caller's contract).
+            unsafe { q4_1_unpack(self.0.add(first * Q4_1_BYTES + 4 * p + CHUNK * k)) }
+        }
+
+        #[inline(always)]
+        unsafe fn scales(self, first: usize, p: usize) -> (__m256, Option<__m256>) {
+            // SAFETY: the subgroup is inside the row (the caller's contract).
+            let (d, m) = unsafe { group_scales(self.0.add(first * Q4_1_BYTES), p) };
+            (d, Some(m))
+        }
+
+        #[inline(always)]
+        unsafe fn prefetch(self) {
+            // SAFETY: a prefetch never faults; the callers enable AVX2.
+            unsafe { prefetch_ahead(self.0, self.1) }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q8_0Row(*const i8, *const f32, usize);
+
+    impl WeightRow for Q8_0Row {
+        #[inline(always)]
+        unsafe fn words(self, first: usize, p: usize, k: usize) -> (__m256i, __m256i) {
+            // SAFETY: chunks `k` and `p + k` of the subgroup (the caller's contract).
+            unsafe {
+                let chunk = |c: usize| {
+                    let at = self.0.add(first * BLOCK + CHUNK * c) as *const __m128i;
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(at))
+                };
+                (chunk(k), chunk(p + k))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn scales(self, first: usize, p: usize) -> (__m256, Option<__m256>) {
+            // SAFETY: the subgroup's `p` scales (the caller's contract); a masked load reads
+            // none of the others.
+            unsafe {
+                let at = self.1.add(first);
+                let d = if p == GROUP {
+                    _mm256_loadu_ps(at)
+                } else {
+                    let lanes =
+                        _mm256_loadu_si256(FIRST_LANES.as_ptr().add(GROUP - p) as *const __m256i);
+                    _mm256_maskload_ps(at, lanes)
+                };
+                (d, None)
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn prefetch(self) {
+            // SAFETY: a prefetch never faults; the callers enable AVX2.
+            unsafe {
+                prefetch_ahead(self.0 as *const u8, self.2 * BLOCK);
+                prefetch_ahead(self.1 as *const u8, self.2 * size_of::<f32>());
+            }
+        }
+    }
+
+    /// One subgroup (at block `first`, of `p`) of `R` rows against `M` inputs: the integer
+    /// dots build up in one register per (row, input), each weight chunk widened once for
+    /// all inputs and each activation chunk loaded once for all rows, then each is converted
+    /// and scaled into `acc` and the `m·Σx` terms added into `offsets`.
     ///
     /// # Safety
-    /// The group is inside every row, and its blocks (and lanes up to 8) inside every input.
+    /// The subgroup is inside every row and every input; the callers enable AVX2, FMA and
+    /// F16C, and AVX-VNNI where `VNNI`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn q4_1_group<const R: usize, const M: usize, const VNNI: bool>(
-        grps: [*const u8; R],
-        n: usize,
-        first: usize,
+    unsafe fn subgroup<W: WeightRow, const R: usize, const M: usize, const VNNI: bool>(
+        rows: [W; R],
+        (first, p): (usize, usize),
         xs: [&QuantizedRow; M],
         acc: &mut [[__m256; M]; R],
         offsets: &mut [[__m256; M]; R],
     ) {
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract; chunks `k` and `p + k` of the subgroup are inside
+        // each input's values, and its eight lanes inside each input's padded scales.
         unsafe {
-            let mut factors = [[[0f32; GROUP]; M]; R];
-            for r in 0..R {
-                let (d, m) = group_scales(grps[r], n);
+            let mut sums = [[_mm256_setzero_si256(); M]; R];
+            for k in 0..p {
+                let words = rows.map(|w| w.words(first, p, k));
                 for j in 0..M {
-                    let xs_ = _mm256_loadu_ps(xs[j].scales.as_ptr().add(first));
-                    let sums = _mm256_loadu_ps(xs[j].sums.as_ptr().add(first));
-                    offsets[r][j] = _mm256_fmadd_ps(m, sums, offsets[r][j]);
-                    _mm256_storeu_ps(factors[r][j].as_mut_ptr(), _mm256_mul_ps(d, xs_));
+                    let x = xs[j].values.as_ptr().add(first * BLOCK) as *const __m256i;
+                    let (lo, hi) = (
+                        _mm256_loadu_si256(x.add(k)),
+                        _mm256_loadu_si256(x.add(p + k)),
+                    );
+                    for r in 0..R {
+                        sums[r][j] = dot_add::<VNNI>(sums[r][j], words[r].0, lo);
+                        sums[r][j] = dot_add::<VNNI>(sums[r][j], words[r].1, hi);
+                    }
                 }
             }
-            for i in 0..n {
-                for r in 0..R {
-                    let unpacked = q4_1_unpack(grps[r].add(4 * n + 16 * i));
-                    for j in 0..M {
-                        let xq = xs[j].values.as_ptr().add((first + i) * BLOCK);
-                        let p = dot_unpacked::<VNNI>(unpacked, xq);
-                        let factor = _mm256_broadcast_ss(&factors[r][j][i]);
-                        acc[r][j] = _mm256_fmadd_ps(factor, p, acc[r][j]);
+            for r in 0..R {
+                let (d, m) = rows[r].scales(first, p);
+                for j in 0..M {
+                    let sx = _mm256_loadu_ps(xs[j].scales.as_ptr().add(first));
+                    if let Some(m) = m {
+                        let sums = _mm256_loadu_ps(xs[j].sums.as_ptr().add(first));
+                        offsets[r][j] = _mm256_fmadd_ps(m, sums, offsets[r][j]);
                     }
+                    let mut factor = _mm256_mul_ps(d, sx);
+                    if p < GROUP {
+                        let spread = SPREAD[p.trailing_zeros() as usize];
+                        factor = _mm256_permutevar8x32_ps(
+                            factor,
+                            _mm256_loadu_si256(spread.as_ptr() as *const __m256i),
+                        );
+                    }
+                    let dots = _mm256_cvtepi32_ps(sums[r][j]);
+                    acc[r][j] = _mm256_fmadd_ps(factor, dots, acc[r][j]);
                 }
             }
         }
     }
 
-    /// `R` rows against `M` inputs: [`q4_1_group`] over the rows' groups.
+    /// `R` rows against `M` inputs, subgroup by subgroup ([`subgroup`]).
     ///
     /// # Safety
-    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`.
+    /// Every row holds `xs[0].blocks()` blocks, as does every input; as for [`subgroup`].
     #[inline(always)]
-    unsafe fn dot_q4_1_rows_inputs<const R: usize, const M: usize, const VNNI: bool>(
-        rows: [&[u8]; R],
+    unsafe fn dot<W: WeightRow, const R: usize, const M: usize, const VNNI: bool>(
+        rows: [W; R],
         xs: [&QuantizedRow; M],
     ) -> [[f32; M]; R] {
-        // SAFETY: group `g` spans `row[start..start + n * 20]` of every row, and blocks
-        // `g * 8..g * 8 + n` (lanes up to 8, padded) of every input (the caller's contract);
-        // a whole group is passed as the constant 8, so it is unrolled. The callers enable
-        // AVX2, FMA and F16C.
+        // SAFETY: the caller's contract; a whole group is passed as the constant 8, so it is
+        // unrolled.
         unsafe {
-            let blocks = xs.first().map_or(0, |x| x.blocks());
+            for row in rows {
+                row.prefetch();
+            }
             let mut acc = [[_mm256_setzero_ps(); M]; R];
             let mut offsets = [[_mm256_setzero_ps(); M]; R];
-            for g in 0..blocks.div_ceil(GROUP) {
-                let (start, n) = group(blocks, g);
-                let grps = rows.map(|row| row.as_ptr().add(start));
-                if n == GROUP {
-                    q4_1_group::<R, M, VNNI>(grps, GROUP, g * GROUP, xs, &mut acc, &mut offsets);
+            for (first, p) in subgroups(xs[0].blocks()) {
+                if p == GROUP {
+                    subgroup::<W, R, M, VNNI>(rows, (first, GROUP), xs, &mut acc, &mut offsets);
                 } else {
-                    q4_1_group::<R, M, VNNI>(grps, n, g * GROUP, xs, &mut acc, &mut offsets);
+                    subgroup::<W, R, M, VNNI>(rows, (first, p), xs, &mut acc, &mut offsets);
                 }
             }
             std::array::from_fn(|r| {
@@ -550,207 +728,113 @@ mod avx2 {
         }
     }
 
-    /// One row against `M` inputs (a batch of rows): each block unpacked once for all of
-    /// them.
-    ///
-    /// # Safety
-    /// The row holds exactly `x.blocks()` regrouped Q4_1 blocks for every input `x`; `VNNI`
-    /// only where the CPU has AVX-VNNI.
-    #[inline(always)]
-    unsafe fn q4_1_inputs<const M: usize, const VNNI: bool>(
-        row: &[u8],
-        xs: [&QuantizedRow; M],
-    ) -> [f32; M] {
-        // SAFETY: the caller's contract (and a prefetch never faults).
-        unsafe {
-            prefetch_ahead(row.as_ptr(), row.len());
-            let [out] = dot_q4_1_rows_inputs::<1, M, VNNI>([row], xs);
-            out
-        }
-    }
-
-    /// `R` rows with one input (decoding one sequence): every activation block loaded is
-    /// used `R` times, and the rows' chains overlap.
-    ///
-    /// # Safety
-    /// Each row holds exactly `x.blocks()` regrouped Q4_1 blocks; `VNNI` only where the CPU
-    /// has AVX-VNNI.
-    #[inline(always)]
-    unsafe fn q4_1_rows<const R: usize, const VNNI: bool>(
-        rows: [&[u8]; R],
-        x: &QuantizedRow,
-    ) -> [f32; R] {
-        // SAFETY: the caller's contract (and a prefetch never faults).
-        unsafe {
-            for row in rows {
-                prefetch_ahead(row.as_ptr(), row.len());
-            }
-            dot_q4_1_rows_inputs::<R, 1, VNNI>(rows, [x]).map(|[value]| value)
-        }
-    }
-
     // The entry points, one per instruction set: a `#[target_feature]` cannot depend on a
-    // const parameter. SAFETY (each): the caller's contract, as for the body it calls.
+    // const parameter. SAFETY (each): every row and input holds `xs[0].blocks()` blocks (Q8_0:
+    // values and scales); the CPU has the features enabled.
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1_inputs<const M: usize>(row: &[u8], xs: [&QuantizedRow; M]) -> [f32; M] {
-        unsafe { q4_1_inputs::<M, false>(row, xs) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub unsafe fn dot_q4_1_inputs_vnni<const M: usize>(
-        row: &[u8],
+    pub unsafe fn dot_q4_1<const R: usize, const M: usize>(
+        rows: [&[u8]; R],
         xs: [&QuantizedRow; M],
-    ) -> [f32; M] {
-        unsafe { q4_1_inputs::<M, true>(row, xs) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
-        unsafe { q4_1_rows::<R, false>(rows, x) }
+    ) -> [[f32; M]; R] {
+        unsafe { dot::<_, R, M, false>(rows.map(|r| Q4_1Row(r.as_ptr(), r.len())), xs) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub unsafe fn dot_q4_1_vnni<const R: usize>(rows: [&[u8]; R], x: &QuantizedRow) -> [f32; R] {
-        unsafe { q4_1_rows::<R, true>(rows, x) }
+    pub unsafe fn dot_q4_1_vnni<const R: usize, const M: usize>(
+        rows: [&[u8]; R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R] {
+        unsafe { dot::<_, R, M, true>(rows.map(|r| Q4_1Row(r.as_ptr(), r.len())), xs) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_inputs<const M: usize>(
-        quants: &[i8],
-        scales: &[f32],
+    pub unsafe fn dot_q8_0<const R: usize, const M: usize>(
+        rows: [(&[i8], &[f32]); R],
         xs: [&QuantizedRow; M],
-    ) -> [f32; M] {
-        unsafe { q8_0_inputs::<M, false>(quants, scales, xs) }
-    }
-
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn dot_q8_0_inputs_vnni<const M: usize>(
-        quants: &[i8],
-        scales: &[f32],
-        xs: [&QuantizedRow; M],
-    ) -> [f32; M] {
-        unsafe { q8_0_inputs::<M, true>(quants, scales, xs) }
-    }
-
-    /// [`super::expand_q4_1`]: the same values (a multiply, then an add, as the portable
-    /// loop rounds them), eight at a time. The tiled prefill expands every weight once per
-    /// call, and the portable loop took about a fifth of a short prompt's prefill.
-    ///
-    /// # Safety
-    /// `row` holds the regrouped blocks of `out.len() / 32` values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn expand_q4_1(row: &[u8], out: &mut [f32]) {
-        let blocks = out.len() / BLOCK;
-        let whole = blocks / GROUP;
-        for g in 0..whole {
-            let (start, _) = group(blocks, g);
-            let mut d = [0f32; GROUP];
-            let mut m = [0f32; GROUP];
-            // SAFETY: group `g` is whole and inside `row`, its 256 values inside `out` (the
-            // caller's contract).
-            unsafe {
-                let grp = row.as_ptr().add(start);
-                _mm256_storeu_ps(
-                    d.as_mut_ptr(),
-                    _mm256_cvtph_ps(_mm_loadu_si128(grp as *const __m128i)),
-                );
-                _mm256_storeu_ps(
-                    m.as_mut_ptr(),
-                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16) as *const __m128i)),
-                );
-                for i in 0..GROUP {
-                    let (di, mi) = (_mm256_set1_ps(d[i]), _mm256_set1_ps(m[i]));
-                    let bytes = _mm_loadu_si128(grp.add(4 * GROUP + 16 * i) as *const __m128i);
-                    let mask = _mm_set1_epi8(0x0F);
-                    let lo = _mm_and_si128(bytes, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                    let dst = out.as_mut_ptr().add((g * GROUP + i) * BLOCK);
-                    for (k, eight) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
-                        _mm256_storeu_ps(dst.add(8 * k), _mm256_add_ps(_mm256_mul_ps(q, di), mi));
-                    }
-                }
-            }
-        }
-        if whole * GROUP < blocks {
-            let (start, _) = group(blocks, whole);
-            super::expand_q4_1_portable(&row[start..], &mut out[whole * GROUP * BLOCK..]);
-        }
-    }
-
-    /// One Q8_0 block's 32 i8 at `q` widened to i16 (two halves of 16).
-    ///
-    /// # Safety
-    /// 32 i8 at `q` are readable.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn q8_0_unpack(q: *const i8) -> (__m256i, __m256i) {
-        // SAFETY: the caller's contract; unaligned loads.
+    ) -> [[f32; M]; R] {
         unsafe {
-            let q = q as *const __m128i;
-            (
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(q)),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1))),
+            dot::<_, R, M, false>(
+                rows.map(|(q, s)| Q8_0Row(q.as_ptr(), s.as_ptr(), s.len())),
+                xs,
             )
         }
     }
 
-    /// One Q8_0 row with `M` inputs: each block widened once for all of them (the output
-    /// head of a batch of decode rows). A lone input is `M` = 1, so an input's result is the
-    /// same with any `M`. Blocks alternate between two accumulators per input, so one input
-    /// is not held up by a single FMA chain.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_q8_0_vnni<const R: usize, const M: usize>(
+        rows: [(&[i8], &[f32]); R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R] {
+        unsafe {
+            dot::<_, R, M, true>(
+                rows.map(|(q, s)| Q8_0Row(q.as_ptr(), s.as_ptr(), s.len())),
+                xs,
+            )
+        }
+    }
+
+    /// A whole Q4_1 group (`sub`: 8 `d`s, 8 `m`s, 8 nibble chunks) as 256 f32, `q·d + m`
+    /// (a multiply, then an add, as the portable loop rounds them), eight at a time. The
+    /// tiled prefill expands every weight once per call (the portable loop was a fifth of a
+    /// short prompt's prefill). Chunk `k` holds bytes `2k, 2k + 1` of each block, so the
+    /// blocks' bytes are an 8 × 8 transpose of 16-bit units away.
     ///
     /// # Safety
-    /// `quants` and `scales` hold exactly `x.blocks()` blocks for every input `x`; `VNNI`
-    /// only where the CPU has AVX-VNNI.
-    #[allow(clippy::needless_range_loop)]
-    #[inline(always)]
-    unsafe fn q8_0_inputs<const M: usize, const VNNI: bool>(
-        quants: &[i8],
-        scales: &[f32],
-        xs: [&QuantizedRow; M],
-    ) -> [f32; M] {
-        // SAFETY: every block read is below `blocks` (the caller's contract); the callers
-        // enable the instruction sets.
+    /// `sub` holds a whole group's 160 bytes and `out` 256 values.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn expand_q4_1_group(sub: &[u8], out: &mut [f32]) {
+        /// `lo` and `hi` of the pairs (0, 1), (2, 3), ... of `v`, in turn.
+        #[inline(always)]
+        fn pairs(
+            lo: impl Fn(__m128i, __m128i) -> __m128i,
+            hi: impl Fn(__m128i, __m128i) -> __m128i,
+            v: [__m128i; 8],
+        ) -> [__m128i; 8] {
+            std::array::from_fn(|i| {
+                let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
+                if i % 2 == 0 { lo(a, b) } else { hi(a, b) }
+            })
+        }
+        // SAFETY: the caller's contract; unaligned loads and stores.
         unsafe {
-            prefetch_ahead(quants.as_ptr() as *const u8, quants.len());
-            prefetch_ahead(scales.as_ptr() as *const u8, size_of_val(scales));
-            let blocks = scales.len();
-            let q = quants.as_ptr();
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            let mut products = [[0f32; GROUP]; M];
-            let mut b = 0;
-            while b + GROUP <= blocks {
-                let d = _mm256_loadu_ps(scales.as_ptr().add(b));
-                for j in 0..M {
-                    let ds = _mm256_mul_ps(d, _mm256_loadu_ps(xs[j].scales.as_ptr().add(b)));
-                    _mm256_storeu_ps(products[j].as_mut_ptr(), ds);
+            let at = |i: usize| sub.as_ptr().add(i) as *const __m128i;
+            let mut d = [0f32; GROUP];
+            let mut m = [0f32; GROUP];
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(at(0))));
+            _mm256_storeu_ps(m.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(at(16))));
+            let c: [__m128i; GROUP] = std::array::from_fn(|k| _mm_loadu_si128(at(32 + 16 * k)));
+            // t: blocks 0-3 / 4-7 of chunks (0, 1), (2, 3), ...; u: blocks 0-1, 2-3, ... of
+            // chunks 0-3 and 4-7; then each block whole.
+            let t = pairs(
+                |a, b| _mm_unpacklo_epi16(a, b),
+                |a, b| _mm_unpackhi_epi16(a, b),
+                c,
+            );
+            let u = pairs(
+                |a, b| _mm_unpacklo_epi32(a, b),
+                |a, b| _mm_unpackhi_epi32(a, b),
+                [t[0], t[2], t[1], t[3], t[4], t[6], t[5], t[7]],
+            );
+            let blocks = pairs(
+                |a, b| _mm_unpacklo_epi64(a, b),
+                |a, b| _mm_unpackhi_epi64(a, b),
+                [u[0], u[4], u[1], u[5], u[2], u[6], u[3], u[7]],
+            );
+            let mask = _mm_set1_epi8(0x0F);
+            for (i, bytes) in blocks.into_iter().enumerate() {
+                let (di, mi) = (_mm256_set1_ps(d[i]), _mm256_set1_ps(m[i]));
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                let dst = out.as_mut_ptr().add(i * BLOCK);
+                for (k, eight) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight));
+                    _mm256_storeu_ps(dst.add(8 * k), _mm256_add_ps(_mm256_mul_ps(q, di), mi));
                 }
-                for i in 0..GROUP {
-                    let unpacked = q8_0_unpack(q.add(BLOCK * (b + i)));
-                    for j in 0..M {
-                        let xq = xs[j].values.as_ptr().add(BLOCK * (b + i));
-                        let p = dot_unpacked::<VNNI>(unpacked, xq);
-                        let scale = _mm256_broadcast_ss(&products[j][i]);
-                        acc[j][i % 2] = _mm256_fmadd_ps(scale, p, acc[j][i % 2]);
-                    }
-                }
-                b += GROUP;
             }
-            while b < blocks {
-                let unpacked = q8_0_unpack(q.add(BLOCK * b));
-                for j in 0..M {
-                    let p = dot_unpacked::<VNNI>(unpacked, xs[j].values.as_ptr().add(BLOCK * b));
-                    let scale = _mm256_set1_ps(scales[b] * xs[j].scales[b]);
-                    acc[j][0] = _mm256_fmadd_ps(scale, p, acc[j][0]);
-                }
-                b += 1;
-            }
-            std::array::from_fn(|j| hsum(_mm256_add_ps(acc[j][0], acc[j][1])))
         }
     }
 }
@@ -769,9 +853,10 @@ mod tests {
             .collect()
     }
 
-    fn q4_1_row(blocks: usize) -> Vec<u8> {
-        let bytes = pseudo_random(blocks * 16, 7);
-        let scales = pseudo_random(blocks * 2, 9);
+    /// A ggml-order Q4_1 row.
+    fn q4_1_row(blocks: usize, seed: u32) -> Vec<u8> {
+        let bytes = pseudo_random(blocks * 16, seed);
+        let scales = pseudo_random(blocks * 2, seed + 2);
         let mut row = Vec::new();
         for b in 0..blocks {
             row.extend(half::f16::from_f32(scales[2 * b] * 0.1).to_le_bytes());
@@ -785,6 +870,15 @@ mod tests {
         row
     }
 
+    /// A Q8_0 row in block order (values, scales).
+    fn q8_0_row(blocks: usize, seed: u32) -> (Vec<i8>, Vec<f32>) {
+        let quants = pseudo_random(blocks * BLOCK, seed)
+            .iter()
+            .map(|v| (v * 127.0) as i8)
+            .collect();
+        (quants, pseudo_random(blocks, seed + 6))
+    }
+
     /// `got` is `Σ w·x` up to the i16 rounding of `x`: at most half a step of 1/32767 of a
     /// block's largest |x| per term, so well under 1e-4 of `Σ |w·x|`.
     fn close(got: f32, w: &[f32], x: &[f32]) -> bool {
@@ -793,41 +887,136 @@ mod tests {
         (got - want).abs() <= 1e-4 * magnitude
     }
 
+    /// Every subgroup shape: whole groups, and every remainder of 4, 2 and 1.
+    const BLOCK_COUNTS: [usize; 9] = [1, 2, 3, 5, 7, 8, 9, 18, 23];
+
+    #[test]
+    fn a_row_is_cut_into_groups_of_8_then_4_2_1() {
+        let cut = |blocks| subgroups(blocks).collect::<Vec<_>>();
+        assert_eq!(cut(18), [(0, 8), (8, 8), (16, 2)]);
+        assert_eq!(cut(7), [(0, 4), (4, 2), (6, 1)]);
+        assert_eq!(cut(8), [(0, 8)]);
+        let mut values: Vec<u16> = (0..2 * BLOCK as u16).collect();
+        let mut chunks = vec![0; values.len()];
+        interleave(&values, &mut chunks, 2);
+        // 2 blocks: chunk c holds 8 values of block 0, then 8 of block 1, from 8c.
+        assert_eq!(
+            chunks[..CHUNK],
+            [0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39]
+        );
+        deinterleave(&chunks, &mut values, 2);
+        assert_eq!(values, (0..2 * BLOCK as u16).collect::<Vec<_>>());
+    }
+
     #[test]
     fn q4_1_dot_equals_the_dot_of_the_expanded_row() {
-        let blocks = 18;
-        let ggml = q4_1_row(blocks);
-        let mut row = vec![0u8; ggml.len()];
-        regroup_q4_1(&ggml, &mut row);
-        let x = pseudo_random(blocks * BLOCK, 3);
-        // The reference values: gguf's own dequantization of the ggml-order blocks.
-        let mut w = vec![0f32; x.len()];
-        crate::gguf::dequantize_q4_1(&ggml, &mut w).unwrap();
-        let mut expanded = vec![0f32; x.len()];
-        expand_q4_1(&row, &mut expanded);
-        assert_eq!(expanded, w, "regrouped blocks expand to the same values");
-        let xq = QuantizedRow::new(&x);
-        for simd in Simd::available() {
-            let [got] = dot_q4_1(simd, [&row], &xq);
-            let [a, b] = dot_q4_1(simd, [&row, &row], &xq);
-            assert_eq!([a, b], [got, got], "{simd:?}: two rows at once");
-            let other = QuantizedRow::new(&pseudo_random(blocks * BLOCK, 17));
-            let [alone_other] = dot_q4_1(simd, [&row], &other);
-            let together = dot_q4_1_inputs(simd, &row, [&xq, &other, &xq]);
+        for blocks in BLOCK_COUNTS {
+            let ggml = q4_1_row(blocks, 7);
+            let mut row = vec![0u8; ggml.len()];
+            regroup_q4_1(&ggml, &mut row);
+            let x = pseudo_random(blocks * BLOCK, 3);
+            // The reference values: gguf's own dequantization of the ggml-order blocks.
+            let mut w = vec![0f32; x.len()];
+            crate::gguf::dequantize_q4_1(&ggml, &mut w).unwrap();
+            let mut expanded = vec![0f32; x.len()];
+            expand_q4_1(&row, &mut expanded);
             assert_eq!(
-                together,
-                [got, alone_other, got],
-                "{simd:?}: several inputs at once"
+                expanded, w,
+                "{blocks} blocks: the layout expands to the same values"
             );
-            assert!(close(got, &w, &x), "{simd:?}: {got}");
+            let xq = QuantizedRow::new(&x);
+            for simd in Simd::available() {
+                let [[got]] = dot_q4_1(simd, [&row], [&xq]);
+                assert!(close(got, &w, &x), "{simd:?}, {blocks} blocks: {got}");
+            }
         }
     }
 
     #[test]
-    fn a_short_group_reads_only_its_own_scales() {
-        // 9 blocks: a whole group and one of a single block, whose nibbles are all 0xFF (as
+    fn q8_0_dot_equals_the_dot_of_the_expanded_row() {
+        for blocks in BLOCK_COUNTS {
+            let (plain, scales) = q8_0_row(blocks, 5);
+            let mut quants = plain.clone();
+            interleave_q8_0(&mut quants);
+            let mut w = vec![0f32; blocks * BLOCK];
+            expand_q8_0(&quants, &scales, &mut w);
+            let want: Vec<f32> = plain
+                .iter()
+                .enumerate()
+                .map(|(k, &q)| q as f32 * scales[k / BLOCK])
+                .collect();
+            assert_eq!(
+                w, want,
+                "{blocks} blocks: the layout expands to the same values"
+            );
+            let x = pseudo_random(blocks * BLOCK, 13);
+            let xq = QuantizedRow::new(&x);
+            for simd in Simd::available() {
+                let [[got]] = dot_q8_0(simd, [(&quants, &scales)], [&xq]);
+                assert!(close(got, &w, &x), "{simd:?}, {blocks} blocks: {got}");
+            }
+        }
+    }
+
+    /// A (row, input) value is the same bit for bit from every kernel set and whatever rows
+    /// and inputs share its pass: batch equivalence rests on it.
+    #[test]
+    fn a_value_is_the_same_in_every_kernel_set_and_every_pass() {
+        for blocks in BLOCK_COUNTS {
+            let q4_1: Vec<Vec<u8>> = (0..2)
+                .map(|r| {
+                    let ggml = q4_1_row(blocks, 31 + r);
+                    let mut row = vec![0u8; ggml.len()];
+                    regroup_q4_1(&ggml, &mut row);
+                    row
+                })
+                .collect();
+            let q8_0: Vec<(Vec<i8>, Vec<f32>)> = (0..2)
+                .map(|r| {
+                    let (mut quants, scales) = q8_0_row(blocks, 41 + r);
+                    interleave_q8_0(&mut quants);
+                    (quants, scales)
+                })
+                .collect();
+            let xs: Vec<QuantizedRow> = (0..4)
+                .map(|j| QuantizedRow::new(&pseudo_random(blocks * BLOCK, 51 + j)))
+                .collect();
+            let q8 = |r: usize| (&q8_0[r].0[..], &q8_0[r].1[..]);
+            let alone_q4 = |r: usize, j: usize| dot_q4_1_portable(&q4_1[r], &xs[j]);
+            let alone_q8 = |r: usize, j: usize| dot_q8_0_portable(&q8_0[r].0, &q8_0[r].1, &xs[j]);
+            for simd in Simd::available() {
+                let what = format!("{simd:?}, {blocks} blocks");
+                let [a, b] = dot_q4_1(simd, [&q4_1[0], &q4_1[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+                assert_eq!(
+                    a,
+                    [0, 1, 2, 3].map(|j| alone_q4(0, j)),
+                    "{what}: Q4_1 2 x 4"
+                );
+                assert_eq!(
+                    b,
+                    [0, 1, 2, 3].map(|j| alone_q4(1, j)),
+                    "{what}: Q4_1 2 x 4"
+                );
+                let [c] = dot_q4_1(simd, [&q4_1[1]], [&xs[2], &xs[0], &xs[2]]);
+                assert_eq!(c, [2, 0, 2].map(|j| alone_q4(1, j)), "{what}: Q4_1 1 x 3");
+                let [a, b] = dot_q8_0(simd, [q8(0), q8(1)], [&xs[3], &xs[1]]);
+                assert_eq!(a, [3, 1].map(|j| alone_q8(0, j)), "{what}: Q8_0 2 x 2");
+                assert_eq!(b, [3, 1].map(|j| alone_q8(1, j)), "{what}: Q8_0 2 x 2");
+                let [c] = dot_q8_0(simd, [q8(1)], [&xs[0], &xs[1], &xs[2], &xs[3]]);
+                assert_eq!(
+                    c,
+                    [0, 1, 2, 3].map(|j| alone_q8(1, j)),
+                    "{what}: Q8_0 1 x 4"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_subgroup_reads_only_its_own_scales() {
+        // 9 blocks: a whole group and a subgroup of one block, whose nibbles are all 0xFF (as
         // f16, NaN) right after its `m`: the vector kernels load 16 bytes from its scales.
-        let mut ggml = q4_1_row(9);
+        let mut ggml = q4_1_row(9, 7);
         ggml[8 * Q4_1_BYTES + 4..].fill(0xFF);
         let mut row = vec![0u8; ggml.len()];
         regroup_q4_1(&ggml, &mut row);
@@ -835,8 +1024,12 @@ mod tests {
         let want = dot_q4_1_portable(&row, &x);
         assert!(want.is_finite());
         for simd in Simd::available() {
-            assert_eq!(dot_q4_1(simd, [&row], &x), [want], "{simd:?}");
-            assert_eq!(dot_q4_1_inputs(simd, &row, [&x, &x]), [want; 2], "{simd:?}");
+            assert_eq!(dot_q4_1(simd, [&row], [&x]), [[want]], "{simd:?}");
+            assert_eq!(
+                dot_q4_1(simd, [&row, &row], [&x, &x]),
+                [[want; 2]; 2],
+                "{simd:?}"
+            );
         }
     }
 
@@ -849,35 +1042,9 @@ mod tests {
         let detected = QuantizedRow::new(&x);
         assert_eq!(portable.values, detected.values);
         assert_eq!(portable.scales, detected.scales);
-        assert_eq!(detected.scales.len(), 8, "padded to a whole group");
+        assert_eq!(detected.scales.len(), 5 + GROUP, "padded by a group");
         for (a, b) in portable.sums.iter().zip(&detected.sums) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
-        }
-    }
-
-    #[test]
-    fn q8_0_dot_equals_the_dot_of_the_expanded_row() {
-        let blocks = 18;
-        let quants: Vec<i8> = pseudo_random(blocks * BLOCK, 5)
-            .iter()
-            .map(|v| (v * 127.0) as i8)
-            .collect();
-        let scales = pseudo_random(blocks, 11);
-        let x = pseudo_random(blocks * BLOCK, 13);
-        let mut w = vec![0f32; x.len()];
-        expand_q8_0(&quants, &scales, &mut w);
-        let xq = QuantizedRow::new(&x);
-        for simd in Simd::available() {
-            let [got] = dot_q8_0_inputs(simd, &quants, &scales, [&xq]);
-            assert!(close(got, &w, &x), "{simd:?}: {got}");
-            let other = QuantizedRow::new(&pseudo_random(blocks * BLOCK, 19));
-            let [alone_other] = dot_q8_0_inputs(simd, &quants, &scales, [&other]);
-            let together = dot_q8_0_inputs(simd, &quants, &scales, [&xq, &other, &xq]);
-            assert_eq!(
-                together,
-                [got, alone_other, got],
-                "{simd:?}: several inputs at once"
-            );
         }
     }
 }

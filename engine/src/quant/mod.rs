@@ -32,15 +32,15 @@ pub use kernels::{BLOCK, Q4_1_BYTES};
 const Q8_0_BYTES: usize = 34;
 
 /// Input rows from which the tiled gemm path beats the integer dots. The gemm path expands
-/// every weight to f32 once per call, whatever the row count; the integer path unpacks each
-/// block once for up to four rows and pays the multiplications per row. Measured on SmolLM2
-/// Q4_1 (this 2-core machine, one prompt's prefill, the integer path for every row against
-/// this split, alternating): the integer path took 16 rows x1.43 as fast, 24 x1.10, 28
-/// x1.01, 32 x0.94 and 64 x0.72, so a gemm call costs about 16 integer rows plus 0.44 of one
-/// per row, and they meet at 28. A chunk's own length picks its path (a row's arithmetic must
-/// not depend on its batch), so several short prompts arriving together each take the integer
-/// path even where one gemm call for all of them would be cheaper.
-pub(crate) const GEMM_MIN_ROWS: usize = 28;
+/// every weight to f32 once per call, whatever the row count; the integer path widens each
+/// chunk of weights once for two rows and four inputs and pays the multiplications per input.
+/// Measured on SmolLM2 Q4_1 (this 2-core machine, one prompt's prefill, the integer path for
+/// every row against gemm from 28 rows, alternating binaries): 32 rows x1.13 as fast, 48
+/// x1.01, 64 x1.08, 96 x0.81, so they meet at about 48 (at 28, before the kernel took two
+/// rows and blocks side by side). A chunk's own length picks its path (a row's arithmetic
+/// must not depend on its batch), so several short prompts arriving together each take the
+/// integer path even where one gemm call for all of them would be cheaper.
+pub(crate) const GEMM_MIN_ROWS: usize = 48;
 /// The f32 expansion of weight rows handed to gemm at once: big enough that gemm's packing of
 /// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
@@ -105,7 +105,10 @@ impl BlockMatrix {
             .par_chunks_mut(cols * 64)
             .zip(scales.par_chunks_mut(cols / BLOCK * 64))
             .zip(values.par_chunks(cols * 64))
-            .for_each(|((q, s), v)| quantize_into(v, q, s));
+            .for_each(|((q, s), v)| {
+                quantize_into(v, q, s);
+                q.chunks_exact_mut(cols).for_each(kernels::interleave_q8_0);
+            });
         Some(Self {
             rows,
             cols,
@@ -144,6 +147,9 @@ impl BlockMatrix {
             scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
             quants.extend(block[2..].iter().map(|&b| b as i8));
         }
+        quants
+            .chunks_exact_mut(cols)
+            .for_each(kernels::interleave_q8_0);
         Some(Self {
             rows,
             cols,
@@ -155,47 +161,34 @@ impl BlockMatrix {
         self.rows
     }
 
-    /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`). One
-    /// input: Q4_1 rows two at a time; several: each block unpacked once for up to four
-    /// inputs. Either way a (row, input) value is the same.
+    /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`): two
+    /// rows with up to four inputs per kernel call. A (row, input) value is the same
+    /// whichever rows and inputs share its call.
     fn dot_rows(&self, simd: Simd, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
-        let m = xs.len();
-        debug_assert_eq!(out.len(), rows.len() * m);
+        debug_assert_eq!(out.len(), rows.len() * xs.len());
         let blocks = self.cols / BLOCK;
         match &self.blocks {
-            Blocks::Q8_0 { quants, scales } => {
-                for (out, r) in out.chunks_exact_mut(m).zip(rows) {
-                    let row = Q8_0Row {
-                        simd,
-                        quants: &quants[r * self.cols..(r + 1) * self.cols],
-                        scales: &scales[r * blocks..(r + 1) * blocks],
-                    };
-                    dot_in_fours(&row, xs, out);
-                }
-            }
-            Blocks::Q4_1(bytes) => {
-                let row = |r: usize| &bytes[r * blocks * Q4_1_BYTES..(r + 1) * blocks * Q4_1_BYTES];
-                if let [x] = xs {
-                    let mut pairs = out.chunks_exact_mut(2);
-                    for (pair, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
-                        pair.copy_from_slice(&kernels::dot_q4_1(simd, [row(r), row(r + 1)], x));
-                    }
-                    if let [last] = pairs.into_remainder() {
-                        *last = kernels::dot_q4_1(simd, [row(rows.end - 1)], x)[0];
-                    }
-                    return;
-                }
-                for (out, r) in out.chunks_exact_mut(m).zip(rows) {
-                    dot_in_fours(
-                        &Q4_1Row {
-                            simd,
-                            bytes: row(r),
-                        },
-                        xs,
-                        out,
-                    );
-                }
-            }
+            Blocks::Q8_0 { quants, scales } => dot_in_tiles(
+                &Q8_0Rows {
+                    simd,
+                    quants,
+                    scales,
+                    cols: self.cols,
+                },
+                rows,
+                xs,
+                out,
+            ),
+            Blocks::Q4_1(bytes) => dot_in_tiles(
+                &Q4_1Rows {
+                    simd,
+                    bytes,
+                    row_bytes: blocks * Q4_1_BYTES,
+                },
+                rows,
+                xs,
+                out,
+            ),
         }
     }
 
@@ -354,44 +347,90 @@ impl BlockMatrix {
     }
 }
 
-/// One weight row dotted with `M` prepared inputs at once, for any `M`: each block is
-/// unpacked once per call.
+/// `R` weight rows of one matrix dotted with `M` prepared inputs in one kernel call.
 trait RowDot {
-    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M];
+    fn dot<const R: usize, const M: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R];
 }
 
-struct Q8_0Row<'a> {
+struct Q8_0Rows<'a> {
     simd: Simd,
     quants: &'a [i8],
     scales: &'a [f32],
+    cols: usize,
 }
 
-impl RowDot for Q8_0Row<'_> {
-    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M] {
-        kernels::dot_q8_0_inputs(self.simd, self.quants, self.scales, xs)
+impl RowDot for Q8_0Rows<'_> {
+    fn dot<const R: usize, const M: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R] {
+        let blocks = self.cols / BLOCK;
+        let row = |r: usize| {
+            (
+                &self.quants[r * self.cols..(r + 1) * self.cols],
+                &self.scales[r * blocks..(r + 1) * blocks],
+            )
+        };
+        kernels::dot_q8_0(self.simd, rows.map(row), xs)
     }
 }
 
-struct Q4_1Row<'a> {
+struct Q4_1Rows<'a> {
     simd: Simd,
     bytes: &'a [u8],
+    row_bytes: usize,
 }
 
-impl RowDot for Q4_1Row<'_> {
-    fn dot<const M: usize>(&self, xs: [&QuantizedRow; M]) -> [f32; M] {
-        kernels::dot_q4_1_inputs(self.simd, self.bytes, xs)
+impl RowDot for Q4_1Rows<'_> {
+    fn dot<const R: usize, const M: usize>(
+        &self,
+        rows: [usize; R],
+        xs: [&QuantizedRow; M],
+    ) -> [[f32; M]; R] {
+        let row = |r: usize| &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+        kernels::dot_q4_1(self.simd, rows.map(row), xs)
     }
 }
 
-/// `row` dotted with every input into `out`, four inputs per call (the kernels keep up to
-/// four inputs' sums in registers).
-fn dot_in_fours(row: &impl RowDot, xs: &[QuantizedRow], out: &mut [f32]) {
-    for (out, xs) in out.chunks_mut(4).zip(xs.chunks(4)) {
-        match xs {
-            [a, b, c, d] => out.copy_from_slice(&row.dot([a, b, c, d])),
-            [a, b, c] => out.copy_from_slice(&row.dot([a, b, c])),
-            [a, b] => out.copy_from_slice(&row.dot([a, b])),
-            [a] => out.copy_from_slice(&row.dot([a])),
+/// `rows` of `w` dotted with every input into `out` (`[rows, inputs]`), in tiles of two
+/// rows by up to four inputs (what the kernels keep in registers); an odd last row alone.
+fn dot_in_tiles(w: &impl RowDot, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
+    let m = xs.len();
+    let mut pairs = out.chunks_exact_mut(2 * m);
+    for (out, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
+        rows_by_inputs(w, [r, r + 1], xs, out);
+    }
+    let last = pairs.into_remainder();
+    if !last.is_empty() {
+        rows_by_inputs(w, [rows.end - 1], xs, last);
+    }
+}
+
+/// `R` rows with every input, four inputs per call, into `out` (`[R, inputs]`).
+fn rows_by_inputs<const R: usize>(
+    w: &impl RowDot,
+    rows: [usize; R],
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+) {
+    fn put<const R: usize, const M: usize>(out: &mut [f32], at: usize, values: [[f32; M]; R]) {
+        let m = out.len() / R;
+        for (r, values) in values.iter().enumerate() {
+            out[r * m + at..r * m + at + M].copy_from_slice(values);
+        }
+    }
+    for (c, four) in xs.chunks(4).enumerate() {
+        let at = 4 * c;
+        match four {
+            [a, b, c, d] => put(out, at, w.dot(rows, [a, b, c, d])),
+            [a, b, c] => put(out, at, w.dot(rows, [a, b, c])),
+            [a, b] => put(out, at, w.dot(rows, [a, b])),
+            [a] => put(out, at, w.dot(rows, [a])),
             _ => {}
         }
     }
