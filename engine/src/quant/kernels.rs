@@ -48,6 +48,8 @@
 //! `vpdpwssd` (multiply pairs and accumulate, exact in i32 as `vpmaddwd` + `vpaddd`): the
 //! same sums, from the same body.
 
+use std::ops::Range;
+
 pub const BLOCK: usize = 32;
 /// Bytes of one Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles.
 pub const Q4_1_BYTES: usize = 20;
@@ -97,6 +99,7 @@ impl Simd {
 }
 
 /// One input row prepared for the integer kernels.
+#[derive(Clone)]
 pub struct QuantizedRow {
     /// `x` rounded to i16 per block (`x ≈ values · scale`), in the subgroup layout (module
     /// docs).
@@ -197,20 +200,42 @@ fn subgroups(blocks: usize) -> impl Iterator<Item = (usize, usize)> {
 /// chunk order (`chunks`): chunk `c` holds `16/p` units of each block in turn, from unit
 /// `c·16/p`.
 fn interleave<T: Copy>(blocks: &[T], chunks: &mut [T], p: usize) {
-    let (width, run) = (blocks.len() / p, CHUNK / p);
-    for (c, chunk) in chunks.chunks_exact_mut(CHUNK).enumerate() {
-        for (b, part) in chunk.chunks_exact_mut(run).enumerate() {
-            part.copy_from_slice(&blocks[b * width + c * run..][..run]);
-        }
+    match p {
+        8 => move_runs::<T, 2>(blocks, chunks, true),
+        4 => move_runs::<T, 4>(blocks, chunks, true),
+        2 => move_runs::<T, 8>(blocks, chunks, true),
+        _ => move_runs::<T, 16>(blocks, chunks, true),
     }
 }
 
 /// The inverse of [`interleave`].
 fn deinterleave<T: Copy>(chunks: &[T], blocks: &mut [T], p: usize) {
-    let (width, run) = (blocks.len() / p, CHUNK / p);
-    for (c, chunk) in chunks.chunks_exact(CHUNK).enumerate() {
-        for (b, part) in chunk.chunks_exact(run).enumerate() {
-            blocks[b * width + c * run..][..run].copy_from_slice(part);
+    match p {
+        8 => move_runs::<T, 2>(chunks, blocks, false),
+        4 => move_runs::<T, 4>(chunks, blocks, false),
+        2 => move_runs::<T, 8>(chunks, blocks, false),
+        _ => move_runs::<T, 16>(chunks, blocks, false),
+    }
+}
+
+/// Moves a subgroup of `16 / RUN` blocks between block order and chunk order (`to_chunks`)
+/// or back: the `RUN` units of block `b` from unit `c·RUN` sit at `c·16 + b·RUN` in chunk
+/// order. The run length is a constant so that each run is a few register moves: a run whose
+/// length was known only at run time became a `memcpy` call, and laying out the activations
+/// that way took 2 % of a 4-client decode step.
+fn move_runs<T: Copy, const RUN: usize>(from: &[T], to: &mut [T], to_chunks: bool) {
+    let p = CHUNK / RUN;
+    let width = from.len() / p;
+    for c in 0..width / RUN {
+        for b in 0..p {
+            let (block_at, chunk_at) = (b * width + c * RUN, c * CHUNK + b * RUN);
+            let (src, dst) = if to_chunks {
+                (block_at, chunk_at)
+            } else {
+                (chunk_at, block_at)
+            };
+            let run: [T; RUN] = from[src..src + RUN].try_into().expect("a whole run");
+            to[dst..dst + RUN].copy_from_slice(&run);
         }
     }
 }
@@ -258,53 +283,85 @@ fn q4_1_subgroup(sub: &[u8], p: usize) -> ([f32; GROUP], [f32; GROUP], [u8; GROU
     )
 }
 
-/// `Σ_k w_k x_k` of each of `R` Q4_1 rows (in the subgroup layout) with each of `M`
-/// inputs: `[row][input]`. A (row, input) value does not depend on `R`, `M` or the others.
-#[inline]
-pub fn dot_q4_1<const R: usize, const M: usize>(
+/// Rows `rows` of a Q4_1 matrix (`bytes`: rows of `xs[0].blocks()` blocks in the subgroup
+/// layout) dotted with every input into `out` (`[rows, inputs]`), `Σ_k w_k x_k`. The vector
+/// kernel takes tiles of two rows by up to four inputs (what it keeps in registers); a (row,
+/// input) value does not depend on the tile it is in.
+pub fn dot_q4_1(
     simd: Simd,
-    rows: [&[u8]; R],
-    xs: [&QuantizedRow; M],
-) -> [[f32; M]; R] {
-    for (row, x) in rows.iter().zip(xs.iter().cycle()) {
-        assert_eq!(row.len(), x.blocks() * Q4_1_BYTES, "dot_q4_1: row length");
-    }
-    for x in xs {
-        assert_eq!(x.blocks(), xs[0].blocks(), "dot_q4_1: input lengths");
-    }
+    bytes: &[u8],
+    rows: Range<usize>,
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+) {
+    let len = check_tiles(rows.clone(), xs, out) * Q4_1_BYTES;
+    assert!(
+        bytes.len() >= rows.end * len,
+        "dot_q4_1: rows past the matrix"
+    );
     match simd {
-        // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C
-        // (and `vnni: true` AVX-VNNI); the lengths agree (the asserts above).
+        // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C (and
+        // `vnni: true` AVX-VNNI); the shapes agree (the asserts above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(rows, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(bytes, rows, xs, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(rows, xs) },
-        Simd::Portable => rows.map(|row| xs.map(|x| dot_q4_1_portable(row, x))),
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(bytes, rows, xs, out) },
+        Simd::Portable => each_value(rows, xs, out, |r, x| {
+            dot_q4_1_portable(&bytes[r * len..(r + 1) * len], x)
+        }),
     }
 }
 
-/// `Σ_k w_k x_k` of each of `R` Q8_0 rows (`(values in the subgroup layout, one scale per
-/// block)`) with each of `M` inputs: `[row][input]`, each value independent of the others.
-#[inline]
-pub fn dot_q8_0<const R: usize, const M: usize>(
+/// Rows `rows` of a Q8_0 matrix (`quants` in the subgroup layout, one scale per block) dotted
+/// with every input into `out` (`[rows, inputs]`), as [`dot_q4_1`].
+pub fn dot_q8_0(
     simd: Simd,
-    rows: [(&[i8], &[f32]); R],
-    xs: [&QuantizedRow; M],
-) -> [[f32; M]; R] {
-    for ((quants, scales), x) in rows.iter().zip(xs.iter().cycle()) {
-        assert_eq!(quants.len(), x.values.len(), "dot_q8_0: row length");
-        assert_eq!(scales.len(), x.blocks(), "dot_q8_0: scales");
-    }
-    for x in xs {
-        assert_eq!(x.blocks(), xs[0].blocks(), "dot_q8_0: input lengths");
-    }
+    quants: &[i8],
+    scales: &[f32],
+    rows: Range<usize>,
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+) {
+    let blocks = check_tiles(rows.clone(), xs, out);
+    assert!(
+        quants.len() >= rows.end * blocks * BLOCK && scales.len() >= rows.end * blocks,
+        "dot_q8_0: rows past the matrix"
+    );
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0(rows, xs) },
+        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0(quants, scales, rows, xs, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_vnni(rows, xs) },
-        Simd::Portable => rows.map(|(q, s)| xs.map(|x| dot_q8_0_portable(q, s, x))),
+        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_vnni(quants, scales, rows, xs, out) },
+        Simd::Portable => each_value(rows, xs, out, |r, x| {
+            let (q, s) = (r * blocks * BLOCK, r * blocks);
+            dot_q8_0_portable(&quants[q..q + blocks * BLOCK], &scales[s..s + blocks], x)
+        }),
+    }
+}
+
+/// The blocks every input has (all the same), and `out` is `[rows, inputs]`.
+fn check_tiles(rows: Range<usize>, xs: &[QuantizedRow], out: &[f32]) -> usize {
+    let blocks = xs.first().map_or(0, |x| x.blocks());
+    assert!(
+        xs.iter().all(|x| x.blocks() == blocks),
+        "inputs of different lengths"
+    );
+    assert_eq!(out.len(), rows.len() * xs.len(), "output shape");
+    blocks
+}
+
+/// `out[row, input] = value(row, input)`, one at a time.
+fn each_value(
+    rows: Range<usize>,
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+    value: impl Fn(usize, &QuantizedRow) -> f32,
+) {
+    for (out, r) in out.chunks_exact_mut(xs.len().max(1)).zip(rows) {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = value(r, x);
+        }
     }
 }
 
@@ -418,6 +475,8 @@ pub fn expand_q8_0(quants: &[i8], scales: &[f32], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    use std::ops::Range;
 
     use super::{BLOCK, CHUNK, GROUP, Q4_1_BYTES, QuantizedRow, subgroups};
 
@@ -731,50 +790,160 @@ mod avx2 {
         }
     }
 
+    /// Rows `rows` (`row(r)`) against every input into `out` (`[rows, inputs]`), in tiles of
+    /// two rows ([`inputs`]), an odd last row alone.
+    ///
+    /// # Safety
+    /// As for [`dot`], for every row and input.
+    #[inline(always)]
+    unsafe fn tiles<W: WeightRow, const VNNI: bool>(
+        row: impl Fn(usize) -> W,
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        let m = xs.len();
+        let mut r = rows.start;
+        // SAFETY: the caller's contract.
+        unsafe {
+            while r < rows.end {
+                let out = &mut out[(r - rows.start) * m..];
+                if r + 1 < rows.end {
+                    inputs::<W, 2, VNNI>([row(r), row(r + 1)], xs, out);
+                    r += 2;
+                } else {
+                    inputs::<W, 1, VNNI>([row(r)], xs, out);
+                    r += 1;
+                }
+            }
+        }
+    }
+
+    /// `R` rows against every input, four inputs per [`dot`], into the first `R` rows of
+    /// `out` (rows of `xs.len()`).
+    ///
+    /// # Safety
+    /// As for [`dot`].
+    #[inline(always)]
+    unsafe fn inputs<W: WeightRow, const R: usize, const VNNI: bool>(
+        rows: [W; R],
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        /// `values` (`[row][input]`) into `out` (rows of `m`) from input `at`.
+        #[inline(always)]
+        fn put<const R: usize, const M: usize>(
+            out: &mut [f32],
+            m: usize,
+            at: usize,
+            values: [[f32; M]; R],
+        ) {
+            for (r, values) in values.iter().enumerate() {
+                out[r * m + at..r * m + at + M].copy_from_slice(values);
+            }
+        }
+        let m = xs.len();
+        // SAFETY: the caller's contract.
+        unsafe {
+            for (c, four) in xs.chunks(4).enumerate() {
+                let at = 4 * c;
+                match four {
+                    [a, b, c, d] => put(out, m, at, dot::<W, R, 4, VNNI>(rows, [a, b, c, d])),
+                    [a, b, c] => put(out, m, at, dot::<W, R, 3, VNNI>(rows, [a, b, c])),
+                    [a, b] => put(out, m, at, dot::<W, R, 2, VNNI>(rows, [a, b])),
+                    [a] => put(out, m, at, dot::<W, R, 1, VNNI>(rows, [a])),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Q4_1 rows of `xs[0].blocks()` blocks from `bytes`.
+    ///
+    /// # Safety
+    /// `bytes` holds rows up to `rows.end`; the callers enable the instruction sets.
+    #[inline(always)]
+    unsafe fn q4_1<const VNNI: bool>(
+        bytes: &[u8],
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        let len = xs.first().map_or(0, |x| x.blocks()) * Q4_1_BYTES;
+        // SAFETY: the caller's contract: row `r` is `bytes[r * len..(r + 1) * len]`.
+        unsafe { tiles::<_, VNNI>(|r| Q4_1Row(bytes.as_ptr().add(r * len), len), rows, xs, out) }
+    }
+
+    /// Q8_0 rows of `xs[0].blocks()` blocks from `quants` and `scales`.
+    ///
+    /// # Safety
+    /// `quants` and `scales` hold rows up to `rows.end`; the callers enable the instruction
+    /// sets.
+    #[inline(always)]
+    unsafe fn q8_0<const VNNI: bool>(
+        quants: &[i8],
+        scales: &[f32],
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        let blocks = xs.first().map_or(0, |x| x.blocks());
+        // SAFETY: the caller's contract: row `r`'s values start at `r * blocks * 32`, its
+        // scales at `r * blocks`.
+        unsafe {
+            tiles::<_, VNNI>(
+                |r| {
+                    Q8_0Row(
+                        quants.as_ptr().add(r * blocks * BLOCK),
+                        scales.as_ptr().add(r * blocks),
+                        blocks,
+                    )
+                },
+                rows,
+                xs,
+                out,
+            )
+        }
+    }
+
     // The entry points, one per instruction set: a `#[target_feature]` cannot depend on a
-    // const parameter. SAFETY (each): every row and input holds `xs[0].blocks()` blocks (Q8_0:
-    // values and scales); the CPU has the features enabled.
+    // const parameter. SAFETY (each): as for the body it calls.
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1<const R: usize, const M: usize>(
-        rows: [&[u8]; R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        unsafe { dot::<_, R, M, false>(rows.map(|r| Q4_1Row(r.as_ptr(), r.len())), xs) }
+    pub unsafe fn dot_q4_1(bytes: &[u8], rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
+        unsafe { q4_1::<false>(bytes, rows, xs, out) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub unsafe fn dot_q4_1_vnni<const R: usize, const M: usize>(
-        rows: [&[u8]; R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        unsafe { dot::<_, R, M, true>(rows.map(|r| Q4_1Row(r.as_ptr(), r.len())), xs) }
+    pub unsafe fn dot_q4_1_vnni(
+        bytes: &[u8],
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        unsafe { q4_1::<true>(bytes, rows, xs, out) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0<const R: usize, const M: usize>(
-        rows: [(&[i8], &[f32]); R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        unsafe {
-            dot::<_, R, M, false>(
-                rows.map(|(q, s)| Q8_0Row(q.as_ptr(), s.as_ptr(), s.len())),
-                xs,
-            )
-        }
+    pub unsafe fn dot_q8_0(
+        quants: &[i8],
+        scales: &[f32],
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        unsafe { q8_0::<false>(quants, scales, rows, xs, out) }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn dot_q8_0_vnni<const R: usize, const M: usize>(
-        rows: [(&[i8], &[f32]); R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        unsafe {
-            dot::<_, R, M, true>(
-                rows.map(|(q, s)| Q8_0Row(q.as_ptr(), s.as_ptr(), s.len())),
-                xs,
-            )
-        }
+    pub unsafe fn dot_q8_0_vnni(
+        quants: &[i8],
+        scales: &[f32],
+        rows: Range<usize>,
+        xs: &[QuantizedRow],
+        out: &mut [f32],
+    ) {
+        unsafe { q8_0::<true>(quants, scales, rows, xs, out) }
     }
 
     /// A whole Q4_1 group (`sub`: 8 `d`s, 8 `m`s, 8 nibble chunks) as 256 f32, `q·d + m`
@@ -927,10 +1096,11 @@ mod tests {
                 expanded, w,
                 "{blocks} blocks: the layout expands to the same values"
             );
-            let xq = QuantizedRow::new(&x);
+            let xq = [QuantizedRow::new(&x)];
             for simd in Simd::available() {
-                let [[got]] = dot_q4_1(simd, [&row], [&xq]);
-                assert!(close(got, &w, &x), "{simd:?}, {blocks} blocks: {got}");
+                let mut got = [0f32];
+                dot_q4_1(simd, &row, 0..1, &xq, &mut got);
+                assert!(close(got[0], &w, &x), "{simd:?}, {blocks} blocks: {got:?}");
             }
         }
     }
@@ -953,10 +1123,11 @@ mod tests {
                 "{blocks} blocks: the layout expands to the same values"
             );
             let x = pseudo_random(blocks * BLOCK, 13);
-            let xq = QuantizedRow::new(&x);
+            let xq = [QuantizedRow::new(&x)];
             for simd in Simd::available() {
-                let [[got]] = dot_q8_0(simd, [(&quants, &scales)], [&xq]);
-                assert!(close(got, &w, &x), "{simd:?}, {blocks} blocks: {got}");
+                let mut got = [0f32];
+                dot_q8_0(simd, &quants, &scales, 0..1, &xq, &mut got);
+                assert!(close(got[0], &w, &x), "{simd:?}, {blocks} blocks: {got:?}");
             }
         }
     }
@@ -966,51 +1137,53 @@ mod tests {
     #[test]
     fn a_value_is_the_same_in_every_kernel_set_and_every_pass() {
         for blocks in BLOCK_COUNTS {
-            let q4_1: Vec<Vec<u8>> = (0..2)
-                .map(|r| {
+            let q4_1: Vec<u8> = (0..3)
+                .flat_map(|r| {
                     let ggml = q4_1_row(blocks, 31 + r);
                     let mut row = vec![0u8; ggml.len()];
                     regroup_q4_1(&ggml, &mut row);
                     row
                 })
                 .collect();
-            let q8_0: Vec<(Vec<i8>, Vec<f32>)> = (0..2)
-                .map(|r| {
-                    let (mut quants, scales) = q8_0_row(blocks, 41 + r);
-                    interleave_q8_0(&mut quants);
-                    (quants, scales)
-                })
-                .collect();
-            let xs: Vec<QuantizedRow> = (0..4)
+            let (mut quants, mut scales) = (Vec::new(), Vec::new());
+            for r in 0..3 {
+                let (mut q, s) = q8_0_row(blocks, 41 + r);
+                interleave_q8_0(&mut q);
+                quants.extend(q);
+                scales.extend(s);
+            }
+            let inputs: Vec<QuantizedRow> = (0..5)
                 .map(|j| QuantizedRow::new(&pseudo_random(blocks * BLOCK, 51 + j)))
                 .collect();
-            let q8 = |r: usize| (&q8_0[r].0[..], &q8_0[r].1[..]);
-            let alone_q4 = |r: usize, j: usize| dot_q4_1_portable(&q4_1[r], &xs[j]);
-            let alone_q8 = |r: usize, j: usize| dot_q8_0_portable(&q8_0[r].0, &q8_0[r].1, &xs[j]);
-            for simd in Simd::available() {
-                let what = format!("{simd:?}, {blocks} blocks");
-                let [a, b] = dot_q4_1(simd, [&q4_1[0], &q4_1[1]], [&xs[0], &xs[1], &xs[2], &xs[3]]);
-                assert_eq!(
-                    a,
-                    [0, 1, 2, 3].map(|j| alone_q4(0, j)),
-                    "{what}: Q4_1 2 x 4"
-                );
-                assert_eq!(
-                    b,
-                    [0, 1, 2, 3].map(|j| alone_q4(1, j)),
-                    "{what}: Q4_1 2 x 4"
-                );
-                let [c] = dot_q4_1(simd, [&q4_1[1]], [&xs[2], &xs[0], &xs[2]]);
-                assert_eq!(c, [2, 0, 2].map(|j| alone_q4(1, j)), "{what}: Q4_1 1 x 3");
-                let [a, b] = dot_q8_0(simd, [q8(0), q8(1)], [&xs[3], &xs[1]]);
-                assert_eq!(a, [3, 1].map(|j| alone_q8(0, j)), "{what}: Q8_0 2 x 2");
-                assert_eq!(b, [3, 1].map(|j| alone_q8(1, j)), "{what}: Q8_0 2 x 2");
-                let [c] = dot_q8_0(simd, [q8(1)], [&xs[0], &xs[1], &xs[2], &xs[3]]);
-                assert_eq!(
-                    c,
-                    [0, 1, 2, 3].map(|j| alone_q8(1, j)),
-                    "{what}: Q8_0 1 x 4"
-                );
+            let row_bytes = blocks * Q4_1_BYTES;
+            let alone_q4 = |r: usize, j: usize| {
+                dot_q4_1_portable(&q4_1[r * row_bytes..][..row_bytes], &inputs[j])
+            };
+            let alone_q8 = |r: usize, j: usize| {
+                let (q, s) = (&quants[r * blocks * BLOCK..], &scales[r * blocks..]);
+                dot_q8_0_portable(&q[..blocks * BLOCK], &s[..blocks], &inputs[j])
+            };
+            // Rows 0..3 (a pair and an odd row) by inputs in passes of 4 + 1, 3, 2 and 1.
+            for picks in [&[0, 1, 2, 3, 4][..], &[2, 0, 2], &[3, 1], &[4]] {
+                let xs: Vec<QuantizedRow> = picks.iter().map(|&j| inputs[j].clone()).collect();
+                let want = |alone: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+                    (0..3)
+                        .flat_map(|r| picks.iter().map(move |&j| alone(r, j)))
+                        .collect()
+                };
+                let (want_q4, want_q8) = (want(&alone_q4), want(&alone_q8));
+                for simd in Simd::available() {
+                    let what = format!("{simd:?}, {blocks} blocks, inputs {picks:?}");
+                    let mut got = vec![0f32; 3 * picks.len()];
+                    dot_q4_1(simd, &q4_1, 0..3, &xs, &mut got);
+                    assert_eq!(got, want_q4, "{what}: Q4_1");
+                    dot_q8_0(simd, &quants, &scales, 0..3, &xs, &mut got);
+                    assert_eq!(got, want_q8, "{what}: Q8_0");
+                    let mut alone = vec![0f32; picks.len()];
+                    dot_q4_1(simd, &q4_1, 1..2, &xs, &mut alone);
+                    let row_1 = &want_q4[picks.len()..2 * picks.len()];
+                    assert_eq!(alone, row_1, "{what}: row 1 alone");
+                }
             }
         }
     }
@@ -1026,13 +1199,11 @@ mod tests {
         let x = QuantizedRow::new(&pseudo_random(9 * BLOCK, 29));
         let want = dot_q4_1_portable(&row, &x);
         assert!(want.is_finite());
+        let two_rows = [row.clone(), row].concat();
         for simd in Simd::available() {
-            assert_eq!(dot_q4_1(simd, [&row], [&x]), [[want]], "{simd:?}");
-            assert_eq!(
-                dot_q4_1(simd, [&row, &row], [&x, &x]),
-                [[want; 2]; 2],
-                "{simd:?}"
-            );
+            let mut got = [0f32; 4];
+            dot_q4_1(simd, &two_rows, 0..2, &[x.clone(), x.clone()], &mut got);
+            assert_eq!(got, [want; 4], "{simd:?}");
         }
     }
 

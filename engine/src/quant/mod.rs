@@ -165,30 +165,11 @@ impl BlockMatrix {
     /// rows with up to four inputs per kernel call. A (row, input) value is the same
     /// whichever rows and inputs share its call.
     fn dot_rows(&self, simd: Simd, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
-        debug_assert_eq!(out.len(), rows.len() * xs.len());
-        let blocks = self.cols / BLOCK;
         match &self.blocks {
-            Blocks::Q8_0 { quants, scales } => dot_in_tiles(
-                &Q8_0Rows {
-                    simd,
-                    quants,
-                    scales,
-                    cols: self.cols,
-                },
-                rows,
-                xs,
-                out,
-            ),
-            Blocks::Q4_1(bytes) => dot_in_tiles(
-                &Q4_1Rows {
-                    simd,
-                    bytes,
-                    row_bytes: blocks * Q4_1_BYTES,
-                },
-                rows,
-                xs,
-                out,
-            ),
+            Blocks::Q8_0 { quants, scales } => {
+                kernels::dot_q8_0(simd, quants, scales, rows, xs, out)
+            }
+            Blocks::Q4_1(bytes) => kernels::dot_q4_1(simd, bytes, rows, xs, out),
         }
     }
 
@@ -344,95 +325,6 @@ impl BlockMatrix {
         }
         TILE.set(tile);
         out
-    }
-}
-
-/// `R` weight rows of one matrix dotted with `M` prepared inputs in one kernel call.
-trait RowDot {
-    fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R];
-}
-
-struct Q8_0Rows<'a> {
-    simd: Simd,
-    quants: &'a [i8],
-    scales: &'a [f32],
-    cols: usize,
-}
-
-impl RowDot for Q8_0Rows<'_> {
-    fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        let blocks = self.cols / BLOCK;
-        let row = |r: usize| {
-            (
-                &self.quants[r * self.cols..(r + 1) * self.cols],
-                &self.scales[r * blocks..(r + 1) * blocks],
-            )
-        };
-        kernels::dot_q8_0(self.simd, rows.map(row), xs)
-    }
-}
-
-struct Q4_1Rows<'a> {
-    simd: Simd,
-    bytes: &'a [u8],
-    row_bytes: usize,
-}
-
-impl RowDot for Q4_1Rows<'_> {
-    fn dot<const R: usize, const M: usize>(
-        &self,
-        rows: [usize; R],
-        xs: [&QuantizedRow; M],
-    ) -> [[f32; M]; R] {
-        let row = |r: usize| &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
-        kernels::dot_q4_1(self.simd, rows.map(row), xs)
-    }
-}
-
-/// `rows` of `w` dotted with every input into `out` (`[rows, inputs]`), in tiles of two
-/// rows by up to four inputs (what the kernels keep in registers); an odd last row alone.
-fn dot_in_tiles(w: &impl RowDot, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
-    let m = xs.len();
-    let mut pairs = out.chunks_exact_mut(2 * m);
-    for (out, r) in pairs.by_ref().zip(rows.clone().step_by(2)) {
-        rows_by_inputs(w, [r, r + 1], xs, out);
-    }
-    let last = pairs.into_remainder();
-    if !last.is_empty() {
-        rows_by_inputs(w, [rows.end - 1], xs, last);
-    }
-}
-
-/// `R` rows with every input, four inputs per call, into `out` (`[R, inputs]`).
-fn rows_by_inputs<const R: usize>(
-    w: &impl RowDot,
-    rows: [usize; R],
-    xs: &[QuantizedRow],
-    out: &mut [f32],
-) {
-    fn put<const R: usize, const M: usize>(out: &mut [f32], at: usize, values: [[f32; M]; R]) {
-        let m = out.len() / R;
-        for (r, values) in values.iter().enumerate() {
-            out[r * m + at..r * m + at + M].copy_from_slice(values);
-        }
-    }
-    for (c, four) in xs.chunks(4).enumerate() {
-        let at = 4 * c;
-        match four {
-            [a, b, c, d] => put(out, at, w.dot(rows, [a, b, c, d])),
-            [a, b, c] => put(out, at, w.dot(rows, [a, b, c])),
-            [a, b] => put(out, at, w.dot(rows, [a, b])),
-            [a] => put(out, at, w.dot(rows, [a])),
-            _ => {}
-        }
     }
 }
 
