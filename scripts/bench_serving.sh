@@ -4,9 +4,9 @@
 #   scripts/bench_serving.sh [MODEL.gguf]      (default: SmolLM2-135M-Instruct, fetched if absent)
 # Both workloads — short prompts (8–38 tokens) that generate 128 tokens, long ones (320–1520)
 # that generate 64 —
-# at CLIENTS concurrent streaming clients (default 1,2,4,8), the two servers taking turns REPEATS
-# times (default 3) for each client count, the medians reported; prints the tables and JSON
-# lines and draws each workload into
+# at CLIENTS concurrent streaming clients (default 1,2,4,8), in REPEATS passes (default 3) that
+# each measure every client count on both servers in turn, the medians reported; prints the
+# tables and JSON lines and draws each workload into
 # $OUT/serving-{short,long}.svg (default target/bench-serving).
 # llama-server: LLAMA_SERVER=PATH, else ../shared/tools/build-llama-server.sh builds it (native
 # flags; on a CPU that advertises features its VM does not enable, e.g. AMX, build llama.cpp with

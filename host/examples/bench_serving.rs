@@ -10,10 +10,11 @@
 //! Every client streams completions of prompts whose greedy continuation does not end
 //! early (counting, lists, code), temperature 0, `--tokens` new tokens each. Reported per
 //! server and client count: aggregate generated tokens/s (all clients' tokens over the wall
-//! time), per-stream tokens/s (median), and time to first token (p50, p95). Each client
-//! count is measured `--repeats` times, the servers taking turns, and each figure is the
-//! median of its repeats: on a shared machine one measurement of a few seconds can land in
-//! a slow spell that the other server's did not. One JSON line per server and client count
+//! time), per-stream tokens/s (median), and time to first token (p50, p95). The run makes
+//! `--repeats` passes, each measuring every client count on every server in turn, and each
+//! figure is the median of its repeats: on a shared machine one measurement of a few seconds
+//! can land in a slow spell that the one it is compared with (the other server's, or the same
+//! server's at another client count) did not. One JSON line per server and client count
 //! follows the table, for scripts.
 
 use std::path::PathBuf;
@@ -315,6 +316,32 @@ async fn main() {
     if args.llama_server.is_some() {
         servers.push(Server::LlamaServer);
     }
+    // Repeat by repeat, every client count and every server in turn: each figure is then the
+    // median of measurements spread over the whole run, so the figures compared with each
+    // other (two servers, or one server's 1 and 4 clients) saw the same spread of this
+    // machine's fast and slow spells.
+    let mut repeats: Vec<Vec<Vec<Measured>>> = args
+        .clients
+        .iter()
+        .map(|_| servers.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for repeat in 0..args.repeats.max(1) {
+        for (&clients, by_server) in args.clients.iter().zip(&mut repeats) {
+            for (&server, measured) in servers.iter().zip(by_server) {
+                let running = start(server, &args, clients.max(1)).await;
+                // One warm-up request, then the measurement.
+                let _ = request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
+                let m = measure(server, &running.url, clients, &args).await;
+                eprintln!(
+                    "repeat {}: {} with {clients} clients: {:.1} tok/s",
+                    repeat + 1,
+                    server.name(),
+                    m.aggregate
+                );
+                measured.push(m);
+            }
+        }
+    }
     println!(
         "{:<13} {:>7} {:>12} {:>14} {:>12} {:>10} {:>10} {:>7}",
         "server",
@@ -328,17 +355,8 @@ async fn main() {
     );
     let mut lines = Vec::new();
     let mut all = Vec::new();
-    for &clients in &args.clients {
-        let mut repeats: Vec<Vec<Measured>> = servers.iter().map(|_| Vec::new()).collect();
-        for _ in 0..args.repeats.max(1) {
-            for (&server, measured) in servers.iter().zip(&mut repeats) {
-                let running = start(server, &args, clients.max(1)).await;
-                // One warm-up request, then the measurement.
-                let _ = request(&reqwest::Client::new(), server, &running.url, PROMPTS[0], 8).await;
-                measured.push(measure(server, &running.url, clients, &args).await);
-            }
-        }
-        for (&server, measured) in servers.iter().zip(&repeats) {
+    for (&clients, by_server) in args.clients.iter().zip(&repeats) {
+        for (&server, measured) in servers.iter().zip(by_server) {
             let aggregates: Vec<f64> = measured.iter().map(|m| m.aggregate).collect();
             let m = Measured::median(measured);
             let range = format!(

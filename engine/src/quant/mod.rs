@@ -161,9 +161,9 @@ impl BlockMatrix {
         self.rows
     }
 
-    /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`): two
-    /// rows with up to four inputs per kernel call. A (row, input) value is the same
-    /// whichever rows and inputs share its call.
+    /// Rows `rows` dotted with each prepared input row into `out` (`[rows, inputs]`), two
+    /// rows by up to four inputs per pass of the kernel. A (row, input) value is the same
+    /// whichever rows and inputs share its pass.
     fn dot_rows(&self, simd: Simd, rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
         match &self.blocks {
             Blocks::Q8_0 { quants, scales } => {
