@@ -526,20 +526,28 @@ fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f3
     for k in keys.chunks_exact(hd) {
         scores.push(dot(q, k) * scale);
     }
-    weigh_values(&mut scores, values, out);
+    // `out += softmax(scores) · values`.
+    let total = exp_from_max(&mut scores);
+    add_weighted(&scores, total, values, out);
 }
 
-/// `out += softmax(scores) · values` (`values` `[scores.len(), out.len()]`).
+/// `scores` replaced by `exp(score - max)`; returns their sum (softmax's denominator).
 #[inline(always)]
-fn weigh_values(scores: &mut [f32], values: &[f32], out: &mut [f32]) {
-    let hd = out.len();
+fn exp_from_max(scores: &mut [f32]) -> f32 {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut total = 0f32;
     for x in scores.iter_mut() {
         *x = (*x - max).exp();
         total += *x;
     }
-    for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+    total
+}
+
+/// `out += (weights / total) · values`, key by key.
+#[inline(always)]
+fn add_weighted(weights: &[f32], total: f32, values: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    for (p, v) in weights.iter().zip(values.chunks_exact(hd)) {
         let p = p / total;
         for (o, v) in out.iter_mut().zip(v) {
             *o += p * v;
@@ -599,22 +607,11 @@ unsafe fn attend_row_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, o
     {
         *score = dot(q, k) * scale;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut total = 0f32;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        total += *x;
-    }
+    let total = exp_from_max(&mut scores);
     // `out += p · v` over the keys with `out` held in registers, 64 values at a time (the
     // portable loop loaded and stored `out` for every key: half of this function's time).
     if !hd.is_multiple_of(64) {
-        for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-            let p = p / total;
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += p * v;
-            }
-        }
-        return;
+        return add_weighted(&scores, total, values, out);
     }
     for (strip, at) in out.chunks_exact_mut(64).zip((0..hd).step_by(64)) {
         // SAFETY: every load is inside `values` (row `j`, values `at..at + 64`) and every

@@ -200,21 +200,21 @@ fn subgroups(blocks: usize) -> impl Iterator<Item = (usize, usize)> {
 /// chunk order (`chunks`): chunk `c` holds `16/p` units of each block in turn, from unit
 /// `c·16/p`.
 fn interleave<T: Copy>(blocks: &[T], chunks: &mut [T], p: usize) {
-    match p {
-        8 => move_runs::<T, 2>(blocks, chunks, true),
-        4 => move_runs::<T, 4>(blocks, chunks, true),
-        2 => move_runs::<T, 8>(blocks, chunks, true),
-        _ => move_runs::<T, 16>(blocks, chunks, true),
-    }
+    move_subgroup(blocks, chunks, p, true);
 }
 
 /// The inverse of [`interleave`].
 fn deinterleave<T: Copy>(chunks: &[T], blocks: &mut [T], p: usize) {
+    move_subgroup(chunks, blocks, p, false);
+}
+
+/// [`move_runs`] for a subgroup of `p` blocks (runs of `16/p` units).
+fn move_subgroup<T: Copy>(from: &[T], to: &mut [T], p: usize, to_chunks: bool) {
     match p {
-        8 => move_runs::<T, 2>(chunks, blocks, false),
-        4 => move_runs::<T, 4>(chunks, blocks, false),
-        2 => move_runs::<T, 8>(chunks, blocks, false),
-        _ => move_runs::<T, 16>(chunks, blocks, false),
+        8 => move_runs::<T, 2>(from, to, to_chunks),
+        4 => move_runs::<T, 4>(from, to, to_chunks),
+        2 => move_runs::<T, 8>(from, to, to_chunks),
+        _ => move_runs::<T, 16>(from, to, to_chunks),
     }
 }
 
@@ -271,15 +271,12 @@ pub fn regroup_q4_1(row: &[u8], out: &mut [u8]) {
     }
 }
 
-/// A Q4_1 subgroup's `d`s, `m`s and nibble bytes in block order.
-fn q4_1_subgroup(sub: &[u8], p: usize) -> ([f32; GROUP], [f32; GROUP], [u8; GROUP * CHUNK]) {
+/// A Q4_1 subgroup's `d`s and `m`s (lanes from `p` zero).
+fn q4_1_scales(sub: &[u8], p: usize) -> ([f32; GROUP], [f32; GROUP]) {
     let f16 = |at: usize| half::f16::from_le_bytes([sub[at], sub[at + 1]]).to_f32();
-    let mut nibbles = [0u8; GROUP * CHUNK];
-    deinterleave(&sub[4 * p..], &mut nibbles[..CHUNK * p], p);
     (
         std::array::from_fn(|i| if i < p { f16(2 * i) } else { 0.0 }),
         std::array::from_fn(|i| if i < p { f16(2 * p + 2 * i) } else { 0.0 }),
-        nibbles,
     )
 }
 
@@ -406,10 +403,7 @@ fn dot_q4_1_portable(row: &[u8], x: &QuantizedRow) -> f32 {
             let nibbles = &sub(first, p)[4 * p + CHUNK * (c % p)..][..CHUNK];
             std::array::from_fn(|i| if c < p { nibbles[i] & 0x0F } else { nibbles[i] >> 4 } as i16)
         },
-        |first, p| {
-            let (d, m, _) = q4_1_subgroup(sub(first, p), p);
-            (d, m)
-        },
+        |first, p| q4_1_scales(sub(first, p), p),
     )
 }
 
@@ -439,7 +433,9 @@ pub fn expand_q4_1(row: &[u8], out: &mut [f32]) {
             unsafe { avx2::expand_q4_1_group(sub, out) };
             continue;
         }
-        let (d, m, nibbles) = q4_1_subgroup(sub, p);
+        let (d, m) = q4_1_scales(sub, p);
+        let mut nibbles = [0u8; GROUP * CHUNK];
+        deinterleave(&sub[4 * p..], &mut nibbles[..CHUNK * p], p);
         for ((out, nibbles), (d, m)) in out
             .chunks_exact_mut(BLOCK)
             .zip(nibbles.chunks_exact(CHUNK))
@@ -541,13 +537,12 @@ mod avx2 {
     }
 
     /// A Q4_1 nibble chunk's 16 bytes at `nibbles` widened to i16: the low nibbles and the
-    /// high ones. The bytes are widened once, to 16 words, and one
-    /// mask and one shift split them. Written with intrinsics, LLVM moves the mask and the
-    /// shift ahead of the widening (onto the bytes), which then takes two widenings: two
-    /// port-5 shuffles per block where one does. The widening is therefore an `asm!`
-    /// instruction the compiler cannot reorder around. A lone decode row (two rows per
-    /// call, one input) went x1.15-1.18 faster for it in one process, alternating; four
-    /// inputs, whose multiplies bound them, x1.00.
+    /// high ones. The bytes are widened once, to 16 words, and one mask and one shift split
+    /// them. Written with intrinsics, LLVM moves the mask and the shift ahead of the widening
+    /// (onto the bytes), which then takes two widenings: two port-5 shuffles per chunk where
+    /// one does. The widening is therefore an `asm!` instruction the compiler cannot reorder
+    /// around. (Measured with the earlier kernel, one block per register: a lone decode row
+    /// went x1.15-1.18 faster for it in one process, alternating; four inputs x1.00.)
     ///
     /// # Safety
     /// 16 bytes at `nibbles` are readable.
