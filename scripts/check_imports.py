@@ -126,10 +126,11 @@ class Crate:
         return next(m for m, p in self.files.items() if p == path)
 
     def reexports(self, module):
-        """Names a module re-exports: name -> full path it stands for."""
+        """Names a module brings in with `use` (its children see even the private ones):
+        name -> full path it stands for."""
         code = self.code[self.files[module]]
         names = {}
-        for m in re.finditer(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", code):
+        for m in re.finditer(r"\buse\s+([^;]+);", code):
             for original in expand_use_tree(m.group(1)):
                 full = self.absolute(module, original)
                 if full:
@@ -185,7 +186,12 @@ class Crate:
                     if m.group(1) and len(re.findall(r"\b%s\b" % re.escape(name), code)) < 2:
                         continue
                     paths.append(segments)
-            for m in re.finditer(r"(?<![:\w])((?:crate|super|self)(?:\s*::\s*" + IDENT + r")+)", code):
+            # Paths written in the code: from the crate, a parent, or a child module.
+            children = [m[-1] for m in self.files if m[:-1] == module and m != module]
+            heads = "|".join(["crate", "super", "self"] + children)
+            for m in re.finditer(
+                r"(?<![:\w])((?:" + heads + r")(?:\s*::\s*" + IDENT + r")+)", code
+            ):
                 paths.append(tuple(s.strip() for s in m.group(1).split("::")))
             targets = set()
             for segments in paths:
@@ -239,11 +245,13 @@ def main():
     for src in dirs:
         crate = Crate(src.resolve())
         edges = crate.imports()
+        # Named from the crate's folder (host/src/...), wherever the checkout is.
+        base = src.resolve().parent.parent
         for component in circles(edges):
             found += 1
-            names = [str(p.relative_to(root)) for p in component]
+            names = [str(p.relative_to(base)) for p in component]
             pairs = [
-                f"  {a.relative_to(root)} -> {b.relative_to(root)}"
+                f"  {a.relative_to(base)} -> {b.relative_to(base)}"
                 for a in component
                 for b in sorted(edges[a])
                 if b in component
