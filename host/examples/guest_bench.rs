@@ -26,7 +26,7 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, ClientSender, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits,
+    Cancellation, ClientSender, GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource,
     RequestContext, client_channel,
 };
 
@@ -50,7 +50,7 @@ struct Args {
 
 fn settings(cache_dir: PathBuf) -> GuestRuntimeSettings {
     GuestRuntimeSettings {
-        limits: Limits {
+        limits: GuestLimits {
             time: Duration::from_secs(10),
             memory_bytes: 256 << 20,
         },

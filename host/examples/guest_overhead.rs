@@ -18,8 +18,8 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, GuestRuntime,
-    GuestRuntimeSettings, GuestSource, Limits, OpenAiRequest, RequestContext, Role,
+    Cancellation, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, GuestLimits,
+    GuestRuntime, GuestRuntimeSettings, GuestSource, OpenAiRequest, RequestContext, Role,
 };
 
 #[derive(Parser)]
@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let model = Arc::new(Engine::load(&args.model, &LoadOptions::default())?);
     let runtime = GuestRuntime::start(
         GuestRuntimeSettings {
-            limits: Limits {
+            limits: GuestLimits {
                 time: Duration::from_secs(10),
                 memory_bytes: 256 << 20,
             },

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::admission::Admission;
 use crate::cli::Args;
-use crate::guest::{ComponentCache, GuestRuntime, GuestRuntimeSettings, GuestSource, Limits};
+use crate::guest::{ComponentCache, GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource};
 use crate::http::{self, AppState};
 use crate::metrics::{Metrics, WorkerState};
 use crate::queen::{Heartbeats, Status};
@@ -198,7 +198,7 @@ async fn start_guest_runtime(args: &Args) -> anyhow::Result<GuestRuntime> {
         (None, false) => ComponentCache::default_dir(),
     };
     let settings = GuestRuntimeSettings {
-        limits: Limits {
+        limits: GuestLimits {
             time: args.guest_timeout,
             memory_bytes: usize::try_from(args.guest_memory_mb << 20)
                 .context("--guest-memory-mb is too large")?,

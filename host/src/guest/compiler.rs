@@ -13,13 +13,13 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::Serialize;
 use wasmtime::Store;
-use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 
-use super::bindings::{OpenaiWorker, handler, openai};
+use super::bindings::{handler, openai};
 use super::cache::ComponentCache;
 use super::pool::wasmtime_config;
-use super::request::RequestState;
-use super::sandbox::Limits;
+use super::request::{self, RequestState};
+use super::sandbox::GuestLimits;
 use super::source::Candidate;
 use crate::clock::now_rfc3339;
 
@@ -87,23 +87,20 @@ pub(super) struct Compiler {
     engine: wasmtime::Engine,
     linker: Linker<RequestState>,
     cache: Option<ComponentCache>,
-    limits: Limits,
+    limits: GuestLimits,
 }
 
 impl Compiler {
     /// Sets up wasmtime for up to `max_instances` guest instances at once, the host's imports
     /// (WASI and the `worker` world) and, with a directory, the compile cache.
     pub fn new(
-        limits: Limits,
+        limits: GuestLimits,
         max_instances: u32,
         cache_dir: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let engine = wasmtime::Engine::new(&wasmtime_config(max_instances, limits.memory_bytes))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        // A guest's clock waits (sleep) end by its time limit and with its request.
-        super::sandbox::bound_clock_waits(&mut linker)?;
-        OpenaiWorker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        request::add_to_linker(&mut linker)?;
         // A cache that cannot be used safely (another user can write it, see `cache`) is a
         // slower start, not a failed one: the worker compiles every guest and says why.
         let cache = cache_dir.and_then(|dir| match ComponentCache::open(dir, &engine) {
@@ -125,7 +122,7 @@ impl Compiler {
         &self.engine
     }
 
-    pub fn limits(&self) -> Limits {
+    pub fn limits(&self) -> GuestLimits {
         self.limits
     }
 

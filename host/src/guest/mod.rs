@@ -6,10 +6,12 @@
 //! - `compiler`: wasmtime's engine, linker, compile cache and limits, which turn bytes into a
 //!   [`LoadedGuest`] (with `pool`, wasmtime's configuration, and `cache`);
 //! - `registry`: the active guest, swaps and the record of failed loads;
-//! - `sandbox`: the per-request time and memory accounting;
-//! - `request`: a request's store data; `imports`: the host side of the WIT, implemented on
-//!   it; `generation`: a generation on its own thread, behind a `token-stream` handle;
-//!   `cancellation`: the flag the HTTP layer, the worker and the model thread share;
+//! - `sandbox`: the per-request time and memory accounting; `stderr`: the end of what a guest
+//!   wrote there;
+//! - `imports`: the host side of the WIT, one context per capability; `request`: a request's
+//!   store data, made of those contexts, and the linker wiring; `generation`: a generation on
+//!   its own thread, behind a `token-stream` handle; `cancellation`: the flag the HTTP layer,
+//!   the worker and the model thread share;
 //! - `client`: the channel from a streaming guest to its client, bounded in bytes;
 //! - `failure`: what a client is told when a guest fails.
 //!
@@ -29,6 +31,7 @@ mod registry;
 mod request;
 mod sandbox;
 mod source;
+mod stderr;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,7 +49,7 @@ pub use compiler::{GuestMeta, LoadedGuest};
 pub use failure::GuestFailure;
 pub use registry::{FailedLoad, GuestStatus, SwapOutcome};
 pub use request::RequestContext;
-pub use sandbox::Limits;
+pub use sandbox::GuestLimits;
 pub use source::GuestSource;
 
 use compiler::Compiler;
@@ -56,7 +59,7 @@ use sandbox::EpochTicker;
 
 /// How the guest runtime is set up.
 pub struct GuestRuntimeSettings {
-    pub limits: Limits,
+    pub limits: GuestLimits,
     /// Guest instances that may exist at once (requests in flight plus validation).
     pub max_instances: u32,
     pub cache_dir: Option<PathBuf>,
@@ -166,12 +169,16 @@ impl GuestRuntime {
         match outcome {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(error)) => Err(GuestFailure::Returned(error)),
-            Err(trap) => Err(GuestFailure::from_trap(
-                &guest.meta.name,
-                limits,
-                store.data(),
-                trap,
-            )),
+            Err(trap) => {
+                let state = store.data();
+                Err(GuestFailure::from_trap(
+                    &guest.meta.name,
+                    limits,
+                    state.sandbox.exceeded,
+                    &state.stderr,
+                    trap,
+                ))
+            }
         }
     }
 }

@@ -1,20 +1,24 @@
-//! One request's store data: everything a guest instance can reach while it serves a request
-//! (the model, the client's channel, its cancellation, a WASI context with nothing ambient)
-//! and the sandbox's accounting. The WIT imports are implemented on it in `imports`; this
-//! module only builds it.
+//! One request's store data: the contexts of the capabilities a guest instance can reach while
+//! it serves a request, side by side, and the one function that wires each WIT import to its
+//! context. Each import is implemented in `imports` on its own context and knows nothing of
+//! this struct; the sandbox (time and memory) and stderr are contexts of the store itself.
 
 use std::sync::Arc;
 
 use rbee_engine::Engine;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::bindings::{inference, log, output, types};
 use super::cancellation::Cancellation;
 use super::client::ClientSender;
-use super::failure::StderrTail;
 use super::generation::GenerationCount;
-use super::imports::LogBudget;
-use super::sandbox::{Limits, Sandbox};
+use super::imports::{
+    ClocksView, Inference, InferenceCtx, InferenceView, LogCtx, Output, OutputCtx, OutputView,
+    clocks,
+};
+use super::sandbox::{GuestLimits, Sandbox};
+use super::stderr::StderrTail;
 use crate::metrics::RequestMetrics;
 
 /// Resources (WASI streams and pollables, token streams) a guest instance may hold at once.
@@ -32,50 +36,65 @@ pub struct RequestContext {
     pub metrics: Option<Arc<RequestMetrics>>,
 }
 
-/// Everything one request's guest instance can reach.
+/// Everything one request's guest instance can reach, one context per capability.
 pub struct RequestState {
-    pub(super) metrics: Option<Arc<RequestMetrics>>,
-    pub(super) wasi: WasiCtx,
-    pub(super) table: ResourceTable,
+    /// WASI with nothing ambient (see [`RequestState::new`]).
+    wasi: WasiCtx,
+    /// The guest's resources: WASI's streams and pollables, and `token-stream`s.
+    table: ResourceTable,
+    /// Time and memory accounting; the store's limiter and epoch callback.
     pub(super) sandbox: Sandbox,
     /// The end of what the guest wrote to stderr (a Rust panic message, a Python
     /// traceback), kept to explain a trap.
     pub(super) stderr: StderrTail,
-    /// `None` only for the trial instance that validates a new guest.
-    pub(super) model: Option<Arc<Engine>>,
-    /// Where `output.emit` sends text; `None` for a request that is not streamed.
-    pub(super) client: Option<ClientSender>,
-    pub(super) cancellation: Cancellation,
-    pub(super) generations: GenerationCount,
-    pub(super) guest_name: Arc<str>,
-    pub(super) log_budget: LogBudget,
+    inference: InferenceCtx,
+    output: OutputCtx,
+    log: LogCtx,
 }
 
 impl RequestState {
     /// State for one client request.
-    pub fn for_request(limits: Limits, context: RequestContext, guest_name: Arc<str>) -> Self {
-        let mut state = Self::new(
+    pub fn for_request(limits: GuestLimits, context: RequestContext, guest_name: Arc<str>) -> Self {
+        Self::new(
             limits,
-            Some(context.model),
-            context.client,
-            context.cancellation,
+            InferenceCtx {
+                model: Some(context.model),
+                cancellation: context.cancellation.clone(),
+                metrics: context.metrics,
+                generations: GenerationCount::default(),
+            },
+            OutputCtx {
+                client: context.client,
+                cancellation: context.cancellation,
+            },
             guest_name,
-        );
-        state.metrics = context.metrics;
-        state
+        )
     }
 
     /// State for the trial instantiation that validates a guest before it goes live: no
     /// model, no client.
-    pub fn trial(limits: Limits, guest_name: Arc<str>) -> Self {
-        Self::new(limits, None, None, Cancellation::default(), guest_name)
+    pub fn trial(limits: GuestLimits, guest_name: Arc<str>) -> Self {
+        let cancellation = Cancellation::default();
+        Self::new(
+            limits,
+            InferenceCtx {
+                model: None,
+                cancellation: cancellation.clone(),
+                metrics: None,
+                generations: GenerationCount::default(),
+            },
+            OutputCtx {
+                client: None,
+                cancellation,
+            },
+            guest_name,
+        )
     }
 
     fn new(
-        limits: Limits,
-        model: Option<Arc<Engine>>,
-        client: Option<ClientSender>,
-        cancellation: Cancellation,
+        limits: GuestLimits,
+        inference: InferenceCtx,
+        output: OutputCtx,
         guest_name: Arc<str>,
     ) -> Self {
         let stderr = StderrTail::default();
@@ -90,17 +109,42 @@ impl RequestState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         Self {
-            metrics: None,
             wasi,
             table,
-            sandbox: Sandbox::new(limits, cancellation.clone()),
+            sandbox: Sandbox::new(limits, inference.cancellation.clone()),
             stderr,
-            model,
-            client,
-            cancellation,
-            generations: GenerationCount::default(),
-            guest_name,
-            log_budget: LogBudget::default(),
+            inference,
+            output,
+            log: LogCtx::new(guest_name),
+        }
+    }
+
+    fn inference(&mut self) -> InferenceView<'_> {
+        InferenceView {
+            ctx: &mut self.inference,
+            table: &mut self.table,
+            sandbox: &mut self.sandbox,
+        }
+    }
+
+    fn output(&mut self) -> OutputView<'_> {
+        OutputView {
+            ctx: &self.output,
+            sandbox: &mut self.sandbox,
+        }
+    }
+
+    fn log(&mut self) -> &mut LogCtx {
+        &mut self.log
+    }
+
+    fn clocks(&mut self) -> ClocksView<'_> {
+        ClocksView {
+            sandbox: &self.sandbox,
+            clocks: wasmtime_wasi::clocks::WasiClocksCtxView {
+                ctx: self.wasi.clocks(),
+                table: &mut self.table,
+            },
         }
     }
 }
@@ -112,4 +156,18 @@ impl WasiView for RequestState {
             table: &mut self.table,
         }
     }
+}
+
+/// Every import a guest can reach, each wired to its own context: WASI (nothing ambient),
+/// its clock waits bounded by the sandbox, and the worker world's `types`, `inference`,
+/// `output` and `log`.
+pub(super) fn add_to_linker(linker: &mut Linker<RequestState>) -> anyhow::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    // After WASI's own: these replace its monotonic-clock waits.
+    clocks::add_to_linker(linker, RequestState::clocks)?;
+    types::add_to_linker::<_, Inference>(linker, RequestState::inference)?;
+    inference::add_to_linker::<_, Inference>(linker, RequestState::inference)?;
+    output::add_to_linker::<_, Output>(linker, RequestState::output)?;
+    log::add_to_linker::<_, HasSelf<LogCtx>>(linker, RequestState::log)?;
+    Ok(())
 }

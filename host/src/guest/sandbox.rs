@@ -5,9 +5,9 @@
 //! wakes every store every [`EPOCH_TICK`]; the store's callback interrupts the guest once its
 //! time passes the limit or its request is cancelled (client gone, shutdown cut). A guest
 //! that blocks in WASI instead of computing (`sleep`, a `poll` on a clock) is not running
-//! wasm, so no epoch check can reach it: [`bound_clock_waits`] cuts every clock wait to the
-//! guest's remaining time and ends it when the request is cancelled, after which the epoch
-//! check stops the guest. Memory is capped per instance by a `ResourceLimiter`. Both record
+//! wasm, so no epoch check can reach it: `imports::clocks` cuts every clock wait to the
+//! guest's remaining time ([`Sandbox::time_left`]) and ends it when the request is
+//! cancelled, after which the epoch check stops the guest. Memory is capped per instance by a `ResourceLimiter`. Both record
 //! which limit was hit, so the client gets a precise error instead of a bare trap.
 
 use std::sync::Arc;
@@ -15,30 +15,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Linker, Resource};
-use wasmtime::{ResourceLimiter, StoreContextMut, UpdateDeadline};
-use wasmtime_wasi::clocks::WasiClocksCtxView;
-use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host as _;
-use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
+use wasmtime::{ResourceLimiter, UpdateDeadline};
 
 use super::cancellation::Cancellation;
-use super::request::RequestState;
 
 /// How often running guests are checked against their time limit.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// How often a guest's clock wait looks at its request's cancellation.
-const CANCEL_CHECK: Duration = Duration::from_millis(20);
-
-/// The WASI interface whose waits are bounded; the version is the one wasmtime-wasi defines,
-/// so that these definitions replace its own (guests importing any 0.2.x resolve to it).
-const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
-
 /// Table growth beyond this many elements is refused (language runtimes use tens of thousands).
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
+/// What one guest instance may use.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct GuestLimits {
     /// The guest's own computing time per request.
     pub time: Duration,
     /// Linear memory per instance, all memories together.
@@ -56,7 +45,7 @@ pub enum Exceeded {
 
 /// Per-request accounting, kept in the store.
 pub struct Sandbox {
-    limits: Limits,
+    limits: GuestLimits,
     started: Instant,
     host_time: Duration,
     memory_in_use: usize,
@@ -65,7 +54,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn new(limits: Limits, cancellation: Cancellation) -> Self {
+    pub fn new(limits: GuestLimits, cancellation: Cancellation) -> Self {
         Self {
             limits,
             started: Instant::now(),
@@ -90,8 +79,13 @@ impl Sandbox {
     }
 
     /// Time the guest may still use.
-    fn time_left(&self) -> Duration {
+    pub fn time_left(&self) -> Duration {
         self.limits.time.saturating_sub(self.guest_time())
+    }
+
+    /// The request's cancellation, which ends the guest's waits.
+    pub fn cancellation(&self) -> &Cancellation {
+        &self.cancellation
     }
 
     /// The epoch callback: keep going while the guest is within its time and its request
@@ -106,70 +100,6 @@ impl Sandbox {
             return Ok(UpdateDeadline::Interrupt);
         }
         Ok(UpdateDeadline::Continue(1))
-    }
-}
-
-/// Replaces WASI's `monotonic-clock.subscribe-duration` and `subscribe-instant` in `linker`
-/// (which must already hold wasmtime-wasi's) with waits that end by the guest's time limit
-/// and when its request is cancelled. The wait is the guest's own time: it holds a thread.
-/// Costs nothing per request: the functions are resolved when a guest is compiled.
-pub(super) fn bound_clock_waits(linker: &mut Linker<RequestState>) -> anyhow::Result<()> {
-    linker.allow_shadowing(true);
-    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
-    clock.func_wrap(
-        "subscribe-duration",
-        |store: StoreContextMut<'_, RequestState>, (nanos,): (u64,)| {
-            bounded_wait(store, Duration::from_nanos(nanos)).map(|pollable| (pollable,))
-        },
-    )?;
-    clock.func_wrap(
-        "subscribe-instant",
-        |mut store: StoreContextMut<'_, RequestState>, (when,): (u64,)| {
-            let state = store.data_mut();
-            let now = WasiClocksCtxView {
-                ctx: state.wasi.clocks(),
-                table: &mut state.table,
-            }
-            .now()?;
-            let wait = Duration::from_nanos(when.saturating_sub(now));
-            bounded_wait(store, wait).map(|pollable| (pollable,))
-        },
-    )?;
-    linker.allow_shadowing(false);
-    Ok(())
-}
-
-/// A pollable ready after `wait`, or sooner: once the guest's time is up (a little after, so
-/// the epoch check finds it exceeded) or its request is cancelled.
-fn bounded_wait(
-    mut store: StoreContextMut<'_, RequestState>,
-    wait: Duration,
-) -> wasmtime::Result<Resource<DynPollable>> {
-    let state = store.data_mut();
-    let cut = state.sandbox.time_left() + EPOCH_TICK;
-    let wait = BoundedWait {
-        until: tokio::time::Instant::now() + wait.min(cut),
-        cancellation: state.sandbox.cancellation.clone(),
-    };
-    let wait = state.table.push(wait)?;
-    subscribe(&mut state.table, wait)
-}
-
-struct BoundedWait {
-    until: tokio::time::Instant,
-    cancellation: Cancellation,
-}
-
-#[wasmtime_wasi::async_trait]
-impl Pollable for BoundedWait {
-    async fn ready(&mut self) {
-        loop {
-            let now = tokio::time::Instant::now();
-            if now >= self.until || self.cancellation.is_cancelled() {
-                return;
-            }
-            tokio::time::sleep_until(self.until.min(now + CANCEL_CHECK)).await;
-        }
     }
 }
 
@@ -241,7 +171,7 @@ mod tests {
 
     fn sandbox(memory_bytes: usize) -> Sandbox {
         Sandbox::new(
-            Limits {
+            GuestLimits {
                 time: Duration::from_millis(50),
                 memory_bytes,
             },
@@ -277,7 +207,7 @@ mod tests {
     fn a_cancelled_request_stops_at_the_next_epoch() {
         let cancellation = Cancellation::default();
         let mut sandbox = Sandbox::new(
-            Limits {
+            GuestLimits {
                 time: Duration::from_secs(60),
                 memory_bytes: 1,
             },

@@ -1,29 +1,64 @@
 //! `inference`: the model, as a guest reaches it. A request runs one generation at a time
 //! (blocking `infer`, or `infer-stream` with a `token-stream` to read), and time spent in the
 //! model is kept off the guest's clock.
+//!
+//! What it may touch: its own [`InferenceCtx`] (the model, the request's cancellation and
+//! metrics, the count of running generations), the resource table that holds its
+//! `token-stream`s, and the sandbox, only to keep model time off the guest's clock.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use rbee_engine::{Engine, Prompt};
-use wasmtime::component::Resource;
+use wasmtime::component::{HasData, Resource, ResourceTable};
 
-use super::{engine_params, engine_prompt, infer_error, wit_completion};
+use super::convert::{engine_params, engine_prompt, infer_error, wit_completion};
 use crate::guest::bindings::{
-    Completion, InferError, ModelInfo, PromptPart, SamplingParams, inference,
+    Completion, InferError, ModelInfo, PromptPart, SamplingParams, inference, types,
 };
-use crate::guest::generation::Generation;
-use crate::guest::request::RequestState;
+use crate::guest::cancellation::Cancellation;
+use crate::guest::generation::{Generation, GenerationCount};
+use crate::guest::sandbox::Sandbox;
+use crate::metrics::RequestMetrics;
 
-impl RequestState {
+/// The `inference` capability of one request.
+pub struct InferenceCtx {
+    /// `None` only for the trial instance that validates a new guest.
+    pub model: Option<Arc<Engine>>,
+    pub cancellation: Cancellation,
+    /// Where the request's token timings and counts go (`None`: not measured).
+    pub metrics: Option<Arc<RequestMetrics>>,
+    pub generations: GenerationCount,
+}
+
+/// [`InferenceCtx`] with what it borrows from the rest of the store.
+pub struct InferenceView<'a> {
+    pub ctx: &'a mut InferenceCtx,
+    pub table: &'a mut ResourceTable,
+    pub sandbox: &'a mut Sandbox,
+}
+
+/// The `HasData` of the `inference` (and `types`) imports: their host is an
+/// [`InferenceView`].
+pub struct Inference;
+
+impl HasData for Inference {
+    type Data<'a> = InferenceView<'a>;
+}
+
+// The shared types have no functions; the inference interface, which uses them, hosts them.
+impl types::Host for InferenceView<'_> {}
+
+impl InferenceView<'_> {
     fn loaded_model(&self) -> Result<&Arc<Engine>, InferError> {
-        self.model
+        self.ctx
+            .model
             .as_ref()
             .ok_or_else(|| InferError::ModelError("no model in a validation instance".into()))
     }
 
     fn check_one_generation(&self) -> Result<(), InferError> {
-        if self.generations.running() > 0 {
+        if self.ctx.generations.running() > 0 {
             return Err(InferError::Busy(
                 "a generation is already running for this request; finish or drop its stream first"
                     .into(),
@@ -33,7 +68,7 @@ impl RequestState {
     }
 }
 
-impl RequestState {
+impl InferenceView<'_> {
     /// `infer` and `infer-parts`: one generation, waited for off the guest's clock.
     fn run_generation(
         &mut self,
@@ -43,8 +78,8 @@ impl RequestState {
         let params = engine_params(params)?;
         self.check_one_generation()?;
         let model = self.loaded_model()?.clone();
-        let cancellation = self.cancellation.clone();
-        let metrics = self.metrics.clone();
+        let cancellation = self.ctx.cancellation.clone();
+        let metrics = self.ctx.metrics.clone();
         let completion = self.sandbox.off_the_clock(|| {
             let cancelled = Some(cancellation.for_engine());
             model.generate_cancellable(prompt, &params, cancelled, &mut |_| {
@@ -55,7 +90,7 @@ impl RequestState {
             })
         });
         let completion = completion.map_err(infer_error)?;
-        if let Some(metrics) = &self.metrics {
+        if let Some(metrics) = &self.ctx.metrics {
             metrics.generation(
                 completion.prompt_tokens,
                 completion.generated_tokens,
@@ -80,9 +115,9 @@ impl RequestState {
             self.loaded_model()?.clone(),
             prompt,
             params,
-            self.cancellation.clone(),
-            &self.generations,
-            self.metrics.clone(),
+            self.ctx.cancellation.clone(),
+            &self.ctx.generations,
+            self.ctx.metrics.clone(),
         )
         .map_err(|error| {
             InferError::ModelError(format!("cannot start a generation thread: {error}"))
@@ -93,7 +128,7 @@ impl RequestState {
     }
 }
 
-impl inference::Host for RequestState {
+impl inference::Host for InferenceView<'_> {
     fn infer(&mut self, prompt: String, params: SamplingParams) -> Result<Completion, InferError> {
         self.run_generation(Prompt::Text(prompt), params)
     }
@@ -127,7 +162,7 @@ impl inference::Host for RequestState {
     }
 
     fn model(&mut self) -> ModelInfo {
-        let Some(model) = &self.model else {
+        let Some(model) = &self.ctx.model else {
             return ModelInfo {
                 id: String::new(),
                 architecture: String::new(),

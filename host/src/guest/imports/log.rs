@@ -7,10 +7,10 @@
 //! may log at most [`BURST`] lines at once and [`LINES_PER_SECOND`] after that (a token
 //! bucket), the excess dropped and said once.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::guest::bindings::log;
-use crate::guest::request::RequestState;
 
 /// Longest guest message written, in bytes of the escaped text.
 const MAX_LINE_BYTES: usize = 4096;
@@ -23,7 +23,7 @@ const LINES_PER_SECOND: f64 = 16.0;
 
 /// One request's log allowance: a token bucket (a few lines of arithmetic; a rate-limiting
 /// crate would bring its own clock and locking for one counter that lives in one store).
-pub struct LogBudget {
+struct LogBudget {
     tokens: f64,
     refilled: Instant,
     dropped: u64,
@@ -55,7 +55,7 @@ impl LogBudget {
     }
 
     /// Lines dropped so far in this request.
-    pub fn dropped(&self) -> u64 {
+    fn dropped(&self) -> u64 {
         self.dropped
     }
 }
@@ -81,11 +81,28 @@ fn one_line(message: &str) -> String {
     line
 }
 
-impl log::Host for RequestState {
+/// The `log` capability of one request: whose lines they are and how many more it may write.
+/// It touches nothing else, so it is its own host (`HasSelf<LogCtx>`).
+pub struct LogCtx {
+    guest: Arc<str>,
+    budget: LogBudget,
+}
+
+impl LogCtx {
+    /// A fresh allowance for a request of guest `guest`.
+    pub fn new(guest: Arc<str>) -> Self {
+        Self {
+            guest,
+            budget: LogBudget::default(),
+        }
+    }
+}
+
+impl log::Host for LogCtx {
     fn log(&mut self, level: log::Level, message: String) {
-        let guest = &*self.guest_name;
-        if !self.log_budget.take(Instant::now()) {
-            if self.log_budget.dropped() == 1 {
+        let guest = &*self.guest;
+        if !self.budget.take(Instant::now()) {
+            if self.budget.dropped() == 1 {
                 tracing::warn!(
                     guest,
                     "the guest logs more than {LINES_PER_SECOND} lines per second: \

@@ -1,79 +1,23 @@
-//! The host side of the WIT imports, one module per interface, each implemented on the
-//! per-request [`RequestState`](super::request::RequestState): `inference` (generation and
-//! the tokenizer), `token_stream` (the `token-stream` resource), `output` (streaming to the
-//! client) and `log`.
+//! The host side of the WIT imports, one module per capability, each implemented on its own
+//! small context (as wasmtime-wasi does), so what an import may touch is written in its file:
+//! - `inference`: generation and the tokenizer ([`InferenceCtx`]), with `token_stream`, the
+//!   `token-stream` resource;
+//! - `output`: streaming to the client ([`OutputCtx`]);
+//! - `log`: the guest's log lines ([`LogCtx`]);
+//! - `clocks`: WASI's clock waits, bounded by the sandbox ([`ClocksView`]).
 //!
-//! The guest is untrusted, so what it passes is checked as strictly as a client's request;
-//! the checks are not written here but are the engine's own (`SamplingParams::validate`), so
-//! that the engine, which knows what it can run, is their one owner. This module converts
-//! between WIT values and the engine's types.
+//! `convert` turns WIT values into the engine's types and back. The request's store data
+//! (`request::RequestState`) is made of these contexts and wires them into the linker; no
+//! import knows it.
 
-mod inference;
-mod log;
-mod output;
+pub mod clocks;
+mod convert;
+pub mod inference;
+pub mod log;
+pub mod output;
 mod token_stream;
 
-pub(super) use log::LogBudget;
-
-use rbee_engine::EngineError;
-
-use super::bindings::{Completion, FinishReason, InferError, PromptPart, SamplingParams, types};
-use super::request::RequestState;
-
-impl types::Host for RequestState {}
-
-/// A guest's sampling parameters as the engine takes them, refused as invalid input when the
-/// engine could not run them.
-fn engine_params(params: SamplingParams) -> Result<rbee_engine::SamplingParams, InferError> {
-    let params = rbee_engine::SamplingParams {
-        max_tokens: params.max_tokens,
-        temperature: params.temperature,
-        top_k: params.top_k,
-        top_p: params.top_p,
-        repeat_penalty: params.repeat_penalty,
-        seed: params.seed,
-        stop: params.stop,
-    };
-    params.validate().map_err(infer_error)?;
-    Ok(params)
-}
-
-/// A guest's prompt parts as the engine takes them.
-fn engine_prompt(parts: Vec<PromptPart>) -> rbee_engine::Prompt {
-    rbee_engine::Prompt::Parts(
-        parts
-            .into_iter()
-            .map(|part| match part {
-                PromptPart::Markup(text) => rbee_engine::PromptPart::Markup(text),
-                PromptPart::Text(text) => rbee_engine::PromptPart::Text(text),
-            })
-            .collect(),
-    )
-}
-
-fn wit_completion(done: rbee_engine::Completion) -> Completion {
-    Completion {
-        text: done.text,
-        prompt_tokens: done.prompt_tokens,
-        tokens_generated: done.generated_tokens,
-        finish_reason: match done.finish_reason {
-            rbee_engine::FinishReason::Eos => FinishReason::Eos,
-            rbee_engine::FinishReason::Length => FinishReason::Length,
-            rbee_engine::FinishReason::Stop => FinishReason::Stop,
-            rbee_engine::FinishReason::Cancelled => FinishReason::Cancelled,
-        },
-    }
-}
-
-/// The WIT's error for an engine error (see `infer-error` in wit/worker.wit).
-fn infer_error(error: EngineError) -> InferError {
-    match error {
-        EngineError::InvalidInput(message) => InferError::InvalidInput(message),
-        error @ EngineError::ContextOverflow { .. } => {
-            InferError::ContextOverflow(error.to_string())
-        }
-        error @ (EngineError::Load { .. } | EngineError::Model(_)) => {
-            InferError::ModelError(error.to_string())
-        }
-    }
-}
+pub use clocks::ClocksView;
+pub use inference::{Inference, InferenceCtx, InferenceView};
+pub use log::LogCtx;
+pub use output::{Output, OutputCtx, OutputView};

@@ -2,14 +2,40 @@
 //! [`MAX_EMIT_BYTES`], and the channel to the client is bounded in bytes, so a slow client
 //! makes the guest wait (back-pressure) instead of the host buffering for it; a client that
 //! left, or a cancelled request, ends the wait and the request.
+//!
+//! What it may touch: its own [`OutputCtx`] (the client's channel and the request's
+//! cancellation), and the sandbox, only to keep a slow client's time off the guest's clock.
+
+use wasmtime::component::HasData;
 
 use crate::guest::bindings::{InferError, output};
-use crate::guest::client::{MAX_EMIT_BYTES, NotSent};
-use crate::guest::request::RequestState;
+use crate::guest::cancellation::Cancellation;
+use crate::guest::client::{ClientSender, MAX_EMIT_BYTES, NotSent};
+use crate::guest::sandbox::Sandbox;
 
-impl output::Host for RequestState {
+/// The `output` capability of one request.
+pub struct OutputCtx {
+    /// Where `output.emit` sends text; `None` for a request that is not streamed.
+    pub client: Option<ClientSender>,
+    pub cancellation: Cancellation,
+}
+
+/// [`OutputCtx`] with the sandbox it keeps waits off the clock of.
+pub struct OutputView<'a> {
+    pub ctx: &'a OutputCtx,
+    pub sandbox: &'a mut Sandbox,
+}
+
+/// The `HasData` of the `output` import: its host is an [`OutputView`].
+pub struct Output;
+
+impl HasData for Output {
+    type Data<'a> = OutputView<'a>;
+}
+
+impl output::Host for OutputView<'_> {
     fn emit(&mut self, text: String) -> Result<(), InferError> {
-        let Some(client) = &self.client else {
+        let Some(client) = &self.ctx.client else {
             return Err(InferError::InvalidInput(
                 "output.emit is only for streaming requests".into(),
             ));
@@ -21,17 +47,17 @@ impl output::Host for RequestState {
                 text.len()
             )));
         }
-        if self.cancellation.is_cancelled() {
+        let cancellation = &self.ctx.cancellation;
+        if cancellation.is_cancelled() {
             return Err(InferError::Cancelled);
         }
         // Waiting for a slow client is off the guest's clock.
-        let cancellation = &self.cancellation;
         let sent = self
             .sandbox
             .off_the_clock(|| client.send(text, cancellation));
         sent.map_err(|why| {
             if why == NotSent::Gone {
-                self.cancellation.client_gone();
+                cancellation.client_gone();
             }
             InferError::Cancelled
         })

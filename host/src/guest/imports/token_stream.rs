@@ -3,12 +3,12 @@
 
 use wasmtime::component::Resource;
 
-use super::{infer_error, wit_completion};
+use super::convert::{infer_error, wit_completion};
+use super::inference::InferenceView;
 use crate::guest::bindings::{InferError, StreamItem, inference};
 use crate::guest::generation::{Generated, Generation};
-use crate::guest::request::RequestState;
 
-impl inference::HostTokenStream for RequestState {
+impl inference::HostTokenStream for InferenceView<'_> {
     fn next(&mut self, stream: Resource<Generation>) -> Result<StreamItem, InferError> {
         let generation = self
             .table
