@@ -20,15 +20,16 @@ pub struct Admission {
     taken: Arc<AtomicUsize>,
 }
 
-/// Held for the whole request: a slot in service, and its place.
+/// Held for the whole request: a slot in service, and its ticket.
 pub struct Admitted {
     _slot: OwnedSemaphorePermit,
-    _place: Place,
+    _ticket: Ticket,
 }
 
-struct Place(Arc<AtomicUsize>);
+/// A request's count among those served or waiting, given back when it drops.
+struct Ticket(Arc<AtomicUsize>);
 
-impl Drop for Place {
+impl Drop for Ticket {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -68,7 +69,7 @@ impl Admission {
     /// place is taken.
     pub async fn admit(&self) -> Result<Admitted, Refused> {
         let ahead = self.taken.fetch_add(1, Ordering::AcqRel);
-        let place = Place(self.taken.clone());
+        let ticket = Ticket(self.taken.clone());
         if ahead >= self.concurrent + self.queue {
             return Err(Refused::Full {
                 concurrent: self.concurrent,
@@ -83,7 +84,7 @@ impl Admission {
             .expect("the admission semaphore is never closed");
         Ok(Admitted {
             _slot: slot,
-            _place: place,
+            _ticket: ticket,
         })
     }
 }

@@ -107,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(shut_down_on_signal(shutdown));
 
     tracing::info!(port, "listening");
-    let limits = http::Limits::new(args.max_connections as usize, args.request_timeout);
+    let limits = http::ClientLimits::new(args.max_connections as usize, args.request_timeout);
     let mut server = serve(listener, app.clone(), limits, shutting_down.clone());
     let reason = wait_for_shutdown(shutting_down, &mut server).await?;
     tracing::info!(?reason, grace = ?args.shutdown_grace, "shutting down: no new requests");
@@ -134,7 +134,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 fn serve(
     listener: TcpListener,
     app: Arc<AppState>,
-    limits: http::Limits,
+    limits: http::ClientLimits,
     mut shutting_down: ShutdownReceiver,
 ) -> ServerTask {
     let shutdown = async move {

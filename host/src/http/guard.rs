@@ -31,7 +31,7 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// Wraps every route (and the fallback) of `router` in the layers. Call it last: routes
 /// added after it are not covered.
-pub(super) fn harden(router: Router, request_timeout: Duration) -> Router {
+pub(super) fn apply(router: Router, request_timeout: Duration) -> Router {
     router
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(json_errors))
@@ -203,7 +203,7 @@ mod tests {
                 "/json",
                 post(|axum::Json(value): axum::Json<Value>| async move { value.to_string() }),
             );
-        harden(routes, timeout)
+        apply(routes, timeout)
     }
 
     async fn call(

@@ -18,7 +18,7 @@ use rbee_engine::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::work::{self, GuestJob, InFlight, Place};
+use super::work::{self, GuestJob, InFlight, Lease};
 use super::{AppState, ReadyModel};
 use crate::guest::{ClientSender, InferRequest, InferResponse, client_channel};
 
@@ -124,12 +124,12 @@ pub(super) async fn infer(
     ReadyModel(model): ReadyModel,
     InferInput(request): InferInput,
 ) -> Result<Response, ApiError> {
-    let place = work::admit(&app).await?;
+    let lease = work::admit(&app).await?;
     if request.stream {
-        streamed(&app, model, request, place).await
+        streamed(&app, model, request, lease).await
     } else {
         let started = Instant::now();
-        let (job, in_flight) = start(&app, model, request, None, place);
+        let (job, in_flight) = start(&app, model, request, None, lease);
         let response = work::finish(job).await?;
         drop(in_flight);
         Ok(axum::Json(InferReply {
@@ -148,11 +148,11 @@ async fn streamed(
     app: &AppState,
     model: Arc<Engine>,
     request: InferRequest,
-    place: Place,
+    lease: Lease,
 ) -> Result<Response, ApiError> {
     // Bounded in bytes: a client that does not read makes the guest wait, not the host buffer.
     let (client, mut pieces) = client_channel();
-    let (job, in_flight) = start(app, model, request, Some(client), place);
+    let (job, in_flight) = start(app, model, request, Some(client), lease);
     let (first, job) = match pieces.recv().await {
         Some(first) => (Some(first), Some(job)),
         None => {
@@ -170,9 +170,9 @@ fn start(
     model: Arc<Engine>,
     request: InferRequest,
     client: Option<ClientSender>,
-    place: Place,
+    lease: Lease,
 ) -> (GuestJob<InferResponse>, InFlight) {
-    work::start_guest(app, model, client, place, move |runtime, guest, context| {
+    work::start_guest(app, model, client, lease, move |runtime, guest, context| {
         runtime.handle(guest, request, context)
     })
 }

@@ -30,7 +30,7 @@ use axum::routing::{get, post};
 use rbee_engine::Engine;
 
 pub use error::ApiError;
-pub use server::{Limits, serve};
+pub use server::{ClientLimits, serve};
 
 use crate::admission::Admission;
 use crate::guest::GuestRuntime;
@@ -73,7 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     router = router.merge(openai::routes(&state));
     let request_timeout = state.request_timeout;
     // Last, so that the layers cover every route above.
-    guard::harden(router.with_state(state), request_timeout)
+    guard::apply(router.with_state(state), request_timeout)
 }
 
 /// The model, for a route that needs it; 503 while it loads and once the worker is stopping.

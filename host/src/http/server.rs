@@ -46,13 +46,13 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the server allows its clients.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ClientLimits {
     /// Open connections (lowered to what the open-file limit allows).
     pub max_connections: usize,
     pub write_timeout: Duration,
 }
 
-impl Limits {
+impl ClientLimits {
     pub fn new(max_connections: usize, request_timeout: Duration) -> Self {
         Self {
             max_connections,
@@ -74,7 +74,7 @@ const RESERVED_FDS: u64 = 64;
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: Limits,
+    limits: ClientLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let cap = connection_cap(limits.max_connections);

@@ -1,7 +1,7 @@
 //! A request's way from admission to its guest's answer, the same for every route that runs
-//! the guest (`/v1/infer` and the OpenAI routes): take an admission place, run the guest on
-//! a blocking thread that holds the place until the guest has returned, and cancel the work
-//! when whoever answers the client lets go.
+//! the guest (`/v1/infer` and the OpenAI routes): take a lease on the worker (an admission
+//! slot), run the guest on a blocking thread that holds the lease until the guest has
+//! returned, and cancel the work when whoever answers the client lets go.
 
 use std::sync::Arc;
 
@@ -16,10 +16,10 @@ use crate::guest::{
 use crate::metrics::RequestMetrics;
 use crate::queen::RunningRequest;
 
-/// What a request's work holds while it runs: its admission place and the worker's `busy`
-/// status. The guest job owns it, so the place is released when the work has stopped, not
-/// when the client left.
-pub(super) struct Place {
+/// A request's lease on the worker, held while its work runs: its admission slot and the
+/// worker's `busy` status. The guest job owns it, so the slot is released when the work has
+/// stopped, not when the client left.
+pub(super) struct Lease {
     _admitted: crate::admission::Admitted,
     _running: RunningRequest,
     metrics: Arc<RequestMetrics>,
@@ -44,30 +44,30 @@ pub(super) struct GuestJob<T> {
     metrics: Arc<RequestMetrics>,
 }
 
-/// Waits for an admission place (503 when every place is taken). The request's clock starts
-/// here, so its time to first token includes the wait, as its client sees it.
-pub(super) async fn admit(app: &AppState) -> Result<Place, ApiError> {
+/// Waits for an admission slot (503 when every slot and queue place is taken). The request's
+/// clock starts here, so its time to first token includes the wait, as its client sees it.
+pub(super) async fn admit(app: &AppState) -> Result<Lease, ApiError> {
     let metrics = app.metrics.request();
     let admitted = app
         .admission
         .admit()
         .await
         .map_err(|full| ApiError::unavailable(full.to_string()))?;
-    Ok(Place {
+    Ok(Lease {
         _admitted: admitted,
         _running: app.status.request_started(),
         metrics,
     })
 }
 
-/// Runs `call` on the active guest, on a blocking thread that holds `place` until the guest
+/// Runs `call` on the active guest, on a blocking thread that holds `lease` until the guest
 /// has returned. `client` is where streamed text goes. Dropping the returned [`InFlight`]
 /// cancels the work.
 pub(super) fn start_guest<T: Send + 'static>(
     app: &AppState,
     model: Arc<Engine>,
     client: Option<ClientSender>,
-    place: Place,
+    lease: Lease,
     call: impl FnOnce(&GuestRuntime, &LoadedGuest, RequestContext) -> Result<T, GuestFailure>
     + Send
     + 'static,
@@ -75,7 +75,7 @@ pub(super) fn start_guest<T: Send + 'static>(
     let guest = app.guests.active();
     let runtime = app.guests.clone();
     let cancellation = Cancellation::for_request(app.cut.clone());
-    let metrics = place.metrics.clone();
+    let metrics = lease.metrics.clone();
     let context = RequestContext {
         model,
         client,
@@ -83,7 +83,7 @@ pub(super) fn start_guest<T: Send + 'static>(
         metrics: Some(metrics.clone()),
     };
     let thread = tokio::task::spawn_blocking(move || {
-        let _place = place;
+        let _lease = lease;
         call(&runtime, &guest, context)
     });
     (GuestJob { thread, metrics }, InFlight { cancellation })

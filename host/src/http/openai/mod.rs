@@ -152,15 +152,15 @@ async fn serve(
         });
     }
     let answer = Answer::new(route, app.served_model.clone());
-    let place = work::admit(app).await?;
+    let lease = work::admit(app).await?;
     if !envelope.stream {
-        let (job, in_flight) = start(app, model, request, None, place);
+        let (job, in_flight) = start(app, model, request, None, lease);
         let completion = work::finish(job).await?;
         drop(in_flight);
         return Ok(axum::Json(answer.whole(completion)).into_response());
     }
     let (client, mut pieces) = client_channel();
-    let (job, in_flight) = start(app, model, request, Some(client), place);
+    let (job, in_flight) = start(app, model, request, Some(client), lease);
     // As on /v1/infer: the first piece is awaited so that a guest failing before it says
     // anything gets an HTTP error rather than a stream that only holds one.
     let first = pieces.recv().await;
@@ -177,9 +177,9 @@ fn start(
     model: Arc<Engine>,
     request: OpenAiRequest,
     client: Option<crate::guest::ClientSender>,
-    place: work::Place,
+    lease: work::Lease,
 ) -> (GuestJob<Completion>, InFlight) {
-    work::start_guest(app, model, client, place, move |runtime, guest, context| {
+    work::start_guest(app, model, client, lease, move |runtime, guest, context| {
         runtime.openai(guest, request, context)
     })
 }
