@@ -60,6 +60,13 @@ async fn unknown_routes_and_wrong_methods_are_json_errors() {
         let error = error_of(&body);
         assert!(!error.is_empty(), "{line}");
     }
+    // A wrong method is told which ones the route takes, in the error and in `Allow`.
+    let response = worker.get("/v1/infer").await;
+    assert_eq!(response.status(), 405);
+    let allow = response.headers().get("allow").cloned();
+    assert_eq!(allow.as_ref().map(|a| a.to_str().unwrap()), Some("POST"));
+    let error = error_of(&response.text().await.unwrap());
+    assert_eq!(error, "GET is not allowed on /v1/infer (allowed: POST)");
     // A body that is not the route's JSON: axum's own rejection, as JSON too.
     let request = "POST /v1/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
                    Content-Type: application/json\r\nContent-Length: 5\r\n\r\n{nope";

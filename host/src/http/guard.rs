@@ -31,8 +31,13 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// Wraps every route (and the fallback) of `router` in the layers. Call it last: routes
 /// added after it are not covered.
+///
+/// The layers wrap the routed `router` as a whole rather than each of its routes: axum adds
+/// a 405's `Allow` header as the route's answer leaves the router that matched it, after any
+/// layer on that route has run, and `json_errors` names the allowed methods from it.
 pub(super) fn apply(router: Router, request_timeout: Duration) -> Router {
-    router
+    Router::new()
+        .fallback_service(router)
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(
@@ -118,14 +123,14 @@ async fn json_errors(request: Request, next: Next) -> Response {
     let message = match status {
         _ if !text.is_empty() => text,
         StatusCode::NOT_FOUND => format!("no route for {method} {path}"),
-        StatusCode::METHOD_NOT_ALLOWED => {
-            let allowed = parts
-                .headers
-                .get(header::ALLOW)
-                .and_then(|allow| allow.to_str().ok())
-                .unwrap_or("none");
-            format!("{method} is not allowed on {path} (allowed: {allowed})")
-        }
+        StatusCode::METHOD_NOT_ALLOWED => match parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|allow| allow.to_str().ok())
+        {
+            Some(allowed) => format!("{method} is not allowed on {path} (allowed: {allowed})"),
+            None => format!("{method} is not allowed on {path}"),
+        },
         _ => status
             .canonical_reason()
             .unwrap_or("request failed")
@@ -202,6 +207,12 @@ mod tests {
             .route(
                 "/json",
                 post(|axum::Json(value): axum::Json<Value>| async move { value.to_string() }),
+            )
+            // As the real POST routes are: a body limit on the route.
+            .route(
+                "/limited",
+                post(|body: String| async move { body })
+                    .layer(axum::extract::DefaultBodyLimit::max(16)),
             );
         apply(routes, timeout)
     }
@@ -242,6 +253,17 @@ mod tests {
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(allow.as_deref(), Some("GET,HEAD"));
         assert!(body["error"].as_str().unwrap().contains("DELETE"), "{body}");
+
+        let (status, allow, body) = call(app.clone(), "GET", "/limited", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(allow.as_deref(), Some("POST"));
+        assert_eq!(
+            body["error"], "GET is not allowed on /limited (allowed: POST)",
+            "{body}"
+        );
+        // The limit still holds.
+        let (status, _, _) = call(app.clone(), "POST", "/limited", "seventeen bytes!!").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 
         // An extractor's own rejection (axum's Json), plain text before.
         let (status, _, body) = call(app.clone(), "POST", "/json", "{not json").await;
