@@ -222,8 +222,11 @@ async fn load_model(
     match loaded {
         Ok(Ok(engine)) => {
             let info = engine.info().clone();
+            // The name the worker serves the model under (`/info`, `/v1/models`, heartbeats);
+            // the checkpoint's own name (a GGUF's `general.name`) is only that.
             tracing::info!(
-                model = %info.id,
+                model = %app.served_model,
+                checkpoint_name = %info.id,
                 architecture = %info.architecture,
                 format = %info.format,
                 device = %info.device,
