@@ -4,8 +4,11 @@
 //!
 //!     cargo build -p rbee-host && cargo run -p rbee-host --example bench_serving -- \
 //!         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH] \
-//!         [--clients 1,2,4,8] [--tokens 128] [--rounds 2] [--repeats 3] [--long-prompts]
-//!         [--plot FILE.svg]
+//!         [--baseline-rbee-host PATH] [--clients 1,2,4,8] [--tokens 128] [--rounds 2] \
+//!         [--repeats 3] [--long-prompts] [--plot FILE.svg]
+//!
+//! `--baseline-rbee-host` adds another rbee-host binary (an earlier commit's, copied aside)
+//! to the turns: two builds compared in one sitting, each against the same machine.
 //!
 //! Every client streams completions of prompts whose greedy continuation does not end
 //! early (counting, lists, code), temperature 0, `--tokens` new tokens each. Reported per
@@ -36,6 +39,10 @@ struct Args {
     /// llama.cpp's server binary (`../shared/tools/build-llama-server.sh` builds one).
     #[arg(long)]
     llama_server: Option<PathBuf>,
+    /// Another build of rbee-host (a copy of an earlier commit's binary), measured in turn
+    /// with this one: an A/B of two builds in one sitting.
+    #[arg(long)]
+    baseline_rbee_host: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     clients: Vec<usize>,
     /// New tokens per request.
@@ -72,15 +79,23 @@ const PROMPTS: &[&str] = &[
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Server {
     RbeeHost,
-    LlamaServer,
+    /// `--baseline-rbee-host`: the same API, another binary.
+    Baseline,
+    LlamaCpp,
 }
 
 impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::RbeeHost => "rbee-host",
-            Server::LlamaServer => "llama-server",
+            Server::Baseline => "baseline",
+            Server::LlamaCpp => "llama-server",
         }
+    }
+
+    /// Whether it speaks rbee-host's API (`/info`, `/v1/infer`).
+    fn is_rbee_host(self) -> bool {
+        matches!(self, Server::RbeeHost | Server::Baseline)
     }
 }
 
@@ -106,12 +121,15 @@ fn free_port() -> u16 {
 async fn start(server: Server, args: &Args, slots: usize) -> Running {
     let port = free_port();
     let mut command = match server {
-        Server::RbeeHost => {
-            let binary = std::env::current_exe()
-                .ok()
-                .and_then(|exe| Some(exe.parent()?.parent()?.join("rbee-host")))
-                .filter(|path| path.exists())
-                .expect("build rbee-host first: cargo build -p rbee-host");
+        Server::RbeeHost | Server::Baseline => {
+            let binary = match server {
+                Server::Baseline => args.baseline_rbee_host.clone(),
+                _ => std::env::current_exe()
+                    .ok()
+                    .and_then(|exe| Some(exe.parent()?.parent()?.join("rbee-host"))),
+            }
+            .filter(|path| path.exists())
+            .expect("build rbee-host first: cargo build -p rbee-host");
             let mut command = Command::new(binary);
             command
                 .arg("--guest")
@@ -123,7 +141,7 @@ async fn start(server: Server, args: &Args, slots: usize) -> Running {
                 .args(["--max-concurrent", &slots.to_string()]);
             command
         }
-        Server::LlamaServer => {
+        Server::LlamaCpp => {
             let mut command = Command::new(args.llama_server.as_ref().expect("--llama-server"));
             command
                 .arg("-m")
@@ -149,14 +167,16 @@ async fn start(server: Server, args: &Args, slots: usize) -> Running {
         // rbee-host answers /health at once and /info says `ready` once loaded;
         // llama-server's /health is 200 once the model is loaded.
         let ready = match server {
-            Server::RbeeHost => match client.get(format!("{}/info", running.url)).send().await {
-                Ok(response) => response
-                    .json::<Value>()
-                    .await
-                    .is_ok_and(|info| info["status"] == "ready"),
-                Err(_) => false,
-            },
-            Server::LlamaServer => client
+            Server::RbeeHost | Server::Baseline => {
+                match client.get(format!("{}/info", running.url)).send().await {
+                    Ok(response) => response
+                        .json::<Value>()
+                        .await
+                        .is_ok_and(|info| info["status"] == "ready"),
+                    Err(_) => false,
+                }
+            }
+            Server::LlamaCpp => client
                 .get(format!("{}/health", running.url))
                 .send()
                 .await
@@ -181,11 +201,11 @@ async fn request(
 ) -> Result<(Duration, u32, Duration), String> {
     let started = Instant::now();
     let (path, body) = match server {
-        Server::RbeeHost => (
+        Server::RbeeHost | Server::Baseline => (
             "/v1/infer",
             json!({"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "stream": true}),
         ),
-        Server::LlamaServer => (
+        Server::LlamaCpp => (
             "/completion",
             json!({"prompt": prompt, "n_predict": tokens, "temperature": 0.0, "stream": true,
                    "cache_prompt": false}),
@@ -209,15 +229,15 @@ async fn request(
             break;
         }
         let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
-        let piece = match server {
-            Server::RbeeHost => data.get("token").is_some(),
-            Server::LlamaServer => data["content"].as_str().is_some_and(|c| !c.is_empty()),
+        let piece = match server.is_rbee_host() {
+            true => data.get("token").is_some(),
+            false => data["content"].as_str().is_some_and(|c| !c.is_empty()),
         };
         if piece {
             first.get_or_insert_with(|| started.elapsed());
             count += 1;
         }
-        if server == Server::LlamaServer && data["stop"] == true {
+        if server == Server::LlamaCpp && data["stop"] == true {
             break;
         }
     }
@@ -313,8 +333,11 @@ async fn measure(server: Server, url: &str, clients: usize, args: &Args) -> Meas
 async fn main() {
     let args = Args::parse();
     let mut servers = vec![Server::RbeeHost];
+    if args.baseline_rbee_host.is_some() {
+        servers.push(Server::Baseline);
+    }
     if args.llama_server.is_some() {
-        servers.push(Server::LlamaServer);
+        servers.push(Server::LlamaCpp);
     }
     // Repeat by repeat, every client count and every server in turn: each figure is then the
     // median of measurements spread over the whole run, so the figures compared with each
@@ -432,7 +455,7 @@ fn plot(
             .x_desc("concurrent clients")
             .y_desc(label)
             .draw()?;
-        for (server, color) in servers.iter().zip([BLUE, RED]) {
+        for (server, color) in servers.iter().zip([BLUE, GREEN, RED]) {
             let points: Vec<(f64, f64)> = all
                 .iter()
                 .filter(|(s, _, _)| s == server)
