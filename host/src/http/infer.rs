@@ -2,8 +2,8 @@
 //! guest to a JSON answer or a stream of Server-Sent Events.
 //!
 //! This module owns the wire schema only (the fields, their JSON types and the ranges the
-//! upstream OpenAPI states). What the engine can run is the engine's own check, and defaults
-//! and policy are the guest's.
+//! upstream OpenAPI states; the rules it shares with the OpenAI routes are in `params`). What
+//! the engine can run is the engine's own check, and defaults and policy are the guest's.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,15 +18,13 @@ use rbee_engine::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::params::{StopStrings, TEMPERATURE};
 use super::work::{self, GuestJob, InFlight, Lease};
 use super::{AppState, ReadyModel};
 use crate::guest::{ClientSender, InferRequest, InferResponse, client_channel};
 
 /// The wire schema's range for `max_tokens` (upstream OpenAPI).
 const MAX_TOKENS: std::ops::RangeInclusive<u32> = 1..=4096;
-
-/// The wire schema's range for `temperature` (upstream OpenAPI).
-const TEMPERATURE: std::ops::RangeInclusive<f32> = 0.0..=2.0;
 
 /// `POST /v1/infer`'s body: the upstream fields, and sampling extensions the guest may use.
 #[derive(Debug, Deserialize)]
@@ -42,26 +40,6 @@ struct InferBody {
     seed: Option<u64>,
     #[serde(default)]
     stop: StopStrings,
-}
-
-/// `stop` as OpenAI-style APIs take it: one string or a list.
-#[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
-enum StopStrings {
-    #[default]
-    None,
-    One(String),
-    Many(Vec<String>),
-}
-
-impl StopStrings {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            StopStrings::None => Vec::new(),
-            StopStrings::One(stop) => vec![stop],
-            StopStrings::Many(stops) => stops,
-        }
-    }
 }
 
 /// An infer request read from the body and checked against the wire schema; the extractor

@@ -19,6 +19,7 @@ mod infer;
 mod info;
 mod metrics;
 mod openai;
+mod params;
 mod server;
 mod state;
 mod work;
