@@ -1,33 +1,32 @@
-//! The OpenAI request bodies: parsed, checked against the wire schema, and turned into the
-//! typed requests the guest's `openai` export takes.
+//! The OpenAI request bodies: read into typed bodies, checked against the wire schema, and
+//! turned into the typed requests the guest's `openai` export takes.
 //!
 //! Fields this server implements are passed on. Fields it does not implement are refused
 //! with a 400 naming them when their value would change the result (`n: 2`, `logprobs`,
 //! `tools`, ...), and accepted when it would not (`n: 1`, `echo: false`). Fields nobody
 //! here knows are refused too, except a few that only label a request (`user`, `metadata`):
 //! an unknown sampling field silently ignored would change the answer without saying so.
+//!
+//! A body is read in two steps: the route's own fields (`prompt`, `messages`), then, from
+//! what they left, the fields both routes share ([`SharedFields`]); what is left after both
+//! is checked against the lists of unserved fields and labels ([`Leftovers`]). One struct
+//! with `#[serde(flatten)]` would read it in one step, but serde buffers a flattened
+//! struct's fields, and their errors lose the field's name. An error names the field at
+//! fault by its path (`messages[2].content`), which is also its `param`.
 
+use std::fmt;
+
+use axum::http::StatusCode;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::error::OpenAiError;
 use crate::guest::{ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, Role};
+use crate::http::params::{StopStrings, TEMPERATURE};
 
-/// The range the wire schema allows for `temperature` (OpenAI's).
-const TEMPERATURE: std::ops::RangeInclusive<f32> = 0.0..=2.0;
 /// OpenAI allows up to 4 stop sequences.
 const MAX_STOP: usize = 4;
-/// Fields that label a request and never change its answer.
-const LABELS: &[&str] = &[
-    "user",
-    "metadata",
-    "store",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
-    "parallel_tool_calls",
-];
 
 /// What the HTTP layer needs besides the guest's request.
 #[derive(Debug)]
@@ -41,229 +40,324 @@ pub struct Envelope {
 
 /// `POST /v1/completions`.
 pub fn completion(body: &[u8]) -> Result<(Envelope, CompletionRequest), OpenAiError> {
-    let mut fields = object(body)?;
-    let prompt = match fields.remove("prompt") {
-        Some(Value::String(prompt)) => prompt,
-        Some(Value::Array(prompts)) => match <[Value; 1]>::try_from(prompts) {
-            Ok([Value::String(prompt)]) => prompt,
-            _ => {
-                return Err(OpenAiError::unsupported(
-                    "prompt",
-                    "give one prompt as a string (lists of prompts and token ids are not served)",
-                ));
-            }
-        },
-        Some(_) => return Err(OpenAiError::invalid("prompt", "`prompt` must be a string")),
+    let body: CompletionBody = read_body(body)?;
+    let prompt = match body.prompt {
+        Some(Prompt::One(prompt) | Prompt::Listed([prompt])) => prompt,
+        Some(Prompt::Other(prompt)) if prompt.is_array() => {
+            return Err(OpenAiError::unsupported(
+                "prompt",
+                "give one prompt as a string (lists of prompts and token ids are not served)",
+            ));
+        }
+        Some(Prompt::Other(_)) => {
+            return Err(OpenAiError::invalid("prompt", "`prompt` must be a string"));
+        }
         None => return Err(OpenAiError::invalid("prompt", "`prompt` is required")),
     };
-    refuse_unless(
-        &mut fields,
-        "echo",
-        &Value::Bool(false),
-        "the prompt is not echoed",
-    )?;
-    refuse_unless_null(&mut fields, "suffix", "insertion is not served")?;
-    refuse_unless_one(&mut fields, "best_of")?;
-    let (envelope, options) = common(fields)?;
+    let (envelope, options) = shared(body.rest, &COMPLETION_LEFTOVERS)?;
     Ok((envelope, CompletionRequest { prompt, options }))
 }
 
 /// `POST /v1/chat/completions`.
 pub fn chat(body: &[u8]) -> Result<(Envelope, ChatRequest), OpenAiError> {
-    let mut fields = object(body)?;
-    let messages = match fields.remove("messages") {
-        Some(Value::Array(messages)) if !messages.is_empty() => messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, message)| chat_message(i, message))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(Value::Array(_)) => {
+    let body: ChatBody = read_body(body)?;
+    let messages = match body.messages {
+        Some(messages) if messages.is_empty() => {
             return Err(OpenAiError::invalid("messages", "`messages` is empty"));
         }
-        Some(_) => {
-            return Err(OpenAiError::invalid(
-                "messages",
-                "`messages` must be a list",
-            ));
-        }
+        Some(messages) => messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, message)| message.into_chat_message(i))
+            .collect::<Result<Vec<_>, _>>()?,
         None => return Err(OpenAiError::invalid("messages", "`messages` is required")),
     };
-    for field in ["tools", "functions"] {
-        refuse_unless_empty(&mut fields, field, "tool calls are not served")?;
-    }
-    for field in ["tool_choice", "function_call"] {
-        match fields.remove(field) {
-            None | Some(Value::Null) => {}
-            Some(Value::String(choice)) if choice == "none" || choice == "auto" => {}
-            Some(_) => return Err(OpenAiError::unsupported(field, "tool calls are not served")),
-        }
-    }
-    match fields.remove("response_format") {
-        None | Some(Value::Null) => {}
-        Some(format) if format.get("type") == Some(&Value::String("text".into())) => {}
-        Some(_) => {
-            return Err(OpenAiError::unsupported(
-                "response_format",
-                "only `{\"type\": \"text\"}` is served",
-            ));
-        }
-    }
-    refuse_unless_null(&mut fields, "audio", "audio is not served")?;
-    match fields.remove("modalities") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(modalities)) if modalities == [Value::String("text".into())] => {}
-        Some(_) => {
-            return Err(OpenAiError::unsupported(
-                "modalities",
-                "only text is served",
-            ));
-        }
-    }
-    let (envelope, options) = common(fields)?;
+    let (envelope, options) = shared(body.rest, &CHAT_LEFTOVERS)?;
     Ok((envelope, ChatRequest { messages, options }))
 }
 
-fn chat_message(index: usize, message: Value) -> Result<ChatMessage, OpenAiError> {
-    let at = |field: &str| format!("messages[{index}].{field}");
-    let Value::Object(mut message) = message else {
-        return Err(OpenAiError::invalid(
-            format!("messages[{index}]"),
-            "a message must be an object",
-        ));
-    };
-    let role = match message.remove("role") {
-        Some(Value::String(role)) => match role.as_str() {
-            "system" | "developer" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            "tool" | "function" => {
-                return Err(OpenAiError::unsupported(
-                    &at("role"),
-                    "tool calls are not served",
-                ));
-            }
-            other => {
-                return Err(OpenAiError::invalid(
-                    at("role"),
-                    format!("unknown role `{other}` (system, developer, user, assistant)"),
-                ));
-            }
-        },
-        _ => return Err(OpenAiError::invalid(at("role"), "`role` must be a string")),
-    };
-    if message
-        .remove("tool_calls")
-        .is_some_and(|calls| !is_empty(&calls))
-    {
-        return Err(OpenAiError::unsupported(
-            &at("tool_calls"),
-            "tool calls are not served",
-        ));
-    }
-    let content = match message.remove("content") {
-        Some(Value::String(content)) => content,
-        // An assistant turn without content (it made a tool call) has nothing to show.
-        None | Some(Value::Null) => String::new(),
-        Some(Value::Array(parts)) => {
-            let mut content = String::new();
-            for (j, part) in parts.into_iter().enumerate() {
-                let field = at(&format!("content[{j}]"));
-                match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(text))) => content.push_str(text),
-                    (Some("text"), _) => {
-                        return Err(OpenAiError::invalid(field, "a text part needs `text`"));
-                    }
-                    (Some(other), _) => {
-                        return Err(OpenAiError::unsupported(
-                            &format!("{field}.type"),
-                            &format!("`{other}` parts are not served, only `text`"),
-                        ));
-                    }
-                    (None, _) => {
-                        return Err(OpenAiError::invalid(field, "a content part needs `type`"));
-                    }
-                }
-            }
-            content
-        }
-        Some(_) => {
-            return Err(OpenAiError::invalid(
-                at("content"),
-                "`content` must be a string or a list of text parts",
-            ));
-        }
-    };
-    // `name` labels a participant; nothing else may hide here.
-    message.remove("name");
-    message.remove("refusal");
-    if let Some(field) = message.keys().next() {
-        return Err(OpenAiError::unsupported(
-            &at(field),
-            "unknown message field",
-        ));
-    }
-    Ok(ChatMessage { role, content })
+/// `POST /v1/completions`' own fields; [`SharedFields`] reads the rest.
+#[derive(Deserialize)]
+struct CompletionBody {
+    #[serde(default, deserialize_with = "null_as_value")]
+    prompt: Option<Prompt>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
-/// The fields both routes share, then a check that nothing unknown is left.
-fn common(mut fields: Map<String, Value>) -> Result<(Envelope, GenerationOptions), OpenAiError> {
-    let model = take::<Option<String>>(&mut fields, "model")?;
-    let stream = take::<Option<bool>>(&mut fields, "stream")?.unwrap_or(false);
-    let include_usage = match take::<Option<Value>>(&mut fields, "stream_options")? {
-        None => false,
-        Some(options) => {
-            if !stream {
-                return Err(OpenAiError::invalid(
-                    "stream_options",
-                    "`stream_options` is only allowed with `stream: true`",
-                ));
+/// `prompt`: one string, or a list of one string (as SDKs send a single prompt). Anything
+/// else is read to be refused: other lists (several prompts, token ids) as not served, the
+/// rest as not a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Listed([String; 1]),
+    Other(Value),
+}
+
+/// `POST /v1/chat/completions`' own fields; [`SharedFields`] reads the rest.
+#[derive(Deserialize)]
+struct ChatBody {
+    #[serde(default, deserialize_with = "null_as_value")]
+    messages: Option<Vec<Message>>,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// One of `messages`.
+#[derive(Deserialize)]
+#[serde(expecting = "a message object")]
+struct Message {
+    role: Option<MessageRole>,
+    /// Absent or `null` in an assistant turn that made a tool call: nothing to show.
+    content: Option<Content>,
+    /// Labels and unserved fields ([`MESSAGE_LEFTOVERS`]). Being flattened, it also has
+    /// serde read a message from an object only, never from a list.
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+impl Message {
+    fn into_chat_message(self, index: usize) -> Result<ChatMessage, OpenAiError> {
+        let at = |field: &str| format!("messages[{index}].{field}");
+        let role = match self.role {
+            Some(MessageRole::Turn(role)) => role,
+            Some(MessageRole::Tool) => {
+                return Err(OpenAiError::unsupported(&at("role"), NO_TOOLS));
             }
-            let options: StreamOptions = serde_json::from_value(options).map_err(|error| {
-                OpenAiError::invalid("stream_options", format!("`stream_options`: {error}"))
-            })?;
-            options.include_usage.unwrap_or(false)
-        }
-    };
-    let max_tokens = take::<Option<u32>>(&mut fields, "max_tokens")?;
-    let max_completion_tokens = take::<Option<u32>>(&mut fields, "max_completion_tokens")?;
-    let max_tokens = max_completion_tokens.or(max_tokens);
-    if max_tokens == Some(0) {
-        let field = if max_completion_tokens.is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
+            None => return Err(OpenAiError::invalid(at("role"), "`role` must be a string")),
         };
-        return Err(OpenAiError::invalid(
-            field,
-            format!("`{field}` must be at least 1"),
-        ));
+        let content = match self.content {
+            None => String::new(),
+            Some(Content::Text(text)) => text,
+            Some(Content::Parts(parts)) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, part)| part.into_text(&at(&format!("content[{j}]"))))
+                .collect::<Result<String, _>>()?,
+        };
+        MESSAGE_LEFTOVERS.check(&self.rest, at)?;
+        Ok(ChatMessage { role, content })
     }
-    let temperature = take::<Option<f32>>(&mut fields, "temperature")?;
-    if let Some(temperature) = temperature
-        && !TEMPERATURE.contains(&temperature)
-    {
-        return Err(OpenAiError::invalid(
-            "temperature",
-            format!("`temperature` must be between 0 and 2, got {temperature}"),
-        ));
+}
+
+/// A message's `role`; `developer` is the newer name of `system`. Tool turns are read to be
+/// refused as tool calls.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+enum MessageRole {
+    Turn(Role),
+    Tool,
+}
+
+impl TryFrom<String> for MessageRole {
+    type Error = String;
+
+    fn try_from(role: String) -> Result<Self, String> {
+        match role.as_str() {
+            "system" | "developer" => Ok(Self::Turn(Role::System)),
+            "user" => Ok(Self::Turn(Role::User)),
+            "assistant" => Ok(Self::Turn(Role::Assistant)),
+            "tool" | "function" => Ok(Self::Tool),
+            other => Err(format!(
+                "unknown role `{other}` (system, developer, user, assistant)"
+            )),
+        }
     }
-    let top_p = take::<Option<f32>>(&mut fields, "top_p")?;
-    if let Some(top_p) = top_p
-        && !(top_p > 0.0 && top_p <= 1.0)
-    {
-        return Err(OpenAiError::invalid(
-            "top_p",
-            format!("`top_p` must be in (0, 1], got {top_p}"),
-        ));
+}
+
+/// A message's `content`: a string, or a list of parts of which only text is served.
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// Written out rather than derived as `untagged`, which would answer an error in a part with
+/// one about the whole content; this one names the part (`messages[0].content[1].text`).
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(content: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = Content;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a string or a list of text parts")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Content, E> {
+                Ok(Content::Text(text))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element()? {
+                    parts.push(part);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+
+        content.deserialize_any(ContentVisitor)
     }
-    // OpenAI's seed is a signed integer; the same seed must give the same text, so a
-    // negative one is reinterpreted, not refused.
-    let seed = take::<Option<i64>>(&mut fields, "seed")?.map(|seed| seed as u64);
-    let stop = match take::<Option<Stop>>(&mut fields, "stop")? {
-        None => Vec::new(),
-        Some(Stop::One(stop)) => vec![stop],
-        Some(Stop::Many(stops)) => stops,
+}
+
+/// One part of a list `content`.
+#[derive(Deserialize)]
+#[serde(expecting = "a content part object")]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+    /// The part's other fields (those of the part types not served: `image_url`, ...),
+    /// ignored. Being flattened, it also has serde read a part from an object only.
+    #[serde(flatten)]
+    _other: IgnoredAny,
+}
+
+impl ContentPart {
+    /// The part's text; `at` is the part's path.
+    fn into_text(self, at: &str) -> Result<String, OpenAiError> {
+        match (self.kind.as_deref(), self.text) {
+            (Some("text"), Some(text)) => Ok(text),
+            (Some("text"), None) => Err(OpenAiError::invalid(at, "a text part needs `text`")),
+            (Some(other), _) => Err(OpenAiError::unsupported(
+                &format!("{at}.type"),
+                &format!("`{other}` parts are not served, only `text`"),
+            )),
+            (None, _) => Err(OpenAiError::invalid(at, "a content part needs `type`")),
+        }
+    }
+}
+
+/// The fields both routes share, read from what the route's own fields left.
+#[derive(Deserialize)]
+struct SharedFields {
+    model: Option<String>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    /// The newer name of `max_tokens`; it wins when both are given.
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// OpenAI's seed is a signed integer; the same seed must give the same text, so a
+    /// negative one is reinterpreted, not refused.
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: StopStrings,
+    top_k: Option<u32>,
+    repeat_penalty: Option<f32>,
+    /// Unserved fields, labels and unknown ones, for [`Leftovers::check`].
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// `stream_options`: the usage chunk, asked for or not. vLLM's `continuous_usage_stats` is
+/// read and ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+    #[serde(default, rename = "continuous_usage_stats")]
+    _continuous_usage_stats: Option<bool>,
+}
+
+/// Reads and checks the fields both routes share from `rest`, then checks what is left with
+/// the route's `leftovers`.
+fn shared(
+    rest: Map<String, Value>,
+    leftovers: &Leftovers,
+) -> Result<(Envelope, GenerationOptions), OpenAiError> {
+    let fields: SharedFields = read(Value::Object(rest))?;
+    let stream = fields.stream.unwrap_or(false);
+    let include_usage = fields.include_usage(stream)?;
+    let max_tokens = fields.max_tokens()?;
+    fields.check_ranges()?;
+    let stop = stop_sequences(fields.stop)?;
+    leftovers.check(&fields.rest, str::to_owned)?;
+    let envelope = Envelope {
+        model: fields.model,
+        stream,
+        include_usage,
     };
+    let options = GenerationOptions {
+        max_tokens,
+        temperature: fields.temperature,
+        top_k: fields.top_k,
+        top_p: fields.top_p,
+        repeat_penalty: fields.repeat_penalty,
+        seed: fields.seed.map(|seed| seed as u64),
+        stop,
+        stream,
+    };
+    Ok((envelope, options))
+}
+
+impl SharedFields {
+    /// `stream_options.include_usage`; `stream_options` needs `stream: true`.
+    fn include_usage(&self, stream: bool) -> Result<bool, OpenAiError> {
+        match &self.stream_options {
+            None => Ok(false),
+            Some(_) if !stream => Err(OpenAiError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed with `stream: true`",
+            )),
+            Some(options) => Ok(options.include_usage.unwrap_or(false)),
+        }
+    }
+
+    /// `max_completion_tokens`, or else `max_tokens`: at least 1.
+    fn max_tokens(&self) -> Result<Option<u32>, OpenAiError> {
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            let field = if self.max_completion_tokens.is_some() {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            return Err(OpenAiError::invalid(
+                field,
+                format!("`{field}` must be at least 1"),
+            ));
+        }
+        Ok(max_tokens)
+    }
+
+    /// The ranges of `temperature` and `top_p`.
+    fn check_ranges(&self) -> Result<(), OpenAiError> {
+        if let Some(temperature) = self.temperature
+            && !TEMPERATURE.contains(&temperature)
+        {
+            return Err(OpenAiError::invalid(
+                "temperature",
+                format!(
+                    "`temperature` must be between {} and {}, got {temperature}",
+                    TEMPERATURE.start(),
+                    TEMPERATURE.end()
+                ),
+            ));
+        }
+        if let Some(top_p) = self.top_p
+            && !(top_p > 0.0 && top_p <= 1.0)
+        {
+            return Err(OpenAiError::invalid(
+                "top_p",
+                format!("`top_p` must be in (0, 1], got {top_p}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `stop`: at most [`MAX_STOP`] sequences, none empty.
+fn stop_sequences(stop: StopStrings) -> Result<Vec<String>, OpenAiError> {
+    let stop = stop.into_vec();
     if stop.len() > MAX_STOP {
         return Err(OpenAiError::invalid(
             "stop",
@@ -273,151 +367,184 @@ fn common(mut fields: Map<String, Value>) -> Result<(Envelope, GenerationOptions
     if stop.iter().any(String::is_empty) {
         return Err(OpenAiError::invalid("stop", "a stop sequence is empty"));
     }
-    let top_k = take::<Option<u32>>(&mut fields, "top_k")?;
-    let repeat_penalty = take::<Option<f32>>(&mut fields, "repeat_penalty")?;
+    Ok(stop)
+}
 
-    refuse_unless_one(&mut fields, "n")?;
-    for penalty in ["presence_penalty", "frequency_penalty"] {
-        match take::<Option<f64>>(&mut fields, penalty)? {
-            None | Some(0.0) => {}
-            Some(_) => {
-                return Err(OpenAiError::unsupported(
-                    penalty,
-                    "only 0 is served (`repeat_penalty` is)",
-                ));
+/// What one level of a body (its top, or a message) takes besides its typed fields.
+struct Leftovers {
+    /// Fields this server does not implement, accepted when harmless.
+    unserved: &'static [&'static [Unserved]],
+    /// Fields that label the request or message and never change its answer.
+    labels: &'static [&'static str],
+    /// Why any other field is refused.
+    unknown: &'static str,
+}
+
+impl Leftovers {
+    /// Checks the fields in `rest`; an error names a field by `path(field)`.
+    fn check(
+        &self,
+        rest: &Map<String, Value>,
+        path: impl Fn(&str) -> String,
+    ) -> Result<(), OpenAiError> {
+        for (field, value) in rest {
+            let mut unserved = self.unserved.iter().copied().flatten();
+            match unserved.find(|unserved| unserved.field == field) {
+                Some(unserved) if value.is_null() || (unserved.harmless)(value) => {}
+                Some(unserved) => {
+                    return Err(OpenAiError::unsupported(&path(field), unserved.why));
+                }
+                None if self.labels.contains(&field.as_str()) => {}
+                None => return Err(OpenAiError::unsupported(&path(field), self.unknown)),
             }
         }
+        Ok(())
     }
-    refuse_unless_empty(&mut fields, "logit_bias", "token biases are not served")?;
-    match fields.remove("logprobs") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(_) => {
-            return Err(OpenAiError::unsupported(
-                "logprobs",
-                "log-probabilities are not served",
-            ));
+}
+
+/// A field this server does not implement: accepted when `null` or `harmless` (then it
+/// changes nothing), refused by name with `why` otherwise.
+struct Unserved {
+    field: &'static str,
+    harmless: fn(&Value) -> bool,
+    why: &'static str,
+}
+
+impl Unserved {
+    const fn new(field: &'static str, harmless: fn(&Value) -> bool, why: &'static str) -> Self {
+        Self {
+            field,
+            harmless,
+            why,
         }
     }
-    match fields.remove("top_logprobs") {
-        None | Some(Value::Null) => {}
-        Some(value) if value == 0 => {}
-        Some(_) => {
-            return Err(OpenAiError::unsupported(
-                "top_logprobs",
-                "log-probabilities are not served",
-            ));
-        }
-    }
-    for label in LABELS {
-        fields.remove(*label);
-    }
-    if let Some(field) = fields.keys().next() {
-        return Err(OpenAiError::unsupported(field, "unknown field"));
-    }
-    let envelope = Envelope {
-        model,
-        stream,
-        include_usage,
-    };
-    let options = GenerationOptions {
-        max_tokens,
-        temperature,
-        top_k,
-        top_p,
-        repeat_penalty,
-        seed,
-        stop,
-        stream,
-    };
-    Ok((envelope, options))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StreamOptions {
-    include_usage: Option<bool>,
-    #[serde(default, rename = "continuous_usage_stats")]
-    _continuous_usage_stats: Option<bool>,
-}
+const ONE_CHOICE: &str = "only one choice per request is served";
+const NO_TOOLS: &str = "tool calls are not served";
+const NO_LOGPROBS: &str = "log-probabilities are not served";
+const NO_PENALTY: &str = "only 0 is served (`repeat_penalty` is)";
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
+const COMPLETION_UNSERVED: &[Unserved] = &[
+    Unserved::new("echo", |echo| *echo == false, "the prompt is not echoed"),
+    Unserved::new("suffix", |_| false, "insertion is not served"),
+    Unserved::new("best_of", |best_of| *best_of == 1, ONE_CHOICE),
+];
 
-fn object(body: &[u8]) -> Result<Map<String, Value>, OpenAiError> {
-    match serde_json::from_slice(body) {
-        Ok(Value::Object(fields)) => Ok(fields),
-        Ok(_) => Err(OpenAiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "the body must be a JSON object",
-        )),
-        Err(error) => Err(OpenAiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {error}"),
-        )),
-    }
-}
+const CHAT_UNSERVED: &[Unserved] = &[
+    Unserved::new("tools", is_empty, NO_TOOLS),
+    Unserved::new("functions", is_empty, NO_TOOLS),
+    Unserved::new("tool_choice", is_no_tool_choice, NO_TOOLS),
+    Unserved::new("function_call", is_no_tool_choice, NO_TOOLS),
+    Unserved::new(
+        "response_format",
+        |format| format["type"] == "text",
+        "only `{\"type\": \"text\"}` is served",
+    ),
+    Unserved::new("audio", |_| false, "audio is not served"),
+    Unserved::new(
+        "modalities",
+        |modalities| *modalities == serde_json::json!(["text"]),
+        "only text is served",
+    ),
+];
 
-/// Removes `field` and reads it as `T`, naming the field when its type is wrong.
-fn take<T: DeserializeOwned>(
-    fields: &mut Map<String, Value>,
-    field: &str,
-) -> Result<T, OpenAiError> {
-    let value = fields.remove(field).unwrap_or(Value::Null);
-    serde_json::from_value(value)
-        .map_err(|error| OpenAiError::invalid(field, format!("`{field}`: {error}")))
-}
+const SHARED_UNSERVED: &[Unserved] = &[
+    Unserved::new("n", |n| *n == 1, ONE_CHOICE),
+    Unserved::new("presence_penalty", is_zero, NO_PENALTY),
+    Unserved::new("frequency_penalty", is_zero, NO_PENALTY),
+    Unserved::new("logit_bias", is_empty, "token biases are not served"),
+    Unserved::new("logprobs", |logprobs| *logprobs == false, NO_LOGPROBS),
+    Unserved::new("top_logprobs", |top| *top == 0, NO_LOGPROBS),
+];
+
+/// Fields that label a request and never change its answer.
+const LABELS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "parallel_tool_calls",
+];
+
+const COMPLETION_LEFTOVERS: Leftovers = Leftovers {
+    unserved: &[COMPLETION_UNSERVED, SHARED_UNSERVED],
+    labels: LABELS,
+    unknown: "unknown field",
+};
+
+const CHAT_LEFTOVERS: Leftovers = Leftovers {
+    unserved: &[CHAT_UNSERVED, SHARED_UNSERVED],
+    labels: LABELS,
+    unknown: "unknown field",
+};
+
+/// A message's: `name` labels a participant and `refusal` is an assistant turn's refusal;
+/// nothing else may hide here.
+const MESSAGE_LEFTOVERS: Leftovers = Leftovers {
+    unserved: &[&[Unserved::new("tool_calls", is_empty, NO_TOOLS)]],
+    labels: &["name", "refusal"],
+    unknown: "unknown message field",
+};
 
 fn is_empty(value: &Value) -> bool {
     match value {
-        Value::Null => true,
         Value::Array(items) => items.is_empty(),
         Value::Object(items) => items.is_empty(),
         _ => false,
     }
 }
 
-fn refuse_unless(
-    fields: &mut Map<String, Value>,
-    field: &str,
-    harmless: &Value,
-    why: &str,
-) -> Result<(), OpenAiError> {
-    match fields.remove(field) {
-        None | Some(Value::Null) => Ok(()),
-        Some(value) if &value == harmless => Ok(()),
-        Some(_) => Err(OpenAiError::unsupported(field, why)),
-    }
+fn is_zero(value: &Value) -> bool {
+    value.as_f64() == Some(0.0)
 }
 
-fn refuse_unless_null(
-    fields: &mut Map<String, Value>,
-    field: &str,
-    why: &str,
-) -> Result<(), OpenAiError> {
-    refuse_unless(fields, field, &Value::Null, why)
+fn is_no_tool_choice(choice: &Value) -> bool {
+    matches!(choice.as_str(), Some("none" | "auto"))
 }
 
-fn refuse_unless_empty(
-    fields: &mut Map<String, Value>,
-    field: &str,
-    why: &str,
-) -> Result<(), OpenAiError> {
-    match fields.remove(field) {
-        Some(value) if !is_empty(&value) => Err(OpenAiError::unsupported(field, why)),
-        _ => Ok(()),
-    }
+/// For a required field: `null` is read as a value of the field's type (which refuses it,
+/// naming what it wanted), not as the field left out.
+fn null_as_value<'de, D, T>(value: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(value).map(Some)
 }
 
-fn refuse_unless_one(fields: &mut Map<String, Value>, field: &str) -> Result<(), OpenAiError> {
-    refuse_unless(
-        fields,
-        field,
-        &Value::from(1),
-        "only one choice per request is served",
+/// Reads a whole body as `T`.
+fn read_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, OpenAiError> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let value = read(&mut json)?;
+    json.end().map_err(not_json)?;
+    Ok(value)
+}
+
+/// Reads `T` from `json`. A value of the wrong type is a 400 naming its path
+/// (`messages[2].content`); so is a body that is not JSON, or not an object.
+fn read<'de, T: Deserialize<'de>>(
+    json: impl Deserializer<'de, Error = serde_json::Error>,
+) -> Result<T, OpenAiError> {
+    serde_path_to_error::deserialize(json).map_err(|error| {
+        let path = error.path().clone();
+        let error = error.into_inner();
+        if !error.is_data() {
+            not_json(error)
+        } else if path.iter().next().is_none() {
+            OpenAiError::new(StatusCode::BAD_REQUEST, "the body must be a JSON object")
+        } else {
+            OpenAiError::invalid(path.to_string(), format!("`{path}`: {error}"))
+        }
+    })
+}
+
+fn not_json(error: serde_json::Error) -> OpenAiError {
+    OpenAiError::new(
+        StatusCode::BAD_REQUEST,
+        format!("the body is not valid JSON: {error}"),
     )
 }
 
@@ -510,6 +637,51 @@ mod tests {
             ),
         ];
         for (body, param) in chat_cases {
+            let error = chat(body).unwrap_err();
+            assert_eq!(error.status, 400, "{}", String::from_utf8_lossy(body));
+            assert_eq!(error.param.as_deref(), Some(*param), "{}", error.message);
+        }
+    }
+
+    /// A value of the wrong type is named by its path, down into messages and their parts;
+    /// a message or a part is read from an object only.
+    #[test]
+    fn type_errors_name_the_path() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"messages":null}"#, "messages"),
+            (br#"{"messages":["hi"]}"#, "messages[0]"),
+            (br#"{"messages":[["user","hi"]]}"#, "messages[0]"),
+            (
+                br#"{"messages":[{"role":3,"content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"a"},{"role":"user","content":5}]}"#,
+                "messages[1].content",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":[{"type":"text","text":7}]}]}"#,
+                "messages[0].content[0].text",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":[["text","hi"]]}]}"#,
+                "messages[0].content[0]",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x","tool_calls":[{}]}]}"#,
+                "messages[0].tool_calls",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x","name":"a","mood":1}]}"#,
+                "messages[0].mood",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"stream":true,
+                     "stream_options":{"include_usage":"yes"}}"#,
+                "stream_options.include_usage",
+            ),
+        ];
+        for (body, param) in cases {
             let error = chat(body).unwrap_err();
             assert_eq!(error.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(error.param.as_deref(), Some(*param), "{}", error.message);
