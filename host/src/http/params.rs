@@ -14,7 +14,7 @@ pub(super) const TEMPERATURE: RangeInclusive<f32> = 0.0..=2.0;
 /// `stop` as OpenAI-style APIs take it: one string or a list. `null` and an absent field
 /// are no stop strings.
 #[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub(super) enum StopStrings {
     #[default]
     None,

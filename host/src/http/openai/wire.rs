@@ -686,6 +686,14 @@ mod tests {
             assert_eq!(error.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(error.param.as_deref(), Some(*param), "{}", error.message);
         }
+        // A wrong `stop` says what it takes, not which Rust type failed to match.
+        let error = completion(br#"{"prompt":"x","stop":5}"#).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("stop"), "{}", error.message);
+        assert!(
+            error.message.contains("a string or a list of strings"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
