@@ -7,14 +7,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::core::Core;
 use super::sampling::Sampler;
+use super::stop::StopSignals;
 use super::text::TextStream;
-use super::{Cancelled, Core};
 use crate::model::{BatchItem, Cache};
 use crate::{Completion, EngineError, FinishReason, SamplingParams};
 
@@ -24,52 +24,9 @@ pub(crate) enum Event {
     Done(Result<(Completion, Vec<u32>), EngineError>),
 }
 
-/// Counts of the scheduler's work, for tests and metrics.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    steps: AtomicU64,
-    rows: AtomicU64,
-    batched_steps: AtomicU64,
-    most_sequences: AtomicU64,
-}
-
-/// What the scheduler has done since the model loaded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchStats {
-    /// Forward passes.
-    pub steps: u64,
-    /// Token positions fed, prompt and generated.
-    pub rows: u64,
-    /// Passes that served more than one sequence.
-    pub batched_steps: u64,
-    /// The most sequences one pass served.
-    pub most_sequences: u64,
-}
-
-impl Counters {
-    fn record(&self, sequences: usize, rows: usize) {
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
-        if sequences > 1 {
-            self.batched_steps.fetch_add(1, Ordering::Relaxed);
-        }
-        self.most_sequences
-            .fetch_max(sequences as u64, Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> BatchStats {
-        BatchStats {
-            steps: self.steps.load(Ordering::Relaxed),
-            rows: self.rows.load(Ordering::Relaxed),
-            batched_steps: self.batched_steps.load(Ordering::Relaxed),
-            most_sequences: self.most_sequences.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// How many sequences run together, and how much KV cache they may hold.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub(crate) struct BatchLimits {
     pub max_batch: usize,
     /// Positions (prompt + max_tokens) of all running sequences together.
     pub kv_budget: usize,
@@ -79,28 +36,12 @@ pub(crate) struct Limits {
     pub prompt_chunk: usize,
 }
 
-/// Whether a generation's reader or caller has given up on it. Cloned by a step, which
-/// holds it while the sequences' caches are lent to the model.
-#[derive(Clone)]
-pub(crate) struct Cancellation {
-    /// Set by the generation's handle (its reader stopped or went away).
-    pub stop: Arc<AtomicBool>,
-    /// The caller's own cancellation, checked at every step.
-    pub cancelled: Option<Cancelled>,
-}
-
-impl Cancellation {
-    fn is_set(&self) -> bool {
-        self.stop.load(Ordering::Acquire) || self.cancelled.as_ref().is_some_and(|c| c())
-    }
-}
-
 /// A generation asked for: everything the scheduler needs to run it.
 pub(crate) struct Submission {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub events: Sender<Event>,
-    pub cancellation: Cancellation,
+    pub stop_signals: StopSignals,
 }
 
 impl Submission {
@@ -109,7 +50,7 @@ impl Submission {
     }
 
     fn is_cancelled(&self) -> bool {
-        self.cancellation.is_set()
+        self.stop_signals.is_set()
     }
 
     fn cancelled_before_start(self) {
@@ -137,7 +78,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(core: Arc<Core>, limits: Limits) -> std::io::Result<Self> {
+    pub fn start(core: Arc<Core>, limits: BatchLimits) -> std::io::Result<Self> {
         let (submit, submissions) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("rbee-scheduler".into())
@@ -242,7 +183,7 @@ impl Sequence<'_> {
     }
 }
 
-fn run(core: &Core, limits: Limits, submissions: Receiver<Submission>) {
+fn run(core: &Core, limits: BatchLimits, submissions: Receiver<Submission>) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Sequence<'_>> = Vec::new();
     loop {
@@ -343,7 +284,7 @@ fn prompt_chunks_admitted(chunks: impl IntoIterator<Item = usize>) -> usize {
 
 /// One forward pass over the running sequences — every decode row, and the prompt chunks
 /// that `PROMPT_TOKENS_PER_STEP` admits — then each one's token.
-fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
+fn step(core: &Core, limits: BatchLimits, running: &mut Vec<Sequence<'_>>) {
     // Decode rows first (the model multiplies them together), then the prompts that have
     // the fewest tokens left to read.
     running.sort_by_key(|sequence| {
@@ -371,9 +312,9 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
             None => sequence.request.prompt[next_chunk(sequence)].to_vec(),
         })
         .collect();
-    let cancellations: Vec<_> = running[..stepping]
+    let stop_signals: Vec<_> = running[..stepping]
         .iter()
-        .map(|sequence| sequence.request.cancellation.clone())
+        .map(|sequence| sequence.request.stop_signals.clone())
         .collect();
     let mut batch: Vec<BatchItem<'_>> = running[..stepping]
         .iter_mut()
@@ -390,7 +331,7 @@ fn step(core: &Core, limits: Limits, running: &mut Vec<Sequence<'_>>) {
     // A step whose sequences have all been cancelled stops between layers rather than
     // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
     // behind it starts at once; the cancelled sequences then leave at the boundary.
-    let abandoned = || cancellations.iter().all(Cancellation::is_set);
+    let abandoned = || stop_signals.iter().all(StopSignals::is_set);
     let outputs = core.model.forward_batch(&mut batch, decoding, &abandoned);
     drop(batch);
     let outputs = match outputs {

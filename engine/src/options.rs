@@ -1,0 +1,85 @@
+//! How to load a model: where it runs, how its weights are kept, and how many sequences (and
+//! KV-cache positions) the scheduler runs together.
+
+/// Where to run the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// A hardware GPU when wgpu finds one, else the CPU (a software adapter such as
+    /// lavapipe is no GPU here: the CPU path is far faster).
+    #[default]
+    Auto,
+    Cpu,
+    /// The N-th hardware GPU; GPU 0 is the software adapter when that is all there is.
+    Gpu(usize),
+    /// A bare index, as upstream's hive spawns workers (`--device 0`): GPU N where there is
+    /// one; on a machine without a GPU, 0 means the CPU (and says so in the log).
+    Index(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" | "cpu:0" | "cpu-0" => Ok(Self::Cpu),
+            "gpu" | "cuda" => Ok(Self::Gpu(0)),
+            other if other.bytes().all(|b| b.is_ascii_digit()) => other
+                .parse()
+                .map(Self::Index)
+                .map_err(|e| format!("device index `{s}`: {e}")),
+            other => other
+                .strip_prefix("gpu:")
+                .or_else(|| other.strip_prefix("gpu-"))
+                .or_else(|| other.strip_prefix("cuda:"))
+                .and_then(|n| n.parse().ok())
+                .map(Self::Gpu)
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`: expected auto, cpu, gpu, gpu:N or an index N")
+                }),
+        }
+    }
+}
+
+/// How weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// The fastest format the backend supports for this checkpoint.
+    #[default]
+    Auto,
+    /// Everything expanded to f32 (the reference format for correctness checks).
+    F32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: DeviceChoice,
+    pub weights: WeightFormat,
+    /// Sequences decoded together in one forward pass.
+    pub max_batch: usize,
+    /// KV-cache positions (prompt + max_tokens) of all running sequences together; a
+    /// sequence that does not fit waits. `None`: derived from the model (`DEFAULT_KV_BYTES`
+    /// worth, and at least one full context).
+    pub kv_budget_tokens: Option<usize>,
+    /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
+    /// so the sequences decoding beside it are held up by one chunk at a time.
+    pub prompt_chunk: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::default(),
+            weights: WeightFormat::default(),
+            max_batch: DEFAULT_MAX_BATCH,
+            kv_budget_tokens: None,
+            prompt_chunk: DEFAULT_PROMPT_CHUNK,
+        }
+    }
+}
+
+/// Sequences per forward pass unless told otherwise (llama-server's default slot count).
+pub const DEFAULT_MAX_BATCH: usize = 4;
+/// Prompt tokens per step per sequence: about half a second of prefill on two cores.
+pub const DEFAULT_PROMPT_CHUNK: usize = 256;
+/// The KV-cache memory the default budget is sized to.
+pub const DEFAULT_KV_BYTES: usize = 1 << 30;
