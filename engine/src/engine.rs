@@ -43,8 +43,10 @@ impl Engine {
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Engine, EngineError> {
         let started = std::time::Instant::now();
         let engine = Self::from_checkpoint(load::load(path, options)?, path, options)?;
+        // The path, not `info.id`: that is the checkpoint's own name, while the host serves
+        // the model under a name of its choosing and logs that itself.
         tracing::info!(
-            model = %engine.info.id,
+            path = %path.display(),
             architecture = %engine.info.architecture,
             device = %engine.info.device,
             max_batch = engine.limits.max_batch,
