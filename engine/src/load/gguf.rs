@@ -4,67 +4,94 @@
 //! as stored (no f32 round trip, no requantization) and others are requantized; for Burn's
 //! layers every tensor is dequantized to f32 (then cast for the device).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::checkpoint::{Checkpoint, Format, SpecialTokens, load_error};
+use super::limits::{Stored, check_config_fits};
+use super::plan::{WeightPlan, finish_burn_model};
 use super::progress::Progress;
-use super::{
-    Checkpoint, Format, SpecialTokens, Stored, WeightPlan, check_config_fits, finish_burn_model,
-    load_error,
-};
+use crate::EngineError;
 use crate::device::Selected;
 use crate::gguf::{GgmlType, GgufFile, GgufModelConfig, RawTensor, hf_to_gguf, unpermute_qk};
 use crate::model::burn::{BurnModel, ParamMut};
 use crate::model::cpu::{CpuModel, CpuWeights, Embeddings};
 use crate::model::{Model, ModelConfig};
 use crate::quant::BlockMatrix;
-use crate::{EngineError, WeightFormat};
 
-pub fn load(
-    path: &Path,
-    weights: WeightFormat,
-    device: &Selected,
-) -> Result<Checkpoint, EngineError> {
-    let err = |reason: String| load_error(path, reason);
-    let file = GgufFile::open(path).map_err(|e| err(e.to_string()))?;
-    let g = file.model_config().map_err(|e| err(e.to_string()))?;
-    let config = model_config(&file, &g).map_err(err)?;
-    let mut tensors = Tensors {
-        file: &file,
-        config: &config,
-        qk_permuted: g.qk_permuted,
-    };
-    let model = match WeightPlan::choose(weights, device, &config) {
-        WeightPlan::CpuBlocks => Model::Cpu(CpuModel::load(&config, &mut tensors).map_err(err)?),
-        plan @ WeightPlan::Burn(_) => {
-            let model = tensors.burn_model(&device.device).map_err(err)?;
-            finish_burn_model(model, &config, plan, &device.device).map_err(err)?
-        }
-    };
+/// A GGUF file whose metadata is read and checked: the model's shape, which the weight plan
+/// is chosen from before any tensor is read.
+pub struct Header {
+    path: PathBuf,
+    file: GgufFile,
+    /// The metadata in GGUF's terms (tokens, name, llama.cpp's q/k permutation).
+    meta: GgufModelConfig,
+    pub config: ModelConfig,
+}
 
-    let tokenizer = file.tokenizer().map_err(|e| err(e.to_string()))?;
-    let special = SpecialTokens {
-        bos_token: g.bos_token_id.and_then(|id| tokenizer.id_to_token(id)),
-        eos_ids: g.eog_token_ids.clone(),
-        chat_template: g.chat_template.clone(),
-    };
-    let id = g.name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    Ok(Checkpoint {
-        config,
-        model,
-        tokenizer,
-        special,
-        id,
-        format: Format::Gguf,
-        device_name: device.name.clone(),
-    })
+impl Header {
+    /// Opens the file at `path` and reads its model config, checked against its tensors.
+    pub fn read(path: &Path) -> Result<Self, EngineError> {
+        let err = |reason: String| load_error(path, reason);
+        let file = GgufFile::open(path).map_err(|e| err(e.to_string()))?;
+        let meta = file.model_config().map_err(|e| err(e.to_string()))?;
+        let config = model_config(&file, &meta).map_err(err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            meta,
+            config,
+        })
+    }
+
+    /// Loads the file's tensors onto `device` in `plan`'s form, and its tokenizer.
+    pub fn load(self, plan: WeightPlan, device: &Selected) -> Result<Checkpoint, EngineError> {
+        let Header {
+            path,
+            file,
+            meta: g,
+            config,
+        } = self;
+        let err = |reason: String| load_error(&path, reason);
+        let mut tensors = Tensors {
+            file: &file,
+            config: &config,
+            qk_permuted: g.qk_permuted,
+        };
+        let model = match plan {
+            WeightPlan::CpuBlocks => {
+                Model::Cpu(CpuModel::load(&config, &mut tensors).map_err(err)?)
+            }
+            WeightPlan::Burn(_) => {
+                let model = tensors.burn_model(&device.device).map_err(err)?;
+                finish_burn_model(model, &config, plan, &device.device).map_err(err)?
+            }
+        };
+
+        let tokenizer = file.tokenizer().map_err(|e| err(e.to_string()))?;
+        let special = SpecialTokens {
+            bos_token: g.bos_token_id.and_then(|id| tokenizer.id_to_token(id)),
+            eos_ids: g.eog_token_ids.clone(),
+            chat_template: g.chat_template.clone(),
+        };
+        let id = g.name.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        Ok(Checkpoint {
+            config,
+            model,
+            tokenizer,
+            special,
+            id,
+            format: Format::Gguf,
+            device_name: device.name.clone(),
+        })
+    }
 }
 
 /// The model's shape from the file's metadata, checked.

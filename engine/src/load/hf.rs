@@ -11,110 +11,137 @@ use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::checkpoint::{Checkpoint, Format, SpecialTokens, load_error};
+use super::limits::{Stored, check_config_fits};
+use super::plan::{WeightPlan, finish_burn_model};
 use super::progress::Progress;
-use super::{
-    Checkpoint, Format, SpecialTokens, Stored, WeightPlan, check_config_fits, finish_burn_model,
-    load_error,
-};
-use crate::WeightFormat;
 use crate::device::Selected;
 use crate::model::ModelConfig;
 use crate::model::burn::BurnModel;
 use crate::model::config::HfConfig;
 
-/// Loads the folder `dir` onto `device`: through Burn's safetensors store into Burn's
-/// layers (f32), then into the plan's form.
-pub fn load(
-    dir: &Path,
-    weights: WeightFormat,
-    device: &Selected,
-) -> Result<Checkpoint, crate::EngineError> {
-    let config_path = dir.join("config.json");
-    let config_text = fs::read_to_string(&config_path)
-        .map_err(|e| load_error(&config_path, format!("cannot read: {e}")))?;
-    let hf: HfConfig = serde_json::from_str(&config_text)
-        .map_err(|e| load_error(&config_path, format!("invalid config: {e}")))?;
-    let raw_config: Value = serde_json::from_str(&config_text).unwrap_or(Value::Null);
-    let mut config = hf
-        .into_model_config()
-        .map_err(|e| load_error(&config_path, e))?;
+/// A model folder whose `config.json` and safetensors headers are read and checked: the
+/// model's shape, which the weight plan is chosen from before any weight is read.
+pub struct Header {
+    dir: PathBuf,
+    pub config: ModelConfig,
+    /// `config.json` as written, for the special tokens it may name.
+    raw_config: Value,
+    shards: Vec<PathBuf>,
+    /// How many tensors the config implies.
+    expected: usize,
+}
 
-    let shards = shard_files(dir)?;
-    // Read every shard's header first: it names the tensors (tied or untied output?) and
-    // catches truncated files with a clear message before anything is allocated.
-    let mut names = BTreeSet::new();
-    let mut elements = 0u64;
-    for shard in &shards {
-        let header = safetensors_header(shard)?;
-        names.extend(header.names);
-        elements = elements.saturating_add(header.elements);
-    }
-    config.tie_word_embeddings = !names.contains("lm_head.weight");
-    let stored = Stored {
-        tensors: names.len() as u64,
-        elements,
-    };
-    check_config_fits(&config, stored).map_err(|e| load_error(&config_path, e))?;
+impl Header {
+    /// Reads the folder `dir`'s config and every shard's header: they name the tensors (tied
+    /// or untied output?) and catch truncated files and a config the files cannot back with
+    /// a clear message before anything is allocated.
+    pub fn read(dir: &Path) -> Result<Self, crate::EngineError> {
+        let config_path = dir.join("config.json");
+        let config_text = fs::read_to_string(&config_path)
+            .map_err(|e| load_error(&config_path, format!("cannot read: {e}")))?;
+        let hf: HfConfig = serde_json::from_str(&config_text)
+            .map_err(|e| load_error(&config_path, format!("invalid config: {e}")))?;
+        let raw_config: Value = serde_json::from_str(&config_text).unwrap_or(Value::Null);
+        let mut config = hf
+            .into_model_config()
+            .map_err(|e| load_error(&config_path, e))?;
 
-    let mut model = BurnModel::new(&config, &device.device);
-    let expected: BTreeSet<String> = expected_tensors(&config).into_iter().collect();
-    if let Some(missing) = expected.iter().find(|n| !names.contains(*n)) {
-        return Err(load_error(
-            &shards[0],
-            format!("tensor `{missing}` is missing from the checkpoint"),
-        ));
-    }
-
-    let progress = Progress::new("loading safetensors", shards.len() as u64);
-    let mut applied = HashSet::new();
-    for shard in &shards {
-        let mut store = SafetensorsStore::from_file(shard)
-            .with_from_adapter(PyTorchToBurnAdapter)
-            .allow_partial(true)
-            .validate(true);
-        let result = model
-            .load_from(&mut store)
-            .map_err(|e| load_error(shard, e.to_string()))?;
-        if !result.errors.is_empty() {
-            return Err(load_error(shard, format!("{:?}", result.errors)));
+        let shards = shard_files(dir)?;
+        let mut names = BTreeSet::new();
+        let mut elements = 0u64;
+        for shard in &shards {
+            let header = safetensors_header(shard)?;
+            names.extend(header.names);
+            elements = elements.saturating_add(header.elements);
         }
-        applied.extend(result.applied);
-        progress.inc(1);
+        config.tie_word_embeddings = !names.contains("lm_head.weight");
+        let stored = Stored {
+            tensors: names.len() as u64,
+            elements,
+        };
+        check_config_fits(&config, stored).map_err(|e| load_error(&config_path, e))?;
+
+        let expected: BTreeSet<String> = expected_tensors(&config).into_iter().collect();
+        if let Some(missing) = expected.iter().find(|n| !names.contains(*n)) {
+            return Err(load_error(
+                &shards[0],
+                format!("tensor `{missing}` is missing from the checkpoint"),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            config,
+            raw_config,
+            shards,
+            expected: expected.len(),
+        })
     }
-    progress.finish();
-    // `applied` holds Burn's paths (norm weights are `gamma` there).
-    tracing::debug!(tensors = applied.len(), "weights applied");
-    if applied.len() < expected.len() {
-        return Err(load_error(
+
+    /// Loads the folder onto `device` in `plan`'s form: through Burn's safetensors store
+    /// into Burn's layers (f32), then into the plan's form.
+    pub fn load(
+        self,
+        plan: WeightPlan,
+        device: &Selected,
+    ) -> Result<Checkpoint, crate::EngineError> {
+        let Header {
             dir,
-            format!(
-                "only {} of {} tensors matched the model",
-                applied.len(),
-                expected.len()
-            ),
-        ));
+            config,
+            raw_config,
+            shards,
+            expected,
+        } = self;
+        let mut model = BurnModel::new(&config, &device.device);
+        let progress = Progress::new("loading safetensors", shards.len() as u64);
+        let mut applied = HashSet::new();
+        for shard in &shards {
+            let mut store = SafetensorsStore::from_file(shard)
+                .with_from_adapter(PyTorchToBurnAdapter)
+                .allow_partial(true)
+                .validate(true);
+            let result = model
+                .load_from(&mut store)
+                .map_err(|e| load_error(shard, e.to_string()))?;
+            if !result.errors.is_empty() {
+                return Err(load_error(shard, format!("{:?}", result.errors)));
+            }
+            applied.extend(result.applied);
+            progress.inc(1);
+        }
+        progress.finish();
+        // `applied` holds Burn's paths (norm weights are `gamma` there).
+        tracing::debug!(tensors = applied.len(), "weights applied");
+        if applied.len() < expected {
+            return Err(load_error(
+                &dir,
+                format!(
+                    "only {} of {expected} tensors matched the model",
+                    applied.len(),
+                ),
+            ));
+        }
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| load_error(&tokenizer_path, format!("invalid tokenizer: {e}")))?;
+
+        let special = special_tokens(&dir, &raw_config, &tokenizer)?;
+        let model = finish_burn_model(model, &config, plan, &device.device)
+            .map_err(|e| load_error(&dir, e))?;
+        Ok(Checkpoint {
+            config,
+            model,
+            tokenizer,
+            special,
+            id: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into()),
+            format: Format::HfFolder,
+            device_name: device.name.clone(),
+        })
     }
-
-    let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| load_error(&tokenizer_path, format!("invalid tokenizer: {e}")))?;
-
-    let special = special_tokens(dir, &raw_config, &tokenizer)?;
-    let plan = WeightPlan::choose(weights, device, &config);
-    let model =
-        finish_burn_model(model, &config, plan, &device.device).map_err(|e| load_error(dir, e))?;
-    Ok(Checkpoint {
-        config,
-        model,
-        tokenizer,
-        special,
-        id: dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
-        format: Format::HfFolder,
-        device_name: device.name.clone(),
-    })
 }
 
 /// The safetensors files of the checkpoint, from the index when the model is sharded.

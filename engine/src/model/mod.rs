@@ -1,5 +1,5 @@
 //! The model: a Llama-family decoder in one of two forms, chosen once at load by the weight
-//! plan (`load::WeightPlan`) and fixed in the type, so no pass decides it again:
+//! plan (`load::plan::WeightPlan`) and fixed in the type, so no pass decides it again:
 //! - [`burn`]: Burn's tensors on the device — the GPU (wgpu), or f32 on the CPU, the
 //!   reference that the other form is tested against;
 //! - [`cpu`]: block-quantized weights (`quant`) and host-memory loops, the CPU's default.
@@ -12,13 +12,13 @@ pub mod cpu;
 pub mod proj;
 pub mod rope;
 
-use ::burn::tensor::{Device, Int, Tensor, TensorData};
+use ::burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 pub use config::ModelConfig;
 
 use self::burn::{BurnCache, BurnModel};
 use self::cpu::{CpuCache, CpuModel};
-use self::rope::RopeTables;
+use self::rope::{Rope, RopeTables};
 use crate::EngineError;
 
 pub enum Model {
@@ -33,6 +33,18 @@ pub struct DeviceModel {
     pub model: BurnModel,
     pub rope: RopeTables,
     pub device: Device,
+}
+
+impl DeviceModel {
+    /// `model` (filled with f32 weights) cast to `dtype`, with the RoPE tables of the
+    /// model's whole context on `device`.
+    pub fn new(model: BurnModel, config: &ModelConfig, dtype: DType, device: &Device) -> Self {
+        Self {
+            model: model.cast(dtype),
+            rope: Rope::new(config).tables(config.max_position_embeddings, device),
+            device: device.clone(),
+        }
+    }
 }
 
 /// One generation's keys and values, made by [`Model::new_cache`] for that model's form.

@@ -313,7 +313,8 @@ mod tests {
     use ::burn::tensor::{Tensor, TensorData};
 
     use super::*;
-    use crate::load::{self, WeightPlan};
+    use crate::load;
+    use crate::load::plan::{self, WeightPlan};
     use crate::model::Model;
     use crate::model::burn::{BurnModel, ParamMut};
     use crate::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
@@ -376,7 +377,7 @@ mod tests {
                 panic!("{fixture}: f32 weights load Burn's layers");
             };
             round_through_blocks(&mut burn.model);
-            let cpu = load::finish_burn_model(
+            let cpu = plan::finish_burn_model(
                 burn.model.clone(),
                 &checkpoint.config,
                 WeightPlan::CpuBlocks,
