@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: builds every guest (guests/build.sh), then runs the
-# guests' unit tests and the unit, engine and end-to-end tests of the workspace. Extra
-# arguments go to `cargo test`.
+# The whole test suite, as CI runs it: checks that no two source files import each other
+# (scripts/check_imports.py), builds every guest (guests/build.sh), then runs the guests' unit
+# tests and the unit, engine and end-to-end tests of the workspace. Extra arguments go to
+# `cargo test`.
 #
 # Tests that need SmolLM2 are `#[ignore = "needs SmolLM2 ..."]`: a plain `cargo test` lists
 # them as ignored. When scripts/fetch-model.sh has fetched the model, this script runs them too
@@ -9,6 +10,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# Structure first, it takes a second: no two source files may import each other.
+python3 scripts/check_imports.py
 guests/build.sh
 # End-to-end tests start real workers; two at a time keeps a 2-core machine responsive enough
 # for the timing checks (heartbeat cadence, grace periods).
