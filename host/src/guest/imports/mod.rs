@@ -12,9 +12,9 @@
 
 pub mod clocks;
 mod convert;
-pub mod inference;
-pub mod log;
-pub mod output;
+mod inference;
+mod log;
+mod output;
 mod token_stream;
 
 pub use clocks::ClocksView;
