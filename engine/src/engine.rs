@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::kv::{BlockHash, blocks_for};
 use crate::run::{self, BatchLimits, BatchStats, Cancelled, Core, Prompt, Scheduler};
 use crate::{Completion, DEFAULT_KV_BYTES, EngineError, LoadOptions, SamplingParams, load};
 
@@ -50,7 +51,8 @@ impl Engine {
             architecture = %engine.info.architecture,
             device = %engine.info.device,
             max_batch = engine.limits.max_batch,
-            kv_budget_tokens = engine.limits.kv_budget,
+            kv_budget_tokens = engine.limits.kv_positions(),
+            prefix_caching = engine.limits.prefix_caching,
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
@@ -88,14 +90,24 @@ impl Engine {
             chat_template: special.chat_template,
             device: checkpoint.device_name,
         };
+        let kv_budget = options.kv_budget_tokens.unwrap_or_else(|| {
+            (DEFAULT_KV_BYTES / config.kv_bytes_per_token().max(1))
+                .max(config.max_position_embeddings)
+        });
         let limits = BatchLimits {
             max_batch: options.max_batch.max(1),
-            kv_budget: options.kv_budget_tokens.unwrap_or_else(|| {
-                (DEFAULT_KV_BYTES / config.kv_bytes_per_token().max(1))
-                    .max(config.max_position_embeddings)
-            }),
+            kv_blocks: blocks_for(kv_budget),
             prompt_chunk: options.prompt_chunk.max(1),
+            prefix_caching: options.prefix_caching,
         };
+        // The KV of one model is never another's: the chain's root names the checkpoint and
+        // how its weights are kept.
+        let root = BlockHash::root(&format!(
+            "{} {:?} {}",
+            path.display(),
+            options.weights,
+            info.device
+        ));
         let core = Arc::new(Core::new(
             checkpoint.model,
             tokenizer,
@@ -104,7 +116,7 @@ impl Engine {
             config.max_position_embeddings,
             config.vocab_size,
         )?);
-        let scheduler = Scheduler::start(core.clone(), limits)
+        let scheduler = Scheduler::start(core.clone(), limits, root)
             .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;
         Ok(Engine {
             info,

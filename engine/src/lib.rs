@@ -10,13 +10,15 @@
 //!   on the CPU), its config and RoPE; `quant`: the block matrices and their kernels;
 //! - `engine`: `Engine`, a loaded model and its scheduler, and `ModelInfo`;
 //! - `request`: what a generation asks for (`SamplingParams`) and gets (`Completion`);
-//! - `run`: the generation loop, sampling and streamed text, which `Engine` calls into;
+//! - `kv`: the KV cache as a pool of blocks shared by prefix (which block holds what);
+//! - `run`: the scheduler, sampling and streamed text, which `Engine` calls into;
 //! - `device`: where it runs; `error`: what can go wrong.
 
 mod device;
 mod engine;
 mod error;
 pub mod gguf;
+mod kv;
 mod load;
 mod model;
 mod options;

@@ -56,10 +56,15 @@ pub struct LoadOptions {
     pub weights: WeightFormat,
     /// Sequences decoded together in one forward pass.
     pub max_batch: usize,
-    /// KV-cache positions (prompt + max_tokens) of all running sequences together; a
-    /// sequence that does not fit waits. `None`: derived from the model (`DEFAULT_KV_BYTES`
-    /// worth, and at least one full context).
+    /// KV-cache positions of the pool all running sequences share: a sequence takes blocks
+    /// of it as it reaches new positions, and waits to join until its prompt's blocks are
+    /// free. `None`: derived from the model (`DEFAULT_KV_BYTES` worth, and at least one
+    /// full context).
     pub kv_budget_tokens: Option<usize>,
+    /// Whether full KV blocks stay cached for later sequences that begin with the same
+    /// tokens (chat turns, a shared system prompt), on the model forms that can start past
+    /// position 0 (the CPU's).
+    pub prefix_caching: bool,
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.
     pub prompt_chunk: usize,
@@ -72,6 +77,7 @@ impl Default for LoadOptions {
             weights: WeightFormat::default(),
             max_batch: DEFAULT_MAX_BATCH,
             kv_budget_tokens: None,
+            prefix_caching: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
     }

@@ -1,6 +1,6 @@
-//! Continuous batching: a sequence's tokens do not depend on what else runs beside it, a
-//! cancelled sequence leaves at the next step without disturbing the others, and the KV
-//! budget makes sequences wait instead of failing. Each test also checks, from the
+//! Continuous batching: a sequence's tokens do not depend on what else runs beside it, and a
+//! cancelled sequence leaves at the next step without disturbing the others (the KV pool's
+//! admission, growth and preemption are `prefix_cache.rs`'s). Each test also checks, from the
 //! scheduler's counters, that sequences really did share passes, so it cannot pass by
 //! running them one at a time.
 
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
-use common::{assert_same_alone_and_batched, greedy, together};
+use common::{assert_same_alone_and_batched, greedy};
 use rbee_engine::{
     Completion, DeviceChoice, Engine, FinishReason, LoadOptions, SamplingParams, WeightFormat,
 };
@@ -179,29 +179,4 @@ fn a_step_nobody_wants_stops_between_layers() {
     // The engine goes on serving.
     let next = engine.generate_ids(&[7, 8, 9], &greedy(3)).unwrap().0;
     assert_eq!(next.generated_tokens, 3);
-}
-
-#[test]
-fn the_kv_budget_queues_sequences_instead_of_failing() {
-    let params = greedy(40);
-    let prompt: Vec<u32> = (0..20).map(|k| 4 + k * 5).collect();
-    let need = prompt.len() + 40;
-    let engine = Arc::new(engine(
-        WeightFormat::Auto,
-        LoadOptions {
-            max_batch: 8,
-            kv_budget_tokens: Some(need + need / 2),
-            ..LoadOptions::default()
-        },
-    ));
-    let alone = engine.generate_ids(&prompt, &params).unwrap().1;
-    let jobs = vec![(prompt.clone(), params.clone()); 4];
-    for ids in together(&engine, &jobs) {
-        assert_eq!(ids, alone);
-    }
-    assert_eq!(engine.batch_stats().most_sequences, 1, "one fits at a time");
-    // More than the budget can ever hold is refused at once.
-    let too_long = greedy(2 * need as u32);
-    let error = engine.generate_ids(&prompt, &too_long).unwrap_err();
-    assert!(error.to_string().contains("budget"), "{error}");
 }

@@ -123,3 +123,58 @@ fn greedy_tokens_are_the_same_alone_or_batched() {
         .collect();
     common::assert_same_alone_and_batched(&engine, &jobs, 5, "SmolLM2");
 }
+
+/// A conversation through SmolLM2's chat template, each turn resending the history: every
+/// turn's greedy answer is the same with the prefix cache as without it, and from the second
+/// turn on most of the prompt comes from the cache (hits that end mid-block, and each
+/// turn's prompt a strict prefix of the later ones).
+#[test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
+fn chat_turns_give_the_same_tokens_from_the_prefix_cache() {
+    let load = |prefix_caching| {
+        rbee_engine::Engine::load(
+            &model_path(),
+            &rbee_engine::LoadOptions {
+                prefix_caching,
+                ..rbee_engine::LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (cached, uncached) = (load(true), load(false));
+    let turn = |role: &str, text: &str| format!("<|im_start|>{role}\n{text}<|im_end|>\n");
+    let mut history = turn("system", "You are a helpful AI assistant named SmolLM.");
+    for (turn_index, question) in [
+        "What is the capital of France?",
+        "And how many people live there?",
+        "Name three museums in that city.",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        history.push_str(&turn("user", question));
+        let prompt = format!("{history}<|im_start|>assistant\n");
+        let ids = cached.tokenize(&prompt).unwrap();
+        let before = cached.batch_stats().prefix_hit_tokens;
+        let (completion, answer) = cached.generate_ids(&ids, &greedy(32)).unwrap();
+        let hits = cached.batch_stats().prefix_hit_tokens - before;
+        assert_eq!(
+            answer,
+            uncached.generate_ids(&ids, &greedy(32)).unwrap().1,
+            "{question}"
+        );
+        // The first turn's prompt is short enough for the row kernel, the second's is not,
+        // so the second computes its own (a block is reused only where it holds the very
+        // numbers the sequence would compute); from the third on, the turn before's prompt
+        // is a hit.
+        if turn_index >= 2 {
+            assert!(
+                hits as usize * 2 >= ids.len(),
+                "{question}: {hits} of {} tokens hit",
+                ids.len()
+            );
+        }
+        history.push_str(&turn("assistant", &completion.text));
+    }
+    assert!(cached.batch_stats().prefix_hit_tokens > 0);
+}

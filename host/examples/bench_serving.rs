@@ -20,14 +20,16 @@
 //! server's at another client count) did not. One JSON line per server and client count
 //! follows the table, for scripts.
 
+mod servers;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use servers::Running;
 
 #[derive(Parser)]
 struct Args {
@@ -99,94 +101,22 @@ impl Server {
     }
 }
 
-struct Running {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn start(server: Server, args: &Args, slots: usize) -> Running {
-    let port = free_port();
-    let mut command = match server {
+    match server {
         Server::RbeeHost | Server::Baseline => {
             let binary = match server {
-                Server::Baseline => args.baseline_rbee_host.clone(),
-                _ => std::env::current_exe()
-                    .ok()
-                    .and_then(|exe| Some(exe.parent()?.parent()?.join("rbee-host"))),
-            }
-            .filter(|path| path.exists())
-            .expect("build rbee-host first: cargo build -p rbee-host");
-            let mut command = Command::new(binary);
-            command
-                .arg("--guest")
-                .arg(&args.guest)
-                .arg("--model")
-                .arg(&args.model)
-                .args(["--device", "cpu", "--host", "127.0.0.1", "--no-watch"])
-                .args(["--port", &port.to_string()])
-                .args(["--max-concurrent", &slots.to_string()]);
-            command
+                Server::Baseline => args
+                    .baseline_rbee_host
+                    .clone()
+                    .expect("--baseline-rbee-host"),
+                _ => servers::rbee_host_beside(),
+            };
+            servers::rbee_host(&binary, &args.guest, &args.model, slots, &[]).await
         }
         Server::LlamaCpp => {
-            let mut command = Command::new(args.llama_server.as_ref().expect("--llama-server"));
-            command
-                .arg("-m")
-                .arg(&args.model)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["-np", &slots.to_string(), "-t", "2", "-c"])
-                .arg((slots * 2048).to_string());
-            command
+            let binary = args.llama_server.as_ref().expect("--llama-server");
+            servers::llama_server(binary, &args.model, slots, 2048, &[]).await
         }
-    };
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the server");
-    let running = Running {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        // rbee-host answers /health at once and /info says `ready` once loaded;
-        // llama-server's /health is 200 once the model is loaded.
-        let ready = match server {
-            Server::RbeeHost | Server::Baseline => {
-                match client.get(format!("{}/info", running.url)).send().await {
-                    Ok(response) => response
-                        .json::<Value>()
-                        .await
-                        .is_ok_and(|info| info["status"] == "ready"),
-                    Err(_) => false,
-                }
-            }
-            Server::LlamaCpp => client
-                .get(format!("{}/health", running.url))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success()),
-        };
-        if ready {
-            return running;
-        }
-        assert!(Instant::now() < deadline, "{} did not start", server.name());
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -70,11 +70,19 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent: u32,
 
-    /// KV-cache positions (prompt + max_tokens) the running sequences may hold together; a
-    /// request that does not fit waits for one to finish. Default: 1 GiB of cache for the
-    /// model, and at least one full context.
+    /// KV-cache positions in the pool the running sequences share, in blocks of 16: a
+    /// sequence takes blocks as it reaches new positions (not for max_tokens up front) and
+    /// joins once its prompt's blocks are free; when the pool runs out, the most recently
+    /// admitted sequence is preempted and resumes later. A request whose prompt and
+    /// max_tokens exceed the pool is refused. Default: 1 GiB of cache for the model, and at
+    /// least one full context.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=MAX_KV_BUDGET_TOKENS))]
     pub kv_budget_tokens: Option<u64>,
+
+    /// Do not keep full KV blocks for later requests that begin with the same tokens (a
+    /// chat's earlier turns, a shared system prompt): every prompt is computed whole.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 
     /// Requests that may wait for a free slot (0: none wait); beyond this the worker answers 503.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_QUEUE_SIZE))]

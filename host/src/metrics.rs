@@ -5,8 +5,9 @@
 //! Events are counted where they happen, once each: a generation's tokens when it ends (in
 //! the guest's `inference` import, so streams and guests that call the model twice count
 //! what the model did), a request's outcome and latency when its answer is complete (the
-//! HTTP layer). What is a state rather than an event (requests running and waiting, the
-//! active guest) is read at scrape time.
+//! HTTP layer). What is a state rather than an event (sequences running and waiting, the KV
+//! pool's usage, the active guest), and what the scheduler counts itself (prefix-cache
+//! lookups and hits, preemptions), is read at scrape time.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rbee_engine::FinishReason;
+use rbee_engine::{BatchStats, FinishReason};
 
 /// vLLM's buckets for time to first token (seconds).
 const TTFT_BUCKETS: &[f64] = &[
@@ -40,8 +41,10 @@ type Labels = Vec<(&'static str, &'static str)>;
 
 /// What the worker reports besides the events: read on each scrape.
 pub trait WorkerState: Send + Sync + 'static {
-    /// Requests being served, and waiting for a place.
-    fn requests(&self) -> (usize, usize);
+    /// The scheduler's state and counts, once the model has loaded.
+    fn scheduler(&self) -> Option<BatchStats>;
+    /// Requests waiting for a place in service, before they reach the scheduler.
+    fn queued(&self) -> usize;
     /// The active guest's generation (1, then +1 per swap), and loads that failed.
     fn guests(&self) -> (u64, u64);
 }
@@ -222,18 +225,19 @@ impl std::fmt::Debug for StateCollector {
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (running, waiting) = self.0.requests();
+        let scheduler = self.0.scheduler().unwrap_or_default();
         let (generation, failed_loads) = self.0.guests();
         let gauges = [
             (
                 "rbee:num_requests_running",
-                "Requests being served (their sequences share each forward pass).",
-                running as i64,
+                "Sequences in the scheduler's batch (they share each forward pass).",
+                scheduler.running as i64,
             ),
             (
                 "rbee:num_requests_waiting",
-                "Requests waiting for a place.",
-                waiting as i64,
+                "Sequences waiting to join the batch (for KV blocks or a place in it, \
+                 preempted ones included), and requests queued for a place in service.",
+                (scheduler.waiting as usize + self.0.queued()) as i64,
             ),
             (
                 "rbee:guest_generation",
@@ -245,7 +249,31 @@ impl Collector for StateCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        let usage =
+            ConstGauge::new(scheduler.kv_blocks_held as f64 / scheduler.kv_blocks.max(1) as f64);
+        usage.encode(encoder.encode_descriptor(
+            "rbee:kv_cache_usage_perc",
+            "KV-cache usage: the fraction of the pool's blocks that running sequences hold \
+             (1 = full; cached blocks nobody holds count as free).",
+            None,
+            usage.metric_type(),
+        )?)?;
         let counters = [
+            (
+                "rbee:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache as sequences joined the batch.",
+                scheduler.prefix_queried_tokens,
+            ),
+            (
+                "rbee:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (their KV reused, not computed).",
+                scheduler.prefix_hit_tokens,
+            ),
+            (
+                "rbee:num_preemptions",
+                "Sequences preempted because the KV pool ran out (each resumed later).",
+                scheduler.preemptions,
+            ),
             (
                 "rbee:guest_swaps",
                 "Guests swapped in while serving.",
@@ -277,8 +305,20 @@ mod tests {
     struct Fixed;
 
     impl WorkerState for Fixed {
-        fn requests(&self) -> (usize, usize) {
-            (2, 1)
+        fn scheduler(&self) -> Option<BatchStats> {
+            Some(BatchStats {
+                running: 2,
+                waiting: 0,
+                kv_blocks_held: 5,
+                kv_blocks: 20,
+                prefix_queried_tokens: 100,
+                prefix_hit_tokens: 64,
+                preemptions: 3,
+                ..BatchStats::default()
+            })
+        }
+        fn queued(&self) -> usize {
+            1
         }
         fn guests(&self) -> (u64, u64) {
             (3, 1)
@@ -305,6 +345,10 @@ mod tests {
             r#"rbee:e2e_request_latency_seconds_count{model_name="SmolLM2"} 1"#,
             r#"rbee:num_requests_running{model_name="SmolLM2"} 2"#,
             r#"rbee:num_requests_waiting{model_name="SmolLM2"} 1"#,
+            r#"rbee:kv_cache_usage_perc{model_name="SmolLM2"} 0.25"#,
+            r#"rbee:prefix_cache_queries_total{model_name="SmolLM2"} 100"#,
+            r#"rbee:prefix_cache_hits_total{model_name="SmolLM2"} 64"#,
+            r#"rbee:num_preemptions_total{model_name="SmolLM2"} 3"#,
             r#"rbee:guest_generation{model_name="SmolLM2"} 3"#,
             r#"rbee:guest_swaps_total{model_name="SmolLM2"} 2"#,
             r#"rbee:guest_load_failures_total{model_name="SmolLM2"} 1"#,

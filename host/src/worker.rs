@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
-use rbee_engine::{DeviceChoice, Engine, LoadOptions};
+use rbee_engine::{BatchStats, DeviceChoice, Engine, LoadOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -186,6 +186,7 @@ impl Args {
             // Every request in service is a sequence of the batch.
             max_batch: self.max_concurrent as usize,
             kv_budget_tokens: self.kv_budget_tokens.map(|tokens| tokens as usize),
+            prefix_caching: !self.no_prefix_cache,
             ..LoadOptions::default()
         }
     }
@@ -291,10 +292,13 @@ fn worker_id(args: &Args) -> String {
 struct MetricsState(Weak<AppState>);
 
 impl WorkerState for MetricsState {
-    fn requests(&self) -> (usize, usize) {
-        self.0
-            .upgrade()
-            .map_or((0, 0), |app| app.admission.counts())
+    fn scheduler(&self) -> Option<BatchStats> {
+        let app = self.0.upgrade()?;
+        app.model.get().map(|engine| engine.batch_stats())
+    }
+
+    fn queued(&self) -> usize {
+        self.0.upgrade().map_or(0, |app| app.admission.counts().1)
     }
 
     fn guests(&self) -> (u64, u64) {

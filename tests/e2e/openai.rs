@@ -361,6 +361,29 @@ async fn metrics_count_what_the_api_returned() {
         2.0
     );
     assert_eq!(after[&format!("rbee:num_requests_running{label}")], 0.0);
+
+    // The same long prompt twice: the second starts from the first's full KV blocks.
+    let prompt = "one two three four five six seven eight nine ten ".repeat(4);
+    for _ in 0..2 {
+        let (status, body) = post(
+            &worker,
+            "/v1/completions",
+            json!({ "prompt": prompt, "max_tokens": 2, "temperature": 0 }),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let cached = scrape().await;
+    let grew = |name: &str| {
+        let name = format!("rbee:{name}_total{label}");
+        cached[&name] - after[&name]
+    };
+    assert!(grew("prefix_cache_queries") >= 2.0 * 40.0, "{cached:?}");
+    assert!(grew("prefix_cache_hits") >= 32.0, "{cached:?}");
+    assert_eq!(cached[&format!("rbee:num_preemptions_total{label}")], 0.0);
+    // Nothing runs: no block is held (cached ones nobody holds count as free).
+    assert_eq!(cached[&format!("rbee:kv_cache_usage_perc{label}")], 0.0);
+    assert_eq!(cached[&format!("rbee:num_requests_waiting{label}")], 0.0);
 }
 
 #[tokio::test]

@@ -116,6 +116,8 @@ families = {family.name: family for family in text_string_to_metric_families(met
 generated = sum(s.value for s in families["rbee:generation_tokens"].samples if s.name.endswith("_total"))
 assert generated >= 16 * 3 + answer.usage.completion_tokens, generated
 for name in ["rbee:time_to_first_token_seconds", "rbee:e2e_request_latency_seconds",
-             "rbee:inter_token_latency_seconds", "rbee:num_requests_running", "rbee:request_success"]:
+             "rbee:inter_token_latency_seconds", "rbee:num_requests_running", "rbee:request_success",
+             "rbee:kv_cache_usage_perc", "rbee:prefix_cache_queries", "rbee:prefix_cache_hits",
+             "rbee:num_preemptions"]:
     assert name in families, (name, sorted(families))
 print("all checks passed")

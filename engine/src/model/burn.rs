@@ -17,29 +17,30 @@ use burn::tensor::{DType, Device, Int, Tensor};
 use super::ModelConfig;
 use super::proj::Proj;
 use super::rope::RopeTables;
+use crate::kv::BLOCK_SIZE;
 
 // ---------------------------------------------------------------------------------------
 // KV cache: per layer, keys and values of every position seen so far, in a buffer
-// `[b, nkv, capacity, hd]` allocated once for the whole generation and written in place
-// (Flex writes a uniquely owned tensor's slice without copying), so a step costs the new
-// position only, not a copy of everything cached so far.
+// `[b, nkv, capacity, hd]` written in place (Flex writes a uniquely owned tensor's slice
+// without copying), so a step costs the new position only, not a copy of everything cached
+// so far. The buffer grows as the sequence reaches new positions, to twice what it holds:
+// a sequence is copied a few times in its life, and none holds room for `max_tokens` it
+// may never produce. (The scheduler counts the positions against the KV pool in blocks all
+// the same.)
 // ---------------------------------------------------------------------------------------
 
 #[derive(Debug)]
 pub struct BurnCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// Positions the buffers hold.
-    capacity: usize,
     /// Positions already in the cache.
     len: usize,
 }
 
 impl BurnCache {
-    /// A cache for up to `capacity` positions (prompt and generated tokens together).
-    pub fn new(num_layers: usize, capacity: usize) -> Self {
+    /// An empty cache, for a model of `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
-            capacity,
             len: 0,
         }
     }
@@ -49,15 +50,20 @@ impl BurnCache {
     fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let [b, nkv, s, hd] = k.dims();
         let (start, end) = (self.len, self.len + s);
-        assert!(
-            end <= self.capacity,
-            "KV cache of {} positions is full",
-            self.capacity
-        );
-        let (ck, cv) = self.layers[layer].take().unwrap_or_else(|| {
-            let empty = || Tensor::zeros([b, nkv, self.capacity, hd], &k.device());
-            (empty(), empty())
-        });
+        let (ck, cv) = match self.layers[layer].take() {
+            Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
+            held => {
+                let capacity = end.max(2 * start).next_multiple_of(BLOCK_SIZE);
+                let empty = || Tensor::zeros([b, nkv, capacity, hd], &k.device());
+                let (mut ck, mut cv) = (empty(), empty());
+                if let Some((old_k, old_v)) = held.filter(|_| start > 0) {
+                    let kept = [0..b, 0..nkv, 0..start, 0..hd];
+                    ck = ck.slice_assign(kept.clone(), old_k.narrow(2, 0, start));
+                    cv = cv.slice_assign(kept, old_v.narrow(2, 0, start));
+                }
+                (ck, cv)
+            }
+        };
         let range = [0..b, 0..nkv, start..end, 0..hd];
         let ck = ck.slice_assign(range.clone(), k);
         let cv = cv.slice_assign(range, v);

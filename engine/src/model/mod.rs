@@ -4,7 +4,8 @@
 //!   reference that the other form is tested against;
 //! - [`cpu`]: block-quantized weights (`quant`) and host-memory loops, the CPU's default.
 //!
-//! Both take token ids and a cache of their own kind and return logits as host `f32`s.
+//! Both take token ids and KV of their own kind (`KvStore`, and Burn's per-sequence
+//! `BurnCache`) and return logits as host `f32`s.
 
 pub mod burn;
 pub mod config;
@@ -17,9 +18,10 @@ use ::burn::tensor::{DType, Device, Int, Tensor, TensorData};
 pub use config::ModelConfig;
 
 use self::burn::{BurnCache, BurnModel};
-use self::cpu::{CpuCache, CpuModel};
+use self::cpu::{CpuKvStore, CpuModel};
 use self::rope::{Rope, RopeTables};
 use crate::EngineError;
+use crate::kv::{BlockId, blocks_for};
 
 pub enum Model {
     /// Burn's layers on a device.
@@ -47,29 +49,45 @@ impl DeviceModel {
     }
 }
 
-/// One generation's keys and values, made by [`Model::new_cache`] for that model's form.
-pub enum Cache {
-    Burn(BurnCache),
-    Cpu(CpuCache),
+/// Where the KV blocks of the scheduler's pool (`kv`) keep their numbers, made once by
+/// [`Model::new_store`]. Burn's layers keep each sequence's keys and values in device
+/// buffers of its own ([`BurnCache`]) and the pool only counts them.
+pub enum KvStore {
+    Cpu(CpuKvStore),
+    PerSequence,
 }
 
 /// One sequence's part of a batched step.
 pub struct BatchItem<'a> {
-    /// Token ids at the cache's next positions.
+    /// Token ids at the sequence's next positions, `start..start + ids.len()`.
     pub ids: &'a [u32],
-    pub cache: &'a mut Cache,
+    /// Positions already in the sequence's KV.
+    pub start: usize,
+    /// The sequence's blocks of the pool, covering every position through the step's.
+    pub blocks: &'a [BlockId],
+    /// The sequence's own device buffers, on Burn's layers ([`Model::new_sequence_cache`]).
+    pub cache: Option<&'a mut BurnCache>,
+    /// On the CPU, whether the rows take the row kernel (else the tiled gemm path): the
+    /// scheduler keeps each position on one path whenever it is computed.
+    pub row_kernel: bool,
     /// Whether the last position's logits are wanted.
     pub logits: bool,
 }
 
 impl Model {
-    /// A cache for up to `capacity` positions (prompt and generated tokens together).
-    pub fn new_cache(&self, capacity: usize) -> Cache {
+    /// The store of `blocks` KV blocks the running sequences share.
+    pub fn new_store(&self, blocks: usize) -> KvStore {
         match self {
-            Model::Burn(burn) => {
-                Cache::Burn(BurnCache::new(burn.model.model.layers.len(), capacity))
-            }
-            Model::Cpu(model) => Cache::Cpu(model.new_cache(capacity)),
+            Model::Burn(_) => KvStore::PerSequence,
+            Model::Cpu(model) => KvStore::Cpu(model.new_store(blocks)),
+        }
+    }
+
+    /// What a sequence keeps of its own besides its blocks: Burn's device buffers.
+    pub fn new_sequence_cache(&self) -> Option<BurnCache> {
+        match self {
+            Model::Burn(burn) => Some(BurnCache::new(burn.model.model.layers.len())),
+            Model::Cpu(_) => None,
         }
     }
 
@@ -80,87 +98,92 @@ impl Model {
         matches!(self, Model::Cpu(_))
     }
 
-    /// Runs `ids` at positions `cache.len..` and returns the logits (`[s, vocab]` row-major,
-    /// or only the last row when `last_only`).
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        cache: &mut Cache,
-        last_only: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        in_pool(|| self.forward_one(ids, cache, last_only))
+    /// Whether a sequence can start from KV blocks another one wrote (prefix caching): it
+    /// then reads the rest of its prompt from past position 0, which only the CPU form does.
+    pub fn resumes_from_blocks(&self) -> bool {
+        self.takes_prompt_chunks()
     }
 
-    /// One step of several sequences (`batch[..decoding]` single decode positions, the rest
-    /// prompt chunks): the last position's logits of each item that asks for them. On the
+    /// Every position's logits of `ids` (`[s, vocab]` row-major), in a KV of their own: the
+    /// verification path.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        in_pool(|| match self {
+            Model::Cpu(model) => {
+                let mut store = model.new_store(blocks_for(ids.len()));
+                Ok(model.logits_of_every_position(ids, &mut store))
+            }
+            Model::Burn(burn) => burn.forward(
+                ids,
+                &mut BurnCache::new(burn.model.model.layers.len()),
+                false,
+            ),
+        })
+    }
+
+    /// One step of several sequences (decode rows and prompt chunks): the last position's
+    /// logits of each item that asks for them. On the
     /// CPU the step reads the weights once for all decode rows; Burn's layers run the items
     /// one after another. `Ok(None)` when `abandoned` said so part-way (checked between
     /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
     pub fn forward_batch(
         &self,
+        store: &mut KvStore,
         batch: &mut [BatchItem<'_>],
-        decoding: usize,
         abandoned: &(dyn Fn() -> bool + Sync),
     ) -> Result<Option<Vec<Option<Vec<f32>>>>, EngineError> {
-        in_pool(|| match self {
-            Model::Cpu(model) => {
-                let mut segments = Vec::with_capacity(batch.len());
-                for item in batch.iter_mut() {
-                    let Cache::Cpu(cache) = &mut *item.cache else {
-                        return Err(foreign_cache());
-                    };
-                    segments.push(cpu::Segment {
+        in_pool(|| match (self, store) {
+            (Model::Cpu(model), KvStore::Cpu(store)) => {
+                let segments: Vec<cpu::Segment<'_>> = batch
+                    .iter()
+                    .map(|item| cpu::Segment {
                         ids: item.ids,
-                        cache,
+                        blocks: item.blocks,
+                        start: item.start,
+                        row_kernel: item.row_kernel,
                         logits: item.logits,
-                    });
-                }
-                Ok(model.forward_batch(&mut segments, decoding, abandoned))
+                    })
+                    .collect();
+                Ok(model.forward_batch(store, &segments, abandoned))
             }
-            Model::Burn(_) => {
+            (Model::Burn(burn), KvStore::PerSequence) => {
                 let mut outputs = Vec::with_capacity(batch.len());
                 for item in batch.iter_mut() {
                     if abandoned() {
                         return Ok(None);
                     }
-                    let logits = self.forward_one(item.ids, item.cache, true)?;
+                    let cache = item.cache.as_deref_mut().ok_or_else(foreign_cache)?;
+                    let logits = burn.forward(item.ids, cache, true)?;
                     outputs.push(item.logits.then_some(logits));
                 }
                 Ok(Some(outputs))
             }
+            _ => Err(foreign_cache()),
         })
     }
+}
 
-    fn forward_one(
+impl DeviceModel {
+    /// Runs `ids` at positions `cache.len..` and returns the logits (`[s, vocab]` row-major,
+    /// or only the last row when `last_only`).
+    fn forward(
         &self,
         ids: &[u32],
-        cache: &mut Cache,
+        cache: &mut BurnCache,
         last_only: bool,
     ) -> Result<Vec<f32>, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(model), Cache::Cpu(cache)) => Ok(model.forward(ids, cache, last_only)),
-            (Model::Burn(burn), Cache::Burn(cache)) => {
-                let DeviceModel {
-                    model,
-                    rope,
-                    device,
-                } = &**burn;
-                let len = ids.len();
-                let ids = ids.iter().map(|&id| id as i64).collect();
-                let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), device);
-                let logits = model.forward(tokens, rope, cache, last_only);
-                logits
-                    .into_data()
-                    .try_to_vec::<f32>()
-                    .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))
-            }
-            _ => Err(foreign_cache()),
-        }
+        let len = ids.len();
+        let ids = ids.iter().map(|&id| id as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device);
+        let logits = self.model.forward(tokens, &self.rope, cache, last_only);
+        logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))
     }
 }
 
 fn foreign_cache() -> EngineError {
-    EngineError::Model("a cache made for another model was passed to forward".into())
+    EngineError::Model("a KV store made for another model was passed to forward".into())
 }
 
 /// Runs a pass on a rayon worker, so the ~200 parallel matmuls of a token each start inside

@@ -211,6 +211,14 @@ impl BlockMatrix {
         }
     }
 
+    /// `x · Wᵢᵀ` through the tiled gemm path whatever `m` is: for rows that must take the
+    /// path they took before in a longer chunk (gemm sums each output over the inner
+    /// dimension in the same order whatever the number of rows).
+    pub fn matmul_gemm<const N: usize>(mats: [&Self; N], x: &[f32], m: usize) -> [Vec<f32>; N] {
+        check_shapes(mats, x, m);
+        mats.map(|w| w.matmul_tiled(x, m))
+    }
+
     /// Whether [`BlockMatrix::matmul_many`] multiplies `m` input rows with the row kernel
     /// ([`BlockMatrix::matmul_rows`]), whose result for a row does not depend on the others.
     pub fn row_kernel_for(m: usize) -> bool {

@@ -54,7 +54,7 @@ impl Core {
         self.prompts.encode(prompt)
     }
 
-    /// The logits of one forward pass over `ids`, in a cache of its own.
+    /// The logits of one forward pass over `ids`, in a KV of its own.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
         if ids.is_empty() {
             return Err(EngineError::InvalidInput("no tokens".into()));
@@ -67,8 +67,7 @@ impl Core {
                 context_length: self.context_length as u32,
             });
         }
-        let mut cache = self.model.new_cache(ids.len());
-        self.model.forward(ids, &mut cache, false)
+        self.model.logits(ids)
     }
 
     /// The longest text, in bytes, whose tokens could fit in the context. A token stands for

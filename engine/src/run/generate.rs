@@ -9,6 +9,7 @@ use std::sync::{Arc, mpsc};
 use super::core::Core;
 use super::scheduler::{BatchLimits, Event, Scheduler, Submission};
 use super::stop::{Cancelled, StopSignals};
+use crate::kv::blocks_for;
 use crate::{Completion, EngineError, FinishReason, SamplingParams};
 
 /// Checks a generation of `prompt` (ids) and hands it to the scheduler.
@@ -35,13 +36,15 @@ pub(crate) fn start_generation(
             context_length: core.context_length as u32,
         });
     }
-    if needed > limits.kv_budget {
+    // A sequence can grow to its whole context alone (others are preempted for it), but not
+    // past the pool.
+    if blocks_for(needed) > limits.kv_blocks {
         return Err(EngineError::InvalidInput(format!(
             "prompt ({} tokens) plus max_tokens ({}) needs {needed} KV-cache positions; \
-             this worker's budget is {}",
+             this worker's KV pool holds {} (--kv-budget-tokens)",
             prompt.len(),
             params.max_tokens,
-            limits.kv_budget
+            limits.kv_positions()
         )));
     }
     let (events, receiver) = mpsc::channel();

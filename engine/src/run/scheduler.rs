@@ -1,11 +1,20 @@
 //! Continuous batching: one thread owns the stepping of every running sequence. Each step is
 //! one forward pass over all of them — a decode row per sequence that is generating, plus a
 //! prompt chunk of each that is still reading its prompt — so the weights are read once per
-//! step, not once per sequence. Sequences join at any step boundary (when there is room in
-//! the batch and in the KV budget) and leave at the one after they finish, are cancelled or
-//! their client goes away; nobody waits for the batch to drain.
+//! step, not once per sequence. Sequences join at any step boundary and leave at the one
+//! after they finish, are cancelled or their client goes away; nobody waits for the batch to
+//! drain.
+//!
+//! The KV cache is a pool of blocks (`kv`): a sequence joins when the blocks for its prompt
+//! are free (less the full blocks another sequence left with the same tokens: it starts
+//! after them), takes one more block each time its generation reaches a new one, and gives
+//! them back when it leaves. When a growing sequence finds the pool empty, the most recently
+//! admitted sequence is preempted: its blocks are given back and it waits at the head of the
+//! queue, then reads its prompt and what it had generated again (mostly from its own cached
+//! blocks) and goes on; its client sees a delay, never an error.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
@@ -15,7 +24,10 @@ use super::core::Core;
 use super::sampling::Sampler;
 use super::stop::StopSignals;
 use super::text::TextStream;
-use crate::model::{BatchItem, Cache};
+use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
+use crate::model::burn::BurnCache;
+use crate::model::{BatchItem, KvStore};
+use crate::quant::BlockMatrix;
 use crate::{Completion, EngineError, FinishReason, SamplingParams};
 
 /// What a generation reports, in order: text as it becomes final, then one `Done`.
@@ -24,16 +36,25 @@ pub(crate) enum Event {
     Done(Result<(Completion, Vec<u32>), EngineError>),
 }
 
-/// How many sequences run together, and how much KV cache they may hold.
+/// How many sequences run together, and the KV they share.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchLimits {
     pub max_batch: usize,
-    /// Positions (prompt + max_tokens) of all running sequences together.
-    pub kv_budget: usize,
+    /// Blocks of `kv::BLOCK_SIZE` positions in the KV pool the running sequences share.
+    pub kv_blocks: usize,
     /// Prompt tokens a sequence feeds per step (where the model takes chunks): the other
     /// sequences wait at most one chunk per step. A sequence's chunks are the same alone or
     /// in a batch, so batching never changes its numbers.
     pub prompt_chunk: usize,
+    /// Whether full blocks stay cached for later sequences that begin with the same tokens.
+    pub prefix_caching: bool,
+}
+
+impl BatchLimits {
+    /// Positions the KV pool holds.
+    pub fn kv_positions(&self) -> usize {
+        self.kv_blocks * BLOCK_SIZE
+    }
 }
 
 /// A generation asked for: everything the scheduler needs to run it.
@@ -45,24 +66,8 @@ pub(crate) struct Submission {
 }
 
 impl Submission {
-    fn capacity(&self) -> usize {
-        self.prompt.len() + self.params.max_tokens as usize
-    }
-
     fn is_cancelled(&self) -> bool {
         self.stop_signals.is_set()
-    }
-
-    fn cancelled_before_start(self) {
-        let completion = Completion {
-            text: String::new(),
-            prompt_tokens: self.prompt.len() as u32,
-            generated_tokens: 0,
-            finish_reason: FinishReason::Cancelled,
-            prefill: Duration::ZERO,
-            decode: Duration::ZERO,
-        };
-        self.finish(Ok((completion, Vec::new())));
     }
 
     fn finish(self, result: Result<(Completion, Vec<u32>), EngineError>) {
@@ -78,11 +83,12 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(core: Arc<Core>, limits: BatchLimits) -> std::io::Result<Self> {
+    /// Starts the thread; `root` names the model in the KV blocks' hash chain.
+    pub fn start(core: Arc<Core>, limits: BatchLimits, root: BlockHash) -> std::io::Result<Self> {
         let (submit, submissions) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("rbee-scheduler".into())
-            .spawn(move || run(&core, limits, submissions))?;
+            .spawn(move || run(&core, limits, root, submissions))?;
         Ok(Self {
             submit: Some(submit),
             thread: Some(thread),
@@ -106,30 +112,65 @@ impl Drop for Scheduler {
     }
 }
 
-/// A sequence in the batch.
+/// A generation, waiting or running.
 struct Sequence<'t> {
     request: Submission,
-    /// Prompt positions already in the cache.
-    prefilled: usize,
-    /// The last sampled token, fed at the next step.
-    next_input: Option<u32>,
-    cache: Cache,
+    /// The prompt's ids, then each generated one: everything the sequence has read and
+    /// written (the repeat penalty's history too).
+    tokens: Vec<u32>,
+    /// Positions of `tokens` in the KV: a step feeds `tokens[computed..]`, or a chunk of it.
+    computed: usize,
+    /// The KV blocks it holds, in position order.
+    blocks: Vec<BlockId>,
+    /// The hash chain of its full blocks: `hashes[i]` names the tokens of `blocks[..=i]`.
+    hashes: Vec<BlockHash>,
+    /// Burn's device buffers, on that model form.
+    cache: Option<BurnCache>,
     sampler: Sampler,
     text: TextStream<'t>,
-    /// Prompt and generated ids, for the repeat penalty.
-    history: Vec<u32>,
     generated: u32,
+    /// When it was first admitted.
     started: Instant,
     prefill: Option<Duration>,
+    /// The order of its last admission: the most recent is preempted first.
+    admitted: u64,
+    /// Whether it was preempted and waits to read its tokens again.
+    preempted: bool,
 }
 
-impl Sequence<'_> {
-    fn decoding(&self) -> bool {
-        self.next_input.is_some()
+impl<'t> Sequence<'t> {
+    fn new(core: &'t Core, request: Submission) -> Self {
+        Self {
+            tokens: request.prompt.clone(),
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            cache: core.model.new_sequence_cache(),
+            sampler: Sampler::new(&request.params),
+            text: TextStream::new(core.prompts.tokenizer(), &request.params.stop),
+            generated: 0,
+            started: Instant::now(),
+            prefill: None,
+            admitted: 0,
+            preempted: false,
+            request,
+        }
     }
 
-    /// Ends the sequence: flushes the text held back (for a natural end) and reports.
+    /// Whether its next step is one decode row: the last token it generated.
+    fn decoding(&self) -> bool {
+        self.generated > 0 && self.tokens.len() - self.computed == 1
+    }
+
+    /// Tokens it has still to read before its next token.
+    fn unread(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Ends the sequence (its blocks already given back): flushes the text held back (for a
+    /// natural end) and reports.
     fn finish(mut self, mut reason: FinishReason) {
+        debug_assert!(self.blocks.is_empty(), "a sequence left holding KV blocks");
         if matches!(reason, FinishReason::Eos | FinishReason::Length) {
             match self.text.finish() {
                 Ok(rest) if !rest.is_empty() => {
@@ -151,7 +192,7 @@ impl Sequence<'_> {
             prefill,
             decode: self.started.elapsed().saturating_sub(prefill),
         };
-        let ids = self.history.split_off(prompt_tokens);
+        let ids = self.tokens.split_off(prompt_tokens);
         self.request.finish(Ok((completion, ids)));
     }
 
@@ -162,12 +203,12 @@ impl Sequence<'_> {
         logits: &mut [f32],
         eos_ids: &[u32],
     ) -> Result<Option<FinishReason>, EngineError> {
-        let next = self.sampler.sample(logits, &self.history);
+        let next = self.sampler.sample(logits, &self.tokens);
         if eos_ids.contains(&next) {
             return Ok(Some(FinishReason::Eos));
         }
         self.generated += 1;
-        self.history.push(next);
+        self.tokens.push(next);
         let step = self.text.push(next)?;
         if !step.emit.is_empty() && self.request.events.send(Event::Text(step.emit)).is_err() {
             return Ok(Some(FinishReason::Cancelled));
@@ -178,71 +219,251 @@ impl Sequence<'_> {
         if self.generated >= self.request.params.max_tokens {
             return Ok(Some(FinishReason::Length));
         }
-        self.next_input = Some(next);
         Ok(None)
+    }
+
+    /// The chunk that prompt position `position` falls in when the prompt is read from
+    /// position 0 in chunks of `prompt_chunk`.
+    fn prompt_chunk_around(&self, position: usize, prompt_chunk: usize) -> Range<usize> {
+        let start = position / prompt_chunk * prompt_chunk;
+        start..(start + prompt_chunk).min(self.request.prompt.len())
+    }
+
+    /// Whether `position` is computed by the row kernel (else the tiled gemm path): as when
+    /// the sequence reads its prompt from position 0 in chunks of `prompt_chunk` (a chunk's
+    /// length picks its path) and then decodes one row at a time. Every computation of a
+    /// position (the first, after a prefix hit, after a preemption) takes this path, so its
+    /// keys, values and logits are the same bit for bit.
+    fn takes_row_kernel(&self, position: usize, prompt_chunk: usize) -> bool {
+        position >= self.request.prompt.len()
+            || BlockMatrix::row_kernel_for(self.prompt_chunk_around(position, prompt_chunk).len())
+    }
+
+    /// The positions its next step reads (`prompt_chunk`: `None` where the model takes a
+    /// prompt whole), and whether they take the row kernel: positions of one path, within
+    /// one of the prompt's chunks.
+    fn next_chunk(&self, prompt_chunk: Option<usize>) -> (Range<usize>, bool) {
+        let start = self.computed;
+        let Some(chunk) = prompt_chunk else {
+            return (start..self.tokens.len(), false);
+        };
+        let end = if start < self.request.prompt.len() {
+            self.prompt_chunk_around(start, chunk).end
+        } else {
+            // Generated tokens: decode rows (several at once when it reads them again).
+            (start + chunk).min(self.tokens.len())
+        };
+        (start..end, self.takes_row_kernel(start, chunk))
+    }
+
+    /// What its full block `index` holds, for the prefix cache.
+    fn block_content(&self, index: usize, prompt_chunk: usize) -> BlockContent<'_> {
+        let positions = index * BLOCK_SIZE..(index + 1) * BLOCK_SIZE;
+        let row_kernel = positions
+            .clone()
+            .enumerate()
+            .filter(|&(_, position)| self.takes_row_kernel(position, prompt_chunk))
+            .fold(0, |mask, (bit, _)| mask | 1 << bit);
+        BlockContent {
+            tokens: &self.tokens[positions],
+            row_kernel,
+        }
+    }
+
+    /// Names the blocks that the last step filled, so later sequences can start from them.
+    fn register_full_blocks(&mut self, pool: &mut BlockPool, root: BlockHash, prompt_chunk: usize) {
+        if !pool.caching() {
+            return;
+        }
+        while self.hashes.len() < self.computed / BLOCK_SIZE {
+            let index = self.hashes.len();
+            let parent = self.hashes.last().copied().unwrap_or(root);
+            let hash = pool.register(
+                self.blocks[index],
+                parent,
+                self.block_content(index, prompt_chunk),
+            );
+            self.hashes.push(hash);
+        }
     }
 }
 
-fn run(core: &Core, limits: BatchLimits, submissions: Receiver<Submission>) {
-    let mut waiting: VecDeque<Submission> = VecDeque::new();
-    let mut running: Vec<Sequence<'_>> = Vec::new();
-    loop {
-        // Idle: sleep until work arrives (or every sender is gone: exit).
-        if running.is_empty() && waiting.is_empty() {
-            match submissions.recv() {
-                Ok(submission) => waiting.push_back(submission),
-                Err(_) => return,
-            }
-        }
-        waiting.extend(submissions.try_iter());
+/// The scheduler's state: the KV pool and its store, the running sequences and the queue.
+struct Batch<'t> {
+    core: &'t Core,
+    limits: BatchLimits,
+    pool: BlockPool,
+    store: KvStore,
+    /// The hash chain's root for this model.
+    root: BlockHash,
+    running: Vec<Sequence<'t>>,
+    /// First come, first served; a preempted sequence goes back to the front.
+    waiting: VecDeque<Sequence<'t>>,
+    admissions: u64,
+}
 
-        // Leave at the step boundary: cancelled ones, waiting or running.
-        for request in std::mem::take(&mut waiting) {
-            if request.is_cancelled() {
-                request.cancelled_before_start();
+impl<'t> Batch<'t> {
+    /// Takes `running[index]` out of the batch, its blocks given back.
+    fn leave(&mut self, index: usize) -> Sequence<'t> {
+        let mut sequence = self.running.remove(index);
+        self.pool.release(&sequence.blocks);
+        sequence.blocks.clear();
+        sequence.hashes.clear();
+        sequence
+    }
+
+    /// Every sequence whose request was cancelled leaves, waiting or running.
+    fn drop_cancelled(&mut self) {
+        for sequence in std::mem::take(&mut self.waiting) {
+            if sequence.request.is_cancelled() {
+                sequence.finish(FinishReason::Cancelled);
             } else {
-                waiting.push_back(request);
+                self.waiting.push_back(sequence);
             }
         }
         let mut index = 0;
-        while index < running.len() {
-            if running[index].request.is_cancelled() {
-                running.swap_remove(index).finish(FinishReason::Cancelled);
+        while index < self.running.len() {
+            if self.running[index].request.is_cancelled() {
+                self.leave(index).finish(FinishReason::Cancelled);
             } else {
                 index += 1;
             }
         }
+    }
 
-        // Join: first come, first served, while the batch and the KV budget have room.
-        let mut in_use: usize = running.iter().map(|s| s.request.capacity()).sum();
-        while let Some(request) = waiting.front() {
-            let need = request.capacity();
-            if running.len() >= limits.max_batch || in_use + need > limits.kv_budget {
+    /// Admits waiting sequences in order while the batch has room and the pool has the
+    /// blocks of each one's tokens (less its prefix hits), with a block to spare for each
+    /// running sequence's next position, so that a new prompt does not push one straight
+    /// out again.
+    fn admit(&mut self) {
+        while self.running.len() < self.limits.max_batch {
+            let Some(sequence) = self.waiting.front() else {
+                break;
+            };
+            // Full blocks from the cache, within all but the last token: a step must read at
+            // least one token to give the next one's logits.
+            let full = (sequence.tokens.len() - 1) / BLOCK_SIZE;
+            let chunk = self.limits.prompt_chunk;
+            let hits = self.pool.lookup(
+                self.root,
+                (0..full).map(|index| sequence.block_content(index, chunk)),
+            );
+            let needed = blocks_for(sequence.tokens.len()) - hits.len();
+            if self.pool.available_besides(&hits) < needed + self.running.len() {
                 break;
             }
-            let request = waiting.pop_front().expect("a front element");
-            in_use += need;
-            running.push(Sequence {
-                prefilled: 0,
-                next_input: None,
-                cache: core.model.new_cache(need),
-                sampler: Sampler::new(&request.params),
-                text: TextStream::new(core.prompts.tokenizer(), &request.params.stop),
-                history: request.prompt.clone(),
-                generated: 0,
-                started: Instant::now(),
-                prefill: None,
-                request,
-            });
+            let mut sequence = self.waiting.pop_front().expect("a front element");
+            self.pool.hold(&hits);
+            sequence.computed = hits.len() * BLOCK_SIZE;
+            (sequence.blocks, sequence.hashes) = hits.into_iter().unzip();
+            for _ in 0..needed {
+                let block = self.pool.allocate().expect("counted as available");
+                sequence.blocks.push(block);
+            }
+            if !sequence.preempted {
+                self.core
+                    .stats
+                    .prefix_lookup(sequence.tokens.len(), sequence.computed);
+                sequence.started = Instant::now();
+            }
+            self.admissions += 1;
+            sequence.admitted = self.admissions;
+            self.running.push(sequence);
         }
-        if running.is_empty() {
+    }
+
+    /// Gives each running sequence the blocks its next step writes, oldest first. When the
+    /// pool has none left, the most recently admitted sequence is preempted (possibly the
+    /// one that asked): the oldest always go on, so everyone finishes in turn.
+    fn grow(&mut self) {
+        self.running.sort_by_key(|sequence| sequence.admitted);
+        let mut index = 0;
+        while index < self.running.len() {
+            let sequence = &self.running[index];
+            if sequence.blocks.len() >= blocks_for(sequence.tokens.len()) {
+                index += 1;
+                continue;
+            }
+            match self.pool.allocate() {
+                Some(block) => self.running[index].blocks.push(block),
+                None => self.preempt_newest(),
+            }
+        }
+    }
+
+    /// Preempts the last of `running` (sorted by admission): its blocks go back to the
+    /// pool (the full ones stay cached, for it to find again) and it waits at the queue's
+    /// head to read its tokens again.
+    fn preempt_newest(&mut self) {
+        let mut sequence = self.leave(self.running.len() - 1);
+        sequence.computed = 0;
+        sequence.cache = self.core.model.new_sequence_cache();
+        sequence.preempted = true;
+        self.core.stats.preempted();
+        tracing::debug!(
+            tokens = sequence.tokens.len(),
+            "the KV pool is full: preempted the most recently admitted sequence"
+        );
+        self.waiting.push_front(sequence);
+    }
+
+    /// Fails the first `count` running sequences with `error`.
+    fn fail(&mut self, count: usize, error: &str) {
+        for _ in 0..count {
+            let sequence = self.leave(0);
+            let error = EngineError::Model(error.to_string());
+            sequence.request.finish(Err(error));
+        }
+    }
+
+    /// Reports the queue, the batch and the pool to the counters.
+    fn report(&self) {
+        self.core.stats.set_state(
+            self.running.len(),
+            self.waiting.len(),
+            self.pool.held(),
+            self.pool.total(),
+        );
+    }
+}
+
+fn run(core: &Core, limits: BatchLimits, root: BlockHash, submissions: Receiver<Submission>) {
+    let mut batch = Batch {
+        core,
+        limits,
+        pool: BlockPool::new(
+            limits.kv_blocks,
+            limits.prefix_caching && core.model.resumes_from_blocks(),
+        ),
+        store: core.model.new_store(limits.kv_blocks),
+        root,
+        running: Vec::new(),
+        waiting: VecDeque::new(),
+        admissions: 0,
+    };
+    loop {
+        // Idle: sleep until work arrives (or every sender is gone: exit).
+        if batch.running.is_empty() && batch.waiting.is_empty() {
+            batch.report();
+            match submissions.recv() {
+                Ok(submission) => batch.waiting.push_back(Sequence::new(core, submission)),
+                Err(_) => return,
+            }
+        }
+        for submission in submissions.try_iter() {
+            batch.waiting.push_back(Sequence::new(core, submission));
+        }
+        // Leave and join at the step boundary.
+        batch.drop_cancelled();
+        batch.admit();
+        batch.grow();
+        batch.report();
+        if batch.running.is_empty() {
             continue;
         }
         // A panic in a step (a bug in a kernel) fails the sequences of that step, not the
         // worker: the scheduler goes on with the next ones.
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            step(core, limits, &mut running)
-        }));
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&mut batch)));
         if let Err(panic) = stepped {
             let what = panic
                 .downcast_ref::<&str>()
@@ -250,10 +471,8 @@ fn run(core: &Core, limits: BatchLimits, submissions: Receiver<Submission>) {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!("a forward step panicked: {what}");
-            for sequence in running.drain(..) {
-                let error = EngineError::Model(format!("the forward step failed: {what}"));
-                sequence.request.finish(Err(error));
-            }
+            let running = batch.running.len();
+            batch.fail(running, &format!("the forward step failed: {what}"));
         }
     }
 }
@@ -284,79 +503,73 @@ fn prompt_chunks_admitted(chunks: impl IntoIterator<Item = usize>) -> usize {
 
 /// One forward pass over the running sequences — every decode row, and the prompt chunks
 /// that `PROMPT_TOKENS_PER_STEP` admits — then each one's token.
-fn step(core: &Core, limits: BatchLimits, running: &mut Vec<Sequence<'_>>) {
+fn step(batch: &mut Batch<'_>) {
+    let core = batch.core;
     // Decode rows first (the model multiplies them together), then the prompts that have
     // the fewest tokens left to read.
-    running.sort_by_key(|sequence| {
-        (!sequence.decoding()).then(|| sequence.request.prompt.len() - sequence.prefilled)
-    });
-    let decoding = running.iter().filter(|s| s.decoding()).count();
+    batch
+        .running
+        .sort_by_key(|sequence| (!sequence.decoding()).then(|| sequence.unread()));
     let chunk = core
         .model
         .takes_prompt_chunks()
-        .then_some(limits.prompt_chunk.max(1));
-    let next_chunk = |sequence: &Sequence<'_>| {
-        let prompt = &sequence.request.prompt;
-        let end = chunk.map_or(prompt.len(), |chunk| {
-            (sequence.prefilled + chunk).min(prompt.len())
-        });
-        sequence.prefilled..end
-    };
+        .then_some(batch.limits.prompt_chunk.max(1));
+    let running = &mut batch.running;
+    let decoding = running.iter().filter(|s| s.decoding()).count();
     // The step's sequences: `running[..stepping]`; the others wait for a later step.
-    let stepping =
-        decoding + prompt_chunks_admitted(running[decoding..].iter().map(|s| next_chunk(s).len()));
-    let inputs: Vec<Vec<u32>> = running[..stepping]
+    let stepping = decoding
+        + prompt_chunks_admitted(
+            running[decoding..]
+                .iter()
+                .map(|sequence| sequence.next_chunk(chunk).0.len()),
+        );
+    let chunks: Vec<_> = running[..stepping]
         .iter()
-        .map(|sequence| match sequence.next_input {
-            Some(token) => vec![token],
-            None => sequence.request.prompt[next_chunk(sequence)].to_vec(),
-        })
+        .map(|sequence| sequence.next_chunk(chunk))
         .collect();
     let stop_signals: Vec<_> = running[..stepping]
         .iter()
         .map(|sequence| sequence.request.stop_signals.clone())
         .collect();
-    let mut batch: Vec<BatchItem<'_>> = running[..stepping]
+    let mut items: Vec<BatchItem<'_>> = running[..stepping]
         .iter_mut()
-        .zip(&inputs)
-        .map(|(sequence, ids)| BatchItem {
-            ids,
-            logits: sequence.decoding()
-                || sequence.prefilled + ids.len() == sequence.request.prompt.len(),
-            cache: &mut sequence.cache,
+        .zip(&chunks)
+        .map(|(sequence, (chunk, row_kernel))| BatchItem {
+            ids: &sequence.tokens[chunk.clone()],
+            start: chunk.start,
+            blocks: &sequence.blocks,
+            cache: sequence.cache.as_mut(),
+            row_kernel: *row_kernel,
+            logits: chunk.end == sequence.tokens.len(),
         })
         .collect();
-    core.stats
-        .record(batch.len(), inputs.iter().map(Vec::len).sum());
+    core.stats.record(
+        items.len(),
+        chunks.iter().map(|(chunk, _)| chunk.len()).sum(),
+    );
     // A step whose sequences have all been cancelled stops between layers rather than
     // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
     // behind it starts at once; the cancelled sequences then leave at the boundary.
     let abandoned = || stop_signals.iter().all(StopSignals::is_set);
-    let outputs = core.model.forward_batch(&mut batch, decoding, &abandoned);
-    drop(batch);
+    let outputs = core
+        .model
+        .forward_batch(&mut batch.store, &mut items, &abandoned);
+    drop(items);
     let outputs = match outputs {
         Ok(Some(outputs)) => outputs,
         Ok(None) => return,
-        Err(error) => {
-            let message = error.to_string();
-            for sequence in running.drain(..stepping) {
-                sequence
-                    .request
-                    .finish(Err(EngineError::Model(message.clone())));
-            }
-            return;
-        }
+        Err(error) => return batch.fail(stepping, &error.to_string()),
     };
     let mut ended = Vec::new();
-    for (index, ((sequence, ids), logits)) in running[..stepping]
+    let prompt_chunk = batch.limits.prompt_chunk;
+    for (index, ((sequence, (chunk, _)), logits)) in batch.running[..stepping]
         .iter_mut()
-        .zip(&inputs)
+        .zip(&chunks)
         .zip(outputs)
         .enumerate()
     {
-        if !sequence.decoding() {
-            sequence.prefilled += ids.len();
-        }
+        sequence.computed = chunk.end;
+        sequence.register_full_blocks(&mut batch.pool, batch.root, prompt_chunk);
         let Some(mut logits) = logits else { continue };
         if sequence.prefill.is_none() {
             sequence.prefill = Some(sequence.started.elapsed());
@@ -369,7 +582,7 @@ fn step(core: &Core, limits: BatchLimits, running: &mut Vec<Sequence<'_>>) {
     }
     // Highest index first, so the earlier indices stay valid.
     for (index, outcome) in ended.into_iter().rev() {
-        let sequence = running.remove(index);
+        let sequence = batch.leave(index);
         match outcome {
             Ok(reason) => sequence.finish(reason),
             Err(error) => sequence.request.finish(Err(error)),

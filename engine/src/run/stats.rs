@@ -1,4 +1,5 @@
-//! Counting the scheduler's work: recorded by its thread at every step, read by anyone.
+//! Counting the scheduler's work and state: recorded by its thread at every step, read by
+//! anyone (the host's `/metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -9,9 +10,16 @@ pub(crate) struct Counters {
     rows: AtomicU64,
     batched_steps: AtomicU64,
     most_sequences: AtomicU64,
+    running: AtomicU64,
+    waiting: AtomicU64,
+    kv_blocks_held: AtomicU64,
+    kv_blocks: AtomicU64,
+    prefix_queried_tokens: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    preemptions: AtomicU64,
 }
 
-/// What the scheduler has done since the model loaded.
+/// What the scheduler has done since the model loaded, and what it holds now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
     /// Forward passes.
@@ -22,6 +30,21 @@ pub struct BatchStats {
     pub batched_steps: u64,
     /// The most sequences one pass served.
     pub most_sequences: u64,
+    /// Sequences in the batch now.
+    pub running: u64,
+    /// Sequences waiting to join it (for KV blocks or a place in the batch), preempted ones
+    /// included.
+    pub waiting: u64,
+    /// KV blocks some sequence holds now, of `kv_blocks`.
+    pub kv_blocks_held: u64,
+    pub kv_blocks: u64,
+    /// Prompt tokens looked up in the prefix cache as sequences joined (vLLM's
+    /// `prefix_cache_queries`).
+    pub prefix_queried_tokens: u64,
+    /// Of those, tokens found there and not computed again (`prefix_cache_hits`).
+    pub prefix_hit_tokens: u64,
+    /// Sequences preempted because the KV pool ran out (each resumed later).
+    pub preemptions: u64,
 }
 
 impl Counters {
@@ -36,12 +59,40 @@ impl Counters {
             .fetch_max(sequences as u64, Ordering::Relaxed);
     }
 
+    /// A sequence joined with `tokens` tokens, `hits` of them already in cached blocks.
+    pub fn prefix_lookup(&self, tokens: usize, hits: usize) {
+        self.prefix_queried_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        self.prefix_hit_tokens
+            .fetch_add(hits as u64, Ordering::Relaxed);
+    }
+
+    pub fn preempted(&self) {
+        self.preemptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The batch and the pool as they are now.
+    pub fn set_state(&self, running: usize, waiting: usize, held: usize, blocks: usize) {
+        self.running.store(running as u64, Ordering::Relaxed);
+        self.waiting.store(waiting as u64, Ordering::Relaxed);
+        self.kv_blocks_held.store(held as u64, Ordering::Relaxed);
+        self.kv_blocks.store(blocks as u64, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> BatchStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         BatchStats {
-            steps: self.steps.load(Ordering::Relaxed),
-            rows: self.rows.load(Ordering::Relaxed),
-            batched_steps: self.batched_steps.load(Ordering::Relaxed),
-            most_sequences: self.most_sequences.load(Ordering::Relaxed),
+            steps: load(&self.steps),
+            rows: load(&self.rows),
+            batched_steps: load(&self.batched_steps),
+            most_sequences: load(&self.most_sequences),
+            running: load(&self.running),
+            waiting: load(&self.waiting),
+            kv_blocks_held: load(&self.kv_blocks_held),
+            kv_blocks: load(&self.kv_blocks),
+            prefix_queried_tokens: load(&self.prefix_queried_tokens),
+            prefix_hit_tokens: load(&self.prefix_hit_tokens),
+            preemptions: load(&self.preemptions),
         }
     }
 }

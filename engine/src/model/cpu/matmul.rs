@@ -1,5 +1,5 @@
-//! How a step's rows are grouped into matmul calls: the decode rows and the short prompt
-//! chunks through the row kernel together, the long prompt chunks through the tiled path
+//! How a step's rows are grouped into matmul calls: the rows that take the row kernel (decode
+//! rows, short prompt chunks) together, those that take the tiled path (long prompt chunks)
 //! together, each row's arithmetic the same as if its sequence ran alone.
 
 use std::ops::Range;
@@ -10,17 +10,11 @@ use crate::quant::BlockMatrix;
 #[derive(Debug, Clone)]
 pub(super) struct Group {
     pub(super) rows: Range<usize>,
-    /// Decode rows, one per sequence: always the row-by-row integer kernel (a lone decode
-    /// step's path), which reads the weights once for all of them. A prompt chunk takes
-    /// the path its own length picks.
-    pub(super) decode: bool,
-}
-
-impl Group {
-    /// Whether this group's rows go through the row kernel, alone as in any batch.
-    fn row_kernel(&self) -> bool {
-        self.decode || BlockMatrix::row_kernel_for(self.rows.len())
-    }
+    /// Whether the rows take the row-by-row integer kernel (decode rows, short prompt
+    /// chunks), which reads the weights once for all of them, or the tiled gemm path (long
+    /// prompt chunks). The scheduler chooses, so that a position takes the same path
+    /// whenever it is computed.
+    pub(super) row_kernel: bool,
 }
 
 /// `x · Wᵢᵀ` for each row group of `x` (rows of `width`), the results in row order. Every
@@ -37,10 +31,10 @@ pub(super) fn grouped<const N: usize>(
     let rows_of = |group: &Group| &x[group.rows.start * width..group.rows.end * width];
     if let [only] = groups {
         let m = only.rows.len();
-        return if only.decode {
+        return if only.row_kernel {
             BlockMatrix::matmul_rows(mats, rows_of(only), m)
         } else {
-            BlockMatrix::matmul_many(mats, rows_of(only), m)
+            BlockMatrix::matmul_gemm(mats, rows_of(only), m)
         };
     }
     let total = groups.iter().map(|g| g.rows.len()).sum::<usize>();
@@ -51,8 +45,7 @@ pub(super) fn grouped<const N: usize>(
             out[group.rows.start * w.rows()..][..len].copy_from_slice(&part[at..at + len]);
         }
     };
-    let (row_groups, tiled): (Vec<&Group>, Vec<&Group>) =
-        groups.iter().partition(|g| g.row_kernel());
+    let (row_groups, tiled): (Vec<&Group>, Vec<&Group>) = groups.iter().partition(|g| g.row_kernel);
     // The row-kernel groups in one call, and the long prompt chunks in another: gemm sums
     // each output over the inner dimension in the same order whatever the number of rows,
     // so a chunk's values are those of its call alone, and the weights are expanded once
@@ -62,7 +55,7 @@ pub(super) fn grouped<const N: usize>(
             row_groups,
             BlockMatrix::matmul_rows::<N> as fn(_, &_, _) -> _,
         ),
-        (tiled, BlockMatrix::matmul_many::<N>),
+        (tiled, BlockMatrix::matmul_gemm::<N>),
     ] {
         if kind.is_empty() {
             continue;

@@ -11,26 +11,27 @@
 //!
 //! This file is the model and its forward pass, read top to bottom; its parts are `weights`
 //! (where the weights come from, and the embedding table), `matmul` (how a step's rows are
-//! grouped into matmul calls), `kv_cache` (the KV cache and attention over it) and `ops`
+//! grouped into matmul calls), `kv_store` (the KV blocks and attention over them) and `ops`
 //! (the element-wise operations).
 
-mod kv_cache;
+mod kv_store;
 mod matmul;
 mod ops;
 mod weights;
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
-pub use self::kv_cache::CpuCache;
+pub use self::kv_store::CpuKvStore;
 pub use self::weights::{CpuWeights, Embeddings};
 
+use self::kv_store::SequenceKv;
 use self::matmul::{Group, grouped};
 use self::ops::{add, rms_norm, swiglu};
 use super::ModelConfig;
 use super::rope::Rope;
+use crate::kv::BlockId;
 use crate::quant::{BLOCK, BlockMatrix};
 
 /// Whether a model of this shape can run here: every matrix width is a whole number of
@@ -130,78 +131,63 @@ impl CpuModel {
         })
     }
 
-    pub fn new_cache(&self, capacity: usize) -> CpuCache {
+    /// A store of `blocks` KV blocks for this model.
+    pub fn new_store(&self, blocks: usize) -> CpuKvStore {
         let (_, nkv, hd) = self.heads;
-        CpuCache::new(self.layers.len(), nkv, hd, capacity)
+        CpuKvStore::new(self.layers.len(), nkv, hd, blocks)
     }
 
-    /// Runs `ids` (positions `cache.len()..cache.len() + s`) through the model and returns the
-    /// logits `[s', vocab]`, where `s'` is 1 (the last position) when `last_only`, else `s`.
-    pub fn forward(&self, ids: &[u32], cache: &mut CpuCache, last_only: bool) -> Vec<f32> {
-        if last_only {
-            let mut batch = [Segment {
-                ids,
-                cache,
-                logits: true,
-            }];
-            let never = || false;
-            return self
-                .forward_batch(&mut batch, 0, &never)
-                .and_then(|mut logits| logits.remove(0))
-                .unwrap_or_default();
-        }
-        // Every position's logits: the verification path, one sequence.
+    /// Every position's logits `[s, vocab]` of `ids` from position 0, in `store`'s first
+    /// blocks: the verification path, one sequence.
+    pub fn logits_of_every_position(&self, ids: &[u32], store: &mut CpuKvStore) -> Vec<f32> {
+        let blocks: Vec<BlockId> = (0..crate::kv::blocks_for(ids.len()) as BlockId).collect();
+        let segment = Segment {
+            ids,
+            blocks: &blocks,
+            start: 0,
+            row_kernel: BlockMatrix::row_kernel_for(ids.len()),
+            logits: false,
+        };
         let rows = [Group {
             rows: 0..ids.len(),
-            decode: false,
+            row_kernel: segment.row_kernel,
         }];
         let x = self
-            .layers_forward(ids, &mut [(cache, 0..ids.len())], &rows, &|| false)
+            .layers_forward(store, &[segment], &rows, &|| false)
             .expect("never abandoned");
         let mut normed = vec![0f32; x.len()];
         rms_norm(&x, &self.norm, self.eps, &mut normed);
         self.head.matmul(&normed, ids.len())
     }
 
-    /// One step of several sequences: `batch[..decoding]` are single decode positions, the
-    /// rest prompt chunks. A layer multiplies the decode rows and the short prompt chunks in
-    /// one call of the row kernel and the long prompt chunks in one gemm call (`grouped`),
-    /// and every row's arithmetic is the same as if its sequence ran alone, so batching
-    /// never changes a sequence's tokens. Returns the last position's logits of each segment
-    /// that asks for them, or `None` when `abandoned` said so between two layers: nobody wants the step any more
-    /// (every sequence in it was cancelled), and the caches' new positions are left
-    /// half-written for sequences that are about to leave.
+    /// One step of several sequences, each a decode row or a prompt chunk. A layer
+    /// multiplies the segments that take the row kernel in one call and the others in one
+    /// gemm call (`grouped`), and every row's arithmetic is the same as if its sequence ran
+    /// alone, so batching never changes a sequence's tokens. Returns the last position's logits of each segment
+    /// that asks for them, or `None` when `abandoned` said so between two layers: nobody
+    /// wants the step any more (every sequence in it was cancelled), and the step's
+    /// positions are left half-written in blocks their sequences are about to give back.
     pub fn forward_batch(
         &self,
-        batch: &mut [Segment<'_>],
-        decoding: usize,
+        store: &mut CpuKvStore,
+        batch: &[Segment<'_>],
         abandoned: &(dyn Fn() -> bool + Sync),
     ) -> Option<Vec<Option<Vec<f32>>>> {
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
-        for segment in batch.iter() {
+        for segment in batch {
             spans.push(ids.len()..ids.len() + segment.ids.len());
             ids.extend_from_slice(segment.ids);
         }
-        // The row groups: all decode rows, then each prompt chunk (each chunk's length picks
-        // its path, as it would alone).
-        let mut groups = Vec::with_capacity(batch.len());
-        if decoding > 0 {
-            groups.push(Group {
-                rows: 0..spans[decoding - 1].end,
-                decode: true,
-            });
-        }
-        groups.extend(spans[decoding..].iter().map(|rows| Group {
-            rows: rows.clone(),
-            decode: false,
-        }));
-        let mut caches: Vec<(&mut CpuCache, Range<usize>)> = batch
-            .iter_mut()
+        let groups: Vec<Group> = batch
+            .iter()
             .zip(&spans)
-            .map(|(segment, span)| (&mut *segment.cache, span.clone()))
+            .map(|(segment, rows)| Group {
+                rows: rows.clone(),
+                row_kernel: segment.row_kernel,
+            })
             .collect();
-        let x = self.layers_forward(&ids, &mut caches, &groups, abandoned)?;
+        let x = self.layers_forward(store, batch, &groups, abandoned)?;
         let hidden = self.norm.len();
         let wanted: Vec<usize> = batch
             .iter()
@@ -227,49 +213,67 @@ impl CpuModel {
         Some(logits)
     }
 
-    /// The residual stream of `ids` after every layer. `caches` pairs each sequence's cache
-    /// with its rows of `ids`; `groups` are the row ranges multiplied together. `None` when
-    /// `abandoned` says so before a layer (a long prompt chunk then stops within a layer's
-    /// time, not the chunk's).
+    /// The residual stream of the segments' ids (in order) after every layer, their keys and
+    /// values written to `store`; `groups` are the row ranges multiplied together. `None`
+    /// when `abandoned` says so before a layer (a long prompt chunk then stops within a
+    /// layer's time, not the chunk's).
     fn layers_forward(
         &self,
-        ids: &[u32],
-        caches: &mut [(&mut CpuCache, Range<usize>)],
+        store: &mut CpuKvStore,
+        segments: &[Segment<'_>],
         groups: &[Group],
         abandoned: &(dyn Fn() -> bool + Sync),
     ) -> Option<Vec<f32>> {
-        let mut x = self.embeddings.lookup(ids);
+        let ids: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| s.ids.iter().copied())
+            .collect();
+        // Each segment's rows of the step, and its blocks and positions.
+        let mut sequences = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for segment in segments {
+            let rows = row..row + segment.ids.len();
+            row = rows.end;
+            let kv = SequenceKv {
+                blocks: segment.blocks,
+                positions: segment.start..segment.start + rows.len(),
+            };
+            sequences.push((kv, rows));
+        }
+        let mut x = self.embeddings.lookup(&ids);
         let hidden = self.norm.len();
         let mut normed = vec![0f32; x.len()];
+        let (nh, nkv, hd) = self.heads;
         for (index, layer) in self.layers.iter().enumerate() {
             if abandoned() {
                 return None;
             }
             rms_norm(&x, &layer.input_norm, self.eps, &mut normed);
-            let [q, k, v] = grouped(groups, hidden, &normed, layer.qkv.each_ref());
-            let (nh, nkv, hd) = self.heads;
-            // Each sequence's attention on its own cache, the sequences spread over the pool
-            // (a short context's rows are too little work to split within one sequence).
-            let parts: Vec<Vec<f32>> = caches
-                .par_iter_mut()
-                .map(|(cache, rows)| {
-                    let positions = cache.len()..cache.len() + rows.len();
-                    let row = |values: &[f32], width| {
-                        values[rows.start * width..rows.end * width].to_vec()
-                    };
-                    let (mut q, mut k, mut v) =
-                        (row(&q, nh * hd), row(&k, nkv * hd), row(&v, nkv * hd));
-                    for (values, bias) in [&mut q, &mut k, &mut v].into_iter().zip(&layer.qkv_bias)
-                    {
-                        if let Some(bias) = bias {
-                            for row in values.chunks_exact_mut(bias.len()) {
-                                add(row, bias);
-                            }
-                        }
+            let [mut q, mut k, mut v] = grouped(groups, hidden, &normed, layer.qkv.each_ref());
+            for (values, bias) in [&mut q, &mut k, &mut v].into_iter().zip(&layer.qkv_bias) {
+                if let Some(bias) = bias {
+                    for row in values.chunks_exact_mut(bias.len()) {
+                        add(row, bias);
                     }
-                    self.rope.rotate(&mut q, nh, positions.clone());
-                    self.rope.rotate(&mut k, nkv, positions);
-                    cache.append_and_attend(index, &q, &k, &v, nh)
+                }
+            }
+            // RoPE at each sequence's positions, and its keys and values into its blocks
+            // (little work: a copy of the step's new positions).
+            for (kv, rows) in &sequences {
+                let part = |width: usize| rows.start * width..rows.end * width;
+                self.rope
+                    .rotate(&mut q[part(nh * hd)], nh, kv.positions.clone());
+                self.rope
+                    .rotate(&mut k[part(nkv * hd)], nkv, kv.positions.clone());
+                store.write(index, kv, &k[part(nkv * hd)], &v[part(nkv * hd)]);
+            }
+            // Each sequence's attention over its blocks, the sequences spread over the pool
+            // (a short context's rows are too little work to split within one sequence).
+            let store = &*store;
+            let parts: Vec<Vec<f32>> = sequences
+                .par_iter()
+                .map(|(kv, rows)| {
+                    store.attend(index, kv, &q[rows.start * nh * hd..rows.end * nh * hd], nh)
                 })
                 .collect();
             let attended = parts.concat();
@@ -281,9 +285,6 @@ impl CpuModel {
             swiglu(&mut gate, &up);
             let [down] = grouped(groups, layer.down.cols(), &gate, [&layer.down]);
             add(&mut x, &down);
-        }
-        for (cache, rows) in caches.iter_mut() {
-            cache.advance(rows.len());
         }
         Some(x)
     }
@@ -300,9 +301,14 @@ impl CpuModel {
 
 /// One sequence's part of a batched step.
 pub struct Segment<'a> {
-    /// Token ids at the cache's next positions.
+    /// Token ids at the sequence's next positions, `start..start + ids.len()`.
     pub ids: &'a [u32],
-    pub cache: &'a mut CpuCache,
+    /// The sequence's KV blocks in the store, covering every position through the step's.
+    pub blocks: &'a [BlockId],
+    /// Positions already in the sequence's blocks.
+    pub start: usize,
+    /// Whether its rows take the row kernel (else the tiled gemm path).
+    pub row_kernel: bool,
     /// Whether the last position's logits are wanted.
     pub logits: bool,
 }

@@ -1,0 +1,213 @@
+//! The KV pool's prefix cache and its growth on demand: a sequence that starts from blocks
+//! another one left (a chat's earlier turn, a shared system prompt) produces the very tokens
+//! it produces without them, wherever the hit ends; sequences join by the blocks their
+//! prompts need, not by `max_tokens`; a full pool preempts and resumes instead of failing.
+//! Each test also checks the scheduler's counters, so it cannot pass without hits,
+//! preemptions or a full batch.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{greedy, together};
+use rbee_engine::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+
+/// Positions per KV block (the engine's `kv::BLOCK_SIZE`).
+const BLOCK: usize = 16;
+
+fn engine(options: LoadOptions) -> Engine {
+    Engine::load(
+        &common::fixtures().join("tiny-llama"),
+        &LoadOptions {
+            device: DeviceChoice::Cpu,
+            weights: WeightFormat::Auto,
+            ..options
+        },
+    )
+    .unwrap()
+}
+
+/// Token ids of the tiny vocabulary, different for each `seed`.
+fn ids(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|k| 4 + (k * 7 + seed * 31 + k * k * seed) % 370)
+        .collect()
+}
+
+fn generate(engine: &Engine, prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    engine.generate_ids(prompt, params).unwrap().1
+}
+
+/// Prompts that share their first `shared` of `total` tokens with an earlier 120-token one:
+/// each gives the tokens an engine without the prefix cache gives, and finds the blocks
+/// expected in the cache: full blocks within all but its last token, whose positions the
+/// earlier prompt computed by the same kernel as this one would (a chunk's length picks
+/// its kernel; a block is reused only where it holds the very numbers this sequence would
+/// compute).
+fn hits_give_the_tokens_computed_without_them(prompt_chunk: usize, cases: &[(usize, usize, u64)]) {
+    let options = |prefix_caching| LoadOptions {
+        prompt_chunk,
+        prefix_caching,
+        ..LoadOptions::default()
+    };
+    let cached = engine(options(true));
+    let uncached = engine(options(false));
+    let params = greedy(24);
+    let first = ids(1, 120);
+    assert_eq!(
+        generate(&cached, &first, &params),
+        generate(&uncached, &first, &params)
+    );
+    for &(shared, total, expected_hits) in cases {
+        let mut prompt = first[..shared].to_vec();
+        prompt.extend(ids(2 + total as u32, total - shared));
+        let before = cached.batch_stats();
+        let with_hits = generate(&cached, &prompt, &params);
+        let after = cached.batch_stats();
+        let case = format!("chunks of {prompt_chunk}, {shared} of {total} tokens shared");
+        assert_eq!(with_hits, generate(&uncached, &prompt, &params), "{case}");
+        assert_eq!(
+            after.prefix_hit_tokens - before.prefix_hit_tokens,
+            expected_hits,
+            "{case}: hits"
+        );
+        assert_eq!(
+            after.prefix_queried_tokens - before.prefix_queried_tokens,
+            total as u64
+        );
+    }
+    assert_eq!(uncached.batch_stats().prefix_hit_tokens, 0);
+}
+
+#[test]
+fn prefix_hits_give_the_tokens_computed_without_them() {
+    // Chunks of 256: prompts from 48 tokens are one gemm chunk; the earlier prompt's blocks
+    // serve every later one that long.
+    hits_give_the_tokens_computed_without_them(
+        256,
+        &[
+            // A hit that ends mid-block: the fourth block differs from its 51st token.
+            (50, 90, 48),
+            // One that ends at a block's end.
+            (64, 73, 64),
+            // A strict prefix of the cached prompt (its own last block is not full).
+            (60, 60, 48),
+            // The same prompt again: all but the block holding its last token.
+            (120, 120, 112),
+            (119, 150, 112),
+            // Less than a block in common.
+            (7, 30, 0),
+            // 40 tokens take the row kernel; the cached blocks were computed by gemm.
+            (40, 40, 0),
+        ],
+    );
+    // Chunks of 50: the earlier prompt was read as 50 + 50 (gemm) + 20 (row kernel).
+    hits_give_the_tokens_computed_without_them(
+        50,
+        &[
+            // Its last chunk is 40 rows (row kernel): the fourth block's kernels differ.
+            (50, 90, 48),
+            // The hit ends 4 rows before its chunk's end: those 4 rows go through gemm, as
+            // they did in the 50-row chunk.
+            (100, 130, 96),
+            // A strict prefix, whose hit ends 2 rows into a gemm chunk.
+            (60, 60, 48),
+            (120, 120, 112),
+            // Its third chunk is 50 rows (gemm), the cached one's 20 (row kernel).
+            (119, 150, 96),
+        ],
+    );
+}
+
+/// A conversation: each turn's prompt is the last turn's prompt, its answer and a new
+/// message. Every turn gives the tokens it gives without the cache, and from the second on
+/// it starts from the blocks of the turn before.
+#[test]
+fn each_chat_turn_starts_from_the_turns_before() {
+    let cached = engine(LoadOptions::default());
+    let uncached = engine(LoadOptions {
+        prefix_caching: false,
+        ..LoadOptions::default()
+    });
+    let params = greedy(20);
+    let mut prompt = ids(3, 60);
+    let mut previous_prompt = 0;
+    for turn in 0..4u32 {
+        let before = cached.batch_stats().prefix_hit_tokens;
+        let answer = generate(&cached, &prompt, &params);
+        assert_eq!(answer, generate(&uncached, &prompt, &params), "turn {turn}");
+        let hits = (cached.batch_stats().prefix_hit_tokens - before) as usize;
+        // At least the last turn's prompt, less its unfinished block.
+        assert!(
+            hits >= previous_prompt / BLOCK * BLOCK,
+            "turn {turn}: {hits} tokens from the cache, the prompt before had {previous_prompt}"
+        );
+        previous_prompt = prompt.len();
+        prompt.extend(answer);
+        prompt.extend(ids(10 + turn, 25));
+    }
+}
+
+/// Sequences that may each grow to the whole context (`max_tokens` up to it, as clients
+/// that send none get) all start at once when their prompts fit: the pool is taken by what
+/// they hold, not by what they might. Reserving prompt + max_tokens, two would fit.
+#[test]
+fn sequences_join_by_the_blocks_their_prompts_need() {
+    let engine = Arc::new(engine(LoadOptions {
+        max_batch: 8,
+        // Two full contexts of the tiny model (256 positions).
+        kv_budget_tokens: Some(512),
+        ..LoadOptions::default()
+    }));
+    // All at once (the tiny model's steps take microseconds: staggered by thread starts,
+    // the first could be done before the last arrived).
+    let start = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let (engine, start) = (engine.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                generate(&engine, &ids(100 + i, 10), &greedy(256 - 10))
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let stats = engine.batch_stats();
+    assert_eq!(stats.most_sequences, 8, "{stats:?}");
+}
+
+/// A pool too small for the sequences that run together: the most recently admitted is
+/// preempted and resumes later, every sequence's tokens are those it gives alone, and a
+/// request the pool can never hold is refused at once.
+#[test]
+fn a_full_pool_preempts_and_resumes_instead_of_failing() {
+    let params = greedy(60);
+    let engine = Arc::new(engine(LoadOptions {
+        max_batch: 4,
+        // 10 blocks: one sequence of 20 + 60 positions needs 5.
+        kv_budget_tokens: Some(10 * BLOCK),
+        prefix_caching: false,
+        ..LoadOptions::default()
+    }));
+    let jobs: Vec<(Vec<u32>, SamplingParams)> =
+        (0..4).map(|i| (ids(40 + i, 20), params.clone())).collect();
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| generate(&engine, prompt, params))
+        .collect();
+    assert_eq!(together(&engine, &jobs), alone);
+    let stats = engine.batch_stats();
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert!(stats.most_sequences > 1, "{stats:?}");
+    assert_eq!(
+        (stats.running, stats.waiting, stats.kv_blocks_held),
+        (0, 0, 0)
+    );
+
+    let error = engine
+        .generate_ids(&ids(1, 20), &greedy(10 * BLOCK as u32))
+        .unwrap_err();
+    assert!(error.to_string().contains("KV pool holds 160"), "{error}");
+}
