@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::prefix::{BlockContent, BlockHash};
-use super::{BLOCK_SIZE, BlockId};
+use super::block::{BLOCK_SIZE, BlockId};
 
 #[derive(Debug)]
 pub(crate) struct BlockPool {
