@@ -260,8 +260,8 @@ async fn conversation(url: &str) -> Measured {
     let client = reqwest::Client::new();
     let mut messages = Vec::new();
     let mut measured = Measured::default();
-    for turn in 0..12 {
-        messages.push(json!({"role": "user", "content": user_message(TOPICS[turn])}));
+    for (turn, topic) in TOPICS[..12].iter().enumerate() {
+        messages.push(json!({"role": "user", "content": user_message(topic)}));
         match chat(&client, url, &messages, Some(64), None, None).await {
             Ok((ttft, answer, _)) => {
                 measured.turns_ms.push(ttft.as_secs_f64() * 1e3);

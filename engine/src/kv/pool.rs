@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::prefix::{BlockContent, BlockHash};
 use super::block::{BLOCK_SIZE, BlockId};
+use super::prefix::{BlockContent, BlockHash};
 
 #[derive(Debug)]
 pub(crate) struct BlockPool {

@@ -383,10 +383,24 @@ mod tests {
             }
             out
         };
-        let whole = [0..positions];
         let chunks = [0..20, 20..21, 21..positions];
-        let consecutive = attend_all(&[0, 1, 2, 3], &whole);
-        assert_eq!(attend_all(&[7, 2, 8, 0], &whole), consecutive);
+        let consecutive = attend_all(
+            &[0, 1, 2, 3],
+            &[Range {
+                start: 0,
+                end: positions,
+            }],
+        );
+        assert_eq!(
+            attend_all(
+                &[7, 2, 8, 0],
+                &[Range {
+                    start: 0,
+                    end: positions
+                }]
+            ),
+            consecutive
+        );
         assert_eq!(attend_all(&[5, 1, 6, 3], &chunks), consecutive);
     }
 }
