@@ -53,6 +53,7 @@ impl Engine {
             max_batch = engine.limits.max_batch,
             kv_budget_tokens = engine.limits.kv_positions(),
             prefix_caching = engine.limits.prefix_caching,
+            speculative = engine.limits.speculative,
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
@@ -99,6 +100,7 @@ impl Engine {
             kv_blocks: blocks_for(kv_budget),
             prompt_chunk: options.prompt_chunk.max(1),
             prefix_caching: options.prefix_caching,
+            speculative: options.speculative,
         };
         // The KV of one model is never another's: the chain's root names the checkpoint and
         // how its weights are kept.

@@ -65,6 +65,12 @@ pub struct LoadOptions {
     /// tokens (chat turns, a shared system prompt), on the model forms that can start past
     /// position 0 (the CPU's).
     pub prefix_caching: bool,
+    /// Whether generating sequences guess their next tokens from their own context (n-gram
+    /// lookup) and each step verifies the guesses, on the model forms that verify several
+    /// rows at once (the CPU's). Greedy output is the same either way; it pays on text that
+    /// repeats its context and drafts nothing where it would not pay. Off by default until
+    /// the serving benchmark has measured it against `off`.
+    pub speculative: bool,
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.
     pub prompt_chunk: usize,
@@ -78,6 +84,7 @@ impl Default for LoadOptions {
             max_batch: DEFAULT_MAX_BATCH,
             kv_budget_tokens: None,
             prefix_caching: true,
+            speculative: false,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
     }

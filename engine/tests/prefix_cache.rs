@@ -189,6 +189,8 @@ fn a_full_pool_preempts_and_resumes_instead_of_failing() {
         // 10 blocks: one sequence of 20 + 60 positions needs 5.
         kv_budget_tokens: Some(10 * BLOCK),
         prefix_caching: false,
+        // One token per step, so the sequences grow into the full pool together.
+        speculative: false,
         ..LoadOptions::default()
     }));
     let jobs: Vec<(Vec<u32>, SamplingParams)> =

@@ -178,3 +178,44 @@ fn chat_turns_give_the_same_tokens_from_the_prefix_cache() {
     }
     assert!(cached.batch_stats().prefix_hit_tokens > 0);
 }
+
+/// Speculative decoding on SmolLM2: greedy tokens with it are the tokens without it, on a
+/// prompt whose answer copies its input (drafts mostly accepted) and on free text (mostly
+/// not), alone and batched together.
+#[test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
+fn speculation_keeps_greedy_tokens() {
+    let load = |speculative| {
+        std::sync::Arc::new(
+            rbee_engine::Engine::load(
+                &model_path(),
+                &rbee_engine::LoadOptions {
+                    speculative,
+                    ..rbee_engine::LoadOptions::default()
+                },
+            )
+            .unwrap(),
+        )
+    };
+    let (on, off) = (load(true), load(false));
+    let copy = "<|im_start|>user\nRepeat this list exactly: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon, mango.<|im_end|>\n<|im_start|>assistant\n";
+    let free =
+        "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n";
+    let jobs: Vec<_> = [copy, free]
+        .iter()
+        .map(|text| (on.tokenize(text).unwrap(), greedy(48)))
+        .collect();
+    for (prompt, params) in &jobs {
+        assert_eq!(
+            on.generate_ids(prompt, params).unwrap().1,
+            off.generate_ids(prompt, params).unwrap().1
+        );
+    }
+    let alone: Vec<Vec<u32>> = jobs
+        .iter()
+        .map(|(prompt, params)| off.generate_ids(prompt, params).unwrap().1)
+        .collect();
+    assert_eq!(common::together(&on, &jobs), alone);
+    let stats = on.batch_stats();
+    assert!(stats.accepted_tokens > 0, "{stats:?}");
+}

@@ -26,8 +26,8 @@
 mod servers;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -97,6 +97,10 @@ impl Server {
     }
 }
 
+/// The model's name on the OpenAI routes: rbee-host serves it under its file's stem (and
+/// refuses another name); llama-server takes any.
+static MODEL: OnceLock<String> = OnceLock::new();
+
 /// Topics for user messages: each message is a topic and a fixed request around it, about
 /// 60 tokens of SmolLM2's.
 const TOPICS: &[&str] = &[
@@ -160,16 +164,25 @@ async fn chat(
     streamed: Option<&AtomicUsize>,
 ) -> Result<(Duration, String, u32), String> {
     let started = Instant::now();
-    let mut body = json!({"model": "m", "messages": messages, "temperature": 0.0, "stream": true});
+    let model = MODEL.get().expect("set in main");
+    let mut body =
+        json!({"model": model, "messages": messages, "temperature": 0.0, "stream": true});
     if let Some(max) = max_tokens {
         body["max_tokens"] = max.into();
     }
-    let response = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    // A request that could not be sent at all (a kept-alive connection the server had
+    // closed: llama-server does so after a stream the client left) is sent once more.
+    let send = || {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+    };
+    let response = match send().await {
+        Err(e) if e.is_request() && !e.is_timeout() => send().await,
+        other => other,
+    }
+    .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(format!(
             "{}: {}",
@@ -345,14 +358,15 @@ async fn no_max_tokens(server: Server, url: &str, window: Duration) -> Measured 
                 // first chat's first token counts the client as streaming.
                 let mut tokens = 0;
                 let mut first = Some(&*streaming);
+                let mut failed = Vec::new();
                 while Instant::now() < deadline {
                     let sent = chat(&client, &url, &messages, None, Some(deadline), first.take());
                     match sent.await {
                         Ok((_, _, count)) => tokens += count,
-                        Err(error) => return Err(error),
+                        Err(error) => failed.push(error),
                     }
                 }
-                Ok(tokens)
+                (tokens, failed)
             })
         })
         .collect();
@@ -369,12 +383,11 @@ async fn no_max_tokens(server: Server, url: &str, window: Duration) -> Measured 
     let mut measured = Measured::default();
     let mut tokens = 0;
     for task in tasks {
-        match task.await.expect("a client") {
-            Ok(count) => tokens += count,
-            Err(error) => {
-                eprintln!("{}: {error}", server.name());
-                measured.failed += 1;
-            }
+        let (count, failed) = task.await.expect("a client");
+        tokens += count;
+        for error in failed {
+            eprintln!("{}: {error}", server.name());
+            measured.failed += 1;
         }
     }
     measured.aggregate_tps = tokens as f64 / started.elapsed().as_secs_f64();
@@ -406,6 +419,11 @@ fn medians(repeats: &[Measured]) -> Measured {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let stem = args
+        .model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned());
+    MODEL.get_or_init(|| stem.unwrap_or_default());
     let mut servers = vec![Server::RbeeHost, Server::RbeeHostNoPrefixCache];
     if args.llama_server.is_some() {
         servers.push(Server::LlamaCpp);

@@ -5,8 +5,17 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use rbee_engine::{DeviceChoice, WeightFormat};
+
+/// `--speculative`: how a generating request guesses tokens for a step to verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Speculative {
+    /// From what followed the latest n-gram in its own prompt and output.
+    Ngram,
+    /// No guesses: one token per step.
+    Off,
+}
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -78,6 +87,14 @@ pub struct Args {
     /// least one full context.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=MAX_KV_BUDGET_TOKENS))]
     pub kv_budget_tokens: Option<u64>,
+
+    /// Speculative decoding from the context: `ngram` lets each generating request guess its
+    /// next tokens from what followed their last occurrence in its prompt and output, and
+    /// every step verifies the guesses (greedy output is the same; it pays on text that
+    /// repeats its input, and drafts nothing where it would not pay); `off` decodes one token
+    /// per step (the default until the serving benchmark has measured `ngram` against it).
+    #[arg(long, value_enum, default_value = "off")]
+    pub speculative: Speculative,
 
     /// Do not keep full KV blocks for later requests that begin with the same tokens (a
     /// chat's earlier turns, a shared system prompt): every prompt is computed whole.

@@ -7,7 +7,7 @@
 //! what the model did), a request's outcome and latency when its answer is complete (the
 //! HTTP layer). What is a state rather than an event (sequences running and waiting, the KV
 //! pool's usage, the active guest), and what the scheduler counts itself (prefix-cache
-//! lookups and hits, preemptions), is read at scrape time.
+//! lookups and hits, preemptions, speculative drafts), is read at scrape time.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -275,6 +275,21 @@ impl Collector for StateCollector {
                 scheduler.preemptions,
             ),
             (
+                "rbee:spec_decode_num_drafts",
+                "Drafts of tokens guessed from the context that a step verified.",
+                scheduler.drafts,
+            ),
+            (
+                "rbee:spec_decode_num_draft_tokens",
+                "Tokens those drafts held.",
+                scheduler.draft_tokens,
+            ),
+            (
+                "rbee:spec_decode_num_accepted_tokens",
+                "Drafted tokens the model agreed with (kept without a step of their own).",
+                scheduler.accepted_tokens,
+            ),
+            (
                 "rbee:guest_swaps",
                 "Guests swapped in while serving.",
                 generation.saturating_sub(1),
@@ -314,6 +329,9 @@ mod tests {
                 prefix_queried_tokens: 100,
                 prefix_hit_tokens: 64,
                 preemptions: 3,
+                drafts: 4,
+                draft_tokens: 10,
+                accepted_tokens: 7,
                 ..BatchStats::default()
             })
         }
@@ -349,6 +367,9 @@ mod tests {
             r#"rbee:prefix_cache_queries_total{model_name="SmolLM2"} 100"#,
             r#"rbee:prefix_cache_hits_total{model_name="SmolLM2"} 64"#,
             r#"rbee:num_preemptions_total{model_name="SmolLM2"} 3"#,
+            r#"rbee:spec_decode_num_drafts_total{model_name="SmolLM2"} 4"#,
+            r#"rbee:spec_decode_num_draft_tokens_total{model_name="SmolLM2"} 10"#,
+            r#"rbee:spec_decode_num_accepted_tokens_total{model_name="SmolLM2"} 7"#,
             r#"rbee:guest_generation{model_name="SmolLM2"} 3"#,
             r#"rbee:guest_swaps_total{model_name="SmolLM2"} 2"#,
             r#"rbee:guest_load_failures_total{model_name="SmolLM2"} 1"#,

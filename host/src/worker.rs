@@ -187,6 +187,7 @@ impl Args {
             max_batch: self.max_concurrent as usize,
             kv_budget_tokens: self.kv_budget_tokens.map(|tokens| tokens as usize),
             prefix_caching: !self.no_prefix_cache,
+            speculative: self.speculative == crate::cli::Speculative::Ngram,
             ..LoadOptions::default()
         }
     }

@@ -118,6 +118,6 @@ assert generated >= 16 * 3 + answer.usage.completion_tokens, generated
 for name in ["rbee:time_to_first_token_seconds", "rbee:e2e_request_latency_seconds",
              "rbee:inter_token_latency_seconds", "rbee:num_requests_running", "rbee:request_success",
              "rbee:kv_cache_usage_perc", "rbee:prefix_cache_queries", "rbee:prefix_cache_hits",
-             "rbee:num_preemptions"]:
+             "rbee:num_preemptions", "rbee:spec_decode_num_drafts", "rbee:spec_decode_num_accepted_tokens"]:
     assert name in families, (name, sorted(families))
 print("all checks passed")

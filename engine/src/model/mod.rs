@@ -70,8 +70,9 @@ pub struct BatchItem<'a> {
     /// On the CPU, whether the rows take the row kernel (else the tiled gemm path): the
     /// scheduler keeps each position on one path whenever it is computed.
     pub row_kernel: bool,
-    /// Whether the last position's logits are wanted.
-    pub logits: bool,
+    /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
+    /// the next token, more to verify a speculative draft (the CPU form only).
+    pub logits: usize,
 }
 
 impl Model {
@@ -120,8 +121,8 @@ impl Model {
         })
     }
 
-    /// One step of several sequences (decode rows and prompt chunks): the last position's
-    /// logits of each item that asks for them. On the
+    /// One step of several sequences (decode rows, drafts and prompt chunks): the logits
+    /// `[rows, vocab]` of each item's last `logits` rows. On the
     /// CPU the step reads the weights once for all decode rows; Burn's layers run the items
     /// one after another. `Ok(None)` when `abandoned` said so part-way (checked between
     /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
@@ -130,7 +131,7 @@ impl Model {
         store: &mut KvStore,
         batch: &mut [BatchItem<'_>],
         abandoned: &(dyn Fn() -> bool + Sync),
-    ) -> Result<Option<Vec<Option<Vec<f32>>>>, EngineError> {
+    ) -> Result<Option<Vec<Vec<f32>>>, EngineError> {
         in_pool(|| match (self, store) {
             (Model::Cpu(model), KvStore::Cpu(store)) => {
                 let segments: Vec<cpu::Segment<'_>> = batch
@@ -153,7 +154,8 @@ impl Model {
                     }
                     let cache = item.cache.as_deref_mut().ok_or_else(foreign_cache)?;
                     let logits = burn.forward(item.ids, cache, true)?;
-                    outputs.push(item.logits.then_some(logits));
+                    // Burn's layers give the last row's: they never verify drafts.
+                    outputs.push(if item.logits > 0 { logits } else { Vec::new() });
                 }
                 Ok(Some(outputs))
             }

@@ -1,6 +1,7 @@
 //! Running the model: what every generation shares and the checks it needs (`core`), turning
 //! prompts into ids (`prompt`), the scheduler that puts every running generation into each
-//! forward pass (`scheduler`, counted in `stats`), a generation from its caller's side
+//! forward pass (`scheduler`, counted in `stats`; its drafts of likely tokens in
+//! `speculation`), a generation from its caller's side
 //! (`generate`) and what stops it early (`stop`), choosing tokens (`sampling`) and streaming
 //! text (`text`).
 
@@ -9,6 +10,7 @@ mod generate;
 mod prompt;
 mod sampling;
 mod scheduler;
+mod speculation;
 mod stats;
 mod stop;
 mod text;

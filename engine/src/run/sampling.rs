@@ -31,11 +31,20 @@ impl Sampler {
     /// Picks a token. `history` is every token in the context so far (prompt included), for
     /// the repeat penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        match self.choices(logits, history) {
+            Choices::Greedy(token) => token,
+            Choices::Weighted(candidates, probs) => self.draw(&candidates, &probs),
+        }
+    }
+
+    /// The distribution a token is drawn from: the best token alone (temperature 0), or
+    /// candidates and their weights after temperature, top-k and top-p.
+    fn choices(&self, logits: &mut [f32], history: &[u32]) -> Choices {
         if self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0 {
             apply_repeat_penalty(logits, history, self.repeat_penalty);
         }
         if self.temperature.is_nan() || self.temperature <= 0.0 {
-            return argmax(logits);
+            return Choices::Greedy(argmax(logits));
         }
         // Candidates sorted by logit, best first; ties keep the lower id first so the order
         // (and so a seeded draw) does not depend on the sort's stability. Sorted on the raw
@@ -48,7 +57,7 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, l))
             .collect();
         if candidates.is_empty() {
-            return argmax(logits);
+            return Choices::Greedy(argmax(logits));
         }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.top_k > 0 && self.top_k < candidates.len() {
@@ -79,16 +88,28 @@ impl Sampler {
             probs.truncate(keep);
             candidates.truncate(keep);
         }
+        Choices::Weighted(candidates.into_iter().map(|(id, _)| id).collect(), probs)
+    }
+
+    /// A draw from `candidates` by their weights `probs` (not necessarily summing to 1).
+    fn draw(&mut self, candidates: &[u32], probs: &[f32]) -> u32 {
         let total: f32 = probs.iter().sum();
         let mut r = self.rng.random::<f32>() * total;
         for (i, p) in probs.iter().enumerate() {
             if r < *p {
-                return candidates[i].0;
+                return candidates[i];
             }
             r -= p;
         }
-        candidates[probs.len() - 1].0
+        candidates[probs.len() - 1]
     }
+}
+
+/// What [`Sampler::choices`] found.
+enum Choices {
+    Greedy(u32),
+    /// Candidate ids and their weights.
+    Weighted(Vec<u32>, Vec<f32>),
 }
 
 /// The CTRL/transformers penalty: a seen token's logit is divided by the penalty when

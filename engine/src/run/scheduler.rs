@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::core::Core;
 use super::sampling::Sampler;
+use super::speculation::{self, Acceptance};
 use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
@@ -48,6 +49,9 @@ pub(crate) struct BatchLimits {
     pub prompt_chunk: usize,
     /// Whether full blocks stay cached for later sequences that begin with the same tokens.
     pub prefix_caching: bool,
+    /// Whether generating sequences draft tokens from their context for the step to verify
+    /// (`speculation`), where the model form verifies several rows at once.
+    pub speculative: bool,
 }
 
 impl BatchLimits {
@@ -136,6 +140,10 @@ struct Sequence<'t> {
     admitted: u64,
     /// Whether it was preempted and waits to read its tokens again.
     preempted: bool,
+    /// Tokens guessed for this step to verify after its last one (`speculation`).
+    draft: Vec<u32>,
+    /// How often its guesses are accepted.
+    acceptance: Acceptance,
 }
 
 impl<'t> Sequence<'t> {
@@ -153,6 +161,8 @@ impl<'t> Sequence<'t> {
             prefill: None,
             admitted: 0,
             preempted: false,
+            draft: Vec::new(),
+            acceptance: Acceptance::default(),
             request,
         }
     }
@@ -196,14 +206,35 @@ impl<'t> Sequence<'t> {
         self.request.finish(Ok((completion, ids)));
     }
 
-    /// Takes the logits of this step's last position: samples, streams, and tells whether
-    /// the sequence has ended.
+    /// Takes the logits of this step's rows: samples a token from each, verifying the draft
+    /// (the row before a drafted token gives the model's choice there: it goes on while
+    /// that is the draft), streams them, and tells whether the sequence has ended. Returns
+    /// the drafted tokens accepted, too.
     fn advance(
         &mut self,
         logits: &mut [f32],
         eos_ids: &[u32],
-    ) -> Result<Option<FinishReason>, EngineError> {
-        let next = self.sampler.sample(logits, &self.tokens);
+    ) -> (usize, Result<Option<FinishReason>, EngineError>) {
+        let draft = std::mem::take(&mut self.draft);
+        let rows = draft.len() + 1;
+        let vocab = logits.len() / rows;
+        let mut accepted = 0;
+        for (row, logits) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
+            // Drafts are greedy sequences' only: the model's choice is the draft or not.
+            let token = self.sampler.sample(logits, &self.tokens);
+            let agreed = draft.get(row) == Some(&token);
+            match self.take(token, eos_ids) {
+                Ok(None) if agreed => accepted += 1,
+                Ok(None) => break,
+                outcome => return (accepted, outcome),
+            }
+        }
+        (accepted, Ok(None))
+    }
+
+    /// Takes `next` as the sequence's next token: streams it, and tells whether the sequence
+    /// has ended.
+    fn take(&mut self, next: u32, eos_ids: &[u32]) -> Result<Option<FinishReason>, EngineError> {
         if eos_ids.contains(&next) {
             return Ok(Some(FinishReason::Eos));
         }
@@ -389,6 +420,48 @@ impl<'t> Batch<'t> {
                 None => self.preempt_newest(),
             }
         }
+        // Drafts take what blocks are left, and are cut to fit: a guess never preempts.
+        for sequence in &mut self.running {
+            let end = sequence.tokens.len() + sequence.draft.len();
+            while sequence.blocks.len() < blocks_for(end) {
+                match self.pool.allocate() {
+                    Some(block) => sequence.blocks.push(block),
+                    None => break,
+                }
+            }
+            let fits = (sequence.blocks.len() * BLOCK_SIZE).saturating_sub(sequence.tokens.len());
+            sequence.draft.truncate(fits);
+        }
+    }
+
+    /// Drafts tokens for the generating sequences to verify in the next step, oldest first,
+    /// each as many as its acceptance makes worth the step's cost (`speculation`): none
+    /// while a prompt is being read (its first token comes first), fewer the more rows the
+    /// step carries already.
+    fn draft(&mut self) {
+        let speculates = self.limits.speculative && self.core.model.takes_prompt_chunks();
+        let reading = self.running.iter().any(|sequence| !sequence.decoding());
+        let decoding = self.running.iter().filter(|s| s.decoding()).count();
+        let (mut tokens, mut cost) = (decoding as f64, Acceptance::step_cost(decoding));
+        for sequence in self.running.iter_mut().filter(|s| s.decoding()) {
+            let room = (sequence.request.params.max_tokens - sequence.generated) as usize - 1;
+            let room = room.min(self.core.context_length - sequence.tokens.len());
+            // Greedy sequences only: a sampled one's draws would depend on what else ran
+            // beside it, and its seed would no longer give its tokens.
+            let greedy = sequence.request.params.temperature <= 0.0;
+            let len = if speculates && !reading && greedy {
+                sequence.acceptance.draft_len(tokens, cost, room)
+            } else {
+                0
+            };
+            sequence.draft = speculation::propose(&sequence.tokens, len);
+            if sequence.draft.is_empty() {
+                sequence.acceptance.idle();
+            } else {
+                tokens += sequence.acceptance.expected(sequence.draft.len());
+                cost += Acceptance::step_cost(sequence.draft.len() + 1) - 1.0;
+            }
+        }
     }
 
     /// Preempts the last of `running` (sorted by admission): its blocks go back to the
@@ -397,6 +470,7 @@ impl<'t> Batch<'t> {
     fn preempt_newest(&mut self) {
         let mut sequence = self.leave(self.running.len() - 1);
         sequence.computed = 0;
+        sequence.draft.clear();
         sequence.cache = self.core.model.new_sequence_cache();
         sequence.preempted = true;
         self.core.stats.preempted();
@@ -456,6 +530,7 @@ fn run(core: &Core, limits: BatchLimits, root: BlockHash, submissions: Receiver<
         // Leave and join at the step boundary.
         batch.drop_cancelled();
         batch.admit();
+        batch.draft();
         batch.grow();
         batch.report();
         if batch.running.is_empty() {
@@ -531,22 +606,37 @@ fn step(batch: &mut Batch<'_>) {
         .iter()
         .map(|sequence| sequence.request.stop_signals.clone())
         .collect();
+    // Each one's ids: its chunk, and after a last token its draft.
+    let inputs: Vec<Vec<u32>> = running[..stepping]
+        .iter()
+        .zip(&chunks)
+        .map(|(sequence, (chunk, _))| {
+            let mut ids = sequence.tokens[chunk.clone()].to_vec();
+            if chunk.end == sequence.tokens.len() {
+                ids.extend_from_slice(&sequence.draft);
+            }
+            ids
+        })
+        .collect();
     let mut items: Vec<BatchItem<'_>> = running[..stepping]
         .iter_mut()
         .zip(&chunks)
-        .map(|(sequence, (chunk, row_kernel))| BatchItem {
-            ids: &sequence.tokens[chunk.clone()],
+        .zip(&inputs)
+        .map(|((sequence, (chunk, row_kernel)), ids)| BatchItem {
+            ids,
             start: chunk.start,
             blocks: &sequence.blocks,
             cache: sequence.cache.as_mut(),
             row_kernel: *row_kernel,
-            logits: chunk.end == sequence.tokens.len(),
+            logits: if chunk.end == sequence.tokens.len() {
+                1 + sequence.draft.len()
+            } else {
+                0
+            },
         })
         .collect();
-    core.stats.record(
-        items.len(),
-        chunks.iter().map(|(chunk, _)| chunk.len()).sum(),
-    );
+    core.stats
+        .record(items.len(), inputs.iter().map(Vec::len).sum());
     // A step whose sequences have all been cancelled stops between layers rather than
     // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
     // behind it starts at once; the cancelled sequences then leave at the boundary.
@@ -568,13 +658,26 @@ fn step(batch: &mut Batch<'_>) {
         .zip(outputs)
         .enumerate()
     {
-        sequence.computed = chunk.end;
-        sequence.register_full_blocks(&mut batch.pool, batch.root, prompt_chunk);
-        let Some(mut logits) = logits else { continue };
+        let mut logits = logits;
+        if logits.is_empty() {
+            sequence.computed = chunk.end;
+            sequence.register_full_blocks(&mut batch.pool, batch.root, prompt_chunk);
+            continue;
+        }
         if sequence.prefill.is_none() {
             sequence.prefill = Some(sequence.started.elapsed());
         }
-        match sequence.advance(&mut logits, &core.eos_ids) {
+        let drafted = sequence.draft.len();
+        let (accepted, outcome) = sequence.advance(&mut logits, &core.eos_ids);
+        if drafted > 0 {
+            sequence.acceptance.record(drafted, accepted);
+            core.stats.drafted(drafted, accepted);
+        }
+        // The KV holds the chunk and the accepted draft; the rejected rows' positions are
+        // written again by the steps that reach them.
+        sequence.computed = chunk.end + accepted;
+        sequence.register_full_blocks(&mut batch.pool, batch.root, prompt_chunk);
+        match outcome {
             Ok(None) => {}
             Ok(Some(reason)) => ended.push((index, Ok(reason))),
             Err(error) => ended.push((index, Err(error))),

@@ -17,6 +17,9 @@ pub(crate) struct Counters {
     prefix_queried_tokens: AtomicU64,
     prefix_hit_tokens: AtomicU64,
     preemptions: AtomicU64,
+    drafts: AtomicU64,
+    draft_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
 }
 
 /// What the scheduler has done since the model loaded, and what it holds now.
@@ -45,6 +48,11 @@ pub struct BatchStats {
     pub prefix_hit_tokens: u64,
     /// Sequences preempted because the KV pool ran out (each resumed later).
     pub preemptions: u64,
+    /// Drafts of guessed tokens verified (speculative decoding; vLLM's
+    /// `spec_decode_num_drafts`), the tokens they held, and those accepted.
+    pub drafts: u64,
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 impl Counters {
@@ -65,6 +73,15 @@ impl Counters {
             .fetch_add(tokens as u64, Ordering::Relaxed);
         self.prefix_hit_tokens
             .fetch_add(hits as u64, Ordering::Relaxed);
+    }
+
+    /// A draft of `drafted` guessed tokens was verified; `accepted` of them were right.
+    pub fn drafted(&self, drafted: usize, accepted: usize) {
+        self.drafts.fetch_add(1, Ordering::Relaxed);
+        self.draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
     pub fn preempted(&self) {
@@ -93,6 +110,9 @@ impl Counters {
             prefix_queried_tokens: load(&self.prefix_queried_tokens),
             prefix_hit_tokens: load(&self.prefix_hit_tokens),
             preemptions: load(&self.preemptions),
+            drafts: load(&self.drafts),
+            draft_tokens: load(&self.draft_tokens),
+            accepted_tokens: load(&self.accepted_tokens),
         }
     }
 }

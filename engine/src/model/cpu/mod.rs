@@ -146,7 +146,7 @@ impl CpuModel {
             blocks: &blocks,
             start: 0,
             row_kernel: BlockMatrix::row_kernel_for(ids.len()),
-            logits: false,
+            logits: 0,
         };
         let rows = [Group {
             rows: 0..ids.len(),
@@ -163,7 +163,8 @@ impl CpuModel {
     /// One step of several sequences, each a decode row or a prompt chunk. A layer
     /// multiplies the segments that take the row kernel in one call and the others in one
     /// gemm call (`grouped`), and every row's arithmetic is the same as if its sequence ran
-    /// alone, so batching never changes a sequence's tokens. Returns the last position's logits of each segment
+    /// alone, so batching never changes a sequence's tokens. Returns the logits `[rows, vocab]` of
+    /// each segment's last `logits` rows
     /// that asks for them, or `None` when `abandoned` said so between two layers: nobody
     /// wants the step any more (every sequence in it was cancelled), and the step's
     /// positions are left half-written in blocks their sequences are about to give back.
@@ -172,7 +173,7 @@ impl CpuModel {
         store: &mut CpuKvStore,
         batch: &[Segment<'_>],
         abandoned: &(dyn Fn() -> bool + Sync),
-    ) -> Option<Vec<Option<Vec<f32>>>> {
+    ) -> Option<Vec<Vec<f32>>> {
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
         for segment in batch {
@@ -189,11 +190,11 @@ impl CpuModel {
             .collect();
         let x = self.layers_forward(store, batch, &groups, abandoned)?;
         let hidden = self.norm.len();
+        // The last `segment.logits` rows of each segment, in order.
         let wanted: Vec<usize> = batch
             .iter()
             .zip(&spans)
-            .filter(|(segment, _)| segment.logits)
-            .map(|(_, span)| span.end - 1)
+            .flat_map(|(segment, span)| span.end - segment.logits.min(span.len())..span.end)
             .collect();
         let mut last_rows = Vec::with_capacity(wanted.len() * hidden);
         for &row in &wanted {
@@ -201,13 +202,15 @@ impl CpuModel {
         }
         let logits = self.logits(&last_rows, wanted.len());
         let vocab = self.head.rows();
-        let mut rows = logits.chunks_exact(vocab.max(1));
+        let mut taken = 0;
         let logits = batch
             .iter()
-            .map(|segment| {
-                segment
-                    .logits
-                    .then(|| rows.next().map(<[f32]>::to_vec).unwrap_or_default())
+            .zip(&spans)
+            .map(|(segment, span)| {
+                let rows = segment.logits.min(span.len());
+                let part = logits[taken * vocab..(taken + rows) * vocab].to_vec();
+                taken += rows;
+                part
             })
             .collect();
         Some(logits)
@@ -309,8 +312,9 @@ pub struct Segment<'a> {
     pub start: usize,
     /// Whether its rows take the row kernel (else the tiled gemm path).
     pub row_kernel: bool,
-    /// Whether the last position's logits are wanted.
-    pub logits: bool,
+    /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
+    /// the next token, more to verify a speculative draft.
+    pub logits: usize,
 }
 
 #[cfg(test)]
