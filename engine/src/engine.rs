@@ -32,9 +32,10 @@ pub struct ModelInfo {
 /// on the scheduler's thread.
 pub struct Engine {
     info: ModelInfo,
-    /// Crate-visible for the unit tests that check which model form a plan loaded.
+    /// Crate-visible for the unit tests that check which model form a plan loaded, and
+    /// those that drive a batch of their own turn by turn.
     pub(crate) core: Arc<Core>,
-    limits: BatchLimits,
+    pub(crate) limits: BatchLimits,
     scheduler: Scheduler,
 }
 

@@ -334,6 +334,31 @@ struct Batch<'t> {
 }
 
 impl<'t> Batch<'t> {
+    fn new(core: &'t Core, limits: BatchLimits, root: BlockHash) -> Self {
+        Self {
+            core,
+            limits,
+            pool: BlockPool::new(
+                limits.kv_blocks,
+                limits.prefix_caching && core.model.resumes_from_blocks(),
+            ),
+            store: core.model.new_store(limits.kv_blocks),
+            root,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            admissions: 0,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Queues a new generation behind the others.
+    fn enqueue(&mut self, submission: Submission) {
+        self.waiting.push_back(Sequence::new(self.core, submission));
+    }
+
     /// Takes `running[index]` out of the batch, its blocks given back.
     fn leave(&mut self, index: usize) -> Sequence<'t> {
         let mut sequence = self.running.remove(index);
@@ -499,46 +524,21 @@ impl<'t> Batch<'t> {
             self.pool.total(),
         );
     }
-}
 
-fn run(core: &Core, limits: BatchLimits, root: BlockHash, submissions: Receiver<Submission>) {
-    let mut batch = Batch {
-        core,
-        limits,
-        pool: BlockPool::new(
-            limits.kv_blocks,
-            limits.prefix_caching && core.model.resumes_from_blocks(),
-        ),
-        store: core.model.new_store(limits.kv_blocks),
-        root,
-        running: Vec::new(),
-        waiting: VecDeque::new(),
-        admissions: 0,
-    };
-    loop {
-        // Idle: sleep until work arrives (or every sender is gone: exit).
-        if batch.running.is_empty() && batch.waiting.is_empty() {
-            batch.report();
-            match submissions.recv() {
-                Ok(submission) => batch.waiting.push_back(Sequence::new(core, submission)),
-                Err(_) => return,
-            }
-        }
-        for submission in submissions.try_iter() {
-            batch.waiting.push_back(Sequence::new(core, submission));
-        }
-        // Leave and join at the step boundary.
-        batch.drop_cancelled();
-        batch.admit();
-        batch.draft();
-        batch.grow();
-        batch.report();
-        if batch.running.is_empty() {
-            continue;
+    /// One turn of the scheduler: sequences leave and join at the step boundary, then one
+    /// forward step runs over the batch.
+    fn turn(&mut self) {
+        self.drop_cancelled();
+        self.admit();
+        self.draft();
+        self.grow();
+        self.report();
+        if self.running.is_empty() {
+            return;
         }
         // A panic in a step (a bug in a kernel) fails the sequences of that step, not the
         // worker: the scheduler goes on with the next ones.
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&mut batch)));
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(self)));
         if let Err(panic) = stepped {
             let what = panic
                 .downcast_ref::<&str>()
@@ -546,9 +546,27 @@ fn run(core: &Core, limits: BatchLimits, root: BlockHash, submissions: Receiver<
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!("a forward step panicked: {what}");
-            let running = batch.running.len();
-            batch.fail(running, &format!("the forward step failed: {what}"));
+            let running = self.running.len();
+            self.fail(running, &format!("the forward step failed: {what}"));
         }
+    }
+}
+
+fn run(core: &Core, limits: BatchLimits, root: BlockHash, submissions: Receiver<Submission>) {
+    let mut batch = Batch::new(core, limits, root);
+    loop {
+        // Idle: sleep until work arrives (or every sender is gone: exit).
+        if batch.is_idle() {
+            batch.report();
+            match submissions.recv() {
+                Ok(submission) => batch.enqueue(submission),
+                Err(_) => return,
+            }
+        }
+        for submission in submissions.try_iter() {
+            batch.enqueue(submission);
+        }
+        batch.turn();
     }
 }
 
@@ -684,8 +702,15 @@ fn step(batch: &mut Batch<'_>) {
         }
     }
     // Highest index first, so the earlier indices stay valid.
-    for (index, outcome) in ended.into_iter().rev() {
-        let sequence = batch.leave(index);
+    let ended: Vec<_> = ended
+        .into_iter()
+        .rev()
+        .map(|(index, outcome)| (batch.leave(index), outcome))
+        .collect();
+    // Counted out before their callers hear of it: whoever has an answer sees counters
+    // (and `/metrics`) without its sequence.
+    batch.report();
+    for (sequence, outcome) in ended {
         match outcome {
             Ok(reason) => sequence.finish(reason),
             Err(error) => sequence.request.finish(Err(error)),
@@ -695,7 +720,129 @@ fn step(batch: &mut Batch<'_>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
+    use crate::{DeviceChoice, Engine, LoadOptions, WeightFormat};
+
+    fn tiny_engine() -> Engine {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+        let options = LoadOptions {
+            device: DeviceChoice::Cpu,
+            weights: WeightFormat::F32,
+            ..LoadOptions::default()
+        };
+        Engine::load(path.as_ref(), &options).unwrap()
+    }
+
+    /// Token ids of the tiny vocabulary, different for each `seed`.
+    fn ids(seed: u32, len: usize) -> Vec<u32> {
+        (0..len as u32)
+            .map(|k| 4 + (k * 7 + seed * 31 + k * k * seed) % 370)
+            .collect()
+    }
+
+    /// Queues a generation in `batch` directly; returns its reader's end.
+    fn submit(batch: &mut Batch<'_>, prompt: &[u32], params: &SamplingParams) -> Receiver<Event> {
+        let (events, receiver) = mpsc::channel();
+        batch.enqueue(Submission {
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            events,
+            stop_signals: StopSignals {
+                stop: Arc::new(AtomicBool::new(false)),
+                cancelled: None,
+            },
+        });
+        receiver
+    }
+
+    /// Turns `batch` until every sequence has finished.
+    fn finish_all(batch: &mut Batch<'_>) {
+        for _ in 0..100_000 {
+            if batch.is_idle() {
+                return;
+            }
+            batch.turn();
+        }
+        panic!("the batch never finished");
+    }
+
+    /// The ids a finished generation produced.
+    fn generated(receiver: &Receiver<Event>) -> Vec<u32> {
+        receiver
+            .try_iter()
+            .find_map(|event| match event {
+                Event::Done(result) => Some(result.unwrap().1),
+                Event::Text(_) => None,
+            })
+            .expect("the generation has finished")
+    }
+
+    /// Four sequences arrive at once in a pool of 10 blocks, where each grows to 5: three
+    /// are admitted (the fourth waits for a spare block per running one), and as they grow
+    /// the most recently admitted is preempted, resumes later, and every sequence's tokens
+    /// are those it produces alone. The pool ends empty. (Driven turn by turn: with threads
+    /// and the tiny model's microsecond steps, who overlaps whom is up to the OS.)
+    #[test]
+    fn a_full_pool_preempts_the_newest_and_each_sequence_resumes_to_its_own_tokens() {
+        let engine = tiny_engine();
+        let params = SamplingParams::greedy(60);
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| ids(40 + i, 20)).collect();
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|prompt| engine.generate_ids(prompt, &params).unwrap().1)
+            .collect();
+        let limits = BatchLimits {
+            max_batch: 4,
+            kv_blocks: 10,
+            prefix_caching: false,
+            speculative: false,
+            ..engine.limits
+        };
+        let mut batch = Batch::new(&engine.core, limits, BlockHash::root("test"));
+        let before = engine.batch_stats();
+        let readers: Vec<_> = prompts
+            .iter()
+            .map(|prompt| submit(&mut batch, prompt, &params))
+            .collect();
+        batch.turn();
+        assert_eq!((batch.running.len(), batch.waiting.len()), (3, 1));
+        finish_all(&mut batch);
+        assert_eq!(readers.iter().map(generated).collect::<Vec<_>>(), alone);
+        let after = engine.batch_stats();
+        assert!(after.preemptions > before.preemptions, "{after:?}");
+        assert_eq!(batch.pool.held(), 0);
+    }
+
+    /// Sequences that may each grow to the whole context (`max_tokens` up to it, as clients
+    /// that send none get) all start at once when their prompts fit: the pool is taken by
+    /// what they hold, not by what they might. Reserving prompt + max_tokens, two would fit.
+    #[test]
+    fn sequences_join_by_the_blocks_their_prompts_need() {
+        let engine = tiny_engine();
+        let context = engine.core.context_length;
+        let limits = BatchLimits {
+            max_batch: 8,
+            kv_blocks: blocks_for(2 * context),
+            ..engine.limits
+        };
+        let mut batch = Batch::new(&engine.core, limits, BlockHash::root("test"));
+        let params = SamplingParams::greedy((context - 10) as u32);
+        let prompts: Vec<Vec<u32>> = (0..8).map(|i| ids(100 + i, 10)).collect();
+        let readers: Vec<_> = prompts
+            .iter()
+            .map(|prompt| submit(&mut batch, prompt, &params))
+            .collect();
+        batch.turn();
+        assert_eq!((batch.running.len(), batch.waiting.len()), (8, 0));
+        finish_all(&mut batch);
+        for (prompt, reader) in prompts.iter().zip(&readers) {
+            let alone = engine.generate_ids(prompt, &params).unwrap().1;
+            assert_eq!(generated(reader), alone);
+        }
+        assert_eq!(batch.pool.held(), 0);
+    }
 
     #[test]
     fn a_step_reads_prompt_chunks_up_to_its_budget_and_at_least_one() {
