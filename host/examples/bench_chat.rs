@@ -34,7 +34,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use servers::Running;
+use servers::{Running, median, metric};
 
 #[derive(Parser)]
 struct Args {
@@ -221,22 +221,6 @@ async fn chat(
     Ok((first.unwrap_or_default(), text, count))
 }
 
-/// The server's `/metrics` sample `name` (rbee-host's carry the model's label,
-/// llama-server's none), or 0.
-async fn metric(url: &str, name: &str) -> f64 {
-    let Ok(response) = reqwest::get(format!("{url}/metrics")).await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .next()
-        .unwrap_or(0.0)
-}
-
 /// What one workload measured on one server.
 #[derive(Debug, Clone, Default)]
 struct Measured {
@@ -254,11 +238,6 @@ struct Measured {
     /// `no-max-tokens`: clients whose first chat had streamed a token within the window.
     chats_streaming: usize,
     failed: usize,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn quantile(values: &[Duration], q: f64) -> f64 {

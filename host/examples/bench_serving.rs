@@ -29,7 +29,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use servers::Running;
+use servers::{Running, median};
 
 #[derive(Parser)]
 struct Args {
@@ -184,11 +184,6 @@ struct Measured {
 }
 
 /// The middle value (the upper one of an even count) of a non-empty list.
-fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
-    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    values[values.len() / 2]
-}
-
 impl Measured {
     /// Each figure's median over repeated measurements; the failures are summed.
     fn median(repeats: &[Measured]) -> Measured {

@@ -1,6 +1,10 @@
-//! What the serving benchmarks (`bench_serving`, `bench_chat`) share: starting a server —
-//! a build of rbee-host or llama.cpp's `llama-server` on the same GGUF — on a free port,
-//! waiting until it answers, and stopping it.
+//! What the serving benchmarks (`bench_serving`, `bench_chat`, `bench_speculative`) share:
+//! starting a server — a build of rbee-host or llama.cpp's `llama-server` on the same GGUF —
+//! on a free port, waiting until it answers, and stopping it; reading its `/metrics`; the
+//! median of repeated measurements.
+
+// Each benchmark uses part of what is here.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -125,4 +129,26 @@ where
         assert!(Instant::now() < deadline, "{name} did not start");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The server's `/metrics` sample `name` (rbee-host's carry the model's label,
+/// llama-server's none), or 0.
+pub async fn metric(url: &str, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("{url}/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
+/// The middle of `values` (the upper one of an even count).
+pub fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
+    values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    values[values.len() / 2]
 }

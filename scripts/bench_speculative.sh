@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Speculative decoding from the context (engine/BENCHMARKS.md): rbee-host with --speculative
+# off and ngram, llama-server plain and with its n-gram drafting, on the same GGUF, in turns,
+# one command:
+#   scripts/bench_speculative.sh [MODEL.gguf]   (default: SmolLM2-135M-Instruct, fetched if absent)
+# Workloads (WORKLOADS, default copy,short,free): input that the answer repeats, the serving
+# benchmark's short prompts, prose; CLIENTS (default 1,4); REPEATS passes (default 2), medians
+# reported. llama-server: LLAMA_SERVER=PATH, else ../shared/tools/build-llama-server.sh builds
+# it; its drafting: LLAMA_SPEC_TYPE (default ngram-simple).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+model=${1:-$("$root/scripts/fetch-model.sh")}
+llama=${LLAMA_SERVER:-$("$root/../shared/tools/build-llama-server.sh")}
+
+cargo build -q -p rbee-host
+cargo build -q -p rbee-host --example bench_speculative
+"${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench_speculative" --model "$model" \
+    --llama-server "$llama" --repeats "${REPEATS:-2}" --clients "${CLIENTS:-1,4}" \
+    --workloads "${WORKLOADS:-copy,short,free}" \
+    --llama-spec-type "${LLAMA_SPEC_TYPE:-ngram-simple}"
