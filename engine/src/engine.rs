@@ -119,6 +119,7 @@ impl Engine {
             config.max_position_embeddings,
             config.vocab_size,
         )?);
+        core.probe(bos_id.unwrap_or(0))?;
         let scheduler = Scheduler::start(core.clone(), limits, root)
             .map_err(|e| EngineError::Model(format!("cannot start the scheduler thread: {e}")))?;
         Ok(Engine {

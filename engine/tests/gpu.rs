@@ -18,10 +18,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::time::Instant;
 
-use common::{assert_same_alone_and_batched, fixtures, greedy};
+use common::{assert_same_alone_and_batched, bf16_copy, fixtures, greedy};
 use rbee_engine::{DeviceChoice, Engine, FinishReason, LoadOptions, WeightFormat};
 use serde_json::Value;
 
@@ -38,6 +39,12 @@ const F16_TOLERANCE: f32 = 1e-1;
 /// skipped) where wgpu has no adapter and CI did not require one. `tag` keeps apart an engine
 /// whose counters a test reads.
 fn gpu(model: &str, weights: WeightFormat, tag: &str) -> Option<Arc<Engine>> {
+    gpu_at(&fixtures().join(model), weights, tag)
+}
+
+/// [`gpu`] for the model folder at `path`.
+fn gpu_at(path: &Path, weights: WeightFormat, tag: &str) -> Option<Arc<Engine>> {
+    let model = path.display();
     type Engines = Mutex<HashMap<String, Option<Arc<Engine>>>>;
     static ENGINES: OnceLock<Engines> = OnceLock::new();
     // A test that failed to load (no adapter where one is required) poisons the lock; the
@@ -55,7 +62,7 @@ fn gpu(model: &str, weights: WeightFormat, tag: &str) -> Option<Arc<Engine>> {
                 weights,
                 ..LoadOptions::default()
             };
-            match Engine::load(&fixtures().join(model), &options) {
+            match Engine::load(path, &options) {
                 Ok(engine) => {
                     assert_eq!(engine.info().device, "GPU-0", "/info's device");
                     eprintln!("{model} {weights:?}: loaded in {:?}", started.elapsed());
@@ -263,4 +270,38 @@ fn batch_equivalence(weights: WeightFormat) {
 #[test]
 fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch() {
     batch_equivalence(WeightFormat::Auto);
+}
+
+/// A bf16 checkpoint, as Hugging Face ships most (a bf16 copy of the tiny Llama), loads on
+/// the GPU — which has no bf16 shaders: the loader widens it — and answers as the CPU does
+/// from the same weights: with f32 weights, logits within `F32_TOLERANCE` of the CPU's and
+/// the same greedy tokens; with `--weights auto` (f16), within `F16_TOLERANCE`.
+#[test]
+fn a_bf16_checkpoint_loads_on_the_gpu_and_answers_as_the_cpu_does() {
+    let folder = bf16_copy("tiny-llama");
+    let Some(f32_gpu) = gpu_at(&folder, WeightFormat::F32, "bf16") else {
+        return;
+    };
+    let f16_gpu = gpu_at(&folder, WeightFormat::Auto, "bf16").expect("the same adapter");
+    let cpu = common::load(&folder, WeightFormat::F32);
+    let case = &expected()["tiny-llama"][0];
+    let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+    let on_cpu = cpu.logits(&ids).unwrap();
+    for (engine, tolerance) in [(&f32_gpu, F32_TOLERANCE), (&f16_gpu, F16_TOLERANCE)] {
+        let on_gpu = engine.logits(&ids).unwrap();
+        assert_eq!(on_gpu.len(), on_cpu.len());
+        let worst = on_gpu
+            .iter()
+            .zip(&on_cpu)
+            .map(|(g, c)| (g - c).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < tolerance,
+            "bf16 folder: max |GPU - CPU| logit {worst}"
+        );
+    }
+    let params = greedy(16);
+    let (_, want) = cpu.generate_ids(&ids, &params).unwrap();
+    let (_, got) = f32_gpu.generate_ids(&ids, &params).unwrap();
+    assert_eq!(got, want, "bf16 folder: greedy tokens, GPU (f32) vs CPU");
 }

@@ -7,7 +7,10 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::{
+    FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
+use burn::tensor::DType;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -96,8 +99,11 @@ impl Header {
         let progress = Progress::new("loading safetensors", shards.len() as u64);
         let mut applied = HashSet::new();
         for shard in &shards {
+            // Every float tensor widened to f32 as it is read, whatever the file holds: most
+            // checkpoints are bf16, which no wgpu shader takes (loaded as it is, every kernel
+            // of the model failed on the device), and the plan's form starts from f32.
             let mut store = SafetensorsStore::from_file(shard)
-                .with_from_adapter(PyTorchToBurnAdapter)
+                .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
                 .allow_partial(true)
                 .validate(true);
             let result = model

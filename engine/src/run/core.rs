@@ -42,6 +42,31 @@ impl Core {
         })
     }
 
+    /// A forward pass over one token, at load: `ready` then means the model answers. A
+    /// device that cannot run the model's kernels (a number type its shader compiler lacks,
+    /// a driver fault) fails the start here, with the reason, rather than every request
+    /// later with an empty answer: its kernels panic (caught) or leave the logits unwritten
+    /// (all one value) or not numbers.
+    pub fn probe(&self, token: u32) -> Result<(), EngineError> {
+        let failed = |why: String| {
+            EngineError::Model(format!(
+                "the model did not answer a probe forward pass on its device: {why}"
+            ))
+        };
+        let logits =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.logits(&[token])))
+                .map_err(|panic| failed(panic_message(&panic)))??;
+        check_logits(&logits).map_err(|e| failed(e.to_string()))?;
+        if logits.windows(2).all(|pair| pair[0] == pair[1]) {
+            return Err(failed(format!(
+                "every one of its {} logits is {}",
+                logits.len(),
+                logits.first().copied().unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
     /// Token ids of `text`, without special tokens.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         self.check_text_size(text.len())?;
@@ -106,4 +131,24 @@ impl Core {
             None => Ok(()),
         }
     }
+}
+
+/// Logits that no model computes: a NaN comes from a device or kernel fault, never from the
+/// weights of a model that loaded (`-inf` is a masked token, and stays allowed).
+pub(crate) fn check_logits(logits: &[f32]) -> Result<(), EngineError> {
+    match logits.iter().position(|x| x.is_nan()) {
+        None => Ok(()),
+        Some(token) => Err(EngineError::Model(format!(
+            "the forward pass gave NaN logits (token {token} first): a device or kernel fault"
+        ))),
+    }
+}
+
+/// What a caught panic says.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::core::Core;
+use super::core::{Core, check_logits, panic_message};
 use super::sampling::Sampler;
 use super::speculation::{self, Acceptance};
 use super::stop::StopSignals;
@@ -220,6 +220,9 @@ impl<'t> Sequence<'t> {
         let vocab = logits.len() / rows;
         let mut accepted = 0;
         for (row, logits) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
+            if let Err(error) = check_logits(logits) {
+                return (accepted, Err(error));
+            }
             // Drafts are greedy sequences' only: the model's choice is the draft or not.
             let token = self.sampler.sample(logits, &self.tokens);
             let agreed = draft.get(row) == Some(&token);
@@ -540,11 +543,7 @@ impl<'t> Batch<'t> {
         // worker: the scheduler goes on with the next ones.
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(self)));
         if let Err(panic) = stepped {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = panic_message(&*panic);
             tracing::error!("a forward step panicked: {what}");
             let running = self.running.len();
             self.fail(running, &format!("the forward step failed: {what}"));

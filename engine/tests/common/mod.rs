@@ -90,3 +90,53 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A copy of fixture `model` (a Hugging Face folder of f32 safetensors) with every f32
+/// tensor rounded to bf16, as Hugging Face ships most checkpoints (SmolLM2, Llama, Qwen,
+/// Mistral); the other files are copied as they are.
+pub fn bf16_copy(model: &str) -> PathBuf {
+    let from = fixtures().join(model);
+    let dir = scratch(&format!("{model}-bf16"));
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name != "model.safetensors" {
+            std::fs::copy(&path, dir.join(name)).unwrap();
+        }
+    }
+    let bytes = std::fs::read(from.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let data = &bytes[8 + header_len..];
+    let mut tensors: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .collect();
+    tensors.sort_by_key(|(_, info)| info["data_offsets"][0].as_u64());
+    let (mut new_header, mut new_data) = (serde_json::Map::new(), Vec::new());
+    for (name, mut info) in tensors {
+        let span = |k: usize| info["data_offsets"][k].as_u64().unwrap() as usize;
+        let raw = &data[span(0)..span(1)];
+        let start = new_data.len();
+        if info["dtype"] == "F32" {
+            for value in raw.chunks_exact(4) {
+                let value = f32::from_le_bytes(value.try_into().unwrap());
+                new_data.extend(half::bf16::from_f32(value).to_le_bytes());
+            }
+            info["dtype"] = "BF16".into();
+        } else {
+            new_data.extend_from_slice(raw);
+        }
+        info["data_offsets"] = serde_json::json!([start, new_data.len()]);
+        new_header.insert(name, info);
+    }
+    let mut header = serde_json::to_vec(&new_header).unwrap();
+    // The data starts 8-aligned, as the format asks.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(new_data);
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    dir
+}
