@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::kv::{BlockHash, blocks_for};
 use crate::run::{self, BatchLimits, BatchStats, Cancelled, Core, Prompt, Scheduler};
-use crate::{Completion, DEFAULT_KV_BYTES, EngineError, LoadOptions, SamplingParams, load};
+use crate::{
+    Completion, Constraint, DEFAULT_KV_BYTES, EngineError, LoadOptions, Piece, SamplingParams, load,
+};
 
 /// What the loaded model is.
 #[derive(Debug, Clone)]
@@ -157,6 +159,12 @@ impl Engine {
     }
 
     /// The logits (`[ids.len(), vocab_size]`, row-major) of one forward pass over `ids`.
+    /// Compiles `constraint` against the model's vocabulary without generating: an invalid
+    /// schema, regex or grammar is `InvalidInput` with the reason.
+    pub fn check_constraint(&self, constraint: &Constraint) -> Result<(), EngineError> {
+        self.core.vocabulary.compile(constraint).map(drop)
+    }
+
     /// For verification against a reference implementation.
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
         self.core.logits(ids)
@@ -184,9 +192,21 @@ impl Engine {
         cancelled: Option<Cancelled>,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, EngineError> {
+        self.generate_pieces(prompt, params, cancelled, &mut |piece| on_text(&piece.text))
+    }
+
+    /// [`Engine::generate_cancellable`], each piece of text with the log-probabilities of
+    /// the tokens that produced it (when `params.logprobs` asks for them).
+    pub fn generate_pieces(
+        &self,
+        prompt: impl Into<Prompt>,
+        params: &SamplingParams,
+        cancelled: Option<Cancelled>,
+        on_piece: &mut dyn FnMut(&Piece) -> ControlFlow<()>,
+    ) -> Result<Completion, EngineError> {
         let prompt_ids = self.encode_prompt(&prompt.into())?;
         let generation = self.start(prompt_ids, params, cancelled)?;
-        Ok(generation.follow(on_text)?.0)
+        Ok(generation.follow(on_piece)?.0)
     }
 
     /// Like [`Engine::generate`] from token ids (no bos added), also returning the generated

@@ -32,5 +32,7 @@ pub use options::{
     DEFAULT_KV_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CHUNK, DeviceChoice, LoadOptions,
     WeightFormat,
 };
-pub use request::{Completion, FinishReason, SamplingParams, limits};
-pub use run::{BatchStats, Cancelled, Prompt, PromptPart};
+pub use request::{
+    Completion, Constraint, FinishReason, Piece, SamplingParams, TokenLogprob, TokenText, limits,
+};
+pub use run::{BatchStats, Cancelled, MASK_BUCKETS_MICROS, MaskHistogram, Prompt, PromptPart};

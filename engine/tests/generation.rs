@@ -75,7 +75,7 @@ fn same_seed_same_text_other_seed_other_text() {
         top_p: 0.95,
         repeat_penalty: 1.1,
         seed: Some(seed),
-        stop: vec![],
+        ..greedy(24)
     };
     let (a, _, _) = collect(&engine, "Once upon a time", &params(7));
     let (b, _, _) = collect(&engine, "Once upon a time", &params(7));

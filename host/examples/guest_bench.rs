@@ -191,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             let reader = std::thread::spawn(move || {
                 let mut text = String::new();
                 while let Some(piece) = received.blocking_recv() {
-                    text.push_str(&piece);
+                    text.push_str(&piece.text);
                 }
                 text
             });

@@ -18,8 +18,9 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    Cancellation, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, GuestLimits,
-    GuestRuntime, GuestRuntimeSettings, GuestSource, OpenAiRequest, RequestContext, Role,
+    AgentFields, Cancellation, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions,
+    GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource, OpenAiCall, OpenAiRequest,
+    RequestContext, Role,
 };
 
 #[derive(Parser)]
@@ -102,22 +103,25 @@ fn main() -> anyhow::Result<()> {
             Ok(runtime
                 .openai(&guest, request, context())
                 .map_err(|e| anyhow::anyhow!("{e}"))?
+                .completion
                 .text)
         };
-        let completion = || {
-            OpenAiRequest::Completion(CompletionRequest {
+        let completion = || OpenAiRequest {
+            call: OpenAiCall::Completion(CompletionRequest {
                 prompt: PROMPT.into(),
                 options: options.clone(),
-            })
+            }),
+            agent: AgentFields::default(),
         };
-        let chat = || {
-            OpenAiRequest::Chat(ChatRequest {
+        let chat = || OpenAiRequest {
+            call: OpenAiCall::Chat(ChatRequest {
                 messages: vec![ChatMessage {
                     role: Role::User,
                     content: PROMPT.into(),
                 }],
                 options: options.clone(),
-            })
+            }),
+            agent: AgentFields::default(),
         };
         assert_eq!(
             direct_once()?,

@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rbee_engine::{BatchStats, FinishReason};
+use rbee_engine::{BatchStats, FinishReason, MASK_BUCKETS_MICROS, MaskHistogram};
 
 /// vLLM's buckets for time to first token (seconds).
 const TTFT_BUCKETS: &[f64] = &[
@@ -290,6 +291,11 @@ impl Collector for StateCollector {
                 scheduler.accepted_tokens,
             ),
             (
+                "rbee:num_constrained_requests",
+                "Generations held to a shape (a JSON schema, regex, grammar or choice).",
+                scheduler.constrained,
+            ),
+            (
                 "rbee:guest_swaps",
                 "Guests swapped in while serving.",
                 generation.saturating_sub(1),
@@ -309,7 +315,40 @@ impl Collector for StateCollector {
                 counter.metric_type(),
             )?)?;
         }
+        let masks = MaskSeconds(scheduler.mask_times);
+        masks.encode(encoder.encode_descriptor(
+            "rbee:constrained_mask_seconds",
+            "Time to compute one token's mask of allowed tokens for a constrained generation \
+             (computed beside the forward pass).",
+            None,
+            masks.metric_type(),
+        )?)?;
         Ok(())
+    }
+}
+
+/// The engine's mask-time histogram, as read at a scrape.
+#[derive(Debug)]
+struct MaskSeconds(MaskHistogram);
+
+impl EncodeMetric for MaskSeconds {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = MASK_BUCKETS_MICROS
+            .iter()
+            .map(|&micros| micros as f64 / 1e6)
+            // The encoder writes `+Inf` for `f64::MAX`, as its own histograms end.
+            .chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(self.0.buckets).collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            self.0.nanos as f64 / 1e9,
+            self.0.count(),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -332,6 +371,12 @@ mod tests {
                 drafts: 4,
                 draft_tokens: 10,
                 accepted_tokens: 7,
+                constrained: 2,
+                mask_times: MaskHistogram {
+                    // Three masks within 10 µs, one within 50 µs, one slower than them all.
+                    buckets: [3, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+                    nanos: 20_000_000,
+                },
                 ..BatchStats::default()
             })
         }
@@ -373,6 +418,12 @@ mod tests {
             r#"rbee:guest_generation{model_name="SmolLM2"} 3"#,
             r#"rbee:guest_swaps_total{model_name="SmolLM2"} 2"#,
             r#"rbee:guest_load_failures_total{model_name="SmolLM2"} 1"#,
+            r#"rbee:num_constrained_requests_total{model_name="SmolLM2"} 2"#,
+            r#"rbee:constrained_mask_seconds_sum{model_name="SmolLM2"} 0.02"#,
+            r#"rbee:constrained_mask_seconds_count{model_name="SmolLM2"} 5"#,
+            r#"rbee:constrained_mask_seconds_bucket{model_name="SmolLM2",le="0.00001"} 3"#,
+            r#"rbee:constrained_mask_seconds_bucket{model_name="SmolLM2",le="0.00005"} 4"#,
+            r#"rbee:constrained_mask_seconds_bucket{model_name="SmolLM2",le="+Inf"} 5"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

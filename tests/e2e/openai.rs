@@ -227,7 +227,12 @@ async fn bad_requests_are_openai_errors_naming_the_field() {
     assert_openai_error(status, &body, 400, None);
     for (body, param) in [
         (json!({ "prompt": "x", "n": 2 }), "n"),
-        (json!({ "prompt": "x", "logprobs": 2 }), "logprobs"),
+        (json!({ "prompt": "x", "logprobs": 50 }), "logprobs"),
+        (
+            json!({ "prompt": "x", "response_format": { "type": "json_schema",
+                    "json_schema": { "name": "a", "schema": { "type": "no-such-type" } } } }),
+            "response_format.json_schema.schema",
+        ),
         (
             json!({ "prompt": "x", "temperature": "warm" }),
             "temperature",
@@ -433,4 +438,89 @@ async fn openai_python_client() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}\n{stderr}");
+}
+
+/// What agent clients ask, with the official `openai` Python SDK against the real binary
+/// (tests/e2e/openai_agents.py): `chat.completions.parse` with pydantic models, JSON schemas
+/// whose every sampled answer is validated with `jsonschema`, `structured_outputs`,
+/// log-probabilities on both routes, `logit_bias`, and errors that name the field.
+#[tokio::test]
+#[ignore = "needs SmolLM2 and the openai Python client (scripts/test.sh sets up both)"]
+async fn openai_agent_clients() {
+    let python = std::env::var("RBEE_TEST_PYTHON").expect(
+        "RBEE_TEST_PYTHON is not set: scripts/test.sh installs the openai client and sets it",
+    );
+    let mut options = Options::new("llm");
+    options.model = smollm2();
+    let worker = Worker::start(options).await;
+    let script = repo_root().join("tests/e2e/openai_agents.py");
+    let base_url = worker.url("/v1");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args(["--base-url", &base_url])
+            .output()
+            .expect("cannot run the Python client")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}\n{stderr}");
+}
+
+/// A guest built against the WIT as it was before structured output (guests/legacy, with its
+/// own frozen copy of the file) serves unchanged on this host; agent clients' fields, which
+/// it cannot honour, are refused naming the field.
+#[tokio::test]
+async fn a_guest_built_against_the_older_wit_serves_unchanged() {
+    let worker = Worker::start(Options::new("legacy")).await;
+    let (status, answer) = post(
+        &worker,
+        "/v1/completions",
+        json!({ "prompt": "Once upon", "max_tokens": 5 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let generated = answer["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=5).contains(&generated), "{answer}");
+    assert_eq!(answer["choices"][0]["logprobs"], Value::Null, "{answer}");
+    let (status, answer) = post(
+        &worker,
+        "/v1/infer",
+        json!({ "prompt": "Once upon", "max_tokens": 5 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    for (route, body, param) in [
+        (
+            "/v1/completions",
+            json!({ "prompt": "x", "logprobs": 2 }),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "x" }],
+                    "response_format": { "type": "json_object" } }),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "x" }], "logit_bias": { "5": 1 } }),
+            "logit_bias",
+        ),
+    ] {
+        let (status, answer) = post(&worker, route, body).await;
+        assert_openai_error(status, &answer, 400, Some(param));
+    }
+    // What changes nothing is still served.
+    let (status, answer) = post(
+        &worker,
+        "/v1/chat/completions",
+        json!({ "messages": [{ "role": "user", "content": "x" }], "max_tokens": 3,
+                "logprobs": false, "response_format": { "type": "text" } }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
 }

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use tokenizers::Tokenizer;
 
+use super::constraint::Vocabulary;
 use super::prompt::{Prompt, PromptEncoder};
 use super::stats::Counters;
 use crate::EngineError;
@@ -18,6 +19,8 @@ pub(crate) struct Core {
     pub context_length: usize,
     pub vocab_size: usize,
     pub stats: Counters,
+    /// Each token's bytes, and the grammars of constrained generations over them.
+    pub vocabulary: Vocabulary,
     /// Bytes of text one token stands for, at most; found on first use.
     max_token_bytes: OnceLock<usize>,
 }
@@ -33,6 +36,7 @@ impl Core {
     ) -> Result<Self, EngineError> {
         Ok(Self {
             model,
+            vocabulary: Vocabulary::new(tokenizer.clone(), eos_ids.clone(), vocab_size),
             prompts: PromptEncoder::new(tokenizer, bos_id)?,
             eos_ids,
             context_length,

@@ -10,7 +10,7 @@ use super::core::Core;
 use super::scheduler::{BatchLimits, Event, Scheduler, Submission};
 use super::stop::{Cancelled, StopSignals};
 use crate::kv::blocks_for;
-use crate::{Completion, EngineError, FinishReason, SamplingParams};
+use crate::{Completion, EngineError, FinishReason, Piece, SamplingParams};
 
 /// Checks a generation of `prompt` (ids) and hands it to the scheduler.
 pub(crate) fn start_generation(
@@ -47,11 +47,32 @@ pub(crate) fn start_generation(
             limits.kv_positions()
         )));
     }
+    if let Some((token, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(token, _)| *token as usize >= core.vocab_size)
+    {
+        return Err(EngineError::InvalidInput(format!(
+            "logit_bias names token {token}, outside the vocabulary (0..{})",
+            core.vocab_size
+        )));
+    }
+    // Compiled here, on the caller's thread: a large schema never holds up the batch, and
+    // an invalid one is refused before the generation is queued.
+    let constraint = params
+        .constraint
+        .as_ref()
+        .map(|constraint| core.vocabulary.compile(constraint))
+        .transpose()?;
+    if constraint.is_some() {
+        core.stats.constrained();
+    }
     let (events, receiver) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     scheduler.submit(Submission {
         prompt,
         params: params.clone(),
+        constraint,
         events,
         stop_signals: StopSignals {
             stop: stop.clone(),
@@ -75,15 +96,15 @@ pub(crate) struct EventReader {
 }
 
 impl EventReader {
-    /// Hands each piece of text to `on_text` until the generation ends; `Break` cancels it.
+    /// Hands each piece of text to `on_piece` until the generation ends; `Break` cancels it.
     pub fn follow(
         mut self,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+        on_piece: &mut dyn FnMut(&Piece) -> ControlFlow<()>,
     ) -> Result<(Completion, Vec<u32>), EngineError> {
         loop {
             match self.events.recv() {
-                Ok(Event::Text(text)) => {
-                    if !self.stop.load(Ordering::Acquire) && on_text(&text).is_break() {
+                Ok(Event::Text(piece)) => {
+                    if !self.stop.load(Ordering::Acquire) && on_piece(&piece).is_break() {
                         self.stop.store(true, Ordering::Release);
                     }
                 }

@@ -149,7 +149,7 @@ mod tests {
             top_p,
             repeat_penalty: 1.0,
             seed: Some(seed),
-            stop: vec![],
+            ..SamplingParams::greedy(1)
         }
     }
 

@@ -20,20 +20,23 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::constraint::{Allowed, Constrained, Vocabulary};
 use super::core::{Core, check_logits, panic_message};
+use super::logprobs::token_logprob;
 use super::sampling::Sampler;
 use super::speculation::{self, Acceptance};
+use super::stats::MaskTimings;
 use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
 use crate::model::burn::BurnCache;
 use crate::model::{BatchItem, KvStore};
 use crate::quant::BlockMatrix;
-use crate::{Completion, EngineError, FinishReason, SamplingParams};
+use crate::{Completion, EngineError, FinishReason, Piece, SamplingParams, TokenLogprob};
 
 /// What a generation reports, in order: text as it becomes final, then one `Done`.
 pub(crate) enum Event {
-    Text(String),
+    Text(Piece),
     Done(Result<(Completion, Vec<u32>), EngineError>),
 }
 
@@ -65,6 +68,8 @@ impl BatchLimits {
 pub(crate) struct Submission {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// `params.constraint`, compiled.
+    pub constraint: Option<Constrained>,
     pub events: Sender<Event>,
     pub stop_signals: StopSignals,
 }
@@ -144,11 +149,27 @@ struct Sequence<'t> {
     draft: Vec<u32>,
     /// How often its guesses are accepted.
     acceptance: Acceptance,
+    /// Where its output is in the shape it must have.
+    constraint: Option<Constrained>,
+    /// The tokens' bytes, for log-probabilities.
+    vocabulary: &'t Vocabulary,
+    /// Where its masks' times are counted.
+    mask_timings: &'t MaskTimings,
+    /// Log-probabilities of the tokens whose text is held back (a possible stop string, part
+    /// of a character): they go out with it.
+    held_logprobs: Vec<TokenLogprob>,
+    /// Those of the tokens whose text went out.
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl<'t> Sequence<'t> {
-    fn new(core: &'t Core, request: Submission) -> Self {
+    fn new(core: &'t Core, mut request: Submission) -> Self {
         Self {
+            constraint: request.constraint.take(),
+            vocabulary: &core.vocabulary,
+            mask_timings: &core.stats.masks,
+            held_logprobs: Vec::new(),
+            logprobs: Vec::new(),
             tokens: request.prompt.clone(),
             computed: 0,
             blocks: Vec::new(),
@@ -183,8 +204,8 @@ impl<'t> Sequence<'t> {
         debug_assert!(self.blocks.is_empty(), "a sequence left holding KV blocks");
         if matches!(reason, FinishReason::Eos | FinishReason::Length) {
             match self.text.finish() {
-                Ok(rest) if !rest.is_empty() => {
-                    if self.request.events.send(Event::Text(rest)).is_err() {
+                Ok(rest) if !rest.is_empty() || !self.held_logprobs.is_empty() => {
+                    if !self.send(rest) {
                         reason = FinishReason::Cancelled;
                     }
                 }
@@ -199,6 +220,7 @@ impl<'t> Sequence<'t> {
             prompt_tokens: prompt_tokens as u32,
             generated_tokens: self.generated,
             finish_reason: reason,
+            logprobs: std::mem::take(&mut self.logprobs),
             prefill,
             decode: self.started.elapsed().saturating_sub(prefill),
         };
@@ -220,11 +242,13 @@ impl<'t> Sequence<'t> {
         let vocab = logits.len() / rows;
         let mut accepted = 0;
         for (row, logits) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
-            if let Err(error) = check_logits(logits) {
-                return (accepted, Err(error));
-            }
-            // Drafts are greedy sequences' only: the model's choice is the draft or not.
-            let token = self.sampler.sample(logits, &self.tokens);
+            // Drafts are greedy sequences' only: the model's choice is the draft or not. A
+            // constrained one's rows are masked in turn, each after the accepted tokens
+            // before it moved the shape on, as if they had been generated one by one.
+            let token = match self.choose(logits, eos_ids) {
+                Ok(token) => token,
+                Err(error) => return (accepted, Err(error)),
+            };
             let agreed = draft.get(row) == Some(&token);
             match self.take(token, eos_ids) {
                 Ok(None) if agreed => accepted += 1,
@@ -233,6 +257,55 @@ impl<'t> Sequence<'t> {
             }
         }
         (accepted, Ok(None))
+    }
+
+    /// Chooses the next token from one row's logits: biased, masked by the constraint (a
+    /// token it alone allows is taken as it is), sampled; its log-probability kept when
+    /// asked for.
+    fn choose(&mut self, logits: &mut [f32], eos_ids: &[u32]) -> Result<u32, EngineError> {
+        check_logits(logits)?;
+        let params = &self.request.params;
+        for &(token, bias) in &params.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
+        let forced = match &mut self.constraint {
+            Some(constraint) => constraint.mask(logits, self.mask_timings)?,
+            None => Allowed::Some,
+        };
+        // The sampler changes the logits it reads (the repeat penalty): log-probabilities
+        // are of the distribution before it.
+        let before = params.logprobs.map(|_| logits.to_vec());
+        let token = match forced {
+            Allowed::Only(token) => token,
+            Allowed::Some => self.sampler.sample(logits, &self.tokens),
+        };
+        if let (Some(top), Some(logits)) = (params.logprobs, before)
+            && !eos_ids.contains(&token)
+        {
+            let logprob = token_logprob(&logits, token, top as usize, self.vocabulary)?;
+            self.held_logprobs.push(logprob);
+        }
+        if let Some(constraint) = &mut self.constraint
+            && !eos_ids.contains(&token)
+        {
+            constraint.consume(token)?;
+        }
+        Ok(token)
+    }
+
+    /// Sends a piece of text, with the log-probabilities held for it; false once the
+    /// caller is gone.
+    fn send(&mut self, text: String) -> bool {
+        let logprobs = std::mem::take(&mut self.held_logprobs);
+        if self.request.params.logprobs.is_some() {
+            self.logprobs.extend(logprobs.iter().cloned());
+        }
+        self.request
+            .events
+            .send(Event::Text(Piece { text, logprobs }))
+            .is_ok()
     }
 
     /// Takes `next` as the sequence's next token: streams it, and tells whether the sequence
@@ -244,7 +317,7 @@ impl<'t> Sequence<'t> {
         self.generated += 1;
         self.tokens.push(next);
         let step = self.text.push(next)?;
-        if !step.emit.is_empty() && self.request.events.send(Event::Text(step.emit)).is_err() {
+        if !step.emit.is_empty() && !self.send(step.emit) {
             return Ok(Some(FinishReason::Cancelled));
         }
         if step.stopped {
@@ -635,33 +708,56 @@ fn step(batch: &mut Batch<'_>) {
             ids
         })
         .collect();
-    let mut items: Vec<BatchItem<'_>> = running[..stepping]
+    // Each item, and the constraint of each sequence this step gives logits to: its next
+    // mask is computed beside the forward pass, on another thread.
+    let (mut items, constraints): (Vec<BatchItem<'_>>, Vec<Option<&mut Constrained>>) = running
+        [..stepping]
         .iter_mut()
         .zip(&chunks)
         .zip(&inputs)
-        .map(|((sequence, (chunk, row_kernel)), ids)| BatchItem {
-            ids,
-            start: chunk.start,
-            blocks: &sequence.blocks,
-            cache: sequence.cache.as_mut(),
-            row_kernel: *row_kernel,
-            logits: if chunk.end == sequence.tokens.len() {
-                1 + sequence.draft.len()
-            } else {
-                0
-            },
+        .map(|((sequence, (chunk, row_kernel)), ids)| {
+            let gives_logits = chunk.end == sequence.tokens.len();
+            let item = BatchItem {
+                ids,
+                start: chunk.start,
+                blocks: &sequence.blocks,
+                cache: sequence.cache.as_mut(),
+                row_kernel: *row_kernel,
+                logits: if gives_logits {
+                    1 + sequence.draft.len()
+                } else {
+                    0
+                },
+            };
+            let constraint = sequence.constraint.as_mut().filter(|_| gives_logits);
+            (item, constraint)
         })
-        .collect();
+        .unzip();
+    let mut constraints: Vec<&mut Constrained> = constraints.into_iter().flatten().collect();
     core.stats
         .record(items.len(), inputs.iter().map(Vec::len).sum());
     // A step whose sequences have all been cancelled stops between layers rather than
     // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
     // behind it starts at once; the cancelled sequences then leave at the boundary.
     let abandoned = || stop_signals.iter().all(StopSignals::is_set);
-    let outputs = core
-        .model
-        .forward_batch(&mut batch.store, &mut items, &abandoned);
+    let store = &mut batch.store;
+    let outputs = std::thread::scope(|scope| {
+        let masks = (!constraints.is_empty()).then(|| {
+            scope.spawn(|| {
+                for constraint in &mut constraints {
+                    constraint.prepare(&core.stats.masks);
+                }
+            })
+        });
+        let outputs = core.model.forward_batch(store, &mut items, &abandoned);
+        if let Some(masks) = masks {
+            // A panic there leaves the masks to be computed (and fail) where they are used.
+            let _ = masks.join();
+        }
+        outputs
+    });
     drop(items);
+    drop(constraints);
     let outputs = match outputs {
         Ok(Some(outputs)) => outputs,
         Ok(None) => return,
@@ -747,6 +843,7 @@ mod tests {
         batch.enqueue(Submission {
             prompt: prompt.to_vec(),
             params: params.clone(),
+            constraint: None,
             events,
             stop_signals: StopSignals {
                 stop: Arc::new(AtomicBool::new(false)),

@@ -2,6 +2,7 @@
 //! anyone (the host's `/metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Counts of the scheduler's work, for tests and metrics.
 #[derive(Debug, Default)]
@@ -20,6 +21,75 @@ pub(crate) struct Counters {
     drafts: AtomicU64,
     draft_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
+    constrained: AtomicU64,
+    /// How long constrained generations' token masks took.
+    pub masks: MaskTimings,
+}
+
+/// Upper bounds, in microseconds, of the buckets of [`MaskHistogram`]; one more bucket holds
+/// the rest.
+pub const MASK_BUCKETS_MICROS: [u64; 10] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000];
+
+/// Times of token masks, counted into [`MASK_BUCKETS_MICROS`] as they are recorded (from
+/// the scheduler's thread and the thread that computes masks beside the forward pass).
+#[derive(Debug, Default)]
+pub(crate) struct MaskTimings {
+    buckets: [AtomicU64; MASK_BUCKETS_MICROS.len() + 1],
+    nanos: AtomicU64,
+}
+
+impl MaskTimings {
+    pub fn record(&self, took: Duration) {
+        let micros = took.as_micros() as u64;
+        let bucket = MASK_BUCKETS_MICROS.partition_point(|&bound| bound < micros);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> MaskHistogram {
+        MaskHistogram {
+            buckets: self
+                .buckets
+                .each_ref()
+                .map(|count| count.load(Ordering::Relaxed)),
+            nanos: self.nanos.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How long token masks took: counts per bucket of [`MASK_BUCKETS_MICROS`] (not cumulative;
+/// the last bucket is everything slower), and their total time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskHistogram {
+    pub buckets: [u64; MASK_BUCKETS_MICROS.len() + 1],
+    pub nanos: u64,
+}
+
+impl MaskHistogram {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The upper bound of the bucket that holds quantile `q` (0..=1): the `q` quantile is at
+    /// most this. `None` with no masks, or when it falls in the last, unbounded bucket.
+    pub fn quantile_bound(&self, q: f64) -> Option<Duration> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q * count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bucket, &n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return MASK_BUCKETS_MICROS
+                    .get(bucket)
+                    .map(|&micros| Duration::from_micros(micros));
+            }
+        }
+        None
+    }
 }
 
 /// What the scheduler has done since the model loaded, and what it holds now.
@@ -53,6 +123,10 @@ pub struct BatchStats {
     pub drafts: u64,
     pub draft_tokens: u64,
     pub accepted_tokens: u64,
+    /// Generations that ran with a constraint (structured output).
+    pub constrained: u64,
+    /// How long their token masks took.
+    pub mask_times: MaskHistogram,
 }
 
 impl Counters {
@@ -84,6 +158,11 @@ impl Counters {
             .fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
+    /// A generation with a constraint joined.
+    pub fn constrained(&self) {
+        self.constrained.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn preempted(&self) {
         self.preemptions.fetch_add(1, Ordering::Relaxed);
     }
@@ -113,6 +192,8 @@ impl Counters {
             drafts: load(&self.drafts),
             draft_tokens: load(&self.draft_tokens),
             accepted_tokens: load(&self.accepted_tokens),
+            constrained: load(&self.constrained),
+            mask_times: self.masks.snapshot(),
         }
     }
 }

@@ -8,22 +8,27 @@
 //!   (temperature 1, top-p 1; a completion 16 tokens, a chat answer what the context leaves);
 //! - prompts: `/v1/infer` and `/v1/completions` send the prompt to the model unchanged; a chat
 //!   is rendered with the checkpoint's chat template (`template`), ChatML when it has none,
-//!   and the clients' words go to the model as text that cannot become special tokens.
+//!   and the clients' words go to the model as text that cannot become special tokens;
+//! - agent clients' options (`openai-agents`): `response_format` and vLLM's
+//!   `structured_outputs` become the engine's constraint (`json_object` is any JSON object;
+//!   both at once is the client's mistake), log-probabilities and logit biases pass through.
 //!
 //! Ranges are not checked here: the host has already refused a request outside its route's
 //! schema, and the engine refuses what it cannot run (see `sampling-params` in the WIT).
 
 mod template;
 
-wit_bindgen::generate!({ path: "../../wit", world: "openai-worker" });
+wit_bindgen::generate!({ path: "../../wit", world: "agent-worker" });
 
-use exports::rbee::worker::{handler, openai};
-use rbee::worker::inference::{self, StreamItem};
+use exports::rbee::worker::{handler, openai, openai_agents};
+use rbee::worker::inference::{self, PieceItem, StreamItem};
 use rbee::worker::log::{Level, log};
 use rbee::worker::output;
+use rbee::worker::types::Generation;
 use rbee::worker::types::{
-    ChatRequest, Completion, CompletionRequest, GenerationOptions, InferError, InferRequest,
-    InferResponse, PromptPart, Role, SamplingParams,
+    AgentOptions, ChatRequest, Completion, CompletionRequest, Constraint, Decoding,
+    GenerationOptions, InferError, InferRequest, InferResponse, PromptPart, ResponseFormat, Role,
+    SamplingParams,
 };
 
 use template::{Message, Part, SpecialTokens};
@@ -59,7 +64,8 @@ impl handler::Guest for Llm {
             stop: request.stop,
         };
         debug_log("infer", request.prompt.len(), &params, request.stream);
-        let completion = generate(Prompt::Text(&request.prompt), &params, request.stream)?;
+        let completion =
+            generate(Prompt::Text(&request.prompt), &params, None, request.stream)?.completion;
         Ok(InferResponse {
             text: completion.text,
             tokens_generated: completion.tokens_generated,
@@ -69,56 +75,109 @@ impl handler::Guest for Llm {
 
 impl openai::Guest for Llm {
     fn complete(request: CompletionRequest) -> Result<Completion, InferError> {
-        let options = request.options;
-        let max_tokens = options.max_tokens.unwrap_or(OPENAI_COMPLETION_MAX_TOKENS);
-        let params = openai_params(&options, max_tokens);
-        debug_log("completions", request.prompt.len(), &params, options.stream);
-        generate(Prompt::Text(&request.prompt), &params, options.stream)
+        complete(request, None).map(|generation| generation.completion)
     }
 
     fn chat(request: ChatRequest) -> Result<Completion, InferError> {
-        let model = inference::model();
-        let template = model.chat_template.as_deref().unwrap_or(template::CHATML);
-        let messages: Vec<Message> = request
-            .messages
-            .iter()
-            .map(|message| Message {
-                role: match message.role {
-                    Role::System => "system",
-                    Role::User => "user",
-                    Role::Assistant => "assistant",
-                },
-                content: &message.content,
-            })
-            .collect();
-        let tokens = SpecialTokens {
-            bos: model.bos_token.as_deref().unwrap_or(""),
-            eos: model.eos_tokens.first().map_or("", String::as_str),
-        };
-        let parts: Vec<PromptPart> = template::render(template, &messages, &tokens)
-            .map_err(|error| {
-                // The template's own refusal (`raise_exception`) is about the conversation.
-                InferError::InvalidInput(format!("the model's chat template: {error:#}"))
-            })?
-            .into_iter()
-            .map(|part| match part {
-                Part::Markup(text) => PromptPart::Markup(text),
-                Part::Text(text) => PromptPart::Text(text),
-            })
-            .collect();
-        let text: String = parts.iter().map(part_text).collect();
-        let options = request.options;
-        let max_tokens = match options.max_tokens {
-            Some(max_tokens) => max_tokens,
-            // All the context leaves, counted on the prompt's whole text. That is its length
-            // unless a client typed special-token text, which the engine reads as longer plain
-            // text; such a prompt near the context's end then fails as `context-overflow`.
-            None => room_after(&text, model.context_length, u32::MAX)?,
-        };
-        let params = openai_params(&options, max_tokens);
-        debug_log("chat", text.len(), &params, options.stream);
-        generate(Prompt::Parts(&parts), &params, options.stream)
+        chat(request, None).map(|generation| generation.completion)
     }
+}
+
+impl openai_agents::Guest for Llm {
+    fn complete(request: CompletionRequest, agent: AgentOptions) -> Result<Generation, InferError> {
+        complete(request, decoding(agent)?)
+    }
+
+    fn chat(request: ChatRequest, agent: AgentOptions) -> Result<Generation, InferError> {
+        chat(request, decoding(agent)?)
+    }
+}
+
+/// What the agent options ask of the engine; `None` when nothing.
+fn decoding(agent: AgentOptions) -> Result<Option<Decoding>, InferError> {
+    let format = match agent.response_format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => {
+            Some(Constraint::JsonSchema(r#"{"type": "object"}"#.into()))
+        }
+        Some(ResponseFormat::JsonSchema(format)) => Some(Constraint::JsonSchema(format.schema)),
+    };
+    let constraint = match (format, agent.structured_outputs) {
+        (Some(_), Some(_)) => {
+            return Err(InferError::InvalidInput(
+                "give either `response_format` or `structured_outputs`, not both".into(),
+            ));
+        }
+        (format, structured) => format.or(structured),
+    };
+    if constraint.is_none() && agent.logprobs.is_none() && agent.logit_bias.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Decoding {
+        constraint,
+        logit_bias: agent.logit_bias,
+        logprobs: agent.logprobs,
+    }))
+}
+
+fn complete(
+    request: CompletionRequest,
+    decoding: Option<Decoding>,
+) -> Result<Generation, InferError> {
+    let options = request.options;
+    let max_tokens = options.max_tokens.unwrap_or(OPENAI_COMPLETION_MAX_TOKENS);
+    let params = openai_params(&options, max_tokens);
+    debug_log("completions", request.prompt.len(), &params, options.stream);
+    generate(
+        Prompt::Text(&request.prompt),
+        &params,
+        decoding,
+        options.stream,
+    )
+}
+
+fn chat(request: ChatRequest, decoding: Option<Decoding>) -> Result<Generation, InferError> {
+    let model = inference::model();
+    let template = model.chat_template.as_deref().unwrap_or(template::CHATML);
+    let messages: Vec<Message> = request
+        .messages
+        .iter()
+        .map(|message| Message {
+            role: match message.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            },
+            content: &message.content,
+        })
+        .collect();
+    let tokens = SpecialTokens {
+        bos: model.bos_token.as_deref().unwrap_or(""),
+        eos: model.eos_tokens.first().map_or("", String::as_str),
+    };
+    let parts: Vec<PromptPart> = template::render(template, &messages, &tokens)
+        .map_err(|error| {
+            // The template's own refusal (`raise_exception`) is about the conversation.
+            InferError::InvalidInput(format!("the model's chat template: {error:#}"))
+        })?
+        .into_iter()
+        .map(|part| match part {
+            Part::Markup(text) => PromptPart::Markup(text),
+            Part::Text(text) => PromptPart::Text(text),
+        })
+        .collect();
+    let text: String = parts.iter().map(part_text).collect();
+    let options = request.options;
+    let max_tokens = match options.max_tokens {
+        Some(max_tokens) => max_tokens,
+        // All the context leaves, counted on the prompt's whole text. That is its length
+        // unless a client typed special-token text, which the engine reads as longer plain
+        // text; such a prompt near the context's end then fails as `context-overflow`.
+        None => room_after(&text, model.context_length, u32::MAX)?,
+    };
+    let params = openai_params(&options, max_tokens);
+    debug_log("chat", text.len(), &params, options.stream);
+    generate(Prompt::Parts(&parts), &params, decoding, options.stream)
 }
 
 enum Prompt<'a> {
@@ -126,17 +185,40 @@ enum Prompt<'a> {
     Parts(&'a [PromptPart]),
 }
 
-/// One generation, streamed through `output.emit` when the client asked for a stream.
+/// One generation, streamed through `output.emit` when the client asked for a stream;
+/// with `decoding`, through the engine's `generate` (its pieces carry log-probabilities).
 fn generate(
     prompt: Prompt,
     params: &SamplingParams,
+    decoding: Option<Decoding>,
     stream: bool,
-) -> Result<Completion, InferError> {
+) -> Result<Generation, InferError> {
+    if let Some(decoding) = decoding {
+        let parts = match prompt {
+            Prompt::Text(text) => &[PromptPart::Markup(text.to_owned())][..],
+            Prompt::Parts(parts) => parts,
+        };
+        if !stream {
+            return inference::generate(parts, params, &decoding);
+        }
+        let pieces = inference::generate_stream(parts, params, &decoding)?;
+        loop {
+            match pieces.next_piece()? {
+                PieceItem::Piece(piece) => output::emit_piece(&piece)?,
+                PieceItem::Done(generation) => return Ok(generation),
+            }
+        }
+    }
+    let completion = |completion| Generation {
+        completion,
+        logprobs: Vec::new(),
+    };
     if !stream {
         return match prompt {
             Prompt::Text(text) => inference::infer(text, params),
             Prompt::Parts(parts) => inference::infer_parts(parts, params),
-        };
+        }
+        .map(completion);
     }
     let tokens = match prompt {
         Prompt::Text(text) => inference::infer_stream(text, params)?,
@@ -145,7 +227,7 @@ fn generate(
     loop {
         match tokens.next()? {
             StreamItem::Text(text) => output::emit(&text)?,
-            StreamItem::Done(completion) => return Ok(completion),
+            StreamItem::Done(done) => return Ok(completion(done)),
         }
     }
 }

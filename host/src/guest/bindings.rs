@@ -1,7 +1,8 @@
 //! Host-side bindings for `wit/worker.wit`, generated at compile time.
 //!
-//! They are generated for the larger world, `openai-worker`; a guest of the plain `worker`
-//! world lacks only the `openai` export, so each export is looked up on its own
+//! They are generated for the largest world, `agent-worker`; a guest of the `worker` or
+//! `openai-worker` world lacks only the `openai` or `openai-agents` exports, so each export
+//! is looked up on its own
 //! ([`Exports`] in `compiler`) rather than through the world's all-or-nothing `…Pre`.
 //!
 //! The only host type the bindings name is `generation::Generation`, behind the `token-stream`
@@ -10,16 +11,18 @@
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "openai-worker",
+    world: "agent-worker",
     with: {
         "rbee:worker/inference.token-stream": super::generation::Generation,
     },
 });
 
-pub use exports::rbee::worker::{handler, openai};
-pub use rbee::worker::inference::{self, StreamItem};
+pub use exports::rbee::worker::{handler, openai, openai_agents};
+pub use rbee::worker::inference::{self, PieceItem, StreamItem};
 pub use rbee::worker::types::{
-    ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, GenerationOptions,
-    InferError, InferRequest, InferResponse, ModelInfo, PromptPart, Role, SamplingParams,
+    AgentOptions, ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, Decoding,
+    FinishReason, Generation, GenerationOptions, InferError, InferRequest, InferResponse,
+    JsonSchemaFormat, ModelInfo, Piece, PromptPart, ResponseFormat, Role, SamplingParams, Token,
+    TokenLogprob,
 };
 pub use rbee::worker::{log, output, types};

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 
+use super::bindings::TokenLogprob;
 use super::cancellation::Cancellation;
 
 /// The most one `output.emit` may send, in bytes.
@@ -54,8 +55,40 @@ impl Budget {
     }
 }
 
-fn cost(piece: &str) -> usize {
-    piece.len() + PIECE_OVERHEAD
+fn cost(piece: &Emitted) -> usize {
+    piece.size() + PIECE_OVERHEAD
+}
+
+impl Emitted {
+    /// Its size in bytes, about: its text, and each log-probability's tokens and numbers.
+    pub fn size(&self) -> usize {
+        let logprobs: usize = self
+            .logprobs
+            .iter()
+            .map(|logprob| {
+                let alternatives: usize = logprob.top.iter().map(|(t, _)| t.bytes.len() + 8).sum();
+                logprob.token.bytes.len() + alternatives + 8
+            })
+            .sum();
+        self.text.len() + logprobs
+    }
+}
+
+/// One piece a guest emitted: its text, and the log-probabilities of its tokens when the
+/// guest passed them on (`output.emit-piece`).
+#[derive(Debug, Clone, Default)]
+pub struct Emitted {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+impl From<String> for Emitted {
+    fn from(text: String) -> Self {
+        Self {
+            text,
+            logprobs: Vec::new(),
+        }
+    }
 }
 
 /// Why a piece did not go to the client.
@@ -70,13 +103,13 @@ pub enum NotSent {
 /// The guest's end: sends pieces, waiting while the client has too much unread.
 #[derive(Clone)]
 pub struct ClientSender {
-    pieces: mpsc::UnboundedSender<String>,
+    pieces: mpsc::UnboundedSender<Emitted>,
     budget: Arc<Budget>,
 }
 
 /// The client's end: the pieces in order, as a stream.
 pub struct ClientReceiver {
-    pieces: mpsc::UnboundedReceiver<String>,
+    pieces: mpsc::UnboundedReceiver<Emitted>,
     budget: Arc<Budget>,
 }
 
@@ -99,7 +132,12 @@ pub fn client_channel() -> (ClientSender, ClientReceiver) {
 impl ClientSender {
     /// Sends `piece`, first waiting (blocking) until the client has read enough for it to
     /// fit. A piece larger than the whole buffer goes alone, once the buffer is empty.
-    pub fn send(&self, piece: String, cancellation: &Cancellation) -> Result<(), NotSent> {
+    pub fn send(
+        &self,
+        piece: impl Into<Emitted>,
+        cancellation: &Cancellation,
+    ) -> Result<(), NotSent> {
+        let piece = piece.into();
         let cost = cost(&piece);
         let mut state = self.budget.lock();
         while state.buffered > 0 && state.buffered + cost > BUFFERED_BYTES {
@@ -127,16 +165,16 @@ impl ClientSender {
 
 impl ClientReceiver {
     /// The next piece; `None` once the guest is done.
-    pub async fn recv(&mut self) -> Option<String> {
+    pub async fn recv(&mut self) -> Option<Emitted> {
         std::future::poll_fn(|context| self.poll_piece(context)).await
     }
 
     /// [`ClientReceiver::recv`] for a thread outside any async runtime.
-    pub fn blocking_recv(&mut self) -> Option<String> {
+    pub fn blocking_recv(&mut self) -> Option<Emitted> {
         futures::executor::block_on(self.recv())
     }
 
-    fn poll_piece(&mut self, context: &mut Context<'_>) -> Poll<Option<String>> {
+    fn poll_piece(&mut self, context: &mut Context<'_>) -> Poll<Option<Emitted>> {
         let piece = std::task::ready!(self.pieces.poll_recv(context));
         if let Some(piece) = &piece {
             self.budget.release(cost(piece));
@@ -146,9 +184,9 @@ impl ClientReceiver {
 }
 
 impl Stream for ClientReceiver {
-    type Item = String;
+    type Item = Emitted;
 
-    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<String>> {
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Emitted>> {
         self.get_mut().poll_piece(context)
     }
 }
@@ -187,7 +225,7 @@ mod tests {
         let receiver = reader.join().unwrap();
         drop(receiver);
         assert_eq!(
-            sender.send("more".into(), &cancellation),
+            sender.send("more".to_string(), &cancellation),
             Err(NotSent::Gone)
         );
     }
@@ -206,7 +244,7 @@ mod tests {
         });
         let started = Instant::now();
         assert_eq!(
-            sender.send("y".into(), &cancellation),
+            sender.send("y".to_string(), &cancellation),
             Err(NotSent::Cancelled)
         );
         assert!(started.elapsed() < Duration::from_secs(1));

@@ -15,7 +15,7 @@ use serde::Serialize;
 use wasmtime::Store;
 use wasmtime::component::{Component, InstancePre, Linker};
 
-use super::bindings::{handler, openai};
+use super::bindings::{handler, openai, openai_agents};
 use super::cache::ComponentCache;
 use super::pool::wasmtime_config;
 use super::request::{self, RequestState};
@@ -38,6 +38,9 @@ pub struct GuestMeta {
     pub generation: u64,
     /// Whether the guest exports `openai` and so serves the OpenAI-compatible routes.
     pub openai: bool,
+    /// Whether it exports `openai-agents` and so serves structured output and
+    /// log-probabilities there.
+    pub openai_agents: bool,
 }
 
 /// A compiled, validated guest, ready to instantiate.
@@ -54,6 +57,8 @@ pub(super) struct Exports {
     pub handler: handler::GuestIndices,
     /// `None` when the guest does not serve the OpenAI routes.
     pub openai: Option<openai::GuestIndices>,
+    /// `None` when it does not serve agent clients' options on them.
+    pub openai_agents: Option<openai_agents::GuestIndices>,
 }
 
 impl Exports {
@@ -61,27 +66,35 @@ impl Exports {
         let handler = handler::GuestIndices::new(pre)
             .map_err(anyhow::Error::from)
             .context("the guest does not export the rbee:worker/handler interface")?;
-        // Absent, or present with another shape: either way the guest does not serve the
-        // OpenAI routes, and says so in the log.
-        let openai = match openai::GuestIndices::new(pre) {
-            Ok(openai) => Some(openai),
-            Err(error)
-                if pre
-                    .component()
-                    .get_export_index(None, OPENAI_EXPORT)
-                    .is_some() =>
-            {
-                tracing::warn!("the guest's `openai` export does not match this host's: {error:#}");
-                None
-            }
-            Err(_) => None,
-        };
-        Ok(Self { handler, openai })
+        Ok(Self {
+            handler,
+            openai: optional(pre, openai::GuestIndices::new(pre), "openai"),
+            openai_agents: optional(pre, openai_agents::GuestIndices::new(pre), "openai-agents"),
+        })
     }
 }
 
-/// The `openai` interface's export name, as a component spells it.
-const OPENAI_EXPORT: &str = "rbee:worker/openai@0.1.0";
+/// An optional export's indices: absent, or present with another shape; either way the guest
+/// does not serve what it stands for, and the second case says so in the log.
+fn optional<T>(
+    pre: &InstancePre<RequestState>,
+    found: wasmtime::Result<T>,
+    name: &str,
+) -> Option<T> {
+    match found {
+        Ok(indices) => Some(indices),
+        Err(error)
+            if pre
+                .component()
+                .get_export_index(None, format!("rbee:worker/{name}@0.1.0"))
+                .is_some() =>
+        {
+            tracing::warn!("the guest's `{name}` export does not match this host's: {error:#}");
+            None
+        }
+        Err(_) => None,
+    }
+}
 
 pub(super) struct Compiler {
     engine: wasmtime::Engine,
@@ -170,6 +183,7 @@ impl Compiler {
             pre,
             meta: GuestMeta {
                 openai: exports.openai.is_some(),
+                openai_agents: exports.openai_agents.is_some(),
                 name: name.to_string(),
                 sha256,
                 source,

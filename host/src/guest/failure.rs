@@ -28,6 +28,11 @@ pub enum GuestFailure {
          rbee:worker/openai; see guests/README.md); it serves POST /v1/infer"
     )]
     NoOpenAi { guest: String },
+    #[error(
+        "guest `{guest}` does not serve `{field}` (it does not export \
+         rbee:worker/openai-agents; see guests/README.md)"
+    )]
+    NoAgentOptions { guest: String, field: &'static str },
 }
 
 impl GuestFailure {

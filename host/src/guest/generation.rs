@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use rbee_engine::{Completion, Engine, EngineError, Prompt, SamplingParams};
+use rbee_engine::{Completion, Engine, EngineError, Piece, Prompt, SamplingParams};
 
 use super::cancellation::Cancellation;
 use crate::metrics::RequestMetrics;
@@ -25,10 +25,10 @@ use crate::metrics::RequestMetrics;
 /// Pieces of text buffered between the model thread and the guest.
 const STREAM_BUFFER: usize = 16;
 
-/// What the model thread sends and [`Generation::next`] hands out: a piece of text, or the
-/// end of the generation.
+/// What the model thread sends and [`Generation::next`] hands out: a piece of text (with
+/// its tokens' log-probabilities when they were asked for), or the end of the generation.
 pub enum Generated {
-    Text(String),
+    Piece(Piece),
     Finished(Result<Completion, EngineError>),
 }
 
@@ -144,14 +144,14 @@ fn generate(
     metrics: Option<&RequestMetrics>,
 ) {
     let cancelled = Some(cancellation.for_engine());
-    let result = model.generate_cancellable(prompt, params, cancelled, &mut |text| {
+    let result = model.generate_pieces(prompt, params, cancelled, &mut |piece| {
         if let Some(metrics) = metrics {
             metrics.token();
         }
         if stop.load(Ordering::Acquire) {
             return ControlFlow::Break(());
         }
-        match sender.send(Generated::Text(text.to_owned())) {
+        match sender.send(Generated::Piece(piece.clone())) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         }

@@ -39,12 +39,13 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub use bindings::{
-    ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, GenerationOptions,
-    InferError, InferRequest, InferResponse, Role,
+    AgentOptions, ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint,
+    FinishReason, Generation, GenerationOptions, InferError, InferRequest, InferResponse,
+    JsonSchemaFormat, ResponseFormat, Role, TokenLogprob,
 };
 pub use cache::ComponentCache;
 pub use cancellation::Cancellation;
-pub use client::{ClientReceiver, ClientSender, client_channel};
+pub use client::{ClientReceiver, ClientSender, Emitted, client_channel};
 pub use compiler::{GuestMeta, LoadedGuest};
 pub use failure::GuestFailure;
 pub use registry::{FailedLoad, GuestStatus, SwapOutcome};
@@ -123,25 +124,48 @@ impl GuestRuntime {
         })
     }
 
-    /// Serves one OpenAI-style request on `guest` in a fresh instance; a guest without the
-    /// `openai` export is refused before it is instantiated. Blocking.
+    /// Serves one OpenAI-style request on `guest` in a fresh instance: on its
+    /// `openai-agents` export where it has one, else on `openai`. A guest without either,
+    /// or without `openai-agents` for a request that sets an agent option, is refused
+    /// before it is instantiated. Blocking.
     pub fn openai(
         &self,
         guest: &LoadedGuest,
         request: OpenAiRequest,
         context: RequestContext,
-    ) -> Result<Completion, GuestFailure> {
+    ) -> Result<Generation, GuestFailure> {
+        let OpenAiRequest { call, agent } = request;
+        if let Some(agents) = &guest.exports.openai_agents {
+            let agent = agent.options();
+            return self.call(guest, context, |store, instance| {
+                let agents = agents.load(&mut *store, instance)?;
+                match &call {
+                    OpenAiCall::Completion(request) => agents.call_complete(store, request, &agent),
+                    OpenAiCall::Chat(request) => agents.call_chat(store, request, &agent),
+                }
+            });
+        }
+        if let Some(field) = agent.first_field() {
+            return Err(GuestFailure::NoAgentOptions {
+                guest: guest.meta.name.clone(),
+                field,
+            });
+        }
         let Some(openai) = &guest.exports.openai else {
             return Err(GuestFailure::NoOpenAi {
                 guest: guest.meta.name.clone(),
             });
         };
-        self.call(guest, context, |store, instance| {
+        let completion = self.call(guest, context, |store, instance| {
             let openai = openai.load(&mut *store, instance)?;
-            match &request {
-                OpenAiRequest::Completion(request) => openai.call_complete(store, request),
-                OpenAiRequest::Chat(request) => openai.call_chat(store, request),
+            match &call {
+                OpenAiCall::Completion(request) => openai.call_complete(store, request),
+                OpenAiCall::Chat(request) => openai.call_chat(store, request),
             }
+        })?;
+        Ok(Generation {
+            completion,
+            logprobs: Vec::new(),
         })
     }
 
@@ -183,8 +207,51 @@ impl GuestRuntime {
     }
 }
 
-/// An OpenAI-style request as the guest's `openai` export takes it.
-pub enum OpenAiRequest {
+/// An OpenAI-style request as the guest's exports take it.
+#[derive(Debug)]
+pub struct OpenAiRequest {
+    pub call: OpenAiCall,
+    pub agent: AgentFields,
+}
+
+/// The route's own request.
+#[derive(Debug)]
+pub enum OpenAiCall {
     Completion(CompletionRequest),
     Chat(ChatRequest),
+}
+
+/// What agent clients set, each with the field that set it (for a guest that cannot serve
+/// it to be refused naming the field).
+#[derive(Debug, Default)]
+pub struct AgentFields {
+    pub response_format: Option<ResponseFormat>,
+    pub structured_outputs: Option<Constraint>,
+    /// With the field that asked (`logprobs` or `top_logprobs`).
+    pub logprobs: Option<(u32, &'static str)>,
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl AgentFields {
+    /// The first field set, if any: `response_format: {"type": "text"}` sets nothing.
+    pub fn first_field(&self) -> Option<&'static str> {
+        let format = !matches!(self.response_format, None | Some(ResponseFormat::Text));
+        [
+            (format, "response_format"),
+            (self.structured_outputs.is_some(), "structured_outputs"),
+            (!self.logit_bias.is_empty(), "logit_bias"),
+        ]
+        .into_iter()
+        .find_map(|(set, field)| set.then_some(field))
+        .or(self.logprobs.map(|(_, field)| field))
+    }
+
+    fn options(self) -> AgentOptions {
+        AgentOptions {
+            response_format: self.response_format,
+            structured_outputs: self.structured_outputs,
+            logprobs: self.logprobs.map(|(top, _)| top),
+            logit_bias: self.logit_bias,
+        }
+    }
 }

@@ -78,6 +78,7 @@ impl From<GuestFailure> for ApiError {
             GuestFailure::Returned(error) => return Self::from_guest_error(error),
             GuestFailure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GuestFailure::NoOpenAi { .. } => StatusCode::NOT_IMPLEMENTED,
+            GuestFailure::NoAgentOptions { .. } => StatusCode::BAD_REQUEST,
             GuestFailure::OutOfMemory { .. } | GuestFailure::Trapped { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

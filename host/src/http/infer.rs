@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::params::{StopStrings, TEMPERATURE};
 use super::work::{self, GuestJob, InFlight, Lease};
 use super::{AppState, ReadyModel};
-use crate::guest::{ClientSender, InferRequest, InferResponse, client_channel};
+use crate::guest::{ClientSender, Emitted, InferRequest, InferResponse, client_channel};
 
 /// The wire schema's range for `max_tokens` (upstream OpenAPI).
 const MAX_TOKENS: std::ops::RangeInclusive<u32> = 1..=4096;
@@ -159,12 +159,12 @@ fn start(
 /// final `data: {"error": ...}` when the guest failed after it began streaming. The stream
 /// owns `in_flight`, so a client that goes away (the stream is dropped) cancels the request.
 fn sse_events(
-    pieces: impl Stream<Item = String>,
+    pieces: impl Stream<Item = Emitted>,
     job: Option<GuestJob<InferResponse>>,
     in_flight: InFlight,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let tokens = pieces
-        .map(|piece| Event::default().data(serde_json::json!({ "token": piece }).to_string()));
+        .map(|piece| Event::default().data(serde_json::json!({ "token": piece.text }).to_string()));
     let end = stream::once(async move {
         let _in_flight = in_flight;
         let outcome = match job {

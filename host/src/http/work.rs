@@ -101,7 +101,9 @@ pub(super) async fn finish<T>(job: GuestJob<T>) -> Result<T, ApiError> {
                 GuestFailure::Timeout { .. } => Some("timeout"),
                 GuestFailure::OutOfMemory { .. } => Some("memory"),
                 GuestFailure::Trapped { .. } => Some("trap"),
-                GuestFailure::Returned(_) | GuestFailure::NoOpenAi { .. } => None,
+                GuestFailure::Returned(_)
+                | GuestFailure::NoOpenAi { .. }
+                | GuestFailure::NoAgentOptions { .. } => None,
             };
             if let Some(kind) = kind {
                 job.metrics.guest_failed(kind);

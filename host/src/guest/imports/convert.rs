@@ -5,12 +5,26 @@
 
 use rbee_engine::EngineError;
 
-use crate::guest::bindings::{Completion, FinishReason, InferError, PromptPart, SamplingParams};
+use crate::guest::bindings::{
+    Completion, Constraint, Decoding, FinishReason, Generation, InferError, Piece, PromptPart,
+    SamplingParams, Token, TokenLogprob,
+};
 
 /// A guest's sampling parameters as the engine takes them, refused as invalid input when the
 /// engine could not run them.
-pub fn engine_params(params: SamplingParams) -> Result<rbee_engine::SamplingParams, InferError> {
+pub fn engine_params(
+    params: SamplingParams,
+    decoding: Option<Decoding>,
+) -> Result<rbee_engine::SamplingParams, InferError> {
+    let decoding = decoding.unwrap_or(Decoding {
+        constraint: None,
+        logit_bias: Vec::new(),
+        logprobs: None,
+    });
     let params = rbee_engine::SamplingParams {
+        constraint: decoding.constraint.map(engine_constraint),
+        logit_bias: decoding.logit_bias,
+        logprobs: decoding.logprobs,
         max_tokens: params.max_tokens,
         temperature: params.temperature,
         top_k: params.top_k,
@@ -21,6 +35,15 @@ pub fn engine_params(params: SamplingParams) -> Result<rbee_engine::SamplingPara
     };
     params.validate().map_err(infer_error)?;
     Ok(params)
+}
+
+pub fn engine_constraint(constraint: Constraint) -> rbee_engine::Constraint {
+    match constraint {
+        Constraint::JsonSchema(schema) => rbee_engine::Constraint::JsonSchema(schema),
+        Constraint::Regex(regex) => rbee_engine::Constraint::Regex(regex),
+        Constraint::Grammar(grammar) => rbee_engine::Constraint::Grammar(grammar),
+        Constraint::Choice(choices) => rbee_engine::Constraint::Choice(choices),
+    }
 }
 
 /// A guest's prompt parts as the engine takes them.
@@ -34,6 +57,38 @@ pub fn engine_prompt(parts: Vec<PromptPart>) -> rbee_engine::Prompt {
             })
             .collect(),
     )
+}
+
+/// A finished generation with its log-probabilities.
+pub fn wit_generation(mut done: rbee_engine::Completion) -> Generation {
+    let logprobs = std::mem::take(&mut done.logprobs);
+    Generation {
+        completion: wit_completion(done),
+        logprobs: logprobs.into_iter().map(wit_logprob).collect(),
+    }
+}
+
+pub fn wit_piece(piece: rbee_engine::Piece) -> Piece {
+    Piece {
+        text: piece.text,
+        logprobs: piece.logprobs.into_iter().map(wit_logprob).collect(),
+    }
+}
+
+fn wit_logprob(logprob: rbee_engine::TokenLogprob) -> TokenLogprob {
+    let token = |token: rbee_engine::TokenText| Token {
+        id: token.id,
+        bytes: token.bytes,
+    };
+    TokenLogprob {
+        token: token(logprob.token),
+        logprob: logprob.logprob,
+        top: logprob
+            .top
+            .into_iter()
+            .map(|(alternative, logprob)| (token(alternative), logprob))
+            .collect(),
+    }
 }
 
 pub fn wit_completion(done: rbee_engine::Completion) -> Completion {

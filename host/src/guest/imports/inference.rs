@@ -12,9 +12,10 @@ use std::sync::Arc;
 use rbee_engine::{Engine, Prompt};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
-use super::convert::{engine_params, engine_prompt, infer_error, wit_completion};
+use super::convert::{engine_params, engine_prompt, infer_error, wit_completion, wit_generation};
 use crate::guest::bindings::{
-    Completion, InferError, ModelInfo, PromptPart, SamplingParams, inference, types,
+    Completion, Decoding, Generation as WitGeneration, InferError, ModelInfo, PromptPart,
+    SamplingParams, inference, types,
 };
 use crate::guest::cancellation::Cancellation;
 use crate::guest::generation::{Generation, GenerationCount};
@@ -69,13 +70,15 @@ impl InferenceView<'_> {
 }
 
 impl InferenceView<'_> {
-    /// `infer` and `infer-parts`: one generation, waited for off the guest's clock.
+    /// `infer`, `infer-parts` and `generate`: one generation, waited for off the guest's
+    /// clock.
     fn run_generation(
         &mut self,
         prompt: Prompt,
         params: SamplingParams,
-    ) -> Result<Completion, InferError> {
-        let params = engine_params(params)?;
+        decoding: Option<Decoding>,
+    ) -> Result<rbee_engine::Completion, InferError> {
+        let params = engine_params(params, decoding)?;
         self.check_one_generation()?;
         let model = self.loaded_model()?.clone();
         let cancellation = self.ctx.cancellation.clone();
@@ -97,19 +100,21 @@ impl InferenceView<'_> {
                 completion.finish_reason,
             );
         }
-        Ok(wit_completion(completion))
+        Ok(completion)
     }
 
-    /// `infer-stream` and `infer-stream-parts`: a generation on its own thread, behind a
-    /// `token-stream` handle.
+    /// `infer-stream`, `infer-stream-parts` and `generate-stream`: a generation on its own
+    /// thread, behind a `token-stream` handle.
     fn start_generation(
         &mut self,
         prompt: Prompt,
         params: SamplingParams,
+        decoding: Option<Decoding>,
     ) -> Result<Resource<Generation>, InferError> {
         // Checked here, not on the model thread, so a bad call fails at once rather than on
-        // the stream's first `next`.
-        let params = engine_params(params)?;
+        // the stream's first `next`. (A constraint's grammar compiles on the model thread:
+        // an invalid one fails the first `next`.)
+        let params = engine_params(params, decoding)?;
         self.check_one_generation()?;
         let generation = Generation::start(
             self.loaded_model()?.clone(),
@@ -130,7 +135,8 @@ impl InferenceView<'_> {
 
 impl inference::Host for InferenceView<'_> {
     fn infer(&mut self, prompt: String, params: SamplingParams) -> Result<Completion, InferError> {
-        self.run_generation(Prompt::Text(prompt), params)
+        self.run_generation(Prompt::Text(prompt), params, None)
+            .map(wit_completion)
     }
 
     fn infer_parts(
@@ -138,7 +144,18 @@ impl inference::Host for InferenceView<'_> {
         prompt: Vec<PromptPart>,
         params: SamplingParams,
     ) -> Result<Completion, InferError> {
-        self.run_generation(engine_prompt(prompt), params)
+        self.run_generation(engine_prompt(prompt), params, None)
+            .map(wit_completion)
+    }
+
+    fn generate(
+        &mut self,
+        prompt: Vec<PromptPart>,
+        params: SamplingParams,
+        decoding: Decoding,
+    ) -> Result<WitGeneration, InferError> {
+        self.run_generation(engine_prompt(prompt), params, Some(decoding))
+            .map(wit_generation)
     }
 
     fn infer_stream(
@@ -146,7 +163,7 @@ impl inference::Host for InferenceView<'_> {
         prompt: String,
         params: SamplingParams,
     ) -> Result<Resource<Generation>, InferError> {
-        self.start_generation(Prompt::Text(prompt), params)
+        self.start_generation(Prompt::Text(prompt), params, None)
     }
 
     fn infer_stream_parts(
@@ -154,7 +171,16 @@ impl inference::Host for InferenceView<'_> {
         prompt: Vec<PromptPart>,
         params: SamplingParams,
     ) -> Result<Resource<Generation>, InferError> {
-        self.start_generation(engine_prompt(prompt), params)
+        self.start_generation(engine_prompt(prompt), params, None)
+    }
+
+    fn generate_stream(
+        &mut self,
+        prompt: Vec<PromptPart>,
+        params: SamplingParams,
+        decoding: Decoding,
+    ) -> Result<Resource<Generation>, InferError> {
+        self.start_generation(engine_prompt(prompt), params, Some(decoding))
     }
 
     fn tokenize(&mut self, text: String) -> Result<Vec<u32>, InferError> {

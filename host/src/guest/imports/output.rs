@@ -8,9 +8,9 @@
 
 use wasmtime::component::HasData;
 
-use crate::guest::bindings::{InferError, output};
+use crate::guest::bindings::{InferError, Piece, output};
 use crate::guest::cancellation::Cancellation;
-use crate::guest::client::{ClientSender, MAX_EMIT_BYTES, NotSent};
+use crate::guest::client::{ClientSender, Emitted, MAX_EMIT_BYTES, NotSent};
 use crate::guest::sandbox::Sandbox;
 
 /// The `output` capability of one request.
@@ -35,16 +35,29 @@ impl HasData for Output {
 
 impl output::Host for OutputView<'_> {
     fn emit(&mut self, text: String) -> Result<(), InferError> {
+        self.send(Emitted::from(text))
+    }
+
+    fn emit_piece(&mut self, piece: Piece) -> Result<(), InferError> {
+        self.send(Emitted {
+            text: piece.text,
+            logprobs: piece.logprobs,
+        })
+    }
+}
+
+impl OutputView<'_> {
+    fn send(&mut self, piece: Emitted) -> Result<(), InferError> {
         let Some(client) = &self.ctx.client else {
             return Err(InferError::InvalidInput(
                 "output.emit is only for streaming requests".into(),
             ));
         };
-        if text.len() > MAX_EMIT_BYTES {
+        if piece.size() > MAX_EMIT_BYTES {
             return Err(InferError::InvalidInput(format!(
                 "output.emit takes at most {MAX_EMIT_BYTES} bytes per call, got {}: \
                  emit the text in smaller pieces",
-                text.len()
+                piece.size()
             )));
         }
         let cancellation = &self.ctx.cancellation;
@@ -54,7 +67,7 @@ impl output::Host for OutputView<'_> {
         // Waiting for a slow client is off the guest's clock.
         let sent = self
             .sandbox
-            .off_the_clock(|| client.send(text, cancellation));
+            .off_the_clock(|| client.send(piece, cancellation));
         sent.map_err(|why| {
             if why == NotSent::Gone {
                 cancellation.client_gone();

@@ -3,20 +3,35 @@
 
 use wasmtime::component::Resource;
 
-use super::convert::{infer_error, wit_completion};
+use super::convert::{infer_error, wit_completion, wit_generation, wit_piece};
 use super::inference::InferenceView;
-use crate::guest::bindings::{InferError, StreamItem, inference};
+use crate::guest::bindings::{InferError, PieceItem, StreamItem, inference};
 use crate::guest::generation::{Generated, Generation};
+
+impl InferenceView<'_> {
+    /// The stream's next step, waited for off the guest's clock.
+    fn next_generated(&mut self, stream: &Resource<Generation>) -> Result<Generated, InferError> {
+        let generation = self
+            .table
+            .get_mut(stream)
+            .map_err(|error| InferError::GuestError(format!("bad token-stream handle: {error}")))?;
+        Ok(self.sandbox.off_the_clock(|| generation.next()))
+    }
+}
 
 impl inference::HostTokenStream for InferenceView<'_> {
     fn next(&mut self, stream: Resource<Generation>) -> Result<StreamItem, InferError> {
-        let generation = self
-            .table
-            .get_mut(&stream)
-            .map_err(|error| InferError::GuestError(format!("bad token-stream handle: {error}")))?;
-        match self.sandbox.off_the_clock(|| generation.next()) {
-            Generated::Text(text) => Ok(StreamItem::Text(text)),
+        match self.next_generated(&stream)? {
+            Generated::Piece(piece) => Ok(StreamItem::Text(piece.text)),
             Generated::Finished(Ok(done)) => Ok(StreamItem::Done(wit_completion(done))),
+            Generated::Finished(Err(error)) => Err(infer_error(error)),
+        }
+    }
+
+    fn next_piece(&mut self, stream: Resource<Generation>) -> Result<PieceItem, InferError> {
+        match self.next_generated(&stream)? {
+            Generated::Piece(piece) => Ok(PieceItem::Piece(wit_piece(piece))),
+            Generated::Finished(Ok(done)) => Ok(PieceItem::Done(wit_generation(done))),
             Generated::Finished(Err(error)) => Err(infer_error(error)),
         }
     }

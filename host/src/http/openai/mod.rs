@@ -4,9 +4,12 @@
 //! The host owns the wire format: parsing and checking bodies (`wire`), the response and
 //! chunk shapes, ids and usage (`reply`), errors in OpenAI's shape (`error`) and the optional
 //! `--api-key`. The guest's `openai` export owns the policy: how messages become a prompt
-//! (the model's chat template), defaults and stop rules. A guest without that export keeps
-//! serving `/v1/infer`; these routes then answer 501 naming it.
+//! (the model's chat template), defaults and stop rules; its `openai-agents` export, where it
+//! has one, also what agent clients' fields (`agent`: structured output, log-probabilities)
+//! mean. A guest without either keeps serving `/v1/infer`; these routes then answer 501
+//! naming it.
 
+mod agent;
 mod error;
 mod reply;
 mod wire;
@@ -29,7 +32,7 @@ use wire::Envelope;
 
 use super::work::{self, GuestJob, InFlight};
 use super::{AppState, Bearer};
-use crate::guest::{Completion, OpenAiRequest, client_channel};
+use crate::guest::{Generation, OpenAiRequest, client_channel};
 use crate::http::ReadyModel;
 
 /// The OpenAI routes, behind the API key when one is set.
@@ -102,14 +105,7 @@ async fn completions(
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
     let (envelope, request) = wire::completion(&body)?;
-    serve(
-        &app,
-        model,
-        envelope,
-        Route::Completion,
-        OpenAiRequest::Completion(request),
-    )
-    .await
+    serve(&app, model, envelope, Route::Completion, request).await
 }
 
 async fn chat(
@@ -118,14 +114,7 @@ async fn chat(
     body: Bytes,
 ) -> Result<Response, OpenAiError> {
     let (envelope, request) = wire::chat(&body)?;
-    serve(
-        &app,
-        model,
-        envelope,
-        Route::Chat,
-        OpenAiRequest::Chat(request),
-    )
-    .await
+    serve(&app, model, envelope, Route::Chat, request).await
 }
 
 /// Runs one request on the guest and answers it as JSON or as a stream of chunks.
@@ -151,7 +140,29 @@ async fn serve(
             )
         });
     }
-    let answer = Answer::new(route, app.served_model.clone());
+    // A guest of the OpenAI routes without their agent export cannot honour these fields:
+    // refused by name, as a field this server does not serve. (A guest swapped in between
+    // is refused the same way by the runtime, without the field's `param`.)
+    let active = app.guests.status().active;
+    if active.openai
+        && !active.openai_agents
+        && let Some(field) = request.agent.first_field()
+    {
+        return Err(OpenAiError::unsupported(
+            field,
+            &format!(
+                "the active guest, `{}`, does not serve it (it does not export \
+                 rbee:worker/openai-agents)",
+                active.name
+            ),
+        ));
+    }
+    agent::check_against(&model, &request.agent)?;
+    let answer = Answer::new(
+        route,
+        app.served_model.clone(),
+        request.agent.logprobs.is_some(),
+    );
     let lease = work::admit(app).await?;
     if !envelope.stream {
         let (job, in_flight) = start(app, model, request, None, lease);
@@ -178,7 +189,7 @@ fn start(
     request: OpenAiRequest,
     client: Option<crate::guest::ClientSender>,
     lease: work::Lease,
-) -> (GuestJob<Completion>, InFlight) {
+) -> (GuestJob<Generation>, InFlight) {
     work::start_guest(app, model, client, lease, move |runtime, guest, context| {
         runtime.openai(guest, request, context)
     })

@@ -5,6 +5,10 @@
 //! `stream_options.include_usage`, one more chunk with `choices: []` and the usage (and
 //! `usage: null` on the others, as OpenAI sends them); then `data: [DONE]`. A failure after
 //! the stream began ends it with an `{"error": {...}}` event, then `[DONE]`.
+//!
+//! Log-probabilities, when asked for, go in each choice's and chunk's `logprobs`, in the
+//! route's own shape: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`, the
+//! legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +19,7 @@ use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 
 use super::error::OpenAiError;
-use crate::guest::{ClientReceiver, Completion, FinishReason};
+use crate::guest::{ClientReceiver, Completion, Emitted, FinishReason, Generation, TokenLogprob};
 use crate::http::work::{self, GuestJob, InFlight};
 
 /// Which route answers: they differ in object names and in where the text goes.
@@ -31,16 +35,18 @@ pub struct Answer {
     id: String,
     created: u64,
     model: String,
+    /// Whether the client asked for log-probabilities (else `logprobs: null`).
+    logprobs: bool,
 }
 
 /// How a stream ends: with the guest still running, or already answered (it emitted nothing).
 pub enum End {
-    Running(GuestJob<Completion>),
-    Done(Completion),
+    Running(GuestJob<Generation>),
+    Done(Generation),
 }
 
 impl Answer {
-    pub fn new(route: Route, model: String) -> Self {
+    pub fn new(route: Route, model: String, logprobs: bool) -> Self {
         let prefix = match route {
             Route::Completion => "cmpl",
             Route::Chat => "chatcmpl",
@@ -52,23 +58,29 @@ impl Answer {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |since| since.as_secs()),
             model,
+            logprobs,
         }
     }
 
     /// The JSON response of a request that was not streamed.
-    pub fn whole(&self, completion: Completion) -> Value {
+    pub fn whole(&self, generation: Generation) -> Value {
+        let Generation {
+            completion,
+            logprobs,
+        } = generation;
         let finish_reason = finish_reason(completion.finish_reason);
+        let logprobs = self.logprobs_json(&logprobs, 0);
         let choice = match self.route {
             Route::Completion => json!({
                 "index": 0,
                 "text": completion.text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Route::Chat => json!({
                 "index": 0,
                 "message": { "role": "assistant", "content": completion.text, "refusal": null },
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };
@@ -87,7 +99,7 @@ impl Answer {
     /// away cancels the work.
     pub fn stream(
         self,
-        first: Option<String>,
+        first: Option<Emitted>,
         pieces: ClientReceiver,
         end: End,
         include_usage: bool,
@@ -96,6 +108,7 @@ impl Answer {
         let opening = match self.route {
             Route::Chat => Some(self.chunk(
                 json!({ "role": "assistant", "content": "" }),
+                Value::Null,
                 None,
                 include_usage,
             )),
@@ -104,15 +117,20 @@ impl Answer {
         let this = std::sync::Arc::new(self);
         let texts = {
             let this = this.clone();
+            // The completions shape counts each token's offset in the whole text.
             stream::iter(first)
                 .chain(pieces)
-                .map(move |piece| this.text_chunk(&piece, include_usage))
+                .scan(0, move |offset, piece| {
+                    let chunk = this.text_chunk(&piece, *offset, include_usage);
+                    *offset += piece.text.len();
+                    std::future::ready(Some(chunk))
+                })
         };
         let closing = stream::once(async move {
             let _in_flight = in_flight;
             let outcome = match end {
                 End::Running(job) => work::finish(job).await.map_err(OpenAiError::from),
-                End::Done(completion) => Ok(completion),
+                End::Done(generation) => Ok(generation),
             };
             this.closing(outcome, include_usage)
         })
@@ -124,24 +142,87 @@ impl Answer {
         Sse::new(events).into_response()
     }
 
-    fn text_chunk(&self, piece: &str, include_usage: bool) -> Event {
+    fn text_chunk(&self, piece: &Emitted, offset: usize, include_usage: bool) -> Event {
+        let logprobs = self.logprobs_json(&piece.logprobs, offset);
+        let content = match self.route {
+            Route::Completion => json!(piece.text),
+            Route::Chat => json!({ "content": piece.text }),
+        };
+        self.chunk(content, logprobs, None, include_usage)
+    }
+
+    /// `logprobs` in the route's shape; `null` unless asked for. `offset`: where the
+    /// tokens' text begins in the whole answer.
+    fn logprobs_json(&self, logprobs: &[TokenLogprob], offset: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         match self.route {
-            Route::Completion => self.chunk(json!(piece), None, include_usage),
-            Route::Chat => self.chunk(json!({ "content": piece }), None, include_usage),
+            Route::Chat => {
+                let content: Vec<Value> = logprobs
+                    .iter()
+                    .map(|logprob| {
+                        let top: Vec<Value> = logprob
+                            .top
+                            .iter()
+                            .map(|(token, logprob)| {
+                                json!({
+                                    "token": text(&token.bytes),
+                                    "logprob": logprob,
+                                    "bytes": token.bytes,
+                                })
+                            })
+                            .collect();
+                        json!({
+                            "token": text(&logprob.token.bytes),
+                            "logprob": logprob.logprob,
+                            "bytes": logprob.token.bytes,
+                            "top_logprobs": top,
+                        })
+                    })
+                    .collect();
+                json!({ "content": content, "refusal": null })
+            }
+            Route::Completion => {
+                let mut text_offset = Vec::with_capacity(logprobs.len());
+                let mut at = offset;
+                for logprob in logprobs {
+                    text_offset.push(at);
+                    at += logprob.token.bytes.len();
+                }
+                let top: Vec<Value> = logprobs
+                    .iter()
+                    .map(|logprob| {
+                        let alternatives: serde_json::Map<String, Value> = logprob
+                            .top
+                            .iter()
+                            .map(|(token, logprob)| (text(&token.bytes), json!(logprob)))
+                            .collect();
+                        Value::Object(alternatives)
+                    })
+                    .collect();
+                json!({
+                    "tokens": logprobs.iter().map(|l| text(&l.token.bytes)).collect::<Vec<_>>(),
+                    "token_logprobs": logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": text_offset,
+                })
+            }
         }
     }
 
     /// The events after the last piece: the finish reason, the usage, `[DONE]`; or the error.
-    fn closing(&self, outcome: Result<Completion, OpenAiError>, include_usage: bool) -> Vec<Event> {
+    fn closing(&self, outcome: Result<Generation, OpenAiError>, include_usage: bool) -> Vec<Event> {
         let mut events = Vec::new();
         match outcome {
-            Ok(completion) => {
+            Ok(Generation { completion, .. }) => {
                 let empty = match self.route {
                     Route::Completion => json!(""),
                     Route::Chat => json!({}),
                 };
                 let reason = finish_reason(completion.finish_reason);
-                events.push(self.chunk(empty, Some(reason), include_usage));
+                events.push(self.chunk(empty, Value::Null, Some(reason), include_usage));
                 if include_usage {
                     events.push(self.event(json!([]), usage(&completion)));
                 }
@@ -153,18 +234,24 @@ impl Answer {
     }
 
     /// One chunk with one choice: `delta` (chat) or `text` (completion).
-    fn chunk(&self, content: Value, finish_reason: Option<&str>, include_usage: bool) -> Event {
+    fn chunk(
+        &self,
+        content: Value,
+        logprobs: Value,
+        finish_reason: Option<&str>,
+        include_usage: bool,
+    ) -> Event {
         let choice = match self.route {
             Route::Completion => json!({
                 "index": 0,
                 "text": content,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Route::Chat => json!({
                 "index": 0,
                 "delta": content,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };

@@ -1,9 +1,10 @@
 //! The OpenAI request bodies: read into typed bodies, checked against the wire schema, and
 //! turned into the typed requests the guest's `openai` export takes.
 //!
-//! Fields this server implements are passed on. Fields it does not implement are refused
-//! with a 400 naming them when their value would change the result (`n: 2`, `logprobs`,
-//! `tools`, ...), and accepted when it would not (`n: 1`, `echo: false`). Fields nobody
+//! Fields this server implements are passed on (agent clients' fields are read in `agent`).
+//! Fields it does not implement are refused with a 400 naming them when their value would
+//! change the result (`n: 2`, `tools`, ...), and accepted when it would not (`n: 1`,
+//! `echo: false`). Fields nobody
 //! here knows are refused too, except a few that only label a request (`user`, `metadata`):
 //! an unknown sampling field silently ignored would change the answer without saying so.
 //!
@@ -21,8 +22,12 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use super::agent::{LogprobsField, RawAgentFields};
 use super::error::OpenAiError;
-use crate::guest::{ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, Role};
+use crate::guest::{
+    AgentFields, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, OpenAiCall,
+    OpenAiRequest, Role,
+};
 use crate::http::params::{StopStrings, TEMPERATURE};
 
 /// OpenAI allows up to 4 stop sequences.
@@ -39,7 +44,7 @@ pub struct Envelope {
 }
 
 /// `POST /v1/completions`.
-pub fn completion(body: &[u8]) -> Result<(Envelope, CompletionRequest), OpenAiError> {
+pub fn completion(body: &[u8]) -> Result<(Envelope, OpenAiRequest), OpenAiError> {
     let body: CompletionBody = read_body(body)?;
     let prompt = match body.prompt {
         Some(Prompt::One(prompt) | Prompt::Listed([prompt])) => prompt,
@@ -54,12 +59,14 @@ pub fn completion(body: &[u8]) -> Result<(Envelope, CompletionRequest), OpenAiEr
         }
         None => return Err(OpenAiError::invalid("prompt", "`prompt` is required")),
     };
-    let (envelope, options) = shared(body.rest, &COMPLETION_LEFTOVERS)?;
-    Ok((envelope, CompletionRequest { prompt, options }))
+    let (envelope, options, agent) =
+        shared(body.rest, &COMPLETION_LEFTOVERS, LogprobsField::Count)?;
+    let call = OpenAiCall::Completion(CompletionRequest { prompt, options });
+    Ok((envelope, OpenAiRequest { call, agent }))
 }
 
 /// `POST /v1/chat/completions`.
-pub fn chat(body: &[u8]) -> Result<(Envelope, ChatRequest), OpenAiError> {
+pub fn chat(body: &[u8]) -> Result<(Envelope, OpenAiRequest), OpenAiError> {
     let body: ChatBody = read_body(body)?;
     let messages = match body.messages {
         Some(messages) if messages.is_empty() => {
@@ -72,8 +79,9 @@ pub fn chat(body: &[u8]) -> Result<(Envelope, ChatRequest), OpenAiError> {
             .collect::<Result<Vec<_>, _>>()?,
         None => return Err(OpenAiError::invalid("messages", "`messages` is required")),
     };
-    let (envelope, options) = shared(body.rest, &CHAT_LEFTOVERS)?;
-    Ok((envelope, ChatRequest { messages, options }))
+    let (envelope, options, agent) = shared(body.rest, &CHAT_LEFTOVERS, LogprobsField::Flag)?;
+    let call = OpenAiCall::Chat(ChatRequest { messages, options });
+    Ok((envelope, OpenAiRequest { call, agent }))
 }
 
 /// `POST /v1/completions`' own fields; [`SharedFields`] reads the rest.
@@ -253,6 +261,17 @@ struct SharedFields {
     stop: StopStrings,
     top_k: Option<u32>,
     repeat_penalty: Option<f32>,
+    /// Agent clients' fields (`agent`).
+    #[serde(default)]
+    response_format: Value,
+    #[serde(default)]
+    structured_outputs: Value,
+    #[serde(default)]
+    logprobs: Value,
+    #[serde(default)]
+    top_logprobs: Value,
+    #[serde(default)]
+    logit_bias: Value,
     /// Unserved fields, labels and unknown ones, for [`Leftovers::check`].
     #[serde(flatten)]
     rest: Map<String, Value>,
@@ -273,8 +292,17 @@ struct StreamOptions {
 fn shared(
     rest: Map<String, Value>,
     leftovers: &Leftovers,
-) -> Result<(Envelope, GenerationOptions), OpenAiError> {
-    let fields: SharedFields = read(Value::Object(rest))?;
+    logprobs: LogprobsField,
+) -> Result<(Envelope, GenerationOptions, AgentFields), OpenAiError> {
+    let mut fields: SharedFields = read(Value::Object(rest))?;
+    let agent = RawAgentFields {
+        response_format: fields.response_format.take(),
+        structured_outputs: fields.structured_outputs.take(),
+        logprobs: fields.logprobs.take(),
+        top_logprobs: fields.top_logprobs.take(),
+        logit_bias: fields.logit_bias.take(),
+    }
+    .read(logprobs)?;
     let stream = fields.stream.unwrap_or(false);
     let include_usage = fields.include_usage(stream)?;
     let max_tokens = fields.max_tokens()?;
@@ -296,7 +324,7 @@ fn shared(
         stop,
         stream,
     };
-    Ok((envelope, options))
+    Ok((envelope, options, agent))
 }
 
 impl SharedFields {
@@ -422,7 +450,6 @@ impl Unserved {
 
 const ONE_CHOICE: &str = "only one choice per request is served";
 const NO_TOOLS: &str = "tool calls are not served";
-const NO_LOGPROBS: &str = "log-probabilities are not served";
 const NO_PENALTY: &str = "only 0 is served (`repeat_penalty` is)";
 
 const COMPLETION_UNSERVED: &[Unserved] = &[
@@ -436,11 +463,6 @@ const CHAT_UNSERVED: &[Unserved] = &[
     Unserved::new("functions", is_empty, NO_TOOLS),
     Unserved::new("tool_choice", is_no_tool_choice, NO_TOOLS),
     Unserved::new("function_call", is_no_tool_choice, NO_TOOLS),
-    Unserved::new(
-        "response_format",
-        |format| format["type"] == "text",
-        "only `{\"type\": \"text\"}` is served",
-    ),
     Unserved::new("audio", |_| false, "audio is not served"),
     Unserved::new(
         "modalities",
@@ -453,9 +475,6 @@ const SHARED_UNSERVED: &[Unserved] = &[
     Unserved::new("n", |n| *n == 1, ONE_CHOICE),
     Unserved::new("presence_penalty", is_zero, NO_PENALTY),
     Unserved::new("frequency_penalty", is_zero, NO_PENALTY),
-    Unserved::new("logit_bias", is_empty, "token biases are not served"),
-    Unserved::new("logprobs", |logprobs| *logprobs == false, NO_LOGPROBS),
-    Unserved::new("top_logprobs", |top| *top == 0, NO_LOGPROBS),
 ];
 
 /// Fields that label a request and never change its answer.
@@ -551,6 +570,7 @@ fn not_json(error: serde_json::Error) -> OpenAiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest::{Constraint, ResponseFormat};
 
     #[test]
     fn completion_fields() {
@@ -560,6 +580,9 @@ mod tests {
                  "n":1,"echo":false,"user":"u","top_k":3}"#,
         )
         .unwrap();
+        let OpenAiCall::Completion(request) = request.call else {
+            panic!("not a completion")
+        };
         assert_eq!(envelope.model.as_deref(), Some("m"));
         assert!(envelope.stream && envelope.include_usage);
         assert_eq!(request.prompt, "Hi");
@@ -579,6 +602,9 @@ mod tests {
                  "max_tokens":9,"max_completion_tokens":7}"#,
         )
         .unwrap();
+        let OpenAiCall::Chat(request) = request.call else {
+            panic!("not a chat")
+        };
         assert!(envelope.model.is_none() && !envelope.stream);
         assert_eq!(request.messages.len(), 3);
         assert!(matches!(request.messages[0].role, Role::System));
@@ -591,7 +617,9 @@ mod tests {
     fn refusals_name_the_field() {
         let cases: &[(&[u8], &str)] = &[
             (br#"{"prompt":"x","n":2}"#, "n"),
-            (br#"{"prompt":"x","logprobs":1}"#, "logprobs"),
+            (br#"{"prompt":"x","logprobs":21}"#, "logprobs"),
+            (br#"{"prompt":"x","logprobs":true}"#, "logprobs"),
+            (br#"{"prompt":"x","top_logprobs":2}"#, "top_logprobs"),
             (br#"{"prompt":"x","echo":true}"#, "echo"),
             (br#"{"prompt":"x","best_of":3}"#, "best_of"),
             (br#"{"prompt":"x","suffix":"y"}"#, "suffix"),
@@ -599,7 +627,23 @@ mod tests {
                 br#"{"prompt":"x","presence_penalty":0.5}"#,
                 "presence_penalty",
             ),
-            (br#"{"prompt":"x","logit_bias":{"1":5}}"#, "logit_bias"),
+            (br#"{"prompt":"x","logit_bias":{"1":500}}"#, "logit_bias.1"),
+            (
+                br#"{"prompt":"x","logit_bias":{"one":5}}"#,
+                "logit_bias.one",
+            ),
+            (
+                br#"{"prompt":"x","structured_outputs":{"regex":"a","choice":["b"]}}"#,
+                "structured_outputs",
+            ),
+            (
+                br#"{"prompt":"x","structured_outputs":{"choice":[1]}}"#,
+                "structured_outputs.choice",
+            ),
+            (
+                br#"{"prompt":"x","structured_outputs":{"xml":"<a/>"}}"#,
+                "structured_outputs.xml",
+            ),
             (br#"{"prompt":"x","min_p":0.1}"#, "min_p"),
             (br#"{"prompt":"x","temperature":3}"#, "temperature"),
             (br#"{"prompt":"x","temperature":"hot"}"#, "temperature"),
@@ -632,8 +676,25 @@ mod tests {
                 "tools",
             ),
             (
-                br#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
-                "response_format",
+                br#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "response_format.type",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
+                "response_format.json_schema",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],
+                     "response_format":{"type":"json_schema","json_schema":{"name":"a","schema":3}}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#,
+                "top_logprobs",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
             ),
         ];
         for (body, param) in chat_cases {
@@ -694,6 +755,42 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    /// Agent clients' fields, as the guest gets them.
+    #[test]
+    fn agent_fields() {
+        let (_, request) = chat(
+            br#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":2,
+                 "logit_bias":{"7":-100,"9":2.5},
+                 "response_format":{"type":"json_schema",
+                                    "json_schema":{"name":"n","schema":{"type":"object"},"strict":true}}}"#,
+        )
+        .unwrap();
+        let agent = request.agent;
+        assert_eq!(agent.logprobs, Some((2, "logprobs")));
+        assert_eq!(agent.logit_bias, vec![(7, -100.0), (9, 2.5)]);
+        let Some(ResponseFormat::JsonSchema(ref format)) = agent.response_format else {
+            panic!("{:?}", agent.response_format)
+        };
+        assert_eq!((format.name.as_str(), format.strict), ("n", true));
+        assert_eq!(format.schema, r#"{"type":"object"}"#);
+        assert_eq!(agent.first_field(), Some("response_format"));
+        let (_, request) =
+            completion(br#"{"prompt":"x","logprobs":3,"structured_outputs":{"choice":["a","b"]}}"#)
+                .unwrap();
+        assert_eq!(request.agent.logprobs, Some((3, "logprobs")));
+        assert!(matches!(
+            request.agent.structured_outputs,
+            Some(Constraint::Choice(ref choices)) if choices == &["a", "b"]
+        ));
+        // `logprobs: false`, `response_format: text`: nothing an old guest cannot serve.
+        let (_, request) = chat(
+            br#"{"messages":[{"role":"user","content":"x"}],"logprobs":false,
+                 "response_format":{"type":"text"}}"#,
+        )
+        .unwrap();
+        assert_eq!(request.agent.first_field(), None);
     }
 
     #[test]

@@ -1,0 +1,212 @@
+//! Constrained decoding: the output held to a shape (a JSON schema, a regex, a Lark grammar,
+//! a list of choices) by masking, before each token is chosen, every token that would leave
+//! it. llguidance does the per-token work (an Earley parser over a lexer of derivatives,
+//! walking a trie of the vocabulary's bytes), so a mask costs tens of microseconds, not a
+//! pass over the whole vocabulary per grammar state.
+//!
+//! The vocabulary is read once, on the first generation that needs it (its trie takes a few
+//! tens of milliseconds to build); it also gives each token's bytes to log-probabilities.
+
+use std::sync::OnceLock;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{SimpleVob, TokEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+use toktrie_hf_tokenizers::ByteTokenizer;
+
+use super::stats::MaskTimings;
+use crate::{Constraint, EngineError};
+
+/// The model's vocabulary in byte form, and the grammar compiler built on it.
+pub(crate) struct Vocabulary {
+    tokenizer: Tokenizer,
+    eos_ids: Vec<u32>,
+    vocab_size: usize,
+    compiler: OnceLock<Result<ParserFactory, String>>,
+}
+
+impl Vocabulary {
+    pub fn new(tokenizer: Tokenizer, eos_ids: Vec<u32>, vocab_size: usize) -> Self {
+        Self {
+            tokenizer,
+            eos_ids,
+            vocab_size,
+            compiler: OnceLock::new(),
+        }
+    }
+
+    /// The grammar compiler, built on first use.
+    fn compiler(&self) -> Result<&ParserFactory, EngineError> {
+        self.compiler
+            .get_or_init(|| self.build().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|why| {
+                EngineError::Model(format!(
+                    "this model's tokenizer cannot be read for constrained decoding: {why}"
+                ))
+            })
+    }
+
+    fn build(&self) -> anyhow::Result<ParserFactory> {
+        // Read from its JSON: `toktrie_hf_tokenizers` links an older `tokenizers` than ours.
+        let json = self
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut tokenizer = ByteTokenizer::from_json_bytes(json.as_bytes())?;
+        // Generation ends at the model's own end tokens (an instruct model's `<|im_end|>`,
+        // not only the tokenizer's `<|endoftext|>`): a finished shape allows exactly those.
+        if !self.eos_ids.is_empty() {
+            tokenizer.set_eos_tokens(&self.eos_ids);
+        }
+        let env: TokEnv = tokenizer.into_tok_env(Some(self.vocab_size))?;
+        let mut compiler = ParserFactory::new_simple(&env)?;
+        // Its own logging goes nowhere: a grammar's errors come back as values.
+        compiler.quiet();
+        Ok(compiler)
+    }
+
+    /// `token`'s bytes as the model writes them (a special token's name).
+    pub fn token_bytes(&self, token: u32) -> Result<Vec<u8>, EngineError> {
+        Ok(self
+            .compiler()?
+            .tok_env()
+            .tok_trie()
+            .decode_ext(&[token], true))
+    }
+
+    /// Compiles `constraint` into the state that follows one generation. An invalid schema,
+    /// regex or grammar is the caller's error, with llguidance's reason.
+    pub fn compile(&self, constraint: &Constraint) -> Result<Constrained, EngineError> {
+        let invalid = |what: &str, why: String| {
+            EngineError::InvalidInput(format!("invalid {what} constraint: {why}"))
+        };
+        let (what, grammar) = match constraint {
+            Constraint::JsonSchema(schema) => {
+                let schema: Value = serde_json::from_str(schema)
+                    .map_err(|e| invalid("JSON schema", format!("not JSON: {e}")))?;
+                (
+                    "JSON schema",
+                    TopLevelGrammar::from_json_schema(compact(schema)),
+                )
+            }
+            Constraint::Regex(regex) => ("regex", TopLevelGrammar::from_regex(regex)),
+            Constraint::Grammar(lark) => ("grammar", TopLevelGrammar::from_lark(lark.clone())),
+            Constraint::Choice(choices) => {
+                let alternatives: Vec<String> =
+                    choices.iter().map(|c| regex_syntax::escape(c)).collect();
+                let regex = format!("({})", alternatives.join("|"));
+                ("choice", TopLevelGrammar::from_regex(&regex))
+            }
+        };
+        let parser = self
+            .compiler()?
+            .create_parser(grammar)
+            .map_err(|e| invalid(what, format!("{e:#}")))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(error) = matcher.get_error() {
+            return Err(invalid(what, error));
+        }
+        Ok(Constrained {
+            matcher,
+            ready: None,
+        })
+    }
+}
+
+/// JSON as models write it best: no whitespace between tokens. llguidance allows any amount
+/// by default, and a small model given that freedom can spend its whole budget on spaces.
+/// A schema that sets its own `x-guidance` options keeps them.
+fn compact(mut schema: Value) -> Value {
+    if let Value::Object(fields) = &mut schema {
+        fields
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({ "whitespace_flexible": false }));
+    }
+    schema
+}
+
+/// One generation's place in its shape.
+pub(crate) struct Constrained {
+    matcher: Matcher,
+    /// The mask for the next token, computed ahead (`prepare`) while the forward pass runs.
+    ready: Option<SimpleVob>,
+}
+
+/// What a constraint allows next.
+pub(crate) enum Allowed {
+    /// Exactly this token: taken without sampling.
+    Only(u32),
+    /// These tokens (the others' logits are now `-inf`).
+    Some,
+}
+
+impl Constrained {
+    /// Computes the next token's mask ahead of `mask`, which then only applies it: called
+    /// beside the forward pass that computes the logits. A failure is left for `mask` to
+    /// report.
+    pub fn prepare(&mut self, timings: &MaskTimings) {
+        if self.ready.is_none() {
+            self.ready = self.compute(timings).ok();
+        }
+    }
+
+    fn compute(&mut self, timings: &MaskTimings) -> Result<SimpleVob, EngineError> {
+        let started = std::time::Instant::now();
+        let mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| failed(format!("{e:#}")));
+        timings.record(started.elapsed());
+        mask
+    }
+
+    /// Masks the logits of every token the shape forbids now. Once the shape is complete
+    /// only the end tokens are allowed.
+    pub fn mask(
+        &mut self,
+        logits: &mut [f32],
+        timings: &MaskTimings,
+    ) -> Result<Allowed, EngineError> {
+        let allowed = match self.ready.take() {
+            Some(allowed) => allowed,
+            None => self.compute(timings)?,
+        };
+        // One bit per token, 32 to a word; most words of a mask are all one way. Logits past
+        // the mask (a model's vocabulary padded past its tokenizer's) are never allowed.
+        let words = allowed.as_slice();
+        let (masked, past) = logits.split_at_mut((words.len() * 32).min(logits.len()));
+        for (logits, &word) in masked.chunks_mut(32).zip(words) {
+            if word == u32::MAX {
+                continue;
+            }
+            for (bit, logit) in logits.iter_mut().enumerate() {
+                if word >> bit & 1 == 0 {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        past.fill(f32::NEG_INFINITY);
+        match allowed.num_set() {
+            0 => Err(failed("no token can continue the output".into())),
+            1 => Ok(Allowed::Only(
+                allowed.first_bit_set().expect("one bit is set") as u32,
+            )),
+            _ => Ok(Allowed::Some),
+        }
+    }
+
+    /// Moves past `token`, which the last mask allowed.
+    pub fn consume(&mut self, token: u32) -> Result<(), EngineError> {
+        self.ready = None;
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| failed(format!("{e:#}")))
+    }
+}
+
+fn failed(why: String) -> EngineError {
+    EngineError::Model(format!("constrained decoding failed: {why}"))
+}

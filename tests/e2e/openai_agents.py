@@ -1,0 +1,203 @@
+"""What agent clients ask of a server, with the official `openai` Python SDK against a running
+rbee-host (the `openai_agent_clients` test in tests/e2e/openai.rs starts it with SmolLM2 and
+the default guest): structured output through `chat.completions.parse` and `response_format`
+(every sampled answer validated with `jsonschema`), vLLM's `structured_outputs`,
+log-probabilities on both routes, `logit_bias`, and the errors of each. Exits non-zero at the
+first check that fails."""
+
+import argparse
+import json
+from typing import Literal, Optional
+
+import jsonschema
+import openai
+from pydantic import BaseModel, Field
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--base-url", required=True)
+args = parser.parse_args()
+
+client = openai.OpenAI(base_url=args.base_url, api_key="none", max_retries=0)
+model = client.models.list().data[0].id
+
+
+def ask(content, **options):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], **options
+    )
+
+
+def json_format(schema, name="answer"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+# `parse` with pydantic models: the SDK sends the model's schema and parses the answer.
+class City(BaseModel):
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population_millions: int = Field(ge=0, le=50)
+    capital: bool
+
+
+parsed = client.chat.completions.parse(
+    model=model,
+    messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+    response_format=City,
+    temperature=0,
+    max_tokens=120,
+)
+city = parsed.choices[0].message.parsed
+assert isinstance(city, City), parsed
+assert parsed.choices[0].finish_reason == "stop", parsed
+
+
+class Step(BaseModel):
+    verb: Literal["add", "remove", "keep"]
+    count: int = Field(ge=1, le=9)
+
+
+class Plan(BaseModel):
+    title: str = Field(max_length=16)
+    steps: list[Step] = Field(min_length=1, max_length=3)
+    note: Optional[str] = Field(default=None, max_length=12)
+
+
+plan = client.chat.completions.parse(
+    model=model,
+    messages=[{"role": "user", "content": "Plan a shopping list."}],
+    response_format=Plan,
+    temperature=0.7,
+    seed=5,
+    max_tokens=200,
+).choices[0].message.parsed
+assert isinstance(plan, Plan) and 1 <= len(plan.steps) <= 3, plan
+
+# Schemas with what typed clients use; every sampled answer must validate.
+SCHEMAS = [
+    {  # required fields, an enum, a numeric range
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "count": {"type": "integer", "minimum": 3, "maximum": 7},
+        },
+        "required": ["colour", "score", "count"],
+        "additionalProperties": False,
+    },
+    {  # nested objects and an array with bounds on its length
+        "type": "object",
+        "properties": {
+            "owner": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 18, "maximum": 99}},
+                "required": ["name", "age"],
+                "additionalProperties": False,
+            },
+            "pets": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 2, "maxItems": 3},
+        },
+        "required": ["owner", "pets"],
+        "additionalProperties": False,
+    },
+    {  # a pattern and anyOf
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+            "value": {"anyOf": [{"type": "integer", "minimum": -5, "maximum": 5}, {"type": "boolean"}, {"type": "null"}]},
+        },
+        "required": ["code", "value"],
+        "additionalProperties": False,
+    },
+    {  # an array at the top
+        "type": "array",
+        "items": {"type": "integer", "minimum": 10, "maximum": 20},
+        "minItems": 1,
+        "maxItems": 4,
+    },
+]
+checked = 0
+for index, schema in enumerate(SCHEMAS):
+    for seed in range(3):
+        answer = ask(
+            "Answer with JSON.", response_format=json_format(schema), temperature=0.7, seed=seed, max_tokens=160
+        )
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop", (index, seed, choice)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        checked += 1
+    # The same streamed: the pieces assemble to a valid answer.
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in ask(
+            "Answer with JSON.", response_format=json_format(schema), temperature=0.7, seed=9, max_tokens=160, stream=True
+        )
+        if chunk.choices
+    ]
+    jsonschema.validate(json.loads("".join(pieces)), schema)
+    checked += 1
+
+# `json_object`: any JSON object.
+anything = ask("Give me a JSON object about cats.", response_format={"type": "json_object"}, temperature=0, max_tokens=80)
+assert isinstance(json.loads(anything.choices[0].message.content), dict), anything
+
+# vLLM's `structured_outputs`, on both routes.
+choice = ask("Is the sky blue?", extra_body={"structured_outputs": {"choice": ["yes", "no"]}}, temperature=0)
+assert choice.choices[0].message.content in ("yes", "no"), choice
+regex = client.completions.create(
+    model=model, prompt="Phone:", max_tokens=20, temperature=0.8, seed=1,
+    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}},
+)
+text = regex.choices[0].text
+assert len(text) == 8 and text[3] == "-" and (text[:3] + text[4:]).isdigit(), text
+
+# Chat log-probabilities: sorted, never above 0, the greedy choice first, spelling the text.
+greedy = ask("Name three colours.", logprobs=True, top_logprobs=3, temperature=0, max_tokens=12)
+content = greedy.choices[0].logprobs.content
+assert len(content) == greedy.usage.completion_tokens, (len(content), greedy.usage)
+assert "".join(entry.token for entry in content) == greedy.choices[0].message.content, greedy
+for entry in content:
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == 3, entry
+    assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob, entry
+    tops = [top.logprob for top in entry.top_logprobs]
+    assert tops == sorted(tops, reverse=True), entry
+    assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or entry.token == "\ufffd", entry
+streamed = [
+    entry
+    for chunk in ask("Name three colours.", logprobs=True, top_logprobs=3, temperature=0, max_tokens=12, stream=True)
+    if chunk.choices and chunk.choices[0].logprobs
+    for entry in chunk.choices[0].logprobs.content
+]
+assert [entry.token for entry in streamed] == [entry.token for entry in content], streamed
+assert ask("Hi", temperature=0, max_tokens=4).choices[0].logprobs is None
+
+# Completions log-probabilities, in the legacy shape.
+legacy = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=6, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6, lp
+assert "".join(lp.tokens) == legacy.choices[0].text, lp
+assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, lp
+assert all(len(top) <= 2 and max(top.values()) == logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs)), lp
+
+# `logit_bias`: token 1000 pushed up by 100 is every token of the answer.
+forced = client.completions.create(
+    model=model, prompt="Count: 1, 2, 3,", max_tokens=5, temperature=0, logprobs=1, logit_bias={"1000": 100}
+)
+assert len(set(forced.choices[0].logprobs.tokens)) == 1, forced.choices[0].logprobs
+assert forced.choices[0].logprobs.tokens != lp.tokens[:5], forced.choices[0].logprobs
+
+# Errors name the field.
+for kwargs, param in [
+    ({"response_format": json_format({"type": "no-such-type"})}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "structured_outputs.regex"),
+]:
+    try:
+        ask("Hi", max_tokens=4, **kwargs)
+        raise AssertionError(f"accepted: {kwargs}")
+    except openai.BadRequestError as error:
+        assert error.param == param, (kwargs, error.param, error.message)
+
+print(f"all checks passed ({checked} constrained answers validated)")
