@@ -18,9 +18,9 @@ use clap::Parser;
 use common::{PROMPT, greedy_request};
 use rbee_engine::{Engine, LoadOptions, SamplingParams};
 use rbee_host::guest::{
-    AgentFields, Cancellation, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions,
-    GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource, OpenAiCall, OpenAiRequest,
-    RequestContext, Role,
+    AgentChatRequest, AgentFields, AgentMessage, AgentRole, Cancellation, CompletionRequest,
+    GenerationOptions, GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource, OpenAiCall,
+    OpenAiRequest, RequestContext, ToolChoice,
 };
 
 #[derive(Parser)]
@@ -103,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             Ok(runtime
                 .openai(&guest, request, context())
                 .map_err(|e| anyhow::anyhow!("{e}"))?
+                .generation
                 .completion
                 .text)
         };
@@ -114,12 +115,18 @@ fn main() -> anyhow::Result<()> {
             agent: AgentFields::default(),
         };
         let chat = || OpenAiRequest {
-            call: OpenAiCall::Chat(ChatRequest {
-                messages: vec![ChatMessage {
-                    role: Role::User,
+            call: OpenAiCall::Chat(AgentChatRequest {
+                messages: vec![AgentMessage {
+                    role: AgentRole::User,
                     content: PROMPT.into(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
+                    name: None,
                 }],
                 options: options.clone(),
+                tools: Vec::new(),
+                tool_choice: ToolChoice::None,
+                parallel_tool_calls: false,
             }),
             agent: AgentFields::default(),
         };

@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--base-url", required=True)
+parser.add_argument("--api-key", default="none")
 args = parser.parse_args()
 
-client = openai.OpenAI(base_url=args.base_url, api_key="none", max_retries=0)
+client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
 model = client.models.list().data[0].id
 
 

@@ -11,12 +11,16 @@
 //!   and the clients' words go to the model as text that cannot become special tokens;
 //! - agent clients' options (`openai-agents`): `response_format` and vLLM's
 //!   `structured_outputs` become the engine's constraint (`json_object` is any JSON object;
-//!   both at once is the client's mistake), log-probabilities and logit biases pass through.
+//!   both at once is the client's mistake), log-probabilities and logit biases pass through;
+//! - tools (`tools`): rendered by the model's own template, or as Qwen 2.5 does for a
+//!   template without them; calls read back in the template's format, with `required` and a
+//!   named function held by a grammar (see `tools`).
 //!
 //! Ranges are not checked here: the host has already refused a request outside its route's
 //! schema, and the engine refuses what it cannot run (see `sampling-params` in the WIT).
 
 mod template;
+mod tools;
 
 wit_bindgen::generate!({ path: "../../wit", world: "agent-worker" });
 
@@ -24,14 +28,14 @@ use exports::rbee::worker::{handler, openai, openai_agents};
 use rbee::worker::inference::{self, PieceItem, StreamItem};
 use rbee::worker::log::{Level, log};
 use rbee::worker::output;
-use rbee::worker::types::Generation;
 use rbee::worker::types::{
-    AgentOptions, ChatRequest, Completion, CompletionRequest, Constraint, Decoding,
-    GenerationOptions, InferError, InferRequest, InferResponse, PromptPart, ResponseFormat, Role,
-    SamplingParams,
+    AgentAnswer, AgentChatRequest, AgentMessage, AgentOptions, AgentRole, ChatRequest, Completion,
+    CompletionRequest, Constraint, Decoding, Generation, GenerationOptions, InferError,
+    InferRequest, InferResponse, Piece, PromptPart, ResponseFormat, Role, SamplingParams,
+    ToolChoice,
 };
 
-use template::{Message, Part, SpecialTokens};
+use template::{Part, SpecialTokens};
 
 /// `/v1/infer`'s defaults (the rbee API's documentation).
 const INFER_MAX_TOKENS: u32 = 256;
@@ -79,7 +83,29 @@ impl openai::Guest for Llm {
     }
 
     fn chat(request: ChatRequest) -> Result<Completion, InferError> {
-        chat(request, None).map(|generation| generation.completion)
+        let messages = request
+            .messages
+            .into_iter()
+            .map(|message| AgentMessage {
+                role: match message.role {
+                    Role::System => AgentRole::System,
+                    Role::User => AgentRole::User,
+                    Role::Assistant => AgentRole::Assistant,
+                },
+                content: message.content,
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+                name: None,
+            })
+            .collect();
+        let request = AgentChatRequest {
+            messages,
+            options: request.options,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::None,
+            parallel_tool_calls: false,
+        };
+        chat(request, None).map(|answer| answer.generation.completion)
     }
 }
 
@@ -88,7 +114,7 @@ impl openai_agents::Guest for Llm {
         complete(request, decoding(agent)?)
     }
 
-    fn chat(request: ChatRequest, agent: AgentOptions) -> Result<Generation, InferError> {
+    fn chat(request: AgentChatRequest, agent: AgentOptions) -> Result<AgentAnswer, InferError> {
         chat(request, decoding(agent)?)
     }
 }
@@ -136,38 +162,34 @@ fn complete(
     )
 }
 
-fn chat(request: ChatRequest, decoding: Option<Decoding>) -> Result<Generation, InferError> {
+fn chat(request: AgentChatRequest, decoding: Option<Decoding>) -> Result<AgentAnswer, InferError> {
     let model = inference::model();
     let template = model.chat_template.as_deref().unwrap_or(template::CHATML);
-    let messages: Vec<Message> = request
-        .messages
-        .iter()
-        .map(|message| Message {
-            role: match message.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            },
-            content: &message.content,
-        })
-        .collect();
+    let style = tools::Style::of(template);
+    let (messages, tools_variable) = tools::prompt(
+        style,
+        &request.messages,
+        &request.tools,
+        &request.tool_choice,
+    );
     let tokens = SpecialTokens {
         bos: model.bos_token.as_deref().unwrap_or(""),
         eos: model.eos_tokens.first().map_or("", String::as_str),
     };
-    let parts: Vec<PromptPart> = template::render(template, &messages, &tokens)
-        .map_err(|error| {
-            // The template's own refusal (`raise_exception`) is about the conversation.
-            InferError::InvalidInput(format!("the model's chat template: {error:#}"))
-        })?
-        .into_iter()
-        .map(|part| match part {
-            Part::Markup(text) => PromptPart::Markup(text),
-            Part::Text(text) => PromptPart::Text(text),
-        })
-        .collect();
+    let parts: Vec<PromptPart> =
+        template::render(template, &messages, tools_variable.as_ref(), &tokens)
+            .map_err(|error| {
+                // The template's own refusal (`raise_exception`) is about the conversation.
+                InferError::InvalidInput(format!("the model's chat template: {error:#}"))
+            })?
+            .into_iter()
+            .map(|part| match part {
+                Part::Markup(text) => PromptPart::Markup(text),
+                Part::Text(text) => PromptPart::Text(text),
+            })
+            .collect();
     let text: String = parts.iter().map(part_text).collect();
-    let options = request.options;
+    let options = &request.options;
     let max_tokens = match options.max_tokens {
         Some(max_tokens) => max_tokens,
         // All the context leaves, counted on the prompt's whole text. That is its length
@@ -175,9 +197,147 @@ fn chat(request: ChatRequest, decoding: Option<Decoding>) -> Result<Generation, 
         // text; such a prompt near the context's end then fails as `context-overflow`.
         None => room_after(&text, model.context_length, u32::MAX)?,
     };
-    let params = openai_params(&options, max_tokens);
+    let params = openai_params(options, max_tokens);
     debug_log("chat", text.len(), &params, options.stream);
-    generate(Prompt::Parts(&parts), &params, decoding, options.stream)
+    let Some(grammar) = tool_grammar(style, &request, decoding.as_ref())? else {
+        return generate(Prompt::Parts(&parts), &params, decoding, options.stream)
+            .map(AgentAnswer::text);
+    };
+    let decoding = Decoding {
+        constraint: Some(Constraint::Grammar(grammar)),
+        ..decoding.unwrap_or(Decoding {
+            constraint: None,
+            logit_bias: Vec::new(),
+            logprobs: None,
+        })
+    };
+    generate_calls(style.format, &parts, &params, &decoding, options.stream)
+}
+
+impl AgentAnswer {
+    fn text(generation: Generation) -> Self {
+        Self {
+            generation,
+            tool_calls: Vec::new(),
+        }
+    }
+}
+
+/// The grammar of an answer that may hold calls; `None` when it may not (no tools, or
+/// `tool_choice: none`). A JSON `response_format` is what a text answer must be under
+/// `auto`; any other constraint cannot be combined with calls.
+fn tool_grammar(
+    style: tools::Style,
+    request: &AgentChatRequest,
+    decoding: Option<&Decoding>,
+) -> Result<Option<String>, InferError> {
+    if request.tools.is_empty() || matches!(request.tool_choice, ToolChoice::None) {
+        return Ok(None);
+    }
+    let answer = match decoding.and_then(|decoding| decoding.constraint.as_ref()) {
+        None => None,
+        Some(Constraint::JsonSchema(schema)) => Some(format!("%json {}", compact_schema(schema)?)),
+        Some(_) => {
+            return Err(invalid(
+                "`structured_outputs` other than `json` cannot be combined with tool calls",
+            ));
+        }
+    };
+    if answer.is_some() && !matches!(request.tool_choice, ToolChoice::Auto) {
+        return Err(invalid(
+            "a required tool call leaves no room for a `response_format`: use `tool_choice: \"auto\"`",
+        ));
+    }
+    Ok(tools::grammar(
+        style,
+        &request.tools,
+        &request.tool_choice,
+        request.parallel_tool_calls,
+        answer.as_deref(),
+    ))
+}
+
+fn invalid(why: &str) -> InferError {
+    InferError::InvalidInput(why.to_owned())
+}
+
+/// A JSON schema written without the whitespace a generated answer could otherwise wander
+/// in, as the engine writes the `json-schema` constraint (unless the schema says otherwise).
+fn compact_schema(schema: &str) -> Result<String, InferError> {
+    let mut schema: serde_json::Value = serde_json::from_str(schema)
+        .map_err(|error| InferError::InvalidInput(format!("the schema is not JSON: {error}")))?;
+    if let Some(object) = schema.as_object_mut() {
+        object
+            .entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({ "whitespace_flexible": false }));
+    }
+    Ok(schema.to_string())
+}
+
+/// A generation that may hold calls in `format`: the calls are read out of it and the rest
+/// is the answer's content. Streamed, the content goes out as it comes, up to where a call
+/// begins (text that may still open one is held back a piece), and each call goes out whole
+/// once the generation ends.
+fn generate_calls(
+    format: tools::Format,
+    parts: &[PromptPart],
+    params: &SamplingParams,
+    decoding: &Decoding,
+    stream: bool,
+) -> Result<AgentAnswer, InferError> {
+    if !stream {
+        let mut generation = inference::generate(parts, params, decoding)?;
+        let (content, tool_calls) = tools::parse(format, &generation.completion.text);
+        generation.completion.text = content;
+        return Ok(AgentAnswer {
+            generation,
+            tool_calls,
+        });
+    }
+    let pieces = inference::generate_stream(parts, params, decoding)?;
+    let mut text = String::new();
+    // Bytes of `text` sent as content; where a call begins, once one has.
+    let mut sent = 0;
+    let mut call_start = None;
+    let mut generation = loop {
+        match pieces.next_piece()? {
+            PieceItem::Piece(piece) => {
+                text.push_str(&piece.text);
+                if call_start.is_some() {
+                    continue;
+                }
+                call_start = tools::call_start(format, &text);
+                let until = call_start.unwrap_or(text.len() - tools::held_back(format, &text));
+                if until > sent {
+                    output::emit_piece(&Piece {
+                        text: text[sent..until].to_owned(),
+                        logprobs: piece.logprobs,
+                    })?;
+                    sent = until;
+                }
+            }
+            PieceItem::Done(generation) => break generation,
+        }
+    };
+    let (content, tool_calls) = match call_start {
+        Some(_) => tools::parse(format, &text),
+        None => (text.clone(), Vec::new()),
+    };
+    if tool_calls.is_empty() {
+        // No call after all: what was held back is content.
+        if sent < text.len() {
+            output::emit(&text[sent..])?;
+        }
+    } else {
+        for call in &tool_calls {
+            output::emit_tool_call(call)?;
+        }
+    }
+    generation.completion.text = content;
+    Ok(AgentAnswer {
+        generation,
+        tool_calls,
+    })
 }
 
 enum Prompt<'a> {

@@ -20,9 +20,10 @@ wasmtime::component::bindgen!({
 pub use exports::rbee::worker::{handler, openai, openai_agents};
 pub use rbee::worker::inference::{self, PieceItem, StreamItem};
 pub use rbee::worker::types::{
-    AgentOptions, ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, Decoding,
-    FinishReason, Generation, GenerationOptions, InferError, InferRequest, InferResponse,
-    JsonSchemaFormat, ModelInfo, Piece, PromptPart, ResponseFormat, Role, SamplingParams, Token,
-    TokenLogprob,
+    AgentAnswer, AgentChatRequest, AgentMessage, AgentOptions, AgentRole, ChatMessage, ChatRequest,
+    Completion, CompletionRequest, Constraint, Decoding, FinishReason, Generation,
+    GenerationOptions, InferError, InferRequest, InferResponse, JsonSchemaFormat, ModelInfo, Piece,
+    PromptPart, ResponseFormat, Role, SamplingParams, Token, TokenLogprob, Tool, ToolCall,
+    ToolChoice,
 };
 pub use rbee::worker::{log, output, types};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use super::bindings::TokenLogprob;
+use super::bindings::{TokenLogprob, ToolCall};
 use super::cancellation::Cancellation;
 
 /// The most one `output.emit` may send, in bytes.
@@ -60,8 +60,12 @@ fn cost(piece: &Emitted) -> usize {
 }
 
 impl Emitted {
-    /// Its size in bytes, about: its text, and each log-probability's tokens and numbers.
+    /// Its size in bytes, about: its text, each log-probability's tokens and numbers, and
+    /// its tool call.
     pub fn size(&self) -> usize {
+        let call = self.tool_call.as_ref().map_or(0, |call| {
+            call.id.len() + call.name.len() + call.arguments.len()
+        });
         let logprobs: usize = self
             .logprobs
             .iter()
@@ -70,23 +74,25 @@ impl Emitted {
                 logprob.token.bytes.len() + alternatives + 8
             })
             .sum();
-        self.text.len() + logprobs
+        self.text.len() + logprobs + call
     }
 }
 
 /// One piece a guest emitted: its text, and the log-probabilities of its tokens when the
-/// guest passed them on (`output.emit-piece`).
+/// guest passed them on (`output.emit-piece`); or a whole tool call of a chat answer
+/// (`output.emit-tool-call`), with no text.
 #[derive(Debug, Clone, Default)]
 pub struct Emitted {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
+    pub tool_call: Option<ToolCall>,
 }
 
 impl From<String> for Emitted {
     fn from(text: String) -> Self {
         Self {
             text,
-            logprobs: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -105,6 +111,8 @@ pub enum NotSent {
 pub struct ClientSender {
     pieces: mpsc::UnboundedSender<Emitted>,
     budget: Arc<Budget>,
+    /// Whether the client's format has tool calls (a chat answer's chunks).
+    takes_tool_calls: bool,
 }
 
 /// The client's end: the pieces in order, as a stream.
@@ -113,14 +121,24 @@ pub struct ClientReceiver {
     budget: Arc<Budget>,
 }
 
-/// A channel from a streaming guest to its client.
+/// A channel from a streaming guest to its client, for text.
 pub fn client_channel() -> (ClientSender, ClientReceiver) {
+    channel(false)
+}
+
+/// A channel to a chat client, for text and tool calls.
+pub fn chat_channel() -> (ClientSender, ClientReceiver) {
+    channel(true)
+}
+
+fn channel(takes_tool_calls: bool) -> (ClientSender, ClientReceiver) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let budget = Arc::new(Budget::default());
     (
         ClientSender {
             pieces: sender,
             budget: budget.clone(),
+            takes_tool_calls,
         },
         ClientReceiver {
             pieces: receiver,
@@ -130,6 +148,11 @@ pub fn client_channel() -> (ClientSender, ClientReceiver) {
 }
 
 impl ClientSender {
+    /// Whether the client's format has tool calls.
+    pub fn takes_tool_calls(&self) -> bool {
+        self.takes_tool_calls
+    }
+
     /// Sends `piece`, first waiting (blocking) until the client has read enough for it to
     /// fit. A piece larger than the whole buffer goes alone, once the buffer is empty.
     pub fn send(

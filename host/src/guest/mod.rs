@@ -39,13 +39,14 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub use bindings::{
-    AgentOptions, ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint,
-    FinishReason, Generation, GenerationOptions, InferError, InferRequest, InferResponse,
-    JsonSchemaFormat, ResponseFormat, Role, TokenLogprob,
+    AgentAnswer, AgentChatRequest, AgentMessage, AgentOptions, AgentRole, ChatMessage, ChatRequest,
+    Completion, CompletionRequest, Constraint, FinishReason, Generation, GenerationOptions,
+    InferError, InferRequest, InferResponse, JsonSchemaFormat, ResponseFormat, Role, TokenLogprob,
+    Tool, ToolCall, ToolChoice,
 };
 pub use cache::ComponentCache;
 pub use cancellation::Cancellation;
-pub use client::{ClientReceiver, ClientSender, Emitted, client_channel};
+pub use client::{ClientReceiver, ClientSender, Emitted, chat_channel, client_channel};
 pub use compiler::{GuestMeta, LoadedGuest};
 pub use failure::GuestFailure;
 pub use registry::{FailedLoad, GuestStatus, SwapOutcome};
@@ -126,26 +127,28 @@ impl GuestRuntime {
 
     /// Serves one OpenAI-style request on `guest` in a fresh instance: on its
     /// `openai-agents` export where it has one, else on `openai`. A guest without either,
-    /// or without `openai-agents` for a request that sets an agent option, is refused
-    /// before it is instantiated. Blocking.
+    /// or without `openai-agents` for a request that sets an agent option or has tool
+    /// turns, is refused before it is instantiated. Blocking.
     pub fn openai(
         &self,
         guest: &LoadedGuest,
         request: OpenAiRequest,
         context: RequestContext,
-    ) -> Result<Generation, GuestFailure> {
-        let OpenAiRequest { call, agent } = request;
+    ) -> Result<AgentAnswer, GuestFailure> {
         if let Some(agents) = &guest.exports.openai_agents {
+            let OpenAiRequest { call, agent } = request;
             let agent = agent.options();
             return self.call(guest, context, |store, instance| {
                 let agents = agents.load(&mut *store, instance)?;
                 match &call {
-                    OpenAiCall::Completion(request) => agents.call_complete(store, request, &agent),
+                    OpenAiCall::Completion(request) => Ok(agents
+                        .call_complete(store, request, &agent)?
+                        .map(AgentAnswer::text)),
                     OpenAiCall::Chat(request) => agents.call_chat(store, request, &agent),
                 }
             });
         }
-        if let Some(field) = agent.first_field() {
+        if let Some(field) = request.first_agent_field() {
             return Err(GuestFailure::NoAgentOptions {
                 guest: guest.meta.name.clone(),
                 field,
@@ -156,17 +159,18 @@ impl GuestRuntime {
                 guest: guest.meta.name.clone(),
             });
         };
+        let call = request.call;
         let completion = self.call(guest, context, |store, instance| {
             let openai = openai.load(&mut *store, instance)?;
             match &call {
                 OpenAiCall::Completion(request) => openai.call_complete(store, request),
-                OpenAiCall::Chat(request) => openai.call_chat(store, request),
+                OpenAiCall::Chat(request) => openai.call_chat(store, &plain_chat(request)),
             }
         })?;
-        Ok(Generation {
+        Ok(AgentAnswer::text(Generation {
             completion,
             logprobs: Vec::new(),
-        })
+        }))
     }
 
     /// Instantiates `guest` in a fresh store for one request and runs `call` on it, turning
@@ -214,11 +218,66 @@ pub struct OpenAiRequest {
     pub agent: AgentFields,
 }
 
-/// The route's own request.
+impl OpenAiRequest {
+    /// The first field only `openai-agents` serves, if any: an agent option, tools, or a
+    /// tool turn in the conversation.
+    pub fn first_agent_field(&self) -> Option<&'static str> {
+        let tools = match &self.call {
+            OpenAiCall::Chat(chat) => chat_tool_field(chat),
+            OpenAiCall::Completion(_) => None,
+        };
+        self.agent.first_field().or(tools)
+    }
+}
+
+/// The route's own request. A chat is read in the agents' shape (tool turns, tools), and
+/// lowered for a guest that only has `openai`.
 #[derive(Debug)]
 pub enum OpenAiCall {
     Completion(CompletionRequest),
-    Chat(ChatRequest),
+    Chat(AgentChatRequest),
+}
+
+/// Which tool field a chat sets, if any (`tool_choice: none` without tools sets nothing).
+fn chat_tool_field(chat: &AgentChatRequest) -> Option<&'static str> {
+    if !chat.tools.is_empty() {
+        return Some("tools");
+    }
+    let tool_turn = |message: &AgentMessage| {
+        matches!(message.role, AgentRole::Tool) || !message.tool_calls.is_empty()
+    };
+    chat.messages.iter().any(tool_turn).then_some("messages")
+}
+
+/// A chat without tool fields (see [`chat_tool_field`]) as the plain `openai` export takes it.
+fn plain_chat(chat: &AgentChatRequest) -> ChatRequest {
+    let messages = chat
+        .messages
+        .iter()
+        .map(|message| ChatMessage {
+            role: match message.role {
+                AgentRole::System => Role::System,
+                AgentRole::User => Role::User,
+                // A tool turn was refused by `first_agent_field` before this.
+                AgentRole::Assistant | AgentRole::Tool => Role::Assistant,
+            },
+            content: message.content.clone(),
+        })
+        .collect();
+    ChatRequest {
+        messages,
+        options: chat.options.clone(),
+    }
+}
+
+impl AgentAnswer {
+    /// An answer of text only.
+    pub fn text(generation: Generation) -> Self {
+        Self {
+            generation,
+            tool_calls: Vec::new(),
+        }
+    }
 }
 
 /// What agent clients set, each with the field that set it (for a guest that cannot serve

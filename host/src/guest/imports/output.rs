@@ -1,4 +1,4 @@
-//! `output`: streamed text on its way to the client. One call sends at most
+//! `output`: streamed text (and a chat answer's tool calls) on its way to the client. One call sends at most
 //! [`MAX_EMIT_BYTES`], and the channel to the client is bounded in bytes, so a slow client
 //! makes the guest wait (back-pressure) instead of the host buffering for it; a client that
 //! left, or a cancelled request, ends the wait and the request.
@@ -8,7 +8,7 @@
 
 use wasmtime::component::HasData;
 
-use crate::guest::bindings::{InferError, Piece, output};
+use crate::guest::bindings::{InferError, Piece, ToolCall, output};
 use crate::guest::cancellation::Cancellation;
 use crate::guest::client::{ClientSender, Emitted, MAX_EMIT_BYTES, NotSent};
 use crate::guest::sandbox::Sandbox;
@@ -42,6 +42,21 @@ impl output::Host for OutputView<'_> {
         self.send(Emitted {
             text: piece.text,
             logprobs: piece.logprobs,
+            tool_call: None,
+        })
+    }
+
+    fn emit_tool_call(&mut self, call: ToolCall) -> Result<(), InferError> {
+        if let Some(client) = &self.ctx.client
+            && !client.takes_tool_calls()
+        {
+            return Err(InferError::InvalidInput(
+                "output.emit-tool-call is only for streamed chat answers".into(),
+            ));
+        }
+        self.send(Emitted {
+            tool_call: Some(call),
+            ..Emitted::default()
         })
     }
 }

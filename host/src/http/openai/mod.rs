@@ -5,13 +5,14 @@
 //! chunk shapes, ids and usage (`reply`), errors in OpenAI's shape (`error`) and the optional
 //! `--api-key`. The guest's `openai` export owns the policy: how messages become a prompt
 //! (the model's chat template), defaults and stop rules; its `openai-agents` export, where it
-//! has one, also what agent clients' fields (`agent`: structured output, log-probabilities)
-//! mean. A guest without either keeps serving `/v1/infer`; these routes then answer 501
+//! has one, also what agent clients' fields (`agent`: structured output, log-probabilities;
+//! `tools`: tool calling) mean. A guest without either keeps serving `/v1/infer`; these routes then answer 501
 //! naming it.
 
 mod agent;
 mod error;
 mod reply;
+mod tools;
 mod wire;
 
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use wire::Envelope;
 
 use super::work::{self, GuestJob, InFlight};
 use super::{AppState, Bearer};
-use crate::guest::{Generation, OpenAiRequest, client_channel};
+use crate::guest::{AgentAnswer, OpenAiCall, OpenAiRequest, chat_channel, client_channel};
 use crate::http::ReadyModel;
 
 /// The OpenAI routes, behind the API key when one is set.
@@ -146,7 +147,7 @@ async fn serve(
     let active = app.guests.status().active;
     if active.openai
         && !active.openai_agents
-        && let Some(field) = request.agent.first_field()
+        && let Some(field) = request.first_agent_field()
     {
         return Err(OpenAiError::unsupported(
             field,
@@ -158,6 +159,9 @@ async fn serve(
         ));
     }
     agent::check_against(&model, &request.agent)?;
+    if let OpenAiCall::Chat(chat) = &request.call {
+        tools::check_against(&model, &chat.tools)?;
+    }
     let answer = Answer::new(
         route,
         app.served_model.clone(),
@@ -170,7 +174,10 @@ async fn serve(
         drop(in_flight);
         return Ok(axum::Json(answer.whole(completion)).into_response());
     }
-    let (client, mut pieces) = client_channel();
+    let (client, mut pieces) = match route {
+        Route::Chat => chat_channel(),
+        Route::Completion => client_channel(),
+    };
     let (job, in_flight) = start(app, model, request, Some(client), lease);
     // As on /v1/infer: the first piece is awaited so that a guest failing before it says
     // anything gets an HTTP error rather than a stream that only holds one.
@@ -189,7 +196,7 @@ fn start(
     request: OpenAiRequest,
     client: Option<crate::guest::ClientSender>,
     lease: work::Lease,
-) -> (GuestJob<Generation>, InFlight) {
+) -> (GuestJob<AgentAnswer>, InFlight) {
     work::start_guest(app, model, client, lease, move |runtime, guest, context| {
         runtime.openai(guest, request, context)
     })

@@ -9,6 +9,11 @@
 //! Log-probabilities, when asked for, go in each choice's and chunk's `logprobs`, in the
 //! route's own shape: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`, the
 //! legacy completions' `{tokens, token_logprobs, top_logprobs, text_offset}`.
+//!
+//! A chat answer's tool calls go in `message.tool_calls`, or, streamed, one
+//! `delta.tool_calls` chunk per call (numbered by `index`, whole arguments in one piece, as
+//! the SDKs assemble them); with calls the finish reason is `tool_calls`. The host gives
+//! each call its id.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +24,10 @@ use futures::{StreamExt, stream};
 use serde_json::{Value, json};
 
 use super::error::OpenAiError;
-use crate::guest::{ClientReceiver, Completion, Emitted, FinishReason, Generation, TokenLogprob};
+use crate::guest::{
+    AgentAnswer, ClientReceiver, Completion, Emitted, FinishReason, Generation, TokenLogprob,
+    ToolCall,
+};
 use crate::http::work::{self, GuestJob, InFlight};
 
 /// Which route answers: they differ in object names and in where the text goes.
@@ -41,8 +49,8 @@ pub struct Answer {
 
 /// How a stream ends: with the guest still running, or already answered (it emitted nothing).
 pub enum End {
-    Running(GuestJob<Generation>),
-    Done(Generation),
+    Running(GuestJob<AgentAnswer>),
+    Done(AgentAnswer),
 }
 
 impl Answer {
@@ -63,12 +71,16 @@ impl Answer {
     }
 
     /// The JSON response of a request that was not streamed.
-    pub fn whole(&self, generation: Generation) -> Value {
-        let Generation {
-            completion,
-            logprobs,
-        } = generation;
-        let finish_reason = finish_reason(completion.finish_reason);
+    pub fn whole(&self, answer: AgentAnswer) -> Value {
+        let AgentAnswer {
+            generation:
+                Generation {
+                    completion,
+                    logprobs,
+                },
+            tool_calls,
+        } = answer;
+        let finish_reason = finish_reason(completion.finish_reason, &tool_calls);
         let logprobs = self.logprobs_json(&logprobs, 0);
         let choice = match self.route {
             Route::Completion => json!({
@@ -77,12 +89,24 @@ impl Answer {
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
-            Route::Chat => json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": completion.text, "refusal": null },
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }),
+            Route::Chat => {
+                let mut message =
+                    json!({ "role": "assistant", "content": completion.text, "refusal": null });
+                if !tool_calls.is_empty() {
+                    let calls: Vec<Value> = tool_calls.iter().map(tool_call_json).collect();
+                    message["tool_calls"] = json!(calls);
+                    // OpenAI's shape: a turn of calls alone has no content.
+                    if completion.text.trim().is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                })
+            }
         };
         json!({
             "id": self.id,
@@ -117,11 +141,18 @@ impl Answer {
         let this = std::sync::Arc::new(self);
         let texts = {
             let this = this.clone();
-            // The completions shape counts each token's offset in the whole text.
+            // The completions shape counts each token's offset in the whole text; tool calls
+            // are numbered in order.
             stream::iter(first)
                 .chain(pieces)
-                .scan(0, move |offset, piece| {
-                    let chunk = this.text_chunk(&piece, *offset, include_usage);
+                .scan((0, 0), move |(offset, calls), piece| {
+                    let chunk = match &piece.tool_call {
+                        Some(call) => {
+                            *calls += 1;
+                            this.tool_call_chunk(call, *calls - 1, include_usage)
+                        }
+                        None => this.text_chunk(&piece, *offset, include_usage),
+                    };
                     *offset += piece.text.len();
                     std::future::ready(Some(chunk))
                 })
@@ -149,6 +180,18 @@ impl Answer {
             Route::Chat => json!({ "content": piece.text }),
         };
         self.chunk(content, logprobs, None, include_usage)
+    }
+
+    /// A streamed chat answer's call number `index`, whole.
+    fn tool_call_chunk(&self, call: &ToolCall, index: usize, include_usage: bool) -> Event {
+        let mut call = tool_call_json(call);
+        call["index"] = json!(index);
+        self.chunk(
+            json!({ "tool_calls": [call] }),
+            Value::Null,
+            None,
+            include_usage,
+        )
     }
 
     /// `logprobs` in the route's shape; `null` unless asked for. `offset`: where the
@@ -213,15 +256,22 @@ impl Answer {
     }
 
     /// The events after the last piece: the finish reason, the usage, `[DONE]`; or the error.
-    fn closing(&self, outcome: Result<Generation, OpenAiError>, include_usage: bool) -> Vec<Event> {
+    fn closing(
+        &self,
+        outcome: Result<AgentAnswer, OpenAiError>,
+        include_usage: bool,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
         match outcome {
-            Ok(Generation { completion, .. }) => {
+            Ok(AgentAnswer {
+                generation: Generation { completion, .. },
+                tool_calls,
+            }) => {
                 let empty = match self.route {
                     Route::Completion => json!(""),
                     Route::Chat => json!({}),
                 };
-                let reason = finish_reason(completion.finish_reason);
+                let reason = finish_reason(completion.finish_reason, &tool_calls);
                 events.push(self.chunk(empty, Value::Null, Some(reason), include_usage));
                 if include_usage {
                     events.push(self.event(json!([]), usage(&completion)));
@@ -291,14 +341,29 @@ fn data(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
-/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`.
-fn finish_reason(reason: FinishReason) -> &'static str {
+/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`;
+/// an answer that ends in calls is `tool_calls`.
+fn finish_reason(reason: FinishReason, tool_calls: &[ToolCall]) -> &'static str {
+    if !tool_calls.is_empty() && !matches!(reason, FinishReason::Cancelled) {
+        return "tool_calls";
+    }
     match reason {
         FinishReason::Eos | FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         // Only seen by a client that is gone; say something true anyway.
         FinishReason::Cancelled => "abort",
     }
+}
+
+/// A call in OpenAI's shape, with an id of the host's (`call_` and 24 hex digits, as
+/// OpenAI's look), so that ids are unique whatever the guest chose.
+fn tool_call_json(call: &ToolCall) -> Value {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    json!({
+        "id": format!("call_{}", &id[..24]),
+        "type": "function",
+        "function": { "name": call.name, "arguments": call.arguments },
+    })
 }
 
 fn usage(completion: &Completion) -> Value {

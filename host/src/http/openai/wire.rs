@@ -24,9 +24,10 @@ use serde_json::{Map, Value};
 
 use super::agent::{LogprobsField, RawAgentFields};
 use super::error::OpenAiError;
+use super::tools::{self, RawToolFields};
 use crate::guest::{
-    AgentFields, ChatMessage, ChatRequest, CompletionRequest, GenerationOptions, OpenAiCall,
-    OpenAiRequest, Role,
+    AgentChatRequest, AgentFields, AgentMessage, AgentRole, CompletionRequest, GenerationOptions,
+    OpenAiCall, OpenAiRequest,
 };
 use crate::http::params::{StopStrings, TEMPERATURE};
 
@@ -75,12 +76,24 @@ pub fn chat(body: &[u8]) -> Result<(Envelope, OpenAiRequest), OpenAiError> {
         Some(messages) => messages
             .into_iter()
             .enumerate()
-            .map(|(i, message)| message.into_chat_message(i))
+            .map(|(i, message)| message.into_agent_message(i))
             .collect::<Result<Vec<_>, _>>()?,
         None => return Err(OpenAiError::invalid("messages", "`messages` is required")),
     };
+    let tools = RawToolFields {
+        tools: body.tools,
+        tool_choice: body.tool_choice,
+        parallel_tool_calls: body.parallel_tool_calls,
+    }
+    .read()?;
     let (envelope, options, agent) = shared(body.rest, &CHAT_LEFTOVERS, LogprobsField::Flag)?;
-    let call = OpenAiCall::Chat(ChatRequest { messages, options });
+    let call = OpenAiCall::Chat(AgentChatRequest {
+        messages,
+        options,
+        tools: tools.tools,
+        tool_choice: tools.tool_choice,
+        parallel_tool_calls: tools.parallel_tool_calls,
+    });
     Ok((envelope, OpenAiRequest { call, agent }))
 }
 
@@ -109,6 +122,13 @@ enum Prompt {
 struct ChatBody {
     #[serde(default, deserialize_with = "null_as_value")]
     messages: Option<Vec<Message>>,
+    /// Tool calling (`tools`).
+    #[serde(default)]
+    tools: Value,
+    #[serde(default)]
+    tool_choice: Value,
+    #[serde(default)]
+    parallel_tool_calls: Value,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -120,6 +140,13 @@ struct Message {
     role: Option<MessageRole>,
     /// Absent or `null` in an assistant turn that made a tool call: nothing to show.
     content: Option<Content>,
+    /// An assistant turn's calls.
+    #[serde(default)]
+    tool_calls: Value,
+    /// A tool turn's: the call it answers.
+    tool_call_id: Option<String>,
+    /// A participant's or a tool's name.
+    name: Option<String>,
     /// Labels and unserved fields ([`MESSAGE_LEFTOVERS`]). Being flattened, it also has
     /// serde read a message from an object only, never from a list.
     #[serde(flatten)]
@@ -127,15 +154,40 @@ struct Message {
 }
 
 impl Message {
-    fn into_chat_message(self, index: usize) -> Result<ChatMessage, OpenAiError> {
+    fn into_agent_message(self, index: usize) -> Result<AgentMessage, OpenAiError> {
         let at = |field: &str| format!("messages[{index}].{field}");
         let role = match self.role {
             Some(MessageRole::Turn(role)) => role,
-            Some(MessageRole::Tool) => {
-                return Err(OpenAiError::unsupported(&at("role"), NO_TOOLS));
+            Some(MessageRole::Function) => {
+                return Err(OpenAiError::unsupported(
+                    &at("role"),
+                    "`function` turns are not served: use `tools` and `role: \"tool\"`",
+                ));
             }
             None => return Err(OpenAiError::invalid(at("role"), "`role` must be a string")),
         };
+        let tool_calls = tools::assistant_calls(self.tool_calls, &at("tool_calls"))?;
+        if !tool_calls.is_empty() && !matches!(role, AgentRole::Assistant) {
+            return Err(OpenAiError::invalid(
+                at("tool_calls"),
+                "only an assistant turn has `tool_calls`",
+            ));
+        }
+        match (&role, &self.tool_call_id) {
+            (AgentRole::Tool, None) => {
+                return Err(OpenAiError::invalid(
+                    at("tool_call_id"),
+                    "a tool turn needs `tool_call_id`, the id of the call it answers",
+                ));
+            }
+            (AgentRole::Tool, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(OpenAiError::invalid(
+                    at("tool_call_id"),
+                    "only a tool turn has `tool_call_id`",
+                ));
+            }
+        }
         let content = match self.content {
             None => String::new(),
             Some(Content::Text(text)) => text,
@@ -146,17 +198,23 @@ impl Message {
                 .collect::<Result<String, _>>()?,
         };
         MESSAGE_LEFTOVERS.check(&self.rest, at)?;
-        Ok(ChatMessage { role, content })
+        Ok(AgentMessage {
+            role,
+            content,
+            tool_calls,
+            tool_call_id: self.tool_call_id,
+            name: self.name,
+        })
     }
 }
 
-/// A message's `role`; `developer` is the newer name of `system`. Tool turns are read to be
-/// refused as tool calls.
+/// A message's `role`; `developer` is the newer name of `system`. The deprecated
+/// `function` turns are read to be refused by name.
 #[derive(Deserialize)]
 #[serde(try_from = "String")]
 enum MessageRole {
-    Turn(Role),
-    Tool,
+    Turn(AgentRole),
+    Function,
 }
 
 impl TryFrom<String> for MessageRole {
@@ -164,12 +222,13 @@ impl TryFrom<String> for MessageRole {
 
     fn try_from(role: String) -> Result<Self, String> {
         match role.as_str() {
-            "system" | "developer" => Ok(Self::Turn(Role::System)),
-            "user" => Ok(Self::Turn(Role::User)),
-            "assistant" => Ok(Self::Turn(Role::Assistant)),
-            "tool" | "function" => Ok(Self::Tool),
+            "system" | "developer" => Ok(Self::Turn(AgentRole::System)),
+            "user" => Ok(Self::Turn(AgentRole::User)),
+            "assistant" => Ok(Self::Turn(AgentRole::Assistant)),
+            "tool" => Ok(Self::Turn(AgentRole::Tool)),
+            "function" => Ok(Self::Function),
             other => Err(format!(
-                "unknown role `{other}` (system, developer, user, assistant)"
+                "unknown role `{other}` (system, developer, user, assistant, tool)"
             )),
         }
     }
@@ -449,7 +508,7 @@ impl Unserved {
 }
 
 const ONE_CHOICE: &str = "only one choice per request is served";
-const NO_TOOLS: &str = "tool calls are not served";
+const OLD_FUNCTIONS: &str = "`functions` and `function_call` are not served: use `tools`";
 const NO_PENALTY: &str = "only 0 is served (`repeat_penalty` is)";
 
 const COMPLETION_UNSERVED: &[Unserved] = &[
@@ -459,10 +518,8 @@ const COMPLETION_UNSERVED: &[Unserved] = &[
 ];
 
 const CHAT_UNSERVED: &[Unserved] = &[
-    Unserved::new("tools", is_empty, NO_TOOLS),
-    Unserved::new("functions", is_empty, NO_TOOLS),
-    Unserved::new("tool_choice", is_no_tool_choice, NO_TOOLS),
-    Unserved::new("function_call", is_no_tool_choice, NO_TOOLS),
+    Unserved::new("functions", is_empty, OLD_FUNCTIONS),
+    Unserved::new("function_call", is_no_tool_choice, OLD_FUNCTIONS),
     Unserved::new("audio", |_| false, "audio is not served"),
     Unserved::new(
         "modalities",
@@ -500,11 +557,14 @@ const CHAT_LEFTOVERS: Leftovers = Leftovers {
     unknown: "unknown field",
 };
 
-/// A message's: `name` labels a participant and `refusal` is an assistant turn's refusal;
-/// nothing else may hide here.
+/// A message's: `refusal` is an assistant turn's refusal; nothing else may hide here.
 const MESSAGE_LEFTOVERS: Leftovers = Leftovers {
-    unserved: &[&[Unserved::new("tool_calls", is_empty, NO_TOOLS)]],
-    labels: &["name", "refusal"],
+    unserved: &[&[Unserved::new(
+        "function_call",
+        |call| call.is_null(),
+        OLD_FUNCTIONS,
+    )]],
+    labels: &["refusal"],
     unknown: "unknown message field",
 };
 
@@ -570,7 +630,7 @@ fn not_json(error: serde_json::Error) -> OpenAiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest::{Constraint, ResponseFormat};
+    use crate::guest::{Constraint, ResponseFormat, ToolChoice};
 
     #[test]
     fn completion_fields() {
@@ -607,7 +667,7 @@ mod tests {
         };
         assert!(envelope.model.is_none() && !envelope.stream);
         assert_eq!(request.messages.len(), 3);
-        assert!(matches!(request.messages[0].role, Role::System));
+        assert!(matches!(request.messages[0].role, AgentRole::System));
         assert_eq!(request.messages[1].content, "ab");
         assert_eq!(request.options.max_tokens, Some(7));
     }
@@ -665,7 +725,18 @@ mod tests {
         }
         let chat_cases: &[(&[u8], &str)] = &[
             (br#"{"messages":[]}"#, "messages"),
-            (br#"{"messages":[{"role":"tool","content":"x"}]}"#, "messages[0].role"),
+            (
+                br#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "messages[0].tool_call_id",
+            ),
+            (
+                br#"{"messages":[{"role":"function","content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x","tool_call_id":"c"}]}"#,
+                "messages[0].tool_call_id",
+            ),
             (br#"{"messages":[{"role":"wizard","content":"x"}]}"#, "messages[0].role"),
             (
                 br#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#,
@@ -673,7 +744,31 @@ mod tests {
             ),
             (
                 br#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
-                "tools",
+                "tools[0].function",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],
+                     "tools":[{"type":"function","function":{"name":"a b"}}]}"#,
+                "tools[0].function.name",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],
+                     "tools":[{"type":"function","function":{"name":"f","parameters":[]}}]}"#,
+                "tools[0].function.parameters",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],
+                     "tools":[{"type":"function","function":{"name":"f"}}],
+                     "tool_choice":{"type":"function","function":{"name":"g"}}}"#,
+                "tool_choice.function.name",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+                "tool_choice",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"functions":[{"name":"f"}]}"#,
+                "functions",
             ),
             (
                 br#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
@@ -729,7 +824,12 @@ mod tests {
                 "messages[0].content[0]",
             ),
             (
-                br#"{"messages":[{"role":"user","content":"x","tool_calls":[{}]}]}"#,
+                br#"{"messages":[{"role":"assistant","content":"x","tool_calls":[{}]}]}"#,
+                "messages[0].tool_calls[0].id",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x",
+                     "tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}"#,
                 "messages[0].tool_calls",
             ),
             (
@@ -791,6 +891,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(request.agent.first_field(), None);
+    }
+
+    /// Tools, the choice among them and tool turns, as the guest gets them.
+    #[test]
+    fn tool_fields() {
+        let (_, request) = chat(
+            br#"{"messages":[{"role":"user","content":"Weather in Paris?"},
+                 {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                   "function":{"name":"weather","arguments":"{\"city\":\"Paris\"}"}}]},
+                 {"role":"tool","tool_call_id":"call_1","content":"18 C"}],
+                 "tools":[{"type":"function","function":{"name":"weather","description":"Now",
+                   "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}},
+                  {"type":"function","function":{"name":"time"}}],
+                 "tool_choice":{"type":"function","function":{"name":"time"}},
+                 "parallel_tool_calls":false}"#,
+        )
+        .unwrap();
+        assert_eq!(request.first_agent_field(), Some("tools"));
+        let OpenAiCall::Chat(call) = request.call else {
+            panic!("not a chat")
+        };
+        assert_eq!(call.tools.len(), 2);
+        assert_eq!(call.tools[0].description.as_deref(), Some("Now"));
+        assert!(call.tools[0].parameters.contains(r#""city""#));
+        assert!(call.tools[1].parameters.contains(r#""object""#));
+        assert!(matches!(call.tool_choice, ToolChoice::Function(ref name) if name == "time"));
+        assert!(!call.parallel_tool_calls);
+        let made = &call.messages[1].tool_calls[0];
+        assert_eq!(
+            (made.id.as_str(), made.name.as_str()),
+            ("call_1", "weather")
+        );
+        assert_eq!(made.arguments, r#"{"city":"Paris"}"#);
+        assert!(matches!(call.messages[2].role, AgentRole::Tool));
+        assert_eq!(call.messages[2].tool_call_id.as_deref(), Some("call_1"));
+        // Without tools the choice is `none`; `auto` with tools is the default.
+        let (_, request) =
+            chat(br#"{"messages":[{"role":"user","content":"x"}],"tool_choice":"none"}"#).unwrap();
+        assert_eq!(request.first_agent_field(), None);
+        let (_, request) = chat(
+            br#"{"messages":[{"role":"user","content":"x"}],
+                 "tools":[{"type":"function","function":{"name":"f"}}]}"#,
+        )
+        .unwrap();
+        let OpenAiCall::Chat(call) = request.call else {
+            panic!("not a chat")
+        };
+        assert!(matches!(call.tool_choice, ToolChoice::Auto) && call.parallel_tool_calls);
     }
 
     #[test]
