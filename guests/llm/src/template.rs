@@ -11,8 +11,8 @@
 //! rendering, whatever lies between them is the client's text and everything else is markup
 //! (see `prompt-part` in the WIT). Noncharacters never occur in text a tokenizer is meant to
 //! read, and they are removed from clients' text first, so a client cannot forge a boundary.
-//! The same goes for every string of the tools and tool calls a template renders (names,
-//! descriptions, schemas, arguments): they are the client's too.
+//! The same goes for every string value of the tools and tool calls a template renders
+//! (names, descriptions, schemas, arguments): they are the client's too.
 
 use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value, context};
@@ -108,7 +108,10 @@ fn client_text(text: &str, marks: Marks) -> String {
     }
 }
 
-/// `value` with each string (object keys too) the client's text.
+/// `value` with each string value the client's text. Object keys stay as they are:
+/// templates look fields up by name (`tool.function.parameters.properties`), so a marked key
+/// would not be found. A key is therefore the one place a client's string can reach the
+/// prompt as markup.
 fn client_json(value: &serde_json::Value, marks: Marks) -> serde_json::Value {
     use serde_json::Value as Json;
     match value {
@@ -117,7 +120,7 @@ fn client_json(value: &serde_json::Value, marks: Marks) -> serde_json::Value {
         Json::Object(fields) => Json::Object(
             fields
                 .iter()
-                .map(|(key, v)| (client_text(key, marks), client_json(v, marks)))
+                .map(|(key, v)| (key.clone(), client_json(v, marks)))
                 .collect(),
         ),
         other => other.clone(),

@@ -556,6 +556,101 @@ mod tests {
         );
     }
 
+    /// The fixture holds transformers' renderings of a template with tools
+    /// (guests/llm/fixtures/make_chat_templates.py): the conversation as the client sent it
+    /// renders here to the same text, and its client strings stay client text.
+    #[test]
+    fn a_native_template_renders_tools_as_transformers_does() {
+        use crate::template::{self, SpecialTokens};
+        let fixture: Value =
+            serde_json::from_str(include_str!("../fixtures/chat_templates.json")).unwrap();
+        let cases = fixture["tool_cases"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let template = case["template"].as_str().unwrap();
+            let messages: Vec<AgentMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| AgentMessage {
+                    role: match m["role"].as_str().unwrap() {
+                        "system" => AgentRole::System,
+                        "user" => AgentRole::User,
+                        "assistant" => AgentRole::Assistant,
+                        _ => AgentRole::Tool,
+                    },
+                    content: m["content"].as_str().unwrap_or("").to_owned(),
+                    tool_calls: m["tool_calls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|call| ToolCall {
+                            id: call["id"].as_str().unwrap().into(),
+                            name: call["function"]["name"].as_str().unwrap().into(),
+                            arguments: call["function"]["arguments"].as_str().unwrap().into(),
+                        })
+                        .collect(),
+                    tool_call_id: m["tool_call_id"].as_str().map(Into::into),
+                    name: None,
+                })
+                .collect();
+            let tools: Vec<Tool> = case["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|tool| Tool {
+                    name: tool["function"]["name"].as_str().unwrap().into(),
+                    description: tool["function"]["description"].as_str().map(Into::into),
+                    parameters: tool["function"]["parameters"].to_string(),
+                })
+                .collect();
+            let style = Style::of(template);
+            assert_eq!(
+                style,
+                Style {
+                    format: Format::Hermes,
+                    native: true
+                },
+                "{name}"
+            );
+            let (messages, tools) = prompt(style, &messages, &tools, &ToolChoice::Auto);
+            let tokens = SpecialTokens {
+                bos: "",
+                eos: "<|im_end|>",
+            };
+            let want = case["rendered"].as_str().unwrap();
+            let plain =
+                template::render_plain(template, &messages, tools.as_ref(), &tokens).unwrap();
+            assert_eq!(plain, want, "{name}: plain");
+            let parts = template::render(template, &messages, tools.as_ref(), &tokens).unwrap();
+            let text: String = parts
+                .iter()
+                .map(|part| match part {
+                    Part::Markup(t) | Part::Text(t) => t.as_str(),
+                })
+                .collect();
+            assert_eq!(text, want, "{name}: parts");
+            // The tool's description and the call's arguments are the client's text.
+            let client: Vec<&str> = parts
+                .iter()
+                .filter_map(|part| match part {
+                    Part::Text(t) => Some(t.as_str()),
+                    Part::Markup(_) => None,
+                })
+                .collect();
+            assert!(
+                client.contains(&"The weather in a city, <b>now</b>."),
+                "{name}: {client:?}"
+            );
+            assert!(
+                !parts
+                    .iter()
+                    .any(|part| matches!(part, Part::Markup(m) if m.contains("<b>")))
+            );
+        }
+    }
+
     #[test]
     fn a_template_without_tools_gets_the_hermes_section() {
         let messages = [
