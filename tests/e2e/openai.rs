@@ -226,7 +226,7 @@ async fn bad_requests_are_openai_errors_naming_the_field() {
     let body: Value = response.json().await.unwrap();
     assert_openai_error(status, &body, 400, None);
     for (body, param) in [
-        (json!({ "prompt": "x", "n": 2 }), "n"),
+        (json!({ "prompt": "x", "n": 0 }), "n"),
         (json!({ "prompt": "x", "logprobs": 50 }), "logprobs"),
         (
             json!({ "prompt": "x", "response_format": { "type": "json_schema",

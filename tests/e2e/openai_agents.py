@@ -2,7 +2,7 @@
 rbee-host (the `openai_agent_clients` test in tests/e2e/openai.rs starts it with SmolLM2 and
 the default guest): structured output through `chat.completions.parse` and `response_format`
 (every sampled answer validated with `jsonschema`), vLLM's `structured_outputs`,
-log-probabilities on both routes, `logit_bias`, and the errors of each. Exits non-zero at the
+log-probabilities on both routes, `logit_bias`, `n` choices, and the errors of each. Exits non-zero at the
 first check that fails."""
 
 import argparse
@@ -185,6 +185,38 @@ forced = client.completions.create(
 assert len(set(forced.choices[0].logprobs.tokens)) == 1, forced.choices[0].logprobs
 assert forced.choices[0].logprobs.tokens != lp.tokens[:5], forced.choices[0].logprobs
 
+# `n`: several choices, numbered, each valid under the schema; the usage counts the prompt
+# once and the tokens of every choice (llama-server counts one choice's); the same seed gives
+# the same choices again; streamed, each choice ends once and the chunks assemble to the
+# same texts.
+n_schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12}},
+            "required": ["word"], "additionalProperties": False}
+options = dict(max_tokens=40, temperature=1.0, seed=7, logprobs=True, response_format=json_format(n_schema))
+several = ask("Say a word as JSON.", n=3, **options)
+assert [choice.index for choice in several.choices] == [0, 1, 2], several
+for choice in several.choices:
+    jsonschema.validate(json.loads(choice.message.content), n_schema)
+assert several.usage.completion_tokens == sum(len(c.logprobs.content) for c in several.choices), several
+single = ask("Say a word as JSON.", **options)
+assert several.usage.prompt_tokens == single.usage.prompt_tokens, (several.usage, single.usage)
+again = ask("Say a word as JSON.", n=3, **options)
+assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
+texts, finishes, usage = {}, {}, None
+for chunk in ask("Say a word as JSON.", n=3, stream=True, stream_options={"include_usage": True}, **options):
+    if chunk.usage:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        if choice.finish_reason:
+            assert choice.index not in finishes, chunk
+            finishes[choice.index] = choice.finish_reason
+assert sorted(finishes) == [0, 1, 2], finishes
+assert [texts[i] for i in range(3)] == [c.message.content for c in several.choices], texts
+assert usage.completion_tokens == several.usage.completion_tokens, usage
+completions = client.completions.create(model=model, prompt="Once upon", max_tokens=4, n=2, temperature=1.0, seed=3)
+assert [choice.index for choice in completions.choices] == [0, 1], completions
+assert completions.usage.completion_tokens <= 8, completions.usage
+
 # Errors name the field.
 for kwargs, param in [
     ({"response_format": json_format({"type": "no-such-type"})}, "response_format.json_schema.schema"),
@@ -194,6 +226,7 @@ for kwargs, param in [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logit_bias": {"5": 101}}, "logit_bias.5"),
     ({"extra_body": {"structured_outputs": {"regex": "(unclosed"}}}, "structured_outputs.regex"),
+    ({"n": 17}, "n"),
 ]:
     try:
         ask("Hi", max_tokens=4, **kwargs)

@@ -98,8 +98,8 @@ try:
 except openai.NotFoundError:
     pass
 try:
-    client.chat.completions.create(model=model, messages=messages, n=2)
-    raise AssertionError("n=2 was accepted")
+    client.chat.completions.create(model=model, messages=messages, n=17)
+    raise AssertionError("n=17 was accepted")
 except openai.BadRequestError as error:
     assert error.body["param"] == "n", error.body
 try:

@@ -85,6 +85,12 @@ named = {"type": "function", "function": {"name": "get_time"}}
 for seed in range(4):
     calls = check_calls(ask(tool_choice=named, temperature=0.7, seed=seed).choices[0], ["get_time"])
 
+# `n` choices: each its own turn of a valid call.
+several = ask(tool_choice="required", parallel_tool_calls=False, n=3, temperature=0.8, seed=11)
+assert [choice.index for choice in several.choices] == [0, 1, 2], several
+for choice in several.choices:
+    check_calls(choice)
+
 # `parallel_tool_calls: false`: one call at most.
 for seed in range(4):
     answer = ask(tool_choice="required", parallel_tool_calls=False, temperature=0.9, seed=seed)

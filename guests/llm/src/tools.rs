@@ -363,6 +363,8 @@ pub fn held_back(format: Format, text: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Hermes blocks. The last one may be cut short by `max_tokens` (the answer then ends with
+/// `length`): it is not a call, and the whole calls before it still are.
 fn hermes_calls(text: &str) -> Option<(String, Vec<ToolCall>)> {
     let start = text.find("<tool_call>")?;
     let mut calls = Vec::new();
@@ -373,7 +375,11 @@ fn hermes_calls(text: &str) -> Option<(String, Vec<ToolCall>)> {
             Some(close) => (&body[..close], &body[close + "</tool_call>".len()..]),
             None => (body, ""),
         };
-        calls.push(call_of(json.trim(), "arguments")?);
+        match call_of(json.trim(), "arguments") {
+            Some(call) => calls.push(call),
+            None if after.is_empty() && !calls.is_empty() => break,
+            None => return None,
+        }
         rest = after;
     }
     Some((text[..start].trim().to_owned(), calls))
@@ -470,7 +476,9 @@ mod tests {
             ("weather", r#"{"city":"Paris"}"#)
         );
         assert_eq!(calls[1].arguments, "{}");
-        // A call that does not parse leaves the text as it was.
+        // A last call cut short is dropped; a text whose only call is cut short stays text.
+        let cut = format!("{text}\n<tool_call>\n{{\"name\": \"time\", \"argu");
+        assert_eq!(parse(Format::Hermes, &cut).1.len(), 2);
         let broken = "<tool_call>\n{\"name\": \"weather\", \"argu";
         let (content, calls) = parse(Format::Hermes, broken);
         assert!(content == broken && calls.is_empty());

@@ -212,13 +212,26 @@ impl GuestRuntime {
 }
 
 /// An OpenAI-style request as the guest's exports take it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OpenAiRequest {
     pub call: OpenAiCall,
     pub agent: AgentFields,
 }
 
 impl OpenAiRequest {
+    /// The request for choice `index` of several (`n`): the same, but a seed, when the
+    /// client gave one, moved on by `index`, so that sampled choices differ and the whole
+    /// answer is still reproducible.
+    pub fn for_choice(&self, index: u32) -> Self {
+        let mut request = self.clone();
+        let options = match &mut request.call {
+            OpenAiCall::Completion(completion) => &mut completion.options,
+            OpenAiCall::Chat(chat) => &mut chat.options,
+        };
+        options.seed = options.seed.map(|seed| seed.wrapping_add(u64::from(index)));
+        request
+    }
+
     /// The first field only `openai-agents` serves, if any: an agent option, tools, or a
     /// tool turn in the conversation.
     pub fn first_agent_field(&self) -> Option<&'static str> {
@@ -232,7 +245,7 @@ impl OpenAiRequest {
 
 /// The route's own request. A chat is read in the agents' shape (tool turns, tools), and
 /// lowered for a guest that only has `openai`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum OpenAiCall {
     Completion(CompletionRequest),
     Chat(AgentChatRequest),
@@ -282,7 +295,7 @@ impl AgentAnswer {
 
 /// What agent clients set, each with the field that set it (for a guest that cannot serve
 /// it to be refused naming the field).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AgentFields {
     pub response_format: Option<ResponseFormat>,
     pub structured_outputs: Option<Constraint>,

@@ -167,27 +167,58 @@ async fn serve(
         app.served_model.clone(),
         request.agent.logprobs.is_some(),
     );
-    let lease = work::admit(app).await?;
+    // Each choice (`n`) is a guest call and a sequence of its own, admitted like a request;
+    // the choices run together, in one batch. A choice starts as soon as it is admitted, so
+    // more choices than admission slots wait for earlier ones instead of for each other.
     if !envelope.stream {
-        let (job, in_flight) = start(app, model, request, None, lease);
-        let completion = work::finish(job).await?;
+        let mut jobs = Vec::new();
+        let mut in_flight = Vec::new();
+        for index in 0..envelope.choices {
+            let lease = work::admit(app).await?;
+            let (job, held) = start(app, model.clone(), request.for_choice(index), None, lease);
+            jobs.push(work::finish(job));
+            in_flight.push(held);
+        }
+        let answers = futures::future::join_all(jobs)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         drop(in_flight);
-        return Ok(axum::Json(answer.whole(completion)).into_response());
+        return Ok(axum::Json(answer.whole(answers)).into_response());
     }
-    let (client, mut pieces) = match route {
-        Route::Chat => chat_channel(),
-        Route::Completion => client_channel(),
-    };
-    let (job, in_flight) = start(app, model, request, Some(client), lease);
-    // As on /v1/infer: the first piece is awaited so that a guest failing before it says
-    // anything gets an HTTP error rather than a stream that only holds one.
-    let first = pieces.recv().await;
-    let end = match first {
-        Some(_) => reply::End::Running(job),
-        None => reply::End::Done(work::finish(job).await?),
-    };
-    let stream = answer.stream(first, pieces, end, envelope.include_usage, in_flight);
-    Ok(stream.into_response())
+    let mut started = Vec::new();
+    for index in 0..envelope.choices {
+        let lease = work::admit(app).await?;
+        let (client, pieces) = match route {
+            Route::Chat => chat_channel(),
+            Route::Completion => client_channel(),
+        };
+        let (job, in_flight) = start(
+            app,
+            model.clone(),
+            request.for_choice(index),
+            Some(client),
+            lease,
+        );
+        started.push((pieces, job, in_flight));
+    }
+    // As on /v1/infer: each choice's first piece is awaited so that a guest failing before
+    // it says anything gets an HTTP error rather than a stream that only holds one.
+    let mut choices = Vec::new();
+    for (mut pieces, job, in_flight) in started {
+        let first = pieces.recv().await;
+        let end = match first {
+            Some(_) => reply::End::Running(job),
+            None => reply::End::Done(work::finish(job).await?),
+        };
+        choices.push(reply::StreamedChoice {
+            first,
+            pieces,
+            end,
+            in_flight,
+        });
+    }
+    Ok(answer.stream(choices, envelope.include_usage))
 }
 
 fn start(

@@ -1,10 +1,12 @@
 //! The OpenAI answers: whole responses, and streams of chunks as the SDKs parse them.
 //!
-//! A stream has one id throughout. A chat stream's first chunk carries `role: "assistant"`;
-//! then one chunk per piece of text; then exactly one chunk with the `finish_reason`; with
-//! `stream_options.include_usage`, one more chunk with `choices: []` and the usage (and
-//! `usage: null` on the others, as OpenAI sends them); then `data: [DONE]`. A failure after
-//! the stream began ends it with an `{"error": {...}}` event, then `[DONE]`.
+//! A stream has one id throughout. Each choice (`n` of them, by `index`) has its chunks: a
+//! chat's first carries `role: "assistant"`; then one chunk per piece of text; then exactly
+//! one chunk with the `finish_reason`. The choices' chunks interleave as they are produced.
+//! With `stream_options.include_usage`, one more chunk with `choices: []` and the usage of all
+//! choices (and `usage: null` on the others, as OpenAI sends them); then `data: [DONE]`. A
+//! choice that fails after the stream began ends with an `{"error": {...}}` event instead of
+//! its finish chunk.
 //!
 //! Log-probabilities, when asked for, go in each choice's and chunk's `logprobs`, in the
 //! route's own shape: chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`, the
@@ -12,10 +14,12 @@
 //!
 //! A chat answer's tool calls go in `message.tool_calls`, or, streamed, one
 //! `delta.tool_calls` chunk per call (numbered by `index`, whole arguments in one piece, as
-//! the SDKs assemble them); with calls the finish reason is `tool_calls`. The host gives
+//! the SDKs assemble them); with calls the finish reason is `tool_calls` (unless
+//! `max_tokens` cut the answer: `length`). The host gives
 //! each call its id.
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::response::sse::{Event, Sse};
@@ -25,8 +29,7 @@ use serde_json::{Value, json};
 
 use super::error::OpenAiError;
 use crate::guest::{
-    AgentAnswer, ClientReceiver, Completion, Emitted, FinishReason, Generation, TokenLogprob,
-    ToolCall,
+    AgentAnswer, ClientReceiver, Emitted, FinishReason, Generation, TokenLogprob, ToolCall,
 };
 use crate::http::work::{self, GuestJob, InFlight};
 
@@ -47,10 +50,27 @@ pub struct Answer {
     logprobs: bool,
 }
 
-/// How a stream ends: with the guest still running, or already answered (it emitted nothing).
+/// How one choice's stream ends: with the guest still running, or already answered (it
+/// emitted nothing).
 pub enum End {
     Running(GuestJob<AgentAnswer>),
     Done(AgentAnswer),
+}
+
+/// One choice of a streamed request: the piece already received, the rest, how it ends, and
+/// the hold on its work (dropping it cancels the work).
+pub struct StreamedChoice {
+    pub first: Option<Emitted>,
+    pub pieces: ClientReceiver,
+    pub end: End,
+    pub in_flight: InFlight,
+}
+
+/// What the choices of a stream generated, for the usage chunk once all have ended.
+#[derive(Default)]
+struct Totals {
+    prompt_tokens: Option<u32>,
+    completion_tokens: u32,
 }
 
 impl Answer {
@@ -70,8 +90,32 @@ impl Answer {
         }
     }
 
-    /// The JSON response of a request that was not streamed.
-    pub fn whole(&self, answer: AgentAnswer) -> Value {
+    /// The JSON response of a request that was not streamed, with one choice per answer.
+    /// The usage counts the prompt once and every choice's tokens.
+    pub fn whole(&self, answers: Vec<AgentAnswer>) -> Value {
+        let prompt_tokens = answers
+            .first()
+            .map_or(0, |answer| answer.generation.completion.prompt_tokens);
+        let completion_tokens = answers
+            .iter()
+            .map(|answer| answer.generation.completion.tokens_generated)
+            .sum();
+        let choices: Vec<Value> = answers
+            .into_iter()
+            .enumerate()
+            .map(|(index, answer)| self.whole_choice(index, answer))
+            .collect();
+        json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        })
+    }
+
+    fn whole_choice(&self, index: usize, answer: AgentAnswer) -> Value {
         let AgentAnswer {
             generation:
                 Generation {
@@ -82,9 +126,9 @@ impl Answer {
         } = answer;
         let finish_reason = finish_reason(completion.finish_reason, &tool_calls);
         let logprobs = self.logprobs_json(&logprobs, 0);
-        let choice = match self.route {
+        match self.route {
             Route::Completion => json!({
-                "index": 0,
+                "index": index,
                 "text": completion.text,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
@@ -101,36 +145,65 @@ impl Answer {
                     }
                 }
                 json!({
-                    "index": 0,
+                    "index": index,
                     "message": message,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 })
             }
-        };
-        json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage(&completion),
-        })
+        }
     }
 
-    /// The event stream of a streamed request: `first` (the piece already received), the
-    /// rest of `pieces`, then the end. The stream owns `in_flight`, so a client that goes
-    /// away cancels the work.
-    pub fn stream(
-        self,
-        first: Option<Emitted>,
-        pieces: ClientReceiver,
-        end: End,
+    /// The event stream of a streamed request: each choice's chunks as they come, the
+    /// choices interleaved, each ending with its finish chunk (or an error event); then the
+    /// usage chunk when asked for, and `[DONE]`. The stream owns the choices' holds on their
+    /// work, so a client that goes away cancels it all.
+    pub fn stream(self, choices: Vec<StreamedChoice>, include_usage: bool) -> Response {
+        let this = Arc::new(self);
+        let totals = Arc::new(Mutex::new(Totals::default()));
+        let choices: Vec<_> = choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, choice)| {
+                this.clone()
+                    .choice_events(index, choice, include_usage, totals.clone())
+                    .boxed()
+            })
+            .collect();
+        let ending = stream::once(async move {
+            let mut events = Vec::new();
+            if include_usage {
+                let totals = lock(&totals);
+                let prompt_tokens = totals.prompt_tokens.unwrap_or(0);
+                events.push(this.event(json!([]), usage(prompt_tokens, totals.completion_tokens)));
+            }
+            events.push(Event::default().data("[DONE]"));
+            events
+        })
+        .flat_map(stream::iter);
+        let events = stream::select_all(choices)
+            .chain(ending)
+            .map(Ok::<_, Infallible>);
+        Sse::new(events).into_response()
+    }
+
+    /// One choice's events: the chat's opening `role` chunk, its pieces, its end.
+    fn choice_events(
+        self: Arc<Self>,
+        index: usize,
+        choice: StreamedChoice,
         include_usage: bool,
-        in_flight: InFlight,
-    ) -> Response {
+        totals: Arc<Mutex<Totals>>,
+    ) -> impl futures::Stream<Item = Event> {
+        let StreamedChoice {
+            first,
+            pieces,
+            end,
+            in_flight,
+        } = choice;
         let opening = match self.route {
             Route::Chat => Some(self.chunk(
+                index,
                 json!({ "role": "assistant", "content": "" }),
                 Value::Null,
                 None,
@@ -138,9 +211,8 @@ impl Answer {
             )),
             Route::Completion => None,
         };
-        let this = std::sync::Arc::new(self);
         let texts = {
-            let this = this.clone();
+            let this = self.clone();
             // The completions shape counts each token's offset in the whole text; tool calls
             // are numbered in order.
             stream::iter(first)
@@ -149,9 +221,9 @@ impl Answer {
                     let chunk = match &piece.tool_call {
                         Some(call) => {
                             *calls += 1;
-                            this.tool_call_chunk(call, *calls - 1, include_usage)
+                            this.tool_call_chunk(index, call, *calls - 1, include_usage)
                         }
-                        None => this.text_chunk(&piece, *offset, include_usage),
+                        None => this.text_chunk(index, &piece, *offset, include_usage),
                     };
                     *offset += piece.text.len();
                     std::future::ready(Some(chunk))
@@ -161,32 +233,46 @@ impl Answer {
             let _in_flight = in_flight;
             let outcome = match end {
                 End::Running(job) => work::finish(job).await.map_err(OpenAiError::from),
-                End::Done(generation) => Ok(generation),
+                End::Done(answer) => Ok(answer),
             };
-            this.closing(outcome, include_usage)
-        })
-        .flat_map(stream::iter);
-        let events = stream::iter(opening)
-            .chain(texts)
-            .chain(closing)
-            .map(Ok::<_, Infallible>);
-        Sse::new(events).into_response()
+            if let Ok(answer) = &outcome {
+                let completion = &answer.generation.completion;
+                let mut totals = lock(&totals);
+                totals.prompt_tokens.get_or_insert(completion.prompt_tokens);
+                totals.completion_tokens += completion.tokens_generated;
+            }
+            self.closing(index, outcome, include_usage)
+        });
+        stream::iter(opening).chain(texts).chain(closing)
     }
 
-    fn text_chunk(&self, piece: &Emitted, offset: usize, include_usage: bool) -> Event {
+    fn text_chunk(
+        &self,
+        index: usize,
+        piece: &Emitted,
+        offset: usize,
+        include_usage: bool,
+    ) -> Event {
         let logprobs = self.logprobs_json(&piece.logprobs, offset);
         let content = match self.route {
             Route::Completion => json!(piece.text),
             Route::Chat => json!({ "content": piece.text }),
         };
-        self.chunk(content, logprobs, None, include_usage)
+        self.chunk(index, content, logprobs, None, include_usage)
     }
 
-    /// A streamed chat answer's call number `index`, whole.
-    fn tool_call_chunk(&self, call: &ToolCall, index: usize, include_usage: bool) -> Event {
+    /// A streamed chat answer's call number `number`, whole.
+    fn tool_call_chunk(
+        &self,
+        index: usize,
+        call: &ToolCall,
+        number: usize,
+        include_usage: bool,
+    ) -> Event {
         let mut call = tool_call_json(call);
-        call["index"] = json!(index);
+        call["index"] = json!(number);
         self.chunk(
+            index,
             json!({ "tool_calls": [call] }),
             Value::Null,
             None,
@@ -255,13 +341,13 @@ impl Answer {
         }
     }
 
-    /// The events after the last piece: the finish reason, the usage, `[DONE]`; or the error.
+    /// The event after a choice's last piece: its finish reason, or its error.
     fn closing(
         &self,
+        index: usize,
         outcome: Result<AgentAnswer, OpenAiError>,
         include_usage: bool,
-    ) -> Vec<Event> {
-        let mut events = Vec::new();
+    ) -> Event {
         match outcome {
             Ok(AgentAnswer {
                 generation: Generation { completion, .. },
@@ -272,20 +358,16 @@ impl Answer {
                     Route::Chat => json!({}),
                 };
                 let reason = finish_reason(completion.finish_reason, &tool_calls);
-                events.push(self.chunk(empty, Value::Null, Some(reason), include_usage));
-                if include_usage {
-                    events.push(self.event(json!([]), usage(&completion)));
-                }
+                self.chunk(index, empty, Value::Null, Some(reason), include_usage)
             }
-            Err(error) => events.push(data(&json!({ "error": error.detail() }))),
+            Err(error) => data(&json!({ "error": error.detail() })),
         }
-        events.push(Event::default().data("[DONE]"));
-        events
     }
 
-    /// One chunk with one choice: `delta` (chat) or `text` (completion).
+    /// One chunk with choice `index`: `delta` (chat) or `text` (completion).
     fn chunk(
         &self,
+        index: usize,
         content: Value,
         logprobs: Value,
         finish_reason: Option<&str>,
@@ -293,13 +375,13 @@ impl Answer {
     ) -> Event {
         let choice = match self.route {
             Route::Completion => json!({
-                "index": 0,
+                "index": index,
                 "text": content,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Route::Chat => json!({
-                "index": 0,
+                "index": index,
                 "delta": content,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
@@ -341,10 +423,10 @@ fn data(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
-/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`;
-/// an answer that ends in calls is `tool_calls`.
+/// OpenAI's finish reasons: an end-of-sequence token and a stop string are both `stop`, or
+/// `tool_calls` when the answer made calls; `length` whatever was made before the cut.
 fn finish_reason(reason: FinishReason, tool_calls: &[ToolCall]) -> &'static str {
-    if !tool_calls.is_empty() && !matches!(reason, FinishReason::Cancelled) {
+    if !tool_calls.is_empty() && matches!(reason, FinishReason::Eos | FinishReason::Stop) {
         return "tool_calls";
     }
     match reason {
@@ -366,10 +448,16 @@ fn tool_call_json(call: &ToolCall) -> Value {
     })
 }
 
-fn usage(completion: &Completion) -> Value {
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     json!({
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.tokens_generated,
-        "total_tokens": completion.prompt_tokens + completion.tokens_generated,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     })
+}
+
+fn lock(totals: &Mutex<Totals>) -> std::sync::MutexGuard<'_, Totals> {
+    totals
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -34,6 +34,10 @@ use crate::http::params::{StopStrings, TEMPERATURE};
 /// OpenAI allows up to 4 stop sequences.
 const MAX_STOP: usize = 4;
 
+/// The most choices (`n`) one request may ask for: each is a sequence of the batch and a
+/// guest call of its own.
+pub const MAX_CHOICES: u32 = 16;
+
 /// What the HTTP layer needs besides the guest's request.
 #[derive(Debug)]
 pub struct Envelope {
@@ -42,6 +46,8 @@ pub struct Envelope {
     pub stream: bool,
     /// `stream_options.include_usage`: one more chunk with the usage before `[DONE]`.
     pub include_usage: bool,
+    /// How many choices (`n`), 1 to [`MAX_CHOICES`].
+    pub choices: u32,
 }
 
 /// `POST /v1/completions`.
@@ -320,6 +326,7 @@ struct SharedFields {
     stop: StopStrings,
     top_k: Option<u32>,
     repeat_penalty: Option<f32>,
+    n: Option<u32>,
     /// Agent clients' fields (`agent`).
     #[serde(default)]
     response_format: Value,
@@ -366,12 +373,20 @@ fn shared(
     let include_usage = fields.include_usage(stream)?;
     let max_tokens = fields.max_tokens()?;
     fields.check_ranges()?;
+    let choices = fields.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(OpenAiError::invalid(
+            "n",
+            format!("`n` must be from 1 to {MAX_CHOICES}, got {choices}"),
+        ));
+    }
     let stop = stop_sequences(fields.stop)?;
     leftovers.check(&fields.rest, str::to_owned)?;
     let envelope = Envelope {
         model: fields.model,
         stream,
         include_usage,
+        choices,
     };
     let options = GenerationOptions {
         max_tokens,
@@ -507,7 +522,7 @@ impl Unserved {
     }
 }
 
-const ONE_CHOICE: &str = "only one choice per request is served";
+const ONE_CHOICE: &str = "only one candidate per choice is served (ask for more with `n`)";
 const OLD_FUNCTIONS: &str = "`functions` and `function_call` are not served: use `tools`";
 const NO_PENALTY: &str = "only 0 is served (`repeat_penalty` is)";
 
@@ -529,7 +544,6 @@ const CHAT_UNSERVED: &[Unserved] = &[
 ];
 
 const SHARED_UNSERVED: &[Unserved] = &[
-    Unserved::new("n", |n| *n == 1, ONE_CHOICE),
     Unserved::new("presence_penalty", is_zero, NO_PENALTY),
     Unserved::new("frequency_penalty", is_zero, NO_PENALTY),
 ];
@@ -676,7 +690,8 @@ mod tests {
     #[test]
     fn refusals_name_the_field() {
         let cases: &[(&[u8], &str)] = &[
-            (br#"{"prompt":"x","n":2}"#, "n"),
+            (br#"{"prompt":"x","n":0}"#, "n"),
+            (br#"{"prompt":"x","n":17}"#, "n"),
             (br#"{"prompt":"x","logprobs":21}"#, "logprobs"),
             (br#"{"prompt":"x","logprobs":true}"#, "logprobs"),
             (br#"{"prompt":"x","top_logprobs":2}"#, "top_logprobs"),
