@@ -57,6 +57,7 @@ impl Engine {
             kv_budget_tokens = engine.limits.kv_positions(),
             prefix_caching = engine.limits.prefix_caching,
             speculative = engine.limits.speculative,
+            jump_forward = engine.limits.jump_forward,
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
@@ -104,6 +105,7 @@ impl Engine {
             prompt_chunk: options.prompt_chunk.max(1),
             prefix_caching: options.prefix_caching,
             speculative: options.speculative,
+            jump_forward: options.jump_forward,
         };
         // The KV of one model is never another's: the chain's root names the checkpoint and
         // how its weights are kept.

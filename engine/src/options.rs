@@ -71,6 +71,10 @@ pub struct LoadOptions {
     /// repeats its context and drafts nothing where it would not pay. Off by default until
     /// the serving benchmark has measured it against `off`.
     pub speculative: bool,
+    /// Whether a constrained sequence whose shape forces its next tokens (a JSON object's
+    /// fixed keys) feeds them in one step as a draft the model verifies (jump-forward), on
+    /// the model forms that verify several rows at once. The output is the same either way.
+    pub jump_forward: bool,
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.
     pub prompt_chunk: usize,
@@ -85,6 +89,7 @@ impl Default for LoadOptions {
             kv_budget_tokens: None,
             prefix_caching: true,
             speculative: false,
+            jump_forward: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
     }

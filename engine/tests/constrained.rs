@@ -105,6 +105,51 @@ fn every_sampled_output_of_a_random_model_is_valid_under_a_json_schema() {
     }
 }
 
+/// Jump-forward: the tokens a schema forces (its keys, its punctuation) go in as a draft the
+/// model verifies, several per step. The outputs are the very ones decoded token by token,
+/// sampled ones included (a forced token is never sampled); the counters show the drafts
+/// were taken, so this cannot pass with jump-forward doing nothing.
+#[test]
+fn forced_tokens_skip_steps_and_change_no_output() {
+    let load = |jump_forward| {
+        rbee_engine::Engine::load(
+            &common::fixtures().join("tiny-llama"),
+            &rbee_engine::LoadOptions {
+                device: rbee_engine::DeviceChoice::Cpu,
+                // The CPU form, which verifies several rows in one step.
+                weights: rbee_engine::WeightFormat::Auto,
+                jump_forward,
+                ..rbee_engine::LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let (jumping, stepping) = (load(true), load(false));
+    for seed in 0..4 {
+        let params = sampled(seed, 240, Constraint::JsonSchema(SCHEMA.into()));
+        let generate = |engine: &rbee_engine::Engine| {
+            engine
+                .generate(PROMPT, &params, &mut |_| ControlFlow::Continue(()))
+                .unwrap()
+        };
+        let (jumped, stepped) = (generate(&jumping), generate(&stepping));
+        assert_eq!(jumped.text, stepped.text, "seed {seed}");
+        assert_eq!(
+            jumped.generated_tokens, stepped.generated_tokens,
+            "seed {seed}"
+        );
+    }
+    let (jumped, stepped) = (jumping.batch_stats(), stepping.batch_stats());
+    assert!(
+        jumped.forced_accepted > 0 && stepped.forced_tokens == 0,
+        "{jumped:?}"
+    );
+    assert!(
+        jumped.steps + jumped.forced_accepted <= stepped.steps,
+        "{jumped:?} {stepped:?}"
+    );
+}
+
 #[test]
 fn a_regex_and_a_choice_hold_the_whole_output() {
     let engine = tiny_llama();

@@ -12,7 +12,9 @@
 //! per server, mode and client count: aggregate completion tokens per second, the ratio of
 //! `schema` to `free`, how many `schema` answers parse and hold the schema's fields, and,
 //! from rbee-host's `/metrics`, the 50th and 99th percentile bounds of the time to compute
-//! one token's mask. Medians over `--repeats`; one JSON line per row follows the table.
+//! one token's mask. `rbee-host-step` is rbee-host with `--no-jump-forward` (the tokens a
+//! schema forces decoded one per step), `schema` only, compared with rbee-host's `free`.
+//! Medians over `--repeats`; one JSON line per row follows the table.
 
 mod servers;
 
@@ -49,6 +51,7 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Server {
     RbeeHost,
+    RbeeHostStepping,
     LlamaCpp,
 }
 
@@ -56,15 +59,20 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::RbeeHost => "rbee-host",
+            Server::RbeeHostStepping => "rbee-host-step",
             Server::LlamaCpp => "llama-server",
         }
     }
 
     async fn start(self, args: &Args, slots: usize) -> Running {
         match self {
-            Server::RbeeHost => {
+            Server::RbeeHost | Server::RbeeHostStepping => {
                 let binary = servers::rbee_host_beside();
-                servers::rbee_host(&binary, &args.guest, &args.model, slots, &[]).await
+                let extra: &[&str] = match self {
+                    Server::RbeeHostStepping => &["--no-jump-forward"],
+                    _ => &[],
+                };
+                servers::rbee_host(&binary, &args.guest, &args.model, slots, extra).await
             }
             Server::LlamaCpp => {
                 let binary = args.llama_server.as_ref().expect("--llama-server");
@@ -274,7 +282,7 @@ async fn main() {
         .and_then(|s| s.to_str())
         .unwrap_or("model");
     MODEL.set(stem.to_string()).expect("set once");
-    let mut servers = vec![Server::RbeeHost];
+    let mut servers = vec![Server::RbeeHost, Server::RbeeHostStepping];
     if args.llama_server.is_some() {
         servers.push(Server::LlamaCpp);
     }
@@ -289,8 +297,13 @@ async fn main() {
             for mode in [Mode::Free, Mode::Schema] {
                 let _ = ask(&reqwest::Client::new(), &running.url, "a cup", mode, 8).await;
             }
+            // Jump-forward changes nothing without a schema.
+            let modes: &[Mode] = match server {
+                Server::RbeeHostStepping => &[Mode::Schema],
+                _ => &[Mode::Free, Mode::Schema],
+            };
             for &clients in &args.clients {
-                for mode in [Mode::Free, Mode::Schema] {
+                for &mode in modes {
                     let measured = measure(&running.url, mode, clients, args.max_tokens).await;
                     eprintln!(
                         "repeat {repeat}, {}, {mode:?}, {clients} client(s): {:.1} tok/s, {}/{} valid",
@@ -316,7 +329,11 @@ async fn main() {
     );
     for ((server, mode, clients), repeats) in &results {
         let tps = median(repeats.iter().map(|m| m.tokens_per_second).collect());
-        let free = &results[&(*server, Mode::Free, *clients)];
+        let free_server = match server {
+            Server::RbeeHostStepping => Server::RbeeHost,
+            other => *other,
+        };
+        let free = &results[&(free_server, Mode::Free, *clients)];
         let free_tps = median(free.iter().map(|m| m.tokens_per_second).collect());
         let valid: usize = repeats.iter().map(|m| m.valid).sum();
         let answers: usize = repeats.iter().map(|m| m.answers).sum();

@@ -101,6 +101,12 @@ pub struct Args {
     #[arg(long)]
     pub no_prefix_cache: bool,
 
+    /// Do not feed the tokens a structured-output constraint forces (a JSON schema's fixed
+    /// keys) in one step: decode them one per step like the rest. The answers are the same;
+    /// for comparing speed.
+    #[arg(long)]
+    pub no_jump_forward: bool,
+
     /// Requests that may wait for a free slot (0: none wait); beyond this the worker answers 503.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_QUEUE_SIZE))]
     pub queue_size: u32,

@@ -188,6 +188,7 @@ impl Args {
             kv_budget_tokens: self.kv_budget_tokens.map(|tokens| tokens as usize),
             prefix_caching: !self.no_prefix_cache,
             speculative: self.speculative == crate::cli::Speculative::Ngram,
+            jump_forward: !self.no_jump_forward,
             ..LoadOptions::default()
         }
     }

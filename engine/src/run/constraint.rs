@@ -198,6 +198,14 @@ impl Constrained {
         }
     }
 
+    /// The tokens the shape forces next, whatever the model would prefer (a JSON object's
+    /// fixed keys, a grammar's literals), in the tokenizer's own spelling; empty when the
+    /// next token is free. The model verifies them as a draft, so an answer is the one it
+    /// would have chosen token by token.
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.matcher.compute_ff_tokens()
+    }
+
     /// Moves past `token`, which the last mask allowed.
     pub fn consume(&mut self, token: u32) -> Result<(), EngineError> {
         self.ready = None;

@@ -55,6 +55,8 @@ pub(crate) struct BatchLimits {
     /// Whether generating sequences draft tokens from their context for the step to verify
     /// (`speculation`), where the model form verifies several rows at once.
     pub speculative: bool,
+    /// Whether constrained sequences draft the tokens their shape forces.
+    pub jump_forward: bool,
 }
 
 impl BatchLimits {
@@ -145,8 +147,11 @@ struct Sequence<'t> {
     admitted: u64,
     /// Whether it was preempted and waits to read its tokens again.
     preempted: bool,
-    /// Tokens guessed for this step to verify after its last one (`speculation`).
+    /// Tokens guessed for this step to verify after its last one (`speculation`), or
+    /// forced by its constraint.
     draft: Vec<u32>,
+    /// Whether `draft` is its constraint's forced tokens rather than a guess.
+    draft_forced: bool,
     /// How often its guesses are accepted.
     acceptance: Acceptance,
     /// Where its output is in the shape it must have.
@@ -183,6 +188,7 @@ impl<'t> Sequence<'t> {
             admitted: 0,
             preempted: false,
             draft: Vec::new(),
+            draft_forced: false,
             acceptance: Acceptance::default(),
             request,
         }
@@ -535,18 +541,32 @@ impl<'t> Batch<'t> {
         }
     }
 
-    /// Drafts tokens for the generating sequences to verify in the next step, oldest first,
-    /// each as many as its acceptance makes worth the step's cost (`speculation`): none
-    /// while a prompt is being read (its first token comes first), fewer the more rows the
-    /// step carries already.
+    /// Drafts tokens for the generating sequences to verify in the next step, oldest first.
+    /// A constrained sequence whose shape forces its next tokens drafts those (jump-forward:
+    /// several tokens in one step, whatever else runs, sampled or not, as a forced token is
+    /// never sampled). Otherwise a greedy one guesses as many as its acceptance makes worth
+    /// the step's cost (`speculation`): none while a prompt is being read (its first token
+    /// comes first), fewer the more rows the step carries already.
     fn draft(&mut self) {
-        let speculates = self.limits.speculative && self.core.model.takes_prompt_chunks();
+        let chunks = self.core.model.takes_prompt_chunks();
+        let speculates = self.limits.speculative && chunks;
+        let jumps = self.limits.jump_forward && chunks;
         let reading = self.running.iter().any(|sequence| !sequence.decoding());
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
         let (mut tokens, mut cost) = (decoding as f64, Acceptance::step_cost(decoding));
         for sequence in self.running.iter_mut().filter(|s| s.decoding()) {
             let room = (sequence.request.params.max_tokens - sequence.generated) as usize - 1;
             let room = room.min(self.core.context_length - sequence.tokens.len());
+            let forced = match &mut sequence.constraint {
+                Some(constraint) if jumps && room > 0 => constraint.forced(),
+                _ => Vec::new(),
+            };
+            sequence.draft_forced = !forced.is_empty();
+            if sequence.draft_forced {
+                sequence.draft = forced;
+                sequence.draft.truncate(room);
+                continue;
+            }
             // Greedy sequences only: a sampled one's draws would depend on what else ran
             // beside it, and its seed would no longer give its tokens.
             let greedy = sequence.request.params.temperature <= 0.0;
@@ -572,6 +592,7 @@ impl<'t> Batch<'t> {
         let mut sequence = self.leave(self.running.len() - 1);
         sequence.computed = 0;
         sequence.draft.clear();
+        sequence.draft_forced = false;
         sequence.cache = self.core.model.new_sequence_cache();
         sequence.preempted = true;
         self.core.stats.preempted();
@@ -781,8 +802,11 @@ fn step(batch: &mut Batch<'_>) {
             sequence.prefill = Some(sequence.started.elapsed());
         }
         let drafted = sequence.draft.len();
+        let forced = std::mem::take(&mut sequence.draft_forced);
         let (accepted, outcome) = sequence.advance(&mut logits, &core.eos_ids);
-        if drafted > 0 {
+        if forced {
+            core.stats.forced(drafted, accepted);
+        } else if drafted > 0 {
             sequence.acceptance.record(drafted, accepted);
             core.stats.drafted(drafted, accepted);
         }

@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     drafts: AtomicU64,
     draft_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
+    forced_tokens: AtomicU64,
+    forced_accepted: AtomicU64,
     constrained: AtomicU64,
     /// How long constrained generations' token masks took.
     pub masks: MaskTimings,
@@ -123,6 +125,10 @@ pub struct BatchStats {
     pub drafts: u64,
     pub draft_tokens: u64,
     pub accepted_tokens: u64,
+    /// Tokens a constraint forced, fed as a draft to skip steps (jump-forward), and those
+    /// the model's own choice confirmed.
+    pub forced_tokens: u64,
+    pub forced_accepted: u64,
     /// Generations that ran with a constraint (structured output).
     pub constrained: u64,
     /// How long their token masks took.
@@ -155,6 +161,14 @@ impl Counters {
         self.draft_tokens
             .fetch_add(drafted as u64, Ordering::Relaxed);
         self.accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+    }
+
+    /// A draft of `drafted` tokens a constraint forced was verified; `accepted` held.
+    pub fn forced(&self, drafted: usize, accepted: usize) {
+        self.forced_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.forced_accepted
             .fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
@@ -192,6 +206,8 @@ impl Counters {
             drafts: load(&self.drafts),
             draft_tokens: load(&self.draft_tokens),
             accepted_tokens: load(&self.accepted_tokens),
+            forced_tokens: load(&self.forced_tokens),
+            forced_accepted: load(&self.forced_accepted),
             constrained: load(&self.constrained),
             mask_times: self.masks.snapshot(),
         }
