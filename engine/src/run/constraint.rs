@@ -7,6 +7,7 @@
 //! The vocabulary is read once, on the first generation that needs it (its trie takes a few
 //! tens of milliseconds to build); it also gives each token's bytes to log-probabilities.
 
+use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use llguidance::api::TopLevelGrammar;
@@ -111,7 +112,8 @@ impl Vocabulary {
         }
         Ok(Constrained {
             matcher,
-            ready: None,
+            ready: VecDeque::new(),
+            ahead: VecDeque::new(),
         })
     }
 }
@@ -131,8 +133,11 @@ fn compact(mut schema: Value) -> Value {
 /// One generation's place in its shape.
 pub(crate) struct Constrained {
     matcher: Matcher,
-    /// The mask for the next token, computed ahead (`prepare`) while the forward pass runs.
-    ready: Option<SimpleVob>,
+    /// Masks computed ahead (`prepare`) while the forward pass runs: the next token's, then,
+    /// for a draft, the one after each drafted token in turn.
+    ready: VecDeque<SimpleVob>,
+    /// The drafted tokens the masks after the first assume, in order.
+    ahead: VecDeque<u32>,
 }
 
 /// What a constraint allows next.
@@ -144,23 +149,32 @@ pub(crate) enum Allowed {
 }
 
 impl Constrained {
-    /// Computes the next token's mask ahead of `mask`, which then only applies it: called
-    /// beside the forward pass that computes the logits. A failure is left for `mask` to
-    /// report.
-    pub fn prepare(&mut self, timings: &MaskTimings) {
-        if self.ready.is_none() {
-            self.ready = self.compute(timings).ok();
+    /// Computes the next token's mask ahead of `mask`, which then only applies it, and, for
+    /// a `draft` the step verifies, the mask after each of its tokens (on a copy of the
+    /// shape moved along the draft; a token the shape refuses ends it): called beside the
+    /// forward pass that computes the logits, so verifying a draft computes no mask after
+    /// it. A failure is left for `mask` to report.
+    pub fn prepare(&mut self, draft: &[u32], timings: &MaskTimings) {
+        if self.ready.is_empty() {
+            match compute(&mut self.matcher, timings) {
+                Ok(mask) => self.ready.push_back(mask),
+                Err(_) => return,
+            }
         }
-    }
-
-    fn compute(&mut self, timings: &MaskTimings) -> Result<SimpleVob, EngineError> {
-        let started = std::time::Instant::now();
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| failed(format!("{e:#}")));
-        timings.record(started.elapsed());
-        mask
+        if draft.is_empty() || self.ready.len() > 1 {
+            return;
+        }
+        let mut along = self.matcher.clone();
+        for &token in draft {
+            if along.consume_token(token).is_err() {
+                break;
+            }
+            match compute(&mut along, timings) {
+                Ok(mask) => self.ready.push_back(mask),
+                Err(_) => break,
+            }
+            self.ahead.push_back(token);
+        }
     }
 
     /// Masks the logits of every token the shape forbids now. Once the shape is complete
@@ -170,9 +184,9 @@ impl Constrained {
         logits: &mut [f32],
         timings: &MaskTimings,
     ) -> Result<Allowed, EngineError> {
-        let allowed = match self.ready.take() {
+        let allowed = match self.ready.pop_front() {
             Some(allowed) => allowed,
-            None => self.compute(timings)?,
+            None => compute(&mut self.matcher, timings)?,
         };
         // One bit per token, 32 to a word; most words of a mask are all one way. Logits past
         // the mask (a model's vocabulary padded past its tokenizer's) are never allowed.
@@ -208,11 +222,25 @@ impl Constrained {
 
     /// Moves past `token`, which the last mask allowed.
     pub fn consume(&mut self, token: u32) -> Result<(), EngineError> {
-        self.ready = None;
+        // The masks prepared after a drafted token hold only if that token is taken.
+        if self.ahead.pop_front() != Some(token) {
+            self.ready.clear();
+            self.ahead.clear();
+        }
         self.matcher
             .consume_token(token)
             .map_err(|e| failed(format!("{e:#}")))
     }
+}
+
+/// The mask of `matcher`'s next token, timed.
+fn compute(matcher: &mut Matcher, timings: &MaskTimings) -> Result<SimpleVob, EngineError> {
+    let started = std::time::Instant::now();
+    let mask = matcher
+        .compute_mask_or_eos()
+        .map_err(|e| failed(format!("{e:#}")));
+    timings.record(started.elapsed());
+    mask
 }
 
 fn failed(why: String) -> EngineError {

@@ -729,10 +729,10 @@ fn step(batch: &mut Batch<'_>) {
             ids
         })
         .collect();
-    // Each item, and the constraint of each sequence this step gives logits to: its next
-    // mask is computed beside the forward pass, on another thread.
-    let (mut items, constraints): (Vec<BatchItem<'_>>, Vec<Option<&mut Constrained>>) = running
-        [..stepping]
+    // Each item, and the constraint of each sequence this step gives logits to, with its
+    // draft: its next masks are computed beside the forward pass, on another thread.
+    type Masked<'a> = Option<(&'a mut Constrained, &'a [u32])>;
+    let (mut items, constraints): (Vec<BatchItem<'_>>, Vec<Masked<'_>>) = running[..stepping]
         .iter_mut()
         .zip(&chunks)
         .zip(&inputs)
@@ -750,11 +750,16 @@ fn step(batch: &mut Batch<'_>) {
                     0
                 },
             };
-            let constraint = sequence.constraint.as_mut().filter(|_| gives_logits);
+            let constraint = sequence
+                .constraint
+                .as_mut()
+                .filter(|_| gives_logits)
+                .map(|constraint| (constraint, sequence.draft.as_slice()));
             (item, constraint)
         })
         .unzip();
-    let mut constraints: Vec<&mut Constrained> = constraints.into_iter().flatten().collect();
+    let mut constraints: Vec<(&mut Constrained, &[u32])> =
+        constraints.into_iter().flatten().collect();
     core.stats
         .record(items.len(), inputs.iter().map(Vec::len).sum());
     // A step whose sequences have all been cancelled stops between layers rather than
@@ -765,8 +770,8 @@ fn step(batch: &mut Batch<'_>) {
     let outputs = std::thread::scope(|scope| {
         let masks = (!constraints.is_empty()).then(|| {
             scope.spawn(|| {
-                for constraint in &mut constraints {
-                    constraint.prepare(&core.stats.masks);
+                for (constraint, draft) in &mut constraints {
+                    constraint.prepare(draft, &core.stats.masks);
                 }
             })
         });
