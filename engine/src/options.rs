@@ -67,7 +67,8 @@ pub struct LoadOptions {
     pub prefix_caching: bool,
     /// Whether generating sequences guess their next tokens from their own context (n-gram
     /// lookup) and each step verifies the guesses, on the model forms that verify several
-    /// rows at once (the CPU's). Greedy output is the same either way; it pays on text that
+    /// rows at once (the CPU's). The output is the same either way (greedy, or sampled with a
+    /// seed: a guess is verified by the draw the sequence makes anyway); it pays on text that
     /// repeats its context and drafts nothing where it would not pay. Off by default until
     /// the serving benchmark has measured it against `off`.
     pub speculative: bool,

@@ -179,12 +179,12 @@ fn chat_turns_give_the_same_tokens_from_the_prefix_cache() {
     assert!(cached.batch_stats().prefix_hit_tokens > 0);
 }
 
-/// Speculative decoding on SmolLM2: greedy tokens with it are the tokens without it, on a
-/// prompt whose answer copies its input (drafts mostly accepted) and on free text (mostly
-/// not), alone and batched together.
+/// Speculative decoding on SmolLM2: tokens with it are the tokens without it, greedy and
+/// sampled with a seed, on a prompt whose answer copies its input (drafts mostly accepted)
+/// and on free text (mostly not), alone and batched together.
 #[test]
 #[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh then runs it)"]
-fn speculation_keeps_greedy_tokens() {
+fn speculation_keeps_the_tokens() {
     let load = |speculative| {
         std::sync::Arc::new(
             rbee_engine::Engine::load(
@@ -201,9 +201,17 @@ fn speculation_keeps_greedy_tokens() {
     let copy = "<|im_start|>user\nRepeat this list exactly: apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon, mango.<|im_end|>\n<|im_start|>assistant\n";
     let free =
         "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n";
+    let sampled = |seed| rbee_engine::SamplingParams {
+        temperature: 0.7,
+        seed: Some(seed),
+        ..greedy(48)
+    };
     let jobs: Vec<_> = [copy, free]
         .iter()
-        .map(|text| (on.tokenize(text).unwrap(), greedy(48)))
+        .flat_map(|text| {
+            let prompt = on.tokenize(text).unwrap();
+            [greedy(48), sampled(1), sampled(2)].map(|params| (prompt.clone(), params))
+        })
         .collect();
     for (prompt, params) in &jobs {
         assert_eq!(

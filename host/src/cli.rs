@@ -90,9 +90,10 @@ pub struct Args {
 
     /// Speculative decoding from the context: `ngram` lets each generating request guess its
     /// next tokens from what followed their last occurrence in its prompt and output, and
-    /// every step verifies the guesses (greedy output is the same; it pays on text that
-    /// repeats its input, and drafts nothing where it would not pay); `off` decodes one token
-    /// per step (the default until the serving benchmark has measured `ngram` against it).
+    /// every step verifies the guesses (the answers are the same, greedy or seeded; it pays
+    /// on text that repeats its input, and drafts nothing where it would not pay); `off`
+    /// decodes one token per step (the default until the serving benchmark has measured
+    /// `ngram` against it).
     #[arg(long, value_enum, default_value = "off")]
     pub speculative: Speculative,
 

@@ -411,6 +411,65 @@ async fn smollm2_answers_a_chat_with_its_own_template() {
     assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
 }
 
+/// `--speculative ngram` on the real binary: a chat whose answer copies its input gets the
+/// same answer as from a worker without it, greedy and sampled with a seed, whole and
+/// streamed (a chunk may carry several tokens), and `/metrics` counts the drafts verified
+/// and the tokens accepted, so the answers cannot agree by drafting nothing.
+#[tokio::test]
+#[ignore = "needs SmolLM2 (scripts/fetch-model.sh; scripts/test.sh runs it when present)"]
+async fn speculation_serves_the_answers_served_without_it() {
+    let start = |speculative: &str| {
+        let mut options = Options::new("llm").arg(format!("--speculative={speculative}"));
+        options.model = smollm2();
+        Worker::start(options)
+    };
+    let (on, off) = (start("ngram").await, start("off").await);
+    let list = "apple, banana, cherry, date, elderberry, fig, grape, honeydew, kiwi, lemon";
+    let request = |temperature: f64, stream: bool| {
+        json!({ "messages": [{ "role": "user", "content": format!("Repeat this list exactly: {list}.") }],
+                "max_tokens": 40, "temperature": temperature, "seed": 7, "stream": stream })
+    };
+    for temperature in [0.0, 0.8] {
+        let (status, want) = post(&off, "/v1/chat/completions", request(temperature, false)).await;
+        assert_eq!(status, 200, "{want}");
+        let want = &want["choices"][0]["message"]["content"];
+        let (status, got) = post(&on, "/v1/chat/completions", request(temperature, false)).await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(
+            &got["choices"][0]["message"]["content"], want,
+            "temperature {temperature}"
+        );
+        let (stream, done) = chunks(&on, "/v1/chat/completions", request(temperature, true)).await;
+        assert!(done);
+        let streamed: String = stream
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            streamed,
+            want.as_str().unwrap(),
+            "temperature {temperature}"
+        );
+    }
+    let label = "{model_name=\"SmolLM2-135M-Instruct.Q4_1\"}";
+    let counted = |text: &str, name: &str| samples(text)[&format!("rbee:{name}_total{label}")];
+    let metrics = on.get("/metrics").await.text().await.unwrap();
+    assert!(
+        counted(&metrics, "spec_decode_num_drafts") > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        counted(&metrics, "spec_decode_num_accepted_tokens") > 0.0,
+        "{metrics}"
+    );
+    let metrics = off.get("/metrics").await.text().await.unwrap();
+    assert_eq!(
+        counted(&metrics, "spec_decode_num_drafts"),
+        0.0,
+        "{metrics}"
+    );
+}
+
 /// The official `openai` Python client and `prometheus_client`'s parser, against the real
 /// binary (tests/e2e/openai_client.py). scripts/test.sh installs both into a virtual
 /// environment and names its Python in RBEE_TEST_PYTHON.

@@ -248,8 +248,13 @@ impl<'t> Sequence<'t> {
         let vocab = logits.len() / rows;
         let mut accepted = 0;
         for (row, logits) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
-            // Drafts are greedy sequences' only: the model's choice is the draft or not. A
-            // constrained one's rows are masked in turn, each after the accepted tokens
+            // The model's choice at each row is made as it would be without the draft (the
+            // same logits, the sampler's next draw), and the draft goes on while it agrees.
+            // For a draft that guesses one token, that is speculative sampling's rejection
+            // rule: the guess stays with the probability the model gives it, and a rejected
+            // row yields the model's distribution less the guess. A sampler draws once per
+            // token taken, so a seed gives the same tokens with and without drafts. A
+            // constrained sequence's rows are masked in turn, each after the accepted tokens
             // before it moved the shape on, as if they had been generated one by one.
             let token = match self.choose(logits, eos_ids) {
                 Ok(token) => token,
@@ -544,9 +549,10 @@ impl<'t> Batch<'t> {
     /// Drafts tokens for the generating sequences to verify in the next step, oldest first.
     /// A constrained sequence whose shape forces its next tokens drafts those (jump-forward:
     /// several tokens in one step, whatever else runs, sampled or not, as a forced token is
-    /// never sampled). Otherwise a greedy one guesses as many as its acceptance makes worth
-    /// the step's cost (`speculation`): none while a prompt is being read (its first token
-    /// comes first), fewer the more rows the step carries already.
+    /// never sampled). Otherwise it guesses as many as its acceptance makes worth the step's
+    /// cost (`speculation`): none while a prompt is being read (its first token comes
+    /// first), fewer the more rows the step carries already. Greedy or sampled alike:
+    /// `advance` verifies a guess by the draw the sequence makes anyway.
     fn draft(&mut self) {
         let chunks = self.core.model.takes_prompt_chunks();
         let speculates = self.limits.speculative && chunks;
@@ -567,10 +573,7 @@ impl<'t> Batch<'t> {
                 sequence.draft.truncate(room);
                 continue;
             }
-            // Greedy sequences only: a sampled one's draws would depend on what else ran
-            // beside it, and its seed would no longer give its tokens.
-            let greedy = sequence.request.params.temperature <= 0.0;
-            let len = if speculates && !reading && greedy {
+            let len = if speculates && !reading {
                 sequence.acceptance.draft_len(tokens, cost, room)
             } else {
                 0
