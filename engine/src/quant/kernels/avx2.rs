@@ -1,6 +1,7 @@
 //! The AVX2/FMA/F16C kernels (x86-64, picked at run time: `Simd::Avx2`). Where the CPU also
-//! has AVX-VNNI, each chunk's products are accumulated with `vpdpwssd` (multiply pairs and
-//! accumulate, exact in i32 as `vpmaddwd` + `vpaddd`): the same sums, from the same body.
+//! has AVX-VNNI or AVX-512 VNNI, each chunk's products are accumulated with `vpdpwssd`
+//! (multiply pairs and accumulate, exact in i32 as `vpmaddwd` + `vpaddd`): the same sums,
+//! from the same body, one instruction fewer per chunk, row and input.
 //!
 //! **Two rows by up to four inputs per pass.** The kernel dots two weight rows with up to
 //! four inputs at once: each weight chunk is widened once for all inputs and each activation
@@ -137,16 +138,22 @@ unsafe fn q4_1_unpack(nibbles: *const u8) -> (__m256i, __m256i) {
     )
 }
 
+/// The `VNNI` parameter of the kernels: which `vpdpwssd` they use ([`super::Vnni`]).
+const NO_VNNI: u8 = 0;
+const VEX_VNNI: u8 = 1;
+const EVEX_VNNI: u8 = 2;
+
 /// `acc + Σ` of the pairwise products of `w` and `x` (i16 pairs into i32 lanes, exact).
-/// `VNNI`: one `vpdpwssd`; otherwise `vpmaddwd` and an add, the same sums.
+/// With a `VNNI`, one `vpdpwssd`; otherwise `vpmaddwd` and an add, the same sums.
 #[inline(always)]
-unsafe fn dot_add<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    // SAFETY: the callers enable AVX2, and AVX-VNNI where `VNNI`.
+unsafe fn dot_add<const VNNI: u8>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    // SAFETY: the callers enable AVX2, and AVX-VNNI for `VEX_VNNI`, AVX-512 VNNI and VL
+    // for `EVEX_VNNI`.
     unsafe {
-        if VNNI {
-            _mm256_dpwssd_avx_epi32(acc, w, x)
-        } else {
-            _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+        match VNNI {
+            VEX_VNNI => _mm256_dpwssd_avx_epi32(acc, w, x),
+            EVEX_VNNI => _mm256_dpwssd_epi32(acc, w, x),
+            _ => _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)),
         }
     }
 }
@@ -275,10 +282,10 @@ impl WeightRow for Q8_0Row {
 ///
 /// # Safety
 /// The subgroup is inside every row and every input; the callers enable AVX2, FMA and
-/// F16C, and AVX-VNNI where `VNNI`.
+/// F16C, and the `VNNI` instructions.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn subgroup<W: WeightRow, const R: usize, const M: usize, const VNNI: bool>(
+unsafe fn subgroup<W: WeightRow, const R: usize, const M: usize, const VNNI: u8>(
     rows: [W; R],
     (first, p): (usize, usize),
     xs: [&QuantizedRow; M],
@@ -331,7 +338,7 @@ unsafe fn subgroup<W: WeightRow, const R: usize, const M: usize, const VNNI: boo
 /// # Safety
 /// Every row holds `xs[0].blocks()` blocks, as does every input; as for [`subgroup`].
 #[inline(always)]
-unsafe fn dot<W: WeightRow, const R: usize, const M: usize, const VNNI: bool>(
+unsafe fn dot<W: WeightRow, const R: usize, const M: usize, const VNNI: u8>(
     rows: [W; R],
     xs: [&QuantizedRow; M],
 ) -> [[f32; M]; R] {
@@ -362,7 +369,7 @@ unsafe fn dot<W: WeightRow, const R: usize, const M: usize, const VNNI: bool>(
 /// # Safety
 /// As for [`dot`], for every row and input.
 #[inline(always)]
-unsafe fn tiles<W: WeightRow, const VNNI: bool>(
+unsafe fn tiles<W: WeightRow, const VNNI: u8>(
     row: impl Fn(usize) -> W,
     rows: Range<usize>,
     xs: &[QuantizedRow],
@@ -391,7 +398,7 @@ unsafe fn tiles<W: WeightRow, const VNNI: bool>(
 /// # Safety
 /// As for [`dot`].
 #[inline(always)]
-unsafe fn inputs<W: WeightRow, const R: usize, const VNNI: bool>(
+unsafe fn inputs<W: WeightRow, const R: usize, const VNNI: u8>(
     rows: [W; R],
     xs: &[QuantizedRow],
     out: &mut [f32],
@@ -429,7 +436,7 @@ unsafe fn inputs<W: WeightRow, const R: usize, const VNNI: bool>(
 /// # Safety
 /// `bytes` holds rows up to `rows.end`; the callers enable the instruction sets.
 #[inline(always)]
-unsafe fn q4_1<const VNNI: bool>(
+unsafe fn q4_1<const VNNI: u8>(
     bytes: &[u8],
     rows: Range<usize>,
     xs: &[QuantizedRow],
@@ -446,7 +453,7 @@ unsafe fn q4_1<const VNNI: bool>(
 /// `quants` and `scales` hold rows up to `rows.end`; the callers enable the instruction
 /// sets.
 #[inline(always)]
-unsafe fn q8_0<const VNNI: bool>(
+unsafe fn q8_0<const VNNI: u8>(
     quants: &[i8],
     scales: &[f32],
     rows: Range<usize>,
@@ -477,7 +484,17 @@ unsafe fn q8_0<const VNNI: bool>(
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_1(bytes: &[u8], rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
-    unsafe { q4_1::<false>(bytes, rows, xs, out) }
+    unsafe { q4_1::<NO_VNNI>(bytes, rows, xs, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn dot_q4_1_avx512vnni(
+    bytes: &[u8],
+    rows: Range<usize>,
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+) {
+    unsafe { q4_1::<EVEX_VNNI>(bytes, rows, xs, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
@@ -487,7 +504,7 @@ pub unsafe fn dot_q4_1_vnni(
     xs: &[QuantizedRow],
     out: &mut [f32],
 ) {
-    unsafe { q4_1::<true>(bytes, rows, xs, out) }
+    unsafe { q4_1::<VEX_VNNI>(bytes, rows, xs, out) }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -498,7 +515,18 @@ pub unsafe fn dot_q8_0(
     xs: &[QuantizedRow],
     out: &mut [f32],
 ) {
-    unsafe { q8_0::<false>(quants, scales, rows, xs, out) }
+    unsafe { q8_0::<NO_VNNI>(quants, scales, rows, xs, out) }
+}
+
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+pub unsafe fn dot_q8_0_avx512vnni(
+    quants: &[i8],
+    scales: &[f32],
+    rows: Range<usize>,
+    xs: &[QuantizedRow],
+    out: &mut [f32],
+) {
+    unsafe { q8_0::<EVEX_VNNI>(quants, scales, rows, xs, out) }
 }
 
 #[target_feature(enable = "avx2,fma,avxvnni")]
@@ -509,7 +537,7 @@ pub unsafe fn dot_q8_0_vnni(
     xs: &[QuantizedRow],
     out: &mut [f32],
 ) {
-    unsafe { q8_0::<true>(quants, scales, rows, xs, out) }
+    unsafe { q8_0::<VEX_VNNI>(quants, scales, rows, xs, out) }
 }
 
 /// A whole Q4_1 group (`sub`: 8 `d`s, 8 `m`s, 8 nibble chunks) as 256 f32, `q·d + m`

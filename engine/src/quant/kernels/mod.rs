@@ -41,11 +41,46 @@ pub use portable::expand_q8_0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
     Portable,
-    /// AVX2, FMA and F16C; `vnni`: AVX-VNNI too (the dots' pair sums in one instruction).
+    /// AVX2, FMA and F16C; `vnni`: which encoding of `vpdpwssd` (the dots' pair sums in
+    /// one instruction) the CPU has on 256-bit registers, if any.
     #[cfg(target_arch = "x86_64")]
     Avx2 {
-        vnni: bool,
+        vnni: Vnni,
     },
+}
+
+/// The 256-bit `vpdpwssd` a CPU has: AVX-VNNI's VEX form (Intel from Alder Lake, AMD from
+/// Zen 5), or AVX-512 VNNI's EVEX form on `ymm` registers (AVX512VL; Intel from Ice Lake,
+/// AMD Zen 4, whose AVX-512 runs at 256-bit width anyway). The same instruction either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vnni {
+    No,
+    Vex,
+    Evex,
+}
+
+impl Vnni {
+    #[cfg(target_arch = "x86_64")]
+    fn detect() -> Self {
+        if Self::has_vex() {
+            Vnni::Vex
+        } else if Self::has_evex() {
+            Vnni::Evex
+        } else {
+            Vnni::No
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_vex() -> bool {
+        std::arch::is_x86_feature_detected!("avxvnni")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_evex() -> bool {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
 }
 
 impl Simd {
@@ -56,7 +91,7 @@ impl Simd {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             return Simd::Avx2 {
-                vnni: std::arch::is_x86_feature_detected!("avxvnni"),
+                vnni: Vnni::detect(),
             };
         }
         Simd::Portable
@@ -67,10 +102,13 @@ impl Simd {
     pub fn available() -> Vec<Self> {
         let mut sets = vec![Simd::Portable];
         #[cfg(target_arch = "x86_64")]
-        if let Simd::Avx2 { vnni } = Simd::detect() {
-            sets.push(Simd::Avx2 { vnni: false });
-            if vnni {
-                sets.push(Simd::Avx2 { vnni: true });
+        if let Simd::Avx2 { .. } = Simd::detect() {
+            sets.push(Simd::Avx2 { vnni: Vnni::No });
+            if Vnni::has_vex() {
+                sets.push(Simd::Avx2 { vnni: Vnni::Vex });
+            }
+            if Vnni::has_evex() {
+                sets.push(Simd::Avx2 { vnni: Vnni::Evex });
             }
         }
         sets
@@ -106,11 +144,15 @@ pub fn dot_q4_1(
     );
     match simd {
         // SAFETY: `Simd::Avx2` is only constructed when the CPU has AVX2, FMA and F16C (and
-        // `vnni: true` AVX-VNNI); the shapes agree (the asserts above).
+        // the `vnni` it names); the shapes agree (the asserts above).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q4_1(bytes, rows, xs, out) },
+        Simd::Avx2 { vnni: Vnni::No } => unsafe { avx2::dot_q4_1(bytes, rows, xs, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q4_1_vnni(bytes, rows, xs, out) },
+        Simd::Avx2 { vnni: Vnni::Vex } => unsafe { avx2::dot_q4_1_vnni(bytes, rows, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 { vnni: Vnni::Evex } => unsafe {
+            avx2::dot_q4_1_avx512vnni(bytes, rows, xs, out)
+        },
         Simd::Portable => portable::dot_q4_1(bytes, rows, xs, out),
     }
 }
@@ -133,9 +175,15 @@ pub fn dot_q8_0(
     match simd {
         // SAFETY: as in `dot_q4_1`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: false } => unsafe { avx2::dot_q8_0(quants, scales, rows, xs, out) },
+        Simd::Avx2 { vnni: Vnni::No } => unsafe { avx2::dot_q8_0(quants, scales, rows, xs, out) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 { vnni: true } => unsafe { avx2::dot_q8_0_vnni(quants, scales, rows, xs, out) },
+        Simd::Avx2 { vnni: Vnni::Vex } => unsafe {
+            avx2::dot_q8_0_vnni(quants, scales, rows, xs, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 { vnni: Vnni::Evex } => unsafe {
+            avx2::dot_q8_0_avx512vnni(quants, scales, rows, xs, out)
+        },
         Simd::Portable => portable::dot_q8_0(quants, scales, rows, xs, out),
     }
 }
