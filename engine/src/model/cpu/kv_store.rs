@@ -95,6 +95,12 @@ impl CpuKvStore {
     /// `softmax(q·Kᵀ / √hd) · V` for a sequence's queries `q` `[s, nh, hd]` at its
     /// `positions`, each seeing the positions up to its own (causal); query head `h` reads kv
     /// head `h / (nh / nkv)`. Returns `[s, nh, hd]`.
+    ///
+    /// The queries that read one kv head (its `nh / nkv` query heads, of every row of the
+    /// step) go through its blocks together, each block's keys and values loaded once for
+    /// all of them rather than once per query: a draft's rows and the query heads of a
+    /// grouped-query model share the reads. A query's own arithmetic is the same whichever
+    /// queries it goes with, so a row's numbers do not depend on the step's other rows.
     pub(super) fn attend(
         &self,
         layer: usize,
@@ -106,42 +112,84 @@ impl CpuKvStore {
         let rep = nh / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let positions = &kv.positions;
+        let rows = q.len() / (nh * hd);
         // Each kv head's blocks, in the table's order, through the last position.
         let blocks = &kv.blocks[..crate::kv::blocks_for(positions.end)];
         let layer = &self.layers[layer];
-        let keys: Vec<Vec<&[f32]>> = (0..self.heads)
-            .map(|g| self.head_blocks(&layer.keys, blocks, g))
+        // A kv head's queries, `rows * rep` of them, numbered row by row; query `k` of kv
+        // head `g` is row `k / rep`'s head `g * rep + k % rep`.
+        let query = |g: usize, k: usize| {
+            let (i, h) = (k / rep, g * rep + k % rep);
+            (i * nh + h, positions.start + i + 1)
+        };
+        // Tasks of a kv head and some of its queries: where the work is worth splitting (a
+        // query alone is a few microseconds at a short context), enough for every thread of
+        // the pool twice over, and a query each for a lone row (a decode step: nine queries
+        // on two threads split 5:4, three tasks of three 2:1; at 2k positions that took
+        // 13.2-14.7 against 14.9-17.2 ms a step). Else one task per kv head.
+        let queries = rows * rep;
+        let work = q.len() * positions.end;
+        let parallel = work >= PARALLEL_ATTENTION_WORK;
+        let per_part = match (parallel, rows) {
+            (false, _) => queries,
+            (true, 1) => 1,
+            (true, _) => {
+                let parts = (2 * rayon::current_num_threads()).div_ceil(self.heads);
+                queries.div_ceil(parts)
+            }
+        };
+        let tasks: Vec<(usize, Range<usize>)> = (0..self.heads)
+            .flat_map(|g| {
+                (0..queries)
+                    .step_by(per_part)
+                    .map(move |k| (g, k..(k + per_part).min(queries)))
+            })
             .collect();
-        let values: Vec<Vec<&[f32]>> = (0..self.heads)
-            .map(|g| self.head_blocks(&layer.values, blocks, g))
-            .collect();
-        let mut out = vec![0f32; q.len()];
         let simd = Simd::detect();
-        let row = |(r, out): (usize, &mut [f32])| {
-            let (i, h) = (r / nh, r % nh);
-            let seen = positions.start + i + 1;
-            let (keys, values) = (&keys[h / rep], &values[h / rep]);
-            let q = &q[r * hd..(r + 1) * hd];
+        let task = |(g, ks): &(usize, Range<usize>)| {
+            let keys = self.head_blocks(&layer.keys, blocks, *g);
+            let values = self.head_blocks(&layer.values, blocks, *g);
+            let group: Vec<(&[f32], usize)> = ks
+                .clone()
+                .map(|k| {
+                    let (r, seen) = query(*g, k);
+                    (&q[r * hd..(r + 1) * hd], seen)
+                })
+                .collect();
+            let mut out = vec![0f32; group.len() * hd];
             match simd {
                 // SAFETY: `Simd::Avx2` means the CPU has AVX2 and FMA.
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 { .. } => unsafe { attend_row_avx2(q, keys, values, seen, scale, out) },
-                Simd::Portable => attend_row(q, keys, values, seen, scale, out),
+                Simd::Avx2 { .. } => unsafe {
+                    attend_group_avx2(&group, &keys, &values, scale, &mut out)
+                },
+                Simd::Portable => {
+                    for ((q, seen), out) in group.iter().zip(out.chunks_exact_mut(hd)) {
+                        attend_row(q, &keys, &values, *seen, scale, out);
+                    }
+                }
             }
+            out
         };
-        let work = q.len() * positions.end;
-        if work >= PARALLEL_ATTENTION_WORK {
-            out.par_chunks_mut(hd).enumerate().for_each(row);
+        let parts: Vec<Vec<f32>> = if parallel {
+            tasks.par_iter().map(task).collect()
         } else {
-            out.chunks_mut(hd).enumerate().for_each(row);
+            tasks.iter().map(task).collect()
+        };
+        let mut out = vec![0f32; q.len()];
+        for ((g, ks), part) in tasks.iter().zip(&parts) {
+            for (k, values) in ks.clone().zip(part.chunks_exact(hd)) {
+                let (r, _) = query(*g, k);
+                out[r * hd..(r + 1) * hd].copy_from_slice(values);
+            }
         }
         out
     }
 }
 
-/// Work (query values × positions seen) from which attention rows are split across the
-/// pool: for SmolLM2's decode step (9 heads × 64) from about 110 cached positions on; below
-/// that a row is a few microseconds and dispatch would cost more than it saves.
+/// Work (query values × positions seen) from which attention is split across the pool:
+/// for SmolLM2's decode step (9 heads × 64) from about 110 cached positions on; below that
+/// a query is a few microseconds and dispatch would cost more than it saves.
 const PARALLEL_ATTENTION_WORK: usize = 1 << 16;
 
 /// One query row against the first `seen` positions of a sequence's blocks (`keys`,
@@ -196,100 +244,203 @@ fn add_weighted(weights: &[f32], total: f32, values: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`attend_row`] for AVX2: the scores of eight keys at a time, their lanes summed by one
-/// transpose (with a horizontal sum per key, the sums were most of a score's work; the
-/// attention of a 4-client decode step was a twelfth of it). A block holds a multiple of
-/// eight positions, so the eights are the same as over one contiguous buffer.
+/// [`attend_row`] for AVX2, for several queries of one kv head (`group`: each query and
+/// the positions it sees) into `out` (`[queries, hd]`, zeroed), block by block: each
+/// block's keys, then its values, are read once for every query while they are in cache.
+/// A query's scores come eight keys at a time, their lanes summed by one transpose (with a
+/// horizontal sum per key, the sums were most of a score's work), and its output is
+/// accumulated 64 values at a time in registers, loaded and stored around each block
+/// (exactly: a query's sums are the same operations in the same order as alone). A block
+/// holds a multiple of eight positions, so the eights are the same as over one contiguous
+/// buffer.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_row_avx2(
-    q: &[f32],
+unsafe fn attend_group_avx2(
+    group: &[(&[f32], usize)],
     keys: &[&[f32]],
     values: &[&[f32]],
-    seen: usize,
     scale: f32,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let hd = q.len();
+    let Some(&(first, _)) = group.first() else {
+        return;
+    };
+    let hd = first.len();
     if !hd.is_multiple_of(8) {
-        return attend_row(q, keys, values, seen, scale, out);
-    }
-    let mut scores = vec![0f32; seen];
-    for (scores, keys) in scores.chunks_mut(BLOCK_SIZE).zip(keys) {
-        let keys = &keys[..scores.len() * hd];
-        let mut eights = keys.chunks_exact(8 * hd);
-        for (eight, scores) in eights.by_ref().zip(scores.chunks_exact_mut(8)) {
-            // SAFETY: `eight` holds 8 keys of `hd` values, `q` `hd` values, `scores` 8; AVX2
-            // and FMA are enabled.
-            unsafe {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for c in (0..hd).step_by(8) {
-                    let qc = _mm256_loadu_ps(q.as_ptr().add(c));
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let k = _mm256_loadu_ps(eight.as_ptr().add(t * hd + c));
-                        *acc = _mm256_fmadd_ps(qc, k, *acc);
-                    }
-                }
-                // Pairwise sums: [key 0..3 of lanes 0..3 | of lanes 4..7], then the halves
-                // added.
-                let low = _mm256_hadd_ps(
-                    _mm256_hadd_ps(acc[0], acc[1]),
-                    _mm256_hadd_ps(acc[2], acc[3]),
-                );
-                let high = _mm256_hadd_ps(
-                    _mm256_hadd_ps(acc[4], acc[5]),
-                    _mm256_hadd_ps(acc[6], acc[7]),
-                );
-                let sums = _mm256_add_ps(
-                    _mm256_permute2f128_ps(low, high, 0x20),
-                    _mm256_permute2f128_ps(low, high, 0x31),
-                );
-                _mm256_storeu_ps(
-                    scores.as_mut_ptr(),
-                    _mm256_mul_ps(sums, _mm256_set1_ps(scale)),
-                );
-            }
-        }
-        let done = scores.len() - scores.len() % 8;
-        for (score, k) in scores[done..]
-            .iter_mut()
-            .zip(eights.remainder().chunks_exact(hd))
-        {
-            *score = dot(q, k) * scale;
-        }
-    }
-    let total = exp_from_max(&mut scores);
-    // `out += p · v` over the keys with `out` held in registers, 64 values at a time (the
-    // portable loop loaded and stored `out` for every key: half of this function's time).
-    if !hd.is_multiple_of(64) {
-        for (weights, values) in scores.chunks(BLOCK_SIZE).zip(values) {
-            add_weighted(weights, total, &values[..weights.len() * hd], out);
+        for ((q, seen), out) in group.iter().zip(out.chunks_exact_mut(hd)) {
+            attend_row(q, keys, values, *seen, scale, out);
         }
         return;
     }
-    for (strip, at) in out.chunks_exact_mut(64).zip((0..hd).step_by(64)) {
-        // SAFETY: every load is inside a block of `values` (key `j` of a block holding
-        // `weights.len()` of them, values `at..at + 64`) and every store inside `strip`; AVX2
-        // and FMA are enabled.
-        unsafe {
-            let mut acc: [__m256; 8] =
-                std::array::from_fn(|c| _mm256_loadu_ps(strip.as_ptr().add(8 * c)));
-            for (weights, values) in scores.chunks(BLOCK_SIZE).zip(values) {
-                assert!(values.len() >= weights.len() * hd);
-                for (j, score) in weights.iter().enumerate() {
-                    let p = _mm256_set1_ps(score / total);
-                    let v = values.as_ptr().add(j * hd + at);
-                    for (c, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * c)), *acc);
+    let mut scores: Vec<Vec<f32>> = group.iter().map(|&(_, seen)| vec![0f32; seen]).collect();
+    for (b, keys) in keys.iter().enumerate() {
+        for ((q, _), scores) in group.iter().zip(&mut scores) {
+            let Some(scores) = scores.chunks_mut(BLOCK_SIZE).nth(b) else {
+                continue;
+            };
+            let keys = &keys[..scores.len() * hd];
+            let mut eights = keys.chunks_exact(8 * hd);
+            for (eight, scores) in eights.by_ref().zip(scores.chunks_exact_mut(8)) {
+                // SAFETY: `eight` holds 8 keys of `hd` values, `q` `hd` values, `scores` 8;
+                // AVX2 and FMA are enabled.
+                unsafe {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..hd).step_by(8) {
+                        let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let k = _mm256_loadu_ps(eight.as_ptr().add(t * hd + c));
+                            *acc = _mm256_fmadd_ps(qc, k, *acc);
+                        }
                     }
+                    // Pairwise sums: [key 0..3 of lanes 0..3 | of lanes 4..7], then the
+                    // halves added.
+                    let low = _mm256_hadd_ps(
+                        _mm256_hadd_ps(acc[0], acc[1]),
+                        _mm256_hadd_ps(acc[2], acc[3]),
+                    );
+                    let high = _mm256_hadd_ps(
+                        _mm256_hadd_ps(acc[4], acc[5]),
+                        _mm256_hadd_ps(acc[6], acc[7]),
+                    );
+                    let sums = _mm256_add_ps(
+                        _mm256_permute2f128_ps(low, high, 0x20),
+                        _mm256_permute2f128_ps(low, high, 0x31),
+                    );
+                    _mm256_storeu_ps(
+                        scores.as_mut_ptr(),
+                        _mm256_mul_ps(sums, _mm256_set1_ps(scale)),
+                    );
                 }
             }
-            for (c, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(strip.as_mut_ptr().add(8 * c), *acc);
+            let done = scores.len() - scores.len() % 8;
+            for (score, k) in scores[done..]
+                .iter_mut()
+                .zip(eights.remainder().chunks_exact(hd))
+            {
+                *score = dot(q, k) * scale;
             }
         }
     }
+    // The softmax's weights, eight at a time.
+    for scores in &mut scores {
+        // SAFETY: AVX2 and FMA are enabled.
+        unsafe { softmax_avx2(scores) };
+    }
+    // `out += p · v` over the keys, block by block.
+    for (b, values) in values.iter().enumerate() {
+        for (scores, out) in scores.iter().zip(out.chunks_exact_mut(hd)) {
+            let Some(weights) = scores.chunks(BLOCK_SIZE).nth(b) else {
+                continue;
+            };
+            let values = &values[..weights.len() * hd];
+            if !hd.is_multiple_of(64) {
+                add_weighted(weights, 1.0, values, out);
+                continue;
+            }
+            for (strip, at) in out.chunks_exact_mut(64).zip((0..hd).step_by(64)) {
+                // SAFETY: every load is inside `values` (key `j` of `weights.len()`, values
+                // `at..at + 64`) and every store inside `strip`; AVX2 and FMA are enabled.
+                unsafe {
+                    let mut acc: [__m256; 8] =
+                        std::array::from_fn(|c| _mm256_loadu_ps(strip.as_ptr().add(8 * c)));
+                    for (j, &p) in weights.iter().enumerate() {
+                        let p = _mm256_set1_ps(p);
+                        let v = values.as_ptr().add(j * hd + at);
+                        for (c, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * c)), *acc);
+                        }
+                    }
+                    for (c, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(strip.as_mut_ptr().add(8 * c), *acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `scores` replaced by `softmax(scores)`: `exp(score - max)` eight lanes at a time
+/// ([`exp_avx2`]), then each divided by their sum (a division per value, as the portable
+/// path divides, vectorised).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut eights = scores.chunks_exact_mut(8);
+    // SAFETY: each chunk holds eight values; AVX2 and FMA are enabled.
+    unsafe {
+        let mut sums = _mm256_setzero_ps();
+        for eight in eights.by_ref() {
+            let x = _mm256_sub_ps(_mm256_loadu_ps(eight.as_ptr()), _mm256_set1_ps(max));
+            let e = exp_avx2(x);
+            _mm256_storeu_ps(eight.as_mut_ptr(), e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+        let mut total: f32 = lanes.iter().sum();
+        let rest = eights.into_remainder();
+        let mut padded = [f32::NEG_INFINITY; 8];
+        padded[..rest.len()].copy_from_slice(rest);
+        let e = exp_avx2(_mm256_sub_ps(
+            _mm256_loadu_ps(padded.as_ptr()),
+            _mm256_set1_ps(max),
+        ));
+        _mm256_storeu_ps(padded.as_mut_ptr(), e);
+        for (x, e) in rest.iter_mut().zip(padded) {
+            *x = e;
+            total += e;
+        }
+        let total = _mm256_set1_ps(total);
+        let mut eights = scores.chunks_exact_mut(8);
+        for eight in eights.by_ref() {
+            let p = _mm256_div_ps(_mm256_loadu_ps(eight.as_ptr()), total);
+            _mm256_storeu_ps(eight.as_mut_ptr(), p);
+        }
+        let total = _mm256_cvtss_f32(total);
+        for x in eights.into_remainder() {
+            *x /= total;
+        }
+    }
+}
+
+/// `eˣ` of eight lanes of `x ≤ 0` to within about an ulp (Cephes' `expf`: `2ⁿ·eʳ` with
+/// `n = round(x / ln 2)`, `r` in ±ln 2 / 2 by a two-part `ln 2`, `eʳ` by a degree-6
+/// polynomial); below -87 (where `2ⁿ` leaves the normal range) it gives `e⁻⁸⁷`, a weight
+/// no softmax can tell from 0. A call to libm's `expf` per score was a fifth of attention.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    // 2ⁿ: n + 127 in the exponent bits.
+    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
 }
 
 /// Dot product in eight independent lanes, so it vectorizes without reassociation.
@@ -323,35 +474,76 @@ mod tests {
         }
     }
 
-    /// The AVX2 attention row (eight keys at a time, `out` in registers) against the
-    /// portable one, for head widths on and off its fast paths and key counts around eight
-    /// and around a block.
+    /// The AVX2 attention (eight keys at a time, `out` in registers, several queries per
+    /// pass over the blocks) against the portable row, for head widths on and off its fast
+    /// paths and key counts around eight and around a block; and a query's values are
+    /// bit for bit the same alone as among others.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx2_attention_row_matches_the_portable_one() {
+    fn the_avx2_attention_matches_the_portable_rows() {
         if !matches!(Simd::detect(), Simd::Avx2 { .. }) {
             return;
         }
         let mut next = random(7);
         for hd in [64, 128, 40, 12] {
-            for seen in [1, 7, 8, 19, BLOCK_SIZE, 64, 70] {
-                let q: Vec<f32> = (0..hd).map(|_| next()).collect();
-                let blocks = crate::kv::blocks_for(seen);
-                let keys: Vec<f32> = (0..blocks * BLOCK_SIZE * hd).map(|_| next()).collect();
-                let values: Vec<f32> = (0..blocks * BLOCK_SIZE * hd).map(|_| next()).collect();
-                let span = BLOCK_SIZE * hd;
-                let keys: Vec<&[f32]> = keys.chunks_exact(span).collect();
-                let values: Vec<&[f32]> = values.chunks_exact(span).collect();
-                let start: Vec<f32> = (0..hd).map(|_| next()).collect();
-                let (mut want, mut got) = (start.clone(), start);
-                attend_row(&q, &keys, &values, seen, 0.125, &mut want);
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_row_avx2(&q, &keys, &values, seen, 0.125, &mut got) };
+            let most = 70;
+            let blocks = crate::kv::blocks_for(most);
+            let keys: Vec<f32> = (0..blocks * BLOCK_SIZE * hd).map(|_| next()).collect();
+            let values: Vec<f32> = (0..blocks * BLOCK_SIZE * hd).map(|_| next()).collect();
+            let span = BLOCK_SIZE * hd;
+            let keys: Vec<&[f32]> = keys.chunks_exact(span).collect();
+            let values: Vec<&[f32]> = values.chunks_exact(span).collect();
+            let seens = [1, 7, 8, 19, BLOCK_SIZE, 64, most];
+            let qs: Vec<Vec<f32>> = seens
+                .iter()
+                .map(|_| (0..hd).map(|_| next()).collect())
+                .collect();
+            let group: Vec<(&[f32], usize)> = qs.iter().map(Vec::as_slice).zip(seens).collect();
+            let mut together = vec![0f32; group.len() * hd];
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { attend_group_avx2(&group, &keys, &values, 0.125, &mut together) };
+            for (query, got) in group.iter().zip(together.chunks_exact(hd)) {
+                let (q, seen) = *query;
+                let mut want = vec![0f32; hd];
+                attend_row(q, &keys, &values, seen, 0.125, &mut want);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
                         "hd {hd}, {seen} keys: {g} vs {w}"
                     );
+                }
+                let mut alone = vec![0f32; hd];
+                // SAFETY: as above.
+                unsafe { attend_group_avx2(&[*query], &keys, &values, 0.125, &mut alone) };
+                assert_eq!(alone, got, "hd {hd}, {seen} keys: alone and in a group");
+            }
+        }
+    }
+
+    /// The vector `exp` against the library's, over softmax's whole range of inputs: within
+    /// two ulps where the result is normal, and at most `e⁻⁸⁷` below.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_exp_is_within_two_ulps() {
+        use std::arch::x86_64::*;
+        if !matches!(Simd::detect(), Simd::Avx2 { .. }) {
+            return;
+        }
+        let xs: Vec<f32> = (0..=120_000).map(|k| -(k as f32) * 1e-3).collect();
+        for eight in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has AVX2 and FMA (checked above); eight values in and out.
+            unsafe {
+                let e = exp_avx2(_mm256_loadu_ps(eight.as_ptr()));
+                _mm256_storeu_ps(got.as_mut_ptr(), e);
+            }
+            for (&x, &got) in eight.iter().zip(&got) {
+                let want = x.exp();
+                if x >= -87.0 {
+                    let ulps = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+                    assert!(ulps <= 2, "exp({x}): {got} against {want}, {ulps} ulps");
+                } else {
+                    assert!(got <= (-87f32).exp() * 1.000_001, "exp({x}): {got}");
                 }
             }
         }
