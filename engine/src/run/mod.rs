@@ -15,6 +15,7 @@ mod sampling;
 mod scheduler;
 mod speculation;
 mod stats;
+mod step_costs;
 mod stop;
 mod text;
 

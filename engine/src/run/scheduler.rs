@@ -26,6 +26,7 @@ use super::logprobs::token_logprob;
 use super::sampling::Sampler;
 use super::speculation::{self, Acceptance};
 use super::stats::MaskTimings;
+use super::step_costs::StepCosts;
 use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
@@ -418,6 +419,8 @@ struct Batch<'t> {
     /// First come, first served; a preempted sequence goes back to the front.
     waiting: VecDeque<Sequence<'t>>,
     admissions: u64,
+    /// How long decode steps take by their rows, for drafts to be worth their rows.
+    costs: StepCosts,
 }
 
 impl<'t> Batch<'t> {
@@ -434,6 +437,7 @@ impl<'t> Batch<'t> {
             running: Vec::new(),
             waiting: VecDeque::new(),
             admissions: 0,
+            costs: StepCosts::default(),
         }
     }
 
@@ -546,20 +550,22 @@ impl<'t> Batch<'t> {
         }
     }
 
-    /// Drafts tokens for the generating sequences to verify in the next step, oldest first.
-    /// A constrained sequence whose shape forces its next tokens drafts those (jump-forward:
-    /// several tokens in one step, whatever else runs, sampled or not, as a forced token is
-    /// never sampled). Otherwise it guesses as many as its acceptance makes worth the step's
-    /// cost (`speculation`): none while a prompt is being read (its first token comes
-    /// first), fewer the more rows the step carries already. Greedy or sampled alike:
-    /// `advance` verifies a guess by the draw the sequence makes anyway.
+    /// Drafts tokens for the generating sequences to verify in the next step, oldest first,
+    /// as many as make the step's expected tokens per cost (as timed: `step_costs`) the
+    /// most. A constrained sequence whose shape forces its next tokens drafts those
+    /// (jump-forward: several tokens in one step, sampled or not, as a forced token is never
+    /// sampled; counted as certain, though the model still verifies them). Otherwise it
+    /// guesses as many as its acceptance makes worth it (`speculation`): none while a prompt
+    /// is being read (its first token comes first), fewer the more rows the step carries
+    /// already. Greedy or sampled alike: `advance` verifies a guess by the draw the sequence
+    /// makes anyway.
     fn draft(&mut self) {
         let chunks = self.core.model.takes_prompt_chunks();
         let speculates = self.limits.speculative && chunks;
         let jumps = self.limits.jump_forward && chunks;
         let reading = self.running.iter().any(|sequence| !sequence.decoding());
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
-        let (mut tokens, mut cost) = (decoding as f64, Acceptance::step_cost(decoding));
+        let (mut tokens, mut rows) = (decoding as f64, decoding);
         for sequence in self.running.iter_mut().filter(|s| s.decoding()) {
             let room = (sequence.request.params.max_tokens - sequence.generated) as usize - 1;
             let room = room.min(self.core.context_length - sequence.tokens.len());
@@ -567,14 +573,22 @@ impl<'t> Batch<'t> {
                 Some(constraint) if jumps && room > 0 => constraint.forced(),
                 _ => Vec::new(),
             };
-            sequence.draft_forced = !forced.is_empty();
-            if sequence.draft_forced {
+            if !forced.is_empty() {
+                // The next tokens are known: no guess can be better, even where none pays.
+                let len = self
+                    .costs
+                    .draft_len(tokens, rows, 1.0, forced.len().min(room));
                 sequence.draft = forced;
-                sequence.draft.truncate(room);
+                sequence.draft.truncate(len);
+                sequence.draft_forced = len > 0;
+                (tokens, rows) = (tokens + len as f64, rows + len);
                 continue;
             }
+            sequence.draft_forced = false;
             let len = if speculates && !reading {
-                sequence.acceptance.draft_len(tokens, cost, room)
+                let rate = sequence.acceptance.rate();
+                let most = room.min(speculation::MAX_DRAFT);
+                self.costs.draft_len(tokens, rows, rate, most)
             } else {
                 0
             };
@@ -583,7 +597,7 @@ impl<'t> Batch<'t> {
                 sequence.acceptance.idle();
             } else {
                 tokens += sequence.acceptance.expected(sequence.draft.len());
-                cost += Acceptance::step_cost(sequence.draft.len() + 1) - 1.0;
+                rows += sequence.draft.len();
             }
         }
     }
@@ -763,8 +777,11 @@ fn step(batch: &mut Batch<'_>) {
         .unzip();
     let mut constraints: Vec<(&mut Constrained, &[u32])> =
         constraints.into_iter().flatten().collect();
-    core.stats
-        .record(items.len(), inputs.iter().map(Vec::len).sum());
+    let rows = inputs.iter().map(Vec::len).sum();
+    core.stats.record(items.len(), rows);
+    // Steps of decode rows alone are timed by their rows, for the drafts of later steps.
+    let decode_only = stepping == decoding;
+    let started = Instant::now();
     // A step whose sequences have all been cancelled stops between layers rather than
     // finishing a prompt chunk nobody wants (seconds for a long one), so that whatever waits
     // behind it starts at once; the cancelled sequences then leave at the boundary.
@@ -788,7 +805,12 @@ fn step(batch: &mut Batch<'_>) {
     drop(items);
     drop(constraints);
     let outputs = match outputs {
-        Ok(Some(outputs)) => outputs,
+        Ok(Some(outputs)) => {
+            if decode_only {
+                batch.costs.record(rows, started.elapsed());
+            }
+            outputs
+        }
         Ok(None) => return,
         Err(error) => return batch.fail(stepping, &error.to_string()),
     };

@@ -1,0 +1,149 @@
+//! What a decode step costs by the number of rows it carries, measured as the scheduler
+//! runs. Drafted tokens (speculative guesses, and the tokens a constraint forces) ride as
+//! extra rows of a step, and they pay only while a row is cheap next to a step: on a CPU
+//! the weights are read once for all rows, but each row adds its arithmetic and its
+//! attention, and how much depends on the machine, the model and the context length. So the
+//! scheduler times its own steps instead of assuming a figure.
+//!
+//! Only steps of decode rows alone are timed (a prompt chunk's rows cost more than a decode
+//! row's). A row count not timed yet is estimated from the nearest lower one that was, at a
+//! prior slope per row that is optimistic for a CPU: a draft then tries it, and its first
+//! step measures it. A count timed as dear stays dear while its estimate is recent: each new
+//! time moves it by `LEARNING_RATE`, so it follows the context as it grows.
+
+use std::time::Duration;
+
+/// The most rows a step of a timed shape carries: beyond it, every count costs as the
+/// largest timed one plus the prior slope.
+const MOST_ROWS: usize = 64;
+/// What one more row adds to a step, as a share of a one-row step, before it is timed: the
+/// optimistic end of what a CPU shows (SmolLM2 Q4_1 on the 2-core VM: ×1.2–×1.3 for a second
+/// row, ×2.5 for eight at 400 positions; a GPU is flatter still).
+const PRIOR_ROW_COST: f64 = 0.25;
+/// How far each timed step moves its row count's estimate.
+const LEARNING_RATE: f64 = 0.2;
+
+/// Decode step times by row count (seconds, a moving average each).
+#[derive(Debug, Clone)]
+pub(crate) struct StepCosts {
+    seconds: [Option<f64>; MOST_ROWS],
+}
+
+impl Default for StepCosts {
+    fn default() -> Self {
+        Self {
+            seconds: [None; MOST_ROWS],
+        }
+    }
+}
+
+impl StepCosts {
+    /// A decode step of `rows` rows took `elapsed`.
+    pub fn record(&mut self, rows: usize, elapsed: Duration) {
+        let Some(estimate) = rows.checked_sub(1).and_then(|i| self.seconds.get_mut(i)) else {
+            return;
+        };
+        let seconds = elapsed.as_secs_f64();
+        *estimate = Some(match *estimate {
+            Some(old) => old + LEARNING_RATE * (seconds - old),
+            None => seconds,
+        });
+    }
+
+    /// The cost of a step of `rows` rows in one-row steps: timed where it was, else the
+    /// nearest lower timed count's plus `PRIOR_ROW_COST` per row more (and the prior alone
+    /// before any step of one row was timed).
+    pub fn cost(&self, rows: usize) -> f64 {
+        let rows = rows.max(1);
+        let Some(one) = self.seconds[0] else {
+            return 1.0 + PRIOR_ROW_COST * (rows - 1) as f64;
+        };
+        let (below, seconds) = (1..=rows.min(MOST_ROWS))
+            .rev()
+            .find_map(|r| self.seconds[r - 1].map(|s| (r, s)))
+            .expect("one row was timed");
+        seconds / one + PRIOR_ROW_COST * (rows - below) as f64
+    }
+
+    /// The number of tokens to draft into a step that carries `rows` rows already, worth
+    /// `tokens` expected tokens: the `k` in `0..=most` that maximises the step's tokens per
+    /// cost, where the `i`-th drafted token is taken with probability `rate^i` (a guess is
+    /// taken only if every one before it was: `rate + rate² + … + rateᵏ` expected tokens).
+    /// A busy step or a low rate gives 0; a certain draft (`rate` 1) stops where a row costs
+    /// more than the tokens per cost the step has.
+    pub fn draft_len(&self, tokens: f64, rows: usize, rate: f64, most: usize) -> usize {
+        let mut best = (tokens / self.cost(rows), 0);
+        let (mut expected, mut term) = (0.0, 1.0);
+        for k in 1..=most {
+            term *= rate;
+            expected += term;
+            let per_cost = (tokens + expected) / self.cost(rows + k);
+            if per_cost > best.0 {
+                best = (per_cost, k);
+            }
+        }
+        best.1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(ms: f64) -> Duration {
+        Duration::from_secs_f64(ms / 1000.0)
+    }
+
+    #[test]
+    fn untimed_counts_cost_the_prior_slope_from_the_nearest_timed_one() {
+        let mut costs = StepCosts::default();
+        assert_eq!(costs.cost(1), 1.0);
+        assert_eq!(costs.cost(3), 1.0 + 2.0 * PRIOR_ROW_COST);
+        costs.record(1, ms(10.0));
+        costs.record(4, ms(20.0));
+        assert_eq!(costs.cost(1), 1.0);
+        assert_eq!(costs.cost(4), 2.0);
+        assert_eq!(costs.cost(2), 1.0 + PRIOR_ROW_COST);
+        assert_eq!(costs.cost(6), 2.0 + 2.0 * PRIOR_ROW_COST);
+        // A timed count moves toward each new time.
+        costs.record(4, ms(30.0));
+        assert!((costs.cost(4) - 2.2).abs() < 1e-9, "{}", costs.cost(4));
+        // Past the table: the largest timed count plus the slope.
+        assert!(costs.cost(MOST_ROWS + 10) > costs.cost(MOST_ROWS));
+    }
+
+    #[test]
+    fn drafts_follow_what_rows_are_measured_to_cost() {
+        let mut costs = StepCosts::default();
+        // Untimed, a draft is tried, longer the likelier it is taken.
+        let unsure = costs.draft_len(1.0, 1, 0.5, 8);
+        let likely = costs.draft_len(1.0, 1, 0.9, 8);
+        assert!(unsure > 0 && likely > unsure, "{unsure} vs {likely}");
+        // A second row timed as dear as a step: no draft at even odds.
+        costs.record(1, ms(10.0));
+        for rows in 2..=9 {
+            costs.record(rows, ms(10.0 * rows as f64));
+        }
+        assert_eq!(costs.draft_len(1.0, 1, 0.9, 8), 0);
+        // Rows turning nearly free (say, the context got shorter): longer drafts as the
+        // times come in, long ones at modest odds once they are in.
+        let mut lengths = Vec::new();
+        for _ in 0..30 {
+            for rows in 2..=9 {
+                costs.record(rows, ms(10.0 + 0.1 * rows as f64));
+            }
+            lengths.push(costs.draft_len(1.0, 1, 0.6, 8));
+        }
+        assert!(lengths.is_sorted(), "{lengths:?}");
+        assert!(lengths[29] >= 4, "{lengths:?}");
+        // A certain draft goes on while rows cost less than the step's tokens per cost.
+        let mut costs = StepCosts::default();
+        costs.record(4, ms(10.0));
+        costs.record(1, ms(5.0));
+        for rows in 5..=12 {
+            costs.record(rows, ms(10.0 + 5.0 * (rows - 4) as f64));
+        }
+        assert_eq!(costs.draft_len(4.0, 4, 1.0, 8), 0);
+        assert!(costs.draft_len(1.0, 1, 1.0, 8) > 0);
+    }
+}
