@@ -105,6 +105,8 @@ impl Engine {
             prompt_chunk: options.prompt_chunk.max(1),
             prefix_caching: options.prefix_caching,
             speculative: options.speculative,
+            draft_max: options.draft_max,
+            draft_length: options.draft_length,
             jump_forward: options.jump_forward,
         };
         // The KV of one model is never another's: the chain's root names the checkpoint and

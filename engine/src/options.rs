@@ -72,6 +72,10 @@ pub struct LoadOptions {
     /// repeats its context and drafts nothing where it would not pay. Off by default until
     /// the serving benchmark has measured it against `off`.
     pub speculative: bool,
+    /// The most tokens a sequence guesses for one step (llama-server's `--draft-max`).
+    pub draft_max: usize,
+    /// How many of them it guesses.
+    pub draft_length: DraftLength,
     /// Whether a constrained sequence whose shape forces its next tokens (a JSON object's
     /// fixed keys) feeds them in one step as a draft the model verifies (jump-forward), on
     /// the model forms that verify several rows at once. The output is the same either way.
@@ -90,10 +94,29 @@ impl Default for LoadOptions {
             kv_budget_tokens: None,
             prefix_caching: true,
             speculative: false,
+            draft_max: DEFAULT_DRAFT_MAX,
+            draft_length: DraftLength::Measured,
             jump_forward: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
     }
+}
+
+/// The most tokens a sequence guesses for one step unless told otherwise: past eight, a
+/// guess of SmolLM2's is rarely all taken, and the rows still cost.
+pub const DEFAULT_DRAFT_MAX: usize = 8;
+
+/// How many tokens a speculating sequence guesses for a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DraftLength {
+    /// The length that makes the step's expected tokens per cost the most, from the
+    /// sequence's acceptance so far and the step times the scheduler measures: none where a
+    /// guess would not pay (a busy batch, text that does not repeat).
+    #[default]
+    Measured,
+    /// All the context offers, up to `draft_max`, whatever it costs (as llama-server's
+    /// n-gram drafts): for comparing, and for tests whose drafts must not hang on timing.
+    Max,
 }
 
 /// Sequences per forward pass unless told otherwise (llama-server's default slot count).

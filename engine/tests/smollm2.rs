@@ -191,6 +191,8 @@ fn speculation_keeps_the_tokens() {
                 &model_path(),
                 &rbee_engine::LoadOptions {
                     speculative,
+                    // Every match drafted, however fast this machine's rows are.
+                    draft_length: rbee_engine::DraftLength::Max,
                     ..rbee_engine::LoadOptions::default()
                 },
             )

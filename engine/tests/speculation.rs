@@ -10,8 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{greedy, together};
-use rbee_engine::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+use rbee_engine::{DeviceChoice, DraftLength, Engine, LoadOptions, SamplingParams, WeightFormat};
 
+/// The tiny model with speculation on or off. On, it drafts all a match offers: the tests
+/// check that the tokens stay the same whatever is drafted, so the drafts must not depend on
+/// how fast this machine's steps run (the measured length is `step_costs`' tests').
 fn engine(speculative: bool) -> Engine {
     Engine::load(
         &common::fixtures().join("tiny-llama"),
@@ -19,6 +22,7 @@ fn engine(speculative: bool) -> Engine {
             device: DeviceChoice::Cpu,
             weights: WeightFormat::Auto,
             speculative,
+            draft_length: DraftLength::Max,
             max_batch: 4,
             ..LoadOptions::default()
         },

@@ -17,6 +17,24 @@ pub enum Speculative {
     Off,
 }
 
+/// `--draft-length`: how many tokens a speculating request guesses for a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DraftLength {
+    /// As many as pay, from the request's acceptance so far and the step times measured.
+    Measured,
+    /// All the context offers, up to `--draft-max`, whatever the rows cost.
+    Max,
+}
+
+impl From<DraftLength> for rbee_engine::DraftLength {
+    fn from(length: DraftLength) -> Self {
+        match length {
+            DraftLength::Measured => Self::Measured,
+            DraftLength::Max => Self::Max,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "rbee-host",
@@ -96,6 +114,18 @@ pub struct Args {
     /// `ngram` against it).
     #[arg(long, value_enum, default_value = "off")]
     pub speculative: Speculative,
+
+    /// The most tokens a request guesses for one step with `--speculative ngram`.
+    #[arg(long, value_name = "TOKENS", default_value_t = rbee_engine::DEFAULT_DRAFT_MAX as u32,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_DRAFT_MAX))]
+    pub draft_max: u32,
+
+    /// How many tokens a request guesses for a step with `--speculative ngram`: `measured`,
+    /// as many as make the step's expected tokens per measured cost the most (none where
+    /// guesses would not pay); `max`, all the context offers up to `--draft-max` whatever
+    /// the rows cost, as llama-server's n-gram drafts (for comparing).
+    #[arg(long, value_enum, default_value = "measured")]
+    pub draft_length: DraftLength,
 
     /// Do not keep full KV blocks for later requests that begin with the same tokens (a
     /// chat's earlier turns, a shared system prompt): every prompt is computed whole.
@@ -219,6 +249,9 @@ const MAX_GUEST_MEMORY_MB: u64 = 4096;
 const MAX_BODY_KB: usize = 1 << 20;
 /// Requests waiting for a slot.
 const MAX_QUEUE_SIZE: i64 = 1 << 16;
+/// Tokens guessed for one step: each is a row of the step, and past some dozens a guess is
+/// never all taken.
+const MAX_DRAFT_MAX: i64 = 64;
 /// KV-cache positions: far beyond any context (model contexts are u32 counts).
 const MAX_KV_BUDGET_TOKENS: u64 = u32::MAX as u64;
 /// A day: the longest any of the time flags may be.

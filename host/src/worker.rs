@@ -188,6 +188,8 @@ impl Args {
             kv_budget_tokens: self.kv_budget_tokens.map(|tokens| tokens as usize),
             prefix_caching: !self.no_prefix_cache,
             speculative: self.speculative == crate::cli::Speculative::Ngram,
+            draft_max: self.draft_max as usize,
+            draft_length: self.draft_length.into(),
             jump_forward: !self.no_jump_forward,
             ..LoadOptions::default()
         }

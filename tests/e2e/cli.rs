@@ -102,6 +102,12 @@ fn out_of_range_values_are_refused_at_start() {
             "--queue-size",
             "not in 0..=65536",
         ),
+        (&["--draft-max", "0"], "--draft-max", "not in 1..=64"),
+        (
+            &["--draft-length", "always"],
+            "--draft-length",
+            "measured, max",
+        ),
         (
             &["--kv-budget-tokens", "0"],
             "--kv-budget-tokens",

@@ -33,7 +33,9 @@ use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_
 use crate::model::burn::BurnCache;
 use crate::model::{BatchItem, KvStore};
 use crate::quant::BlockMatrix;
-use crate::{Completion, EngineError, FinishReason, Piece, SamplingParams, TokenLogprob};
+use crate::{
+    Completion, DraftLength, EngineError, FinishReason, Piece, SamplingParams, TokenLogprob,
+};
 
 /// What a generation reports, in order: text as it becomes final, then one `Done`.
 pub(crate) enum Event {
@@ -56,6 +58,9 @@ pub(crate) struct BatchLimits {
     /// Whether generating sequences draft tokens from their context for the step to verify
     /// (`speculation`), where the model form verifies several rows at once.
     pub speculative: bool,
+    /// The most tokens a sequence guesses for a step, and how many it guesses.
+    pub draft_max: usize,
+    pub draft_length: DraftLength,
     /// Whether constrained sequences draft the tokens their shape forces.
     pub jump_forward: bool,
 }
@@ -586,9 +591,14 @@ impl<'t> Batch<'t> {
             }
             sequence.draft_forced = false;
             let len = if speculates && !reading {
-                let rate = sequence.acceptance.rate();
-                let most = room.min(speculation::MAX_DRAFT);
-                self.costs.draft_len(tokens, rows, rate, most)
+                let most = room.min(self.limits.draft_max);
+                match self.limits.draft_length {
+                    DraftLength::Measured => {
+                        let rate = sequence.acceptance.rate();
+                        self.costs.draft_len(tokens, rows, rate, most)
+                    }
+                    DraftLength::Max => most,
+                }
             } else {
                 0
             };

@@ -14,8 +14,6 @@
 /// estimate then learns).
 const LONGEST_NGRAM: usize = 4;
 const SHORTEST_NGRAM: usize = 1;
-/// The most tokens a sequence drafts in one step.
-pub(crate) const MAX_DRAFT: usize = 8;
 /// The acceptance estimate of a sequence that has not drafted yet.
 const PRIOR_ACCEPTANCE: f64 = 0.5;
 /// How much each verified draft token moves the estimate.

@@ -7,9 +7,13 @@
 //!
 //! Only steps of decode rows alone are timed (a prompt chunk's rows cost more than a decode
 //! row's). A row count not timed yet is estimated from the nearest lower one that was, at a
-//! prior slope per row that is optimistic for a CPU: a draft then tries it, and its first
-//! step measures it. A count timed as dear stays dear while its estimate is recent: each new
-//! time moves it by `LEARNING_RATE`, so it follows the context as it grows.
+//! prior slope per row that is optimistic for a CPU: a draft then tries it, and its steps
+//! measure it. Each time moves its count's estimate, the first from the prior: a step is
+//! slowed by whatever else the machine runs and never sped up, so a time under the estimate
+//! moves it a long way and one over it a short way. One slow step (another process took the
+//! core) then cannot price a count out for good, which would stop it being tried and timed
+//! again; a count that is truly dear takes a few steps to learn, and stays learnt while it
+//! is not tried.
 
 use std::time::Duration;
 
@@ -20,8 +24,10 @@ const MOST_ROWS: usize = 64;
 /// optimistic end of what a CPU shows (SmolLM2 Q4_1 on the 2-core VM: ×1.2–×1.3 for a second
 /// row, ×2.5 for eight at 400 positions; a GPU is flatter still).
 const PRIOR_ROW_COST: f64 = 0.25;
-/// How far each timed step moves its row count's estimate.
-const LEARNING_RATE: f64 = 0.2;
+/// How far a step timed under its row count's estimate moves the estimate, and one timed
+/// over it.
+const FALLING_RATE: f64 = 0.5;
+const RISING_RATE: f64 = 0.1;
 
 /// Decode step times by row count (seconds, a moving average each).
 #[derive(Debug, Clone)]
@@ -40,14 +46,22 @@ impl Default for StepCosts {
 impl StepCosts {
     /// A decode step of `rows` rows took `elapsed`.
     pub fn record(&mut self, rows: usize, elapsed: Duration) {
-        let Some(estimate) = rows.checked_sub(1).and_then(|i| self.seconds.get_mut(i)) else {
+        if rows == 0 || rows > MOST_ROWS {
             return;
-        };
+        }
         let seconds = elapsed.as_secs_f64();
-        *estimate = Some(match *estimate {
-            Some(old) => old + LEARNING_RATE * (seconds - old),
-            None => seconds,
-        });
+        let estimate = match (self.seconds[rows - 1], self.seconds[0]) {
+            (Some(estimate), _) => estimate,
+            // The prior, in seconds, where there is a one-row time to scale it by.
+            (None, Some(one)) => self.cost(rows) * one,
+            (None, None) => seconds,
+        };
+        let rate = if seconds < estimate {
+            FALLING_RATE
+        } else {
+            RISING_RATE
+        };
+        self.seconds[rows - 1] = Some(estimate + rate * (seconds - estimate));
     }
 
     /// The cost of a step of `rows` rows in one-row steps: timed where it was, else the
@@ -100,16 +114,46 @@ mod tests {
         assert_eq!(costs.cost(1), 1.0);
         assert_eq!(costs.cost(3), 1.0 + 2.0 * PRIOR_ROW_COST);
         costs.record(1, ms(10.0));
-        costs.record(4, ms(20.0));
         assert_eq!(costs.cost(1), 1.0);
-        assert_eq!(costs.cost(4), 2.0);
+        assert_eq!(costs.cost(4), 1.0 + 3.0 * PRIOR_ROW_COST);
+        // Four rows timed under the prior: the estimate falls halfway to the time...
+        costs.record(4, ms(5.0));
+        let four = 1.0 + 3.0 * PRIOR_ROW_COST;
+        let four = four + FALLING_RATE * (0.5 - four);
+        assert!((costs.cost(4) - four).abs() < 1e-9, "{}", costs.cost(4));
+        // ... and counts past it build on it.
+        assert!((costs.cost(6) - (four + 2.0 * PRIOR_ROW_COST)).abs() < 1e-9);
         assert_eq!(costs.cost(2), 1.0 + PRIOR_ROW_COST);
-        assert_eq!(costs.cost(6), 2.0 + 2.0 * PRIOR_ROW_COST);
-        // A timed count moves toward each new time.
+        // A time over the estimate moves it a tenth of the way.
         costs.record(4, ms(30.0));
-        assert!((costs.cost(4) - 2.2).abs() < 1e-9, "{}", costs.cost(4));
+        let four = four + RISING_RATE * (3.0 - four);
+        assert!((costs.cost(4) - four).abs() < 1e-9, "{}", costs.cost(4));
         // Past the table: the largest timed count plus the slope.
         assert!(costs.cost(MOST_ROWS + 10) > costs.cost(MOST_ROWS));
+    }
+
+    #[test]
+    fn one_slow_step_does_not_stop_the_drafts() {
+        let mut costs = StepCosts::default();
+        costs.record(1, ms(10.0));
+        assert!(costs.draft_len(1.0, 1, 0.6, 8) > 0);
+        // Another process took the core during the first two-row step.
+        costs.record(2, ms(40.0));
+        assert!(costs.draft_len(1.0, 1, 0.6, 8) > 0);
+        // Two rows really cost two steps: a few more times and drafting stops.
+        for _ in 0..10 {
+            costs.record(2, ms(20.0));
+        }
+        assert_eq!(costs.draft_len(1.0, 1, 0.6, 1), 0);
+    }
+
+    /// Times every count from 1 to `most` rows by `time(rows)` until the estimates settle.
+    fn settle(costs: &mut StepCosts, most: usize, time: impl Fn(usize) -> f64) {
+        for _ in 0..100 {
+            for rows in 1..=most {
+                costs.record(rows, ms(time(rows)));
+            }
+        }
     }
 
     #[test]
@@ -119,11 +163,8 @@ mod tests {
         let unsure = costs.draft_len(1.0, 1, 0.5, 8);
         let likely = costs.draft_len(1.0, 1, 0.9, 8);
         assert!(unsure > 0 && likely > unsure, "{unsure} vs {likely}");
-        // A second row timed as dear as a step: no draft at even odds.
-        costs.record(1, ms(10.0));
-        for rows in 2..=9 {
-            costs.record(rows, ms(10.0 * rows as f64));
-        }
+        // Each row as dear as a step: no draft at good odds.
+        settle(&mut costs, 9, |rows| 10.0 * rows as f64);
         assert_eq!(costs.draft_len(1.0, 1, 0.9, 8), 0);
         // Rows turning nearly free (say, the context got shorter): longer drafts as the
         // times come in, long ones at modest odds once they are in.
@@ -138,11 +179,11 @@ mod tests {
         assert!(lengths[29] >= 4, "{lengths:?}");
         // A certain draft goes on while rows cost less than the step's tokens per cost.
         let mut costs = StepCosts::default();
-        costs.record(4, ms(10.0));
-        costs.record(1, ms(5.0));
-        for rows in 5..=12 {
-            costs.record(rows, ms(10.0 + 5.0 * (rows - 4) as f64));
-        }
+        settle(&mut costs, 12, |rows| match rows {
+            1 => 5.0,
+            ..=4 => 10.0,
+            _ => 10.0 + 5.0 * (rows - 4) as f64,
+        });
         assert_eq!(costs.draft_len(4.0, 4, 1.0, 8), 0);
         assert!(costs.draft_len(1.0, 1, 1.0, 8) > 0);
     }
