@@ -6,7 +6,8 @@
 # Workloads (WORKLOADS, default copy,short,free): input that the answer repeats, the serving
 # benchmark's short prompts, prose; CLIENTS (default 1,4); REPEATS passes (default 2), medians
 # reported. llama-server: LLAMA_SERVER=PATH, else ../shared/tools/build-llama-server.sh builds
-# it; its drafting: LLAMA_SPEC_TYPE (default ngram-simple).
+# it; its drafting: LLAMA_SPEC_TYPE (default ngram-simple). BASELINE=PATH adds another
+# rbee-host binary (an earlier commit's, copied aside) with --speculative ngram.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -18,4 +19,5 @@ cargo build -q -p rbee-host --example bench_speculative
 "${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench_speculative" --model "$model" \
     --llama-server "$llama" --repeats "${REPEATS:-2}" --clients "${CLIENTS:-1,4}" \
     --workloads "${WORKLOADS:-copy,short,free}" \
-    --llama-spec-type "${LLAMA_SPEC_TYPE:-ngram-simple}"
+    --llama-spec-type "${LLAMA_SPEC_TYPE:-ngram-simple}" \
+    ${BASELINE:+--baseline-rbee-host "$BASELINE"}

@@ -69,8 +69,8 @@ pub struct LoadOptions {
     /// lookup) and each step verifies the guesses, on the model forms that verify several
     /// rows at once (the CPU's). The output is the same either way (greedy, or sampled with a
     /// seed: a guess is verified by the draw the sequence makes anyway); it pays on text that
-    /// repeats its context and drafts nothing where it would not pay. Off by default until
-    /// the serving benchmark has measured it against `off`.
+    /// repeats its context and drafts next to nothing where it would not pay (measured in
+    /// `bench_speculative`: ×1.6 on copying at one client, ×1.0 on prose at four).
     pub speculative: bool,
     /// The most tokens a sequence guesses for one step (llama-server's `--draft-max`).
     pub draft_max: usize,
@@ -93,7 +93,7 @@ impl Default for LoadOptions {
             max_batch: DEFAULT_MAX_BATCH,
             kv_budget_tokens: None,
             prefix_caching: true,
-            speculative: false,
+            speculative: true,
             draft_max: DEFAULT_DRAFT_MAX,
             draft_length: DraftLength::Measured,
             jump_forward: true,

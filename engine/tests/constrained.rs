@@ -119,6 +119,8 @@ fn forced_tokens_skip_steps_and_change_no_output() {
                 // The CPU form, which verifies several rows in one step.
                 weights: rbee_engine::WeightFormat::Auto,
                 jump_forward,
+                // Jump-forward alone: n-gram drafts would take steps off both.
+                speculative: false,
                 ..rbee_engine::LoadOptions::default()
             },
         )

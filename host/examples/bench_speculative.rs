@@ -1,11 +1,15 @@
 //! Speculative decoding from the context (`--speculative ngram`): rbee-host with it off and
-//! on, and, when given, llama.cpp's `llama-server` plain and with its own n-gram drafting
+//! on (its drafts sized by measured step costs, and with `--draft-length max`, every match
+//! drafted whatever it costs, as llama-server drafts), another rbee-host binary with
+//! `--speculative ngram` when given (`--baseline-rbee-host`, an earlier commit's, copied
+//! aside), and, when given, llama.cpp's `llama-server` plain and with its own n-gram drafting
 //! (`--spec-type`), on the same GGUF, server by server in turn for each repeat so all see
 //! the same machine.
 //!
 //!     cargo build --release -p rbee-host --examples && target/release/examples/bench_speculative \
 //!         --model models/SmolLM2-135M-Instruct.Q4_1.gguf [--llama-server PATH] \
-//!         [--llama-spec-type ngram-simple] [--workloads copy,short,free] [--clients 1,4]
+//!         [--llama-spec-type ngram-simple] [--workloads copy,short,free] [--clients 1,4] \
+//!         [--baseline-rbee-host PATH]
 //!
 //! Workloads, all greedy and whole (not streamed); each client goes through the workload's
 //! prompts once, starting at its own, so clients at once ask different things:
@@ -49,6 +53,9 @@ struct Args {
     /// `ngram-mod`…
     #[arg(long, default_value = "ngram-simple")]
     llama_spec_type: String,
+    /// Another rbee-host binary, run with `--speculative ngram` beside this build's.
+    #[arg(long)]
+    baseline_rbee_host: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "copy,short,free")]
     workloads: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
@@ -63,6 +70,10 @@ struct Args {
 enum Server {
     RbeeHostOff,
     RbeeHostNgram,
+    /// `--speculative ngram --draft-length max`.
+    RbeeHostNgramMax,
+    /// `--baseline-rbee-host` with `--speculative ngram`.
+    BaselineNgram,
     LlamaCpp,
     LlamaCppNgram,
 }
@@ -72,24 +83,34 @@ impl Server {
         match self {
             Server::RbeeHostOff => "rbee-host --speculative off".into(),
             Server::RbeeHostNgram => "rbee-host --speculative ngram".into(),
+            Server::RbeeHostNgramMax => "rbee-host ngram --draft-length max".into(),
+            Server::BaselineNgram => "baseline --speculative ngram".into(),
             Server::LlamaCpp => "llama-server".into(),
             Server::LlamaCppNgram => format!("llama-server --spec-type {}", args.llama_spec_type),
         }
     }
 
     fn is_rbee(self) -> bool {
-        matches!(self, Server::RbeeHostOff | Server::RbeeHostNgram)
+        !matches!(self, Server::LlamaCpp | Server::LlamaCppNgram)
+    }
+
+    /// Whether it is an rbee-host that drafts (its answers must be those without).
+    fn is_rbee_ngram(self) -> bool {
+        self.is_rbee() && self != Server::RbeeHostOff
     }
 
     async fn start(self, args: &Args, slots: usize) -> Running {
-        let mode = match self {
-            Server::RbeeHostNgram => "ngram",
-            _ => "off",
-        };
         if self.is_rbee() {
-            let binary = servers::rbee_host_beside();
-            let extra = ["--speculative", mode];
-            return servers::rbee_host(&binary, &args.guest, &args.model, slots, &extra).await;
+            let binary = match self {
+                Server::BaselineNgram => args.baseline_rbee_host.clone().expect("a baseline"),
+                _ => servers::rbee_host_beside(),
+            };
+            let extra: &[&str] = match self {
+                Server::RbeeHostOff => &["--speculative", "off"],
+                Server::RbeeHostNgramMax => &["--speculative", "ngram", "--draft-length", "max"],
+                _ => &["--speculative", "ngram"],
+            };
+            return servers::rbee_host(&binary, &args.guest, &args.model, slots, extra).await;
         }
         let binary = args.llama_server.as_ref().expect("--llama-server");
         // The chat template from the GGUF, as rbee-host's guest uses it.
@@ -389,7 +410,14 @@ async fn main() {
         .and_then(|s| s.to_str())
         .unwrap_or("model");
     MODEL.set(stem.to_string()).expect("set once");
-    let mut servers = vec![Server::RbeeHostOff, Server::RbeeHostNgram];
+    let mut servers = vec![
+        Server::RbeeHostOff,
+        Server::RbeeHostNgram,
+        Server::RbeeHostNgramMax,
+    ];
+    if args.baseline_rbee_host.is_some() {
+        servers.push(Server::BaselineNgram);
+    }
     if args.llama_server.is_some() {
         servers.extend([Server::LlamaCpp, Server::LlamaCppNgram]);
     }
@@ -432,7 +460,7 @@ fn report(args: &Args, results: &BTreeMap<(Server, String, usize), Vec<Measured>
         let off = &results[&(Server::RbeeHostOff, workload.clone(), *clients)];
         let off_tps = median(off.iter().map(|m| m.tokens_per_second).collect());
         // Greedy answers with speculation are the answers without it, every repeat.
-        let same = (*server == Server::RbeeHostNgram).then(|| {
+        let same = server.is_rbee_ngram().then(|| {
             repeats
                 .iter()
                 .zip(off)

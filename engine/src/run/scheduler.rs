@@ -24,7 +24,7 @@ use super::constraint::{Allowed, Constrained, Vocabulary};
 use super::core::{Core, check_logits, panic_message};
 use super::logprobs::token_logprob;
 use super::sampling::Sampler;
-use super::speculation::{self, Acceptance};
+use super::speculation::{self, Acceptance, BatchAcceptance};
 use super::stats::MaskTimings;
 use super::step_costs::StepCosts;
 use super::stop::StopSignals;
@@ -174,7 +174,7 @@ struct Sequence<'t> {
 }
 
 impl<'t> Sequence<'t> {
-    fn new(core: &'t Core, mut request: Submission) -> Self {
+    fn new(core: &'t Core, mut request: Submission, acceptance: Acceptance) -> Self {
         Self {
             constraint: request.constraint.take(),
             vocabulary: &core.vocabulary,
@@ -195,7 +195,7 @@ impl<'t> Sequence<'t> {
             preempted: false,
             draft: Vec::new(),
             draft_forced: false,
-            acceptance: Acceptance::default(),
+            acceptance,
             request,
         }
     }
@@ -426,6 +426,8 @@ struct Batch<'t> {
     admissions: u64,
     /// How long decode steps take by their rows, for drafts to be worth their rows.
     costs: StepCosts,
+    /// How the batch's guesses have lately fared: a new sequence's first estimate.
+    acceptance: BatchAcceptance,
 }
 
 impl<'t> Batch<'t> {
@@ -443,6 +445,7 @@ impl<'t> Batch<'t> {
             waiting: VecDeque::new(),
             admissions: 0,
             costs: StepCosts::default(),
+            acceptance: BatchAcceptance::default(),
         }
     }
 
@@ -452,7 +455,9 @@ impl<'t> Batch<'t> {
 
     /// Queues a new generation behind the others.
     fn enqueue(&mut self, submission: Submission) {
-        self.waiting.push_back(Sequence::new(self.core, submission));
+        let acceptance = Acceptance::starting_at(&self.acceptance);
+        self.waiting
+            .push_back(Sequence::new(self.core, submission, acceptance));
     }
 
     /// Takes `running[index]` out of the batch, its blocks given back.
@@ -571,6 +576,7 @@ impl<'t> Batch<'t> {
         let reading = self.running.iter().any(|sequence| !sequence.decoding());
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
         let (mut tokens, mut rows) = (decoding as f64, decoding);
+        let mut guessed = false;
         for sequence in self.running.iter_mut().filter(|s| s.decoding()) {
             let room = (sequence.request.params.max_tokens - sequence.generated) as usize - 1;
             let room = room.min(self.core.context_length - sequence.tokens.len());
@@ -604,11 +610,15 @@ impl<'t> Batch<'t> {
             };
             sequence.draft = speculation::propose(&sequence.tokens, len);
             if sequence.draft.is_empty() {
-                sequence.acceptance.idle();
+                sequence.acceptance.idle(&self.acceptance);
             } else {
                 tokens += sequence.acceptance.expected(sequence.draft.len());
                 rows += sequence.draft.len();
+                guessed = true;
             }
+        }
+        if speculates && !reading && decoding > 0 && !guessed {
+            self.acceptance.idle();
         }
     }
 
@@ -815,12 +825,7 @@ fn step(batch: &mut Batch<'_>) {
     drop(items);
     drop(constraints);
     let outputs = match outputs {
-        Ok(Some(outputs)) => {
-            if decode_only {
-                batch.costs.record(rows, started.elapsed());
-            }
-            outputs
-        }
+        Ok(Some(outputs)) => outputs,
         Ok(None) => return,
         Err(error) => return batch.fail(stepping, &error.to_string()),
     };
@@ -848,6 +853,7 @@ fn step(batch: &mut Batch<'_>) {
             core.stats.forced(drafted, accepted);
         } else if drafted > 0 {
             sequence.acceptance.record(drafted, accepted);
+            batch.acceptance.record(drafted, accepted);
             core.stats.drafted(drafted, accepted);
         }
         // The KV holds the chunk and the accepted draft; the rejected rows' positions are
@@ -859,6 +865,10 @@ fn step(batch: &mut Batch<'_>) {
             Ok(Some(reason)) => ended.push((index, Ok(reason))),
             Err(error) => ended.push((index, Err(error))),
         }
+    }
+    if decode_only {
+        // The forward pass and each row's verification and draw.
+        batch.costs.record(rows, started.elapsed());
     }
     // Highest index first, so the earlier indices stay valid.
     let ended: Vec<_> = ended
