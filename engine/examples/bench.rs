@@ -3,7 +3,9 @@
 //!     cargo run -p rbee-engine --example bench -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 //!
 //! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
-//! --new-tokens N (64), --runs N (3, best run reported). Prints one human line and one JSON
+//! --new-tokens N (64), --runs N (3, best run reported), --kv-cache-type f32|f16 (f16).
+//! Speculative decoding is off: the prompt repeats itself, and the figures are of the
+//! model's steps. Prints one human line and one JSON
 //! line (for scripts/bench.sh).
 //!
 //! `--clients N` (1) runs N generations of the same prompt at once (they share every
@@ -13,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rbee_engine::{DeviceChoice, Engine, LoadOptions, SamplingParams, WeightFormat};
+use rbee_engine::{DeviceChoice, Engine, KvCacheType, LoadOptions, SamplingParams, WeightFormat};
 
 fn main() {
     let mut model = None;
@@ -23,6 +25,7 @@ fn main() {
     let mut new_tokens = 64u32;
     let mut runs = 3;
     let mut clients = 1usize;
+    let mut kv_cache_type = KvCacheType::F16;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -39,6 +42,13 @@ fn main() {
             "--new-tokens" => new_tokens = value().parse().unwrap(),
             "--runs" => runs = value().parse().unwrap(),
             "--clients" => clients = value().parse().unwrap(),
+            "--kv-cache-type" => {
+                kv_cache_type = match value().as_str() {
+                    "f16" => KvCacheType::F16,
+                    "f32" => KvCacheType::F32,
+                    other => panic!("--kv-cache-type {other}: f32 or f16"),
+                }
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -51,6 +61,8 @@ fn main() {
             device,
             weights,
             max_batch: clients.max(rbee_engine::DEFAULT_MAX_BATCH),
+            kv_cache_type,
+            speculative: false,
             ..LoadOptions::default()
         },
     )

@@ -96,8 +96,8 @@ impl Engine {
             device: checkpoint.device_name,
         };
         let kv_budget = options.kv_budget_tokens.unwrap_or_else(|| {
-            (DEFAULT_KV_BYTES / config.kv_bytes_per_token().max(1))
-                .max(config.max_position_embeddings)
+            let bytes_per_token = config.kv_bytes_per_token() / options.kv_cache_type.shrink();
+            (DEFAULT_KV_BYTES / bytes_per_token.max(1)).max(config.max_position_embeddings)
         });
         let limits = BatchLimits {
             max_batch: options.max_batch.max(1),
@@ -107,6 +107,7 @@ impl Engine {
             speculative: options.speculative,
             draft_max: options.draft_max,
             draft_length: options.draft_length,
+            kv_cache_type: options.kv_cache_type,
             jump_forward: options.jump_forward,
         };
         // The KV of one model is never another's: the chain's root names the checkpoint and

@@ -30,7 +30,7 @@ pub use engine::{Engine, ModelInfo};
 pub use error::EngineError;
 pub use options::{
     DEFAULT_DRAFT_MAX, DEFAULT_KV_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CHUNK, DeviceChoice,
-    DraftLength, LoadOptions, WeightFormat,
+    DraftLength, KvCacheType, LoadOptions, WeightFormat,
 };
 pub use request::{
     Completion, Constraint, FinishReason, Piece, SamplingParams, TokenLogprob, TokenText, limits,

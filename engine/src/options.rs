@@ -76,6 +76,8 @@ pub struct LoadOptions {
     pub draft_max: usize,
     /// How many of them it guesses.
     pub draft_length: DraftLength,
+    /// How the CPU model's KV cache keeps keys and values (f16 unless told).
+    pub kv_cache_type: KvCacheType,
     /// Whether a constrained sequence whose shape forces its next tokens (a JSON object's
     /// fixed keys) feeds them in one step as a draft the model verifies (jump-forward), on
     /// the model forms that verify several rows at once. The output is the same either way.
@@ -96,6 +98,7 @@ impl Default for LoadOptions {
             speculative: true,
             draft_max: DEFAULT_DRAFT_MAX,
             draft_length: DraftLength::Measured,
+            kv_cache_type: KvCacheType::F16,
             jump_forward: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
@@ -105,6 +108,30 @@ impl Default for LoadOptions {
 /// The most tokens a sequence guesses for one step unless told otherwise: past eight, a
 /// guess of SmolLM2's is rarely all taken, and the rows still cost.
 pub const DEFAULT_DRAFT_MAX: usize = 8;
+
+/// How the CPU model's KV cache keeps keys and values (llama.cpp's `--cache-type-k/-v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheType {
+    /// As computed: the references' numbers.
+    F32,
+    /// Rounded to half precision (about three decimal digits, as llama.cpp keeps its cache
+    /// by default): half the memory, so twice the positions in the same budget, and half
+    /// what attention reads per step, which at a long context is most of a decode step's
+    /// traffic after the weights. At 1800 positions SmolLM2 decodes ×1.2–1.3 faster than
+    /// with f32, and no slower at 128.
+    #[default]
+    F16,
+}
+
+impl KvCacheType {
+    /// How many times smaller than f32 a key or value is kept.
+    pub fn shrink(self) -> usize {
+        match self {
+            KvCacheType::F32 => 1,
+            KvCacheType::F16 => 2,
+        }
+    }
+}
 
 /// How many tokens a speculating sequence guesses for a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

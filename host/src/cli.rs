@@ -17,6 +17,24 @@ pub enum Speculative {
     Off,
 }
 
+/// `--kv-cache-type`: how the CPU model's KV cache keeps keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheType {
+    /// As computed.
+    F32,
+    /// Rounded to half precision: half the memory and half the reads.
+    F16,
+}
+
+impl From<KvCacheType> for rbee_engine::KvCacheType {
+    fn from(kind: KvCacheType) -> Self {
+        match kind {
+            KvCacheType::F32 => Self::F32,
+            KvCacheType::F16 => Self::F16,
+        }
+    }
+}
+
 /// `--draft-length`: how many tokens a speculating request guesses for a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DraftLength {
@@ -105,6 +123,13 @@ pub struct Args {
     /// least one full context.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=MAX_KV_BUDGET_TOKENS))]
     pub kv_budget_tokens: Option<u64>,
+
+    /// How the KV cache keeps keys and values on the CPU (llama.cpp's `--cache-type-k/-v`):
+    /// `f32` as computed; `f16` rounded to half precision, half the memory (the default
+    /// budget then holds twice the positions) and half what attention reads per step,
+    /// which pays at long contexts (the default, as llama.cpp's). The GPU path keeps its own.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub kv_cache_type: KvCacheType,
 
     /// Speculative decoding from the context: `ngram` (the default) lets each generating
     /// request guess its next tokens from what followed their last occurrence in its prompt

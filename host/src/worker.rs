@@ -190,6 +190,7 @@ impl Args {
             speculative: self.speculative == crate::cli::Speculative::Ngram,
             draft_max: self.draft_max as usize,
             draft_length: self.draft_length.into(),
+            kv_cache_type: self.kv_cache_type.into(),
             jump_forward: !self.no_jump_forward,
             ..LoadOptions::default()
         }

@@ -20,8 +20,8 @@ pub use config::ModelConfig;
 use self::burn::{BurnCache, BurnModel};
 use self::cpu::{CpuKvStore, CpuModel};
 use self::rope::{Rope, RopeTables};
-use crate::EngineError;
 use crate::kv::{BlockId, blocks_for};
+use crate::{EngineError, KvCacheType};
 
 pub enum Model {
     /// Burn's layers on a device.
@@ -77,10 +77,10 @@ pub struct BatchItem<'a> {
 
 impl Model {
     /// The store of `blocks` KV blocks the running sequences share.
-    pub fn new_store(&self, blocks: usize) -> KvStore {
+    pub fn new_store(&self, blocks: usize, kind: KvCacheType) -> KvStore {
         match self {
             Model::Burn(_) => KvStore::PerSequence,
-            Model::Cpu(model) => KvStore::Cpu(model.new_store(blocks)),
+            Model::Cpu(model) => KvStore::Cpu(model.new_store(blocks, kind)),
         }
     }
 
@@ -110,7 +110,8 @@ impl Model {
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
         in_pool(|| match self {
             Model::Cpu(model) => {
-                let mut store = model.new_store(blocks_for(ids.len()));
+                // f32, as the references the path is checked against keep them.
+                let mut store = model.new_store(blocks_for(ids.len()), KvCacheType::F32);
                 Ok(model.logits_of_every_position(ids, &mut store))
             }
             Model::Burn(burn) => burn.forward(

@@ -34,7 +34,8 @@ use crate::model::burn::BurnCache;
 use crate::model::{BatchItem, KvStore};
 use crate::quant::BlockMatrix;
 use crate::{
-    Completion, DraftLength, EngineError, FinishReason, Piece, SamplingParams, TokenLogprob,
+    Completion, DraftLength, EngineError, FinishReason, KvCacheType, Piece, SamplingParams,
+    TokenLogprob,
 };
 
 /// What a generation reports, in order: text as it becomes final, then one `Done`.
@@ -61,6 +62,8 @@ pub(crate) struct BatchLimits {
     /// The most tokens a sequence guesses for a step, and how many it guesses.
     pub draft_max: usize,
     pub draft_length: DraftLength,
+    /// How the CPU model's KV store keeps keys and values.
+    pub kv_cache_type: KvCacheType,
     /// Whether constrained sequences draft the tokens their shape forces.
     pub jump_forward: bool,
 }
@@ -439,7 +442,7 @@ impl<'t> Batch<'t> {
                 limits.kv_blocks,
                 limits.prefix_caching && core.model.resumes_from_blocks(),
             ),
-            store: core.model.new_store(limits.kv_blocks),
+            store: core.model.new_store(limits.kv_blocks, limits.kv_cache_type),
             root,
             running: Vec::new(),
             waiting: VecDeque::new(),

@@ -31,6 +31,7 @@ use self::matmul::{Group, grouped};
 use self::ops::{add, rms_norm, swiglu};
 use super::ModelConfig;
 use super::rope::Rope;
+use crate::KvCacheType;
 use crate::kv::BlockId;
 use crate::quant::{BLOCK, BlockMatrix};
 
@@ -131,10 +132,10 @@ impl CpuModel {
         })
     }
 
-    /// A store of `blocks` KV blocks for this model.
-    pub fn new_store(&self, blocks: usize) -> CpuKvStore {
+    /// A store of `blocks` KV blocks for this model, kept as `kind`.
+    pub fn new_store(&self, blocks: usize, kind: KvCacheType) -> CpuKvStore {
         let (_, nkv, hd) = self.heads;
-        CpuKvStore::new(self.layers.len(), nkv, hd, blocks)
+        CpuKvStore::new(self.layers.len(), nkv, hd, blocks, kind)
     }
 
     /// Every position's logits `[s, vocab]` of `ids` from position 0, in `store`'s first
@@ -373,6 +374,8 @@ mod tests {
             let options = |weights| LoadOptions {
                 device: DeviceChoice::Cpu,
                 weights,
+                // Burn's keys and values are f32: so are these, for the greedy tokens.
+                kv_cache_type: crate::KvCacheType::F32,
                 ..LoadOptions::default()
             };
             let auto = Engine::load(&path, &options(WeightFormat::Auto)).unwrap();
