@@ -103,6 +103,7 @@ fn out_of_range_values_are_refused_at_start() {
             "not in 0..=65536",
         ),
         (&["--draft-max", "0"], "--draft-max", "not in 1..=64"),
+        (&["--kv-cache-type", "q8_0"], "--kv-cache-type", "f32, f16"),
         (
             &["--draft-length", "always"],
             "--draft-length",
