@@ -161,6 +161,8 @@ struct Sequence<'t> {
     draft: Vec<u32>,
     /// Whether `draft` is its constraint's forced tokens rather than a guess.
     draft_forced: bool,
+    /// The length of the match a guessed `draft` followed.
+    draft_ngram: usize,
     /// How often its guesses are accepted.
     acceptance: Acceptance,
     /// Where its output is in the shape it must have.
@@ -198,6 +200,7 @@ impl<'t> Sequence<'t> {
             preempted: false,
             draft: Vec::new(),
             draft_forced: false,
+            draft_ngram: 0,
             acceptance,
             request,
         }
@@ -599,23 +602,29 @@ impl<'t> Batch<'t> {
                 continue;
             }
             sequence.draft_forced = false;
-            let len = if speculates && !reading {
-                let most = room.min(self.limits.draft_max);
-                match self.limits.draft_length {
-                    DraftLength::Measured => {
-                        let rate = sequence.acceptance.rate();
-                        self.costs.draft_len(tokens, rows, rate, most)
-                    }
-                    DraftLength::Max => most,
-                }
+            sequence.draft.clear();
+            let guess = if speculates && !reading {
+                speculation::propose(&sequence.tokens, room.min(self.limits.draft_max))
             } else {
-                0
+                None
             };
-            sequence.draft = speculation::propose(&sequence.tokens, len);
+            if let Some(guess) = guess {
+                let len = match self.limits.draft_length {
+                    DraftLength::Measured => {
+                        let rate = sequence.acceptance.rate(guess.ngram);
+                        self.costs.draft_len(tokens, rows, rate, guess.tokens.len())
+                    }
+                    DraftLength::Max => guess.tokens.len(),
+                };
+                sequence.draft = guess.tokens;
+                sequence.draft.truncate(len);
+                sequence.draft_ngram = guess.ngram;
+            }
             if sequence.draft.is_empty() {
                 sequence.acceptance.idle(&self.acceptance);
             } else {
-                tokens += sequence.acceptance.expected(sequence.draft.len());
+                let ngram = sequence.draft_ngram;
+                tokens += sequence.acceptance.expected(ngram, sequence.draft.len());
                 rows += sequence.draft.len();
                 guessed = true;
             }
@@ -855,8 +864,9 @@ fn step(batch: &mut Batch<'_>) {
         if forced {
             core.stats.forced(drafted, accepted);
         } else if drafted > 0 {
-            sequence.acceptance.record(drafted, accepted);
-            batch.acceptance.record(drafted, accepted);
+            let ngram = sequence.draft_ngram;
+            sequence.acceptance.record(ngram, drafted, accepted);
+            batch.acceptance.record(ngram, drafted, accepted);
             core.stats.drafted(drafted, accepted);
         }
         // The KV holds the chunk and the accepted draft; the rejected rows' positions are
