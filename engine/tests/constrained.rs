@@ -105,6 +105,28 @@ fn every_sampled_output_of_a_random_model_is_valid_under_a_json_schema() {
     }
 }
 
+/// A schema asked for again starts from the shape kept from the first request, whose lexer
+/// that request's masks have grown: the outputs are the ones a freshly compiled shape gives.
+#[test]
+fn a_kept_shape_constrains_as_a_freshly_compiled_one() {
+    let generate = |engine: &rbee_engine::Engine, seed| {
+        let params = sampled(seed, 240, Constraint::JsonSchema(SCHEMA.into()));
+        engine
+            .generate(PROMPT, &params, &mut |_| ControlFlow::Continue(()))
+            .unwrap()
+            .text
+    };
+    let engine = tiny_llama();
+    let first = generate(&engine, 0);
+    for seed in [0, 1, 2] {
+        let kept = generate(&engine, seed);
+        assert_eq!(kept, generate(&tiny_llama(), seed), "seed {seed}");
+        if seed == 0 {
+            assert_eq!(kept, first);
+        }
+    }
+}
+
 /// Jump-forward: the tokens a schema forces (its keys, its punctuation) go in as a draft the
 /// model verifies, several per step. The outputs are the very ones decoded token by token,
 /// sampled ones included (a forced token is never sampled); the counters show the drafts

@@ -6,9 +6,14 @@
 //!
 //! The vocabulary is read once, on the first generation that needs it (its trie takes a few
 //! tens of milliseconds to build); it also gives each token's bytes to log-probabilities.
+//!
+//! A compiled shape is kept for the next request that asks for the same one: agents send the
+//! same schema or tool list with every call. Its clones share its lexer, whose automaton
+//! llguidance builds lazily as masks visit new states, so a later request's masks find most
+//! of their states built (and it skips the compilation, milliseconds for a schema).
 
 use std::collections::VecDeque;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv};
@@ -20,12 +25,18 @@ use toktrie_hf_tokenizers::ByteTokenizer;
 use super::stats::MaskTimings;
 use crate::{Constraint, EngineError};
 
+/// How many compiled shapes are kept, the most recently asked for: a worker's clients use a
+/// few schemas over and over, and each kept one holds its lexer's automaton (some MB at most).
+const SHAPES_KEPT: usize = 16;
+
 /// The model's vocabulary in byte form, and the grammar compiler built on it.
 pub(crate) struct Vocabulary {
     tokenizer: Tokenizer,
     eos_ids: Vec<u32>,
     vocab_size: usize,
     compiler: OnceLock<Result<ParserFactory, String>>,
+    /// Compiled shapes in their start state, the most recently used first.
+    shapes: Mutex<VecDeque<(Constraint, Matcher)>>,
 }
 
 impl Vocabulary {
@@ -35,6 +46,7 @@ impl Vocabulary {
             eos_ids,
             vocab_size,
             compiler: OnceLock::new(),
+            shapes: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -78,9 +90,38 @@ impl Vocabulary {
             .decode_ext(&[token], true))
     }
 
-    /// Compiles `constraint` into the state that follows one generation. An invalid schema,
-    /// regex or grammar is the caller's error, with llguidance's reason.
+    /// Compiles `constraint` into the state that follows one generation, or starts from the
+    /// compiled shape kept from an earlier request. An invalid schema, regex or grammar is the
+    /// caller's error, with llguidance's reason.
     pub fn compile(&self, constraint: &Constraint) -> Result<Constrained, EngineError> {
+        let matcher = match self.kept(constraint) {
+            Some(matcher) => matcher,
+            None => {
+                let matcher = self.compile_new(constraint)?;
+                let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+                shapes.push_front((constraint.clone(), matcher.clone()));
+                shapes.truncate(SHAPES_KEPT);
+                matcher
+            }
+        };
+        Ok(Constrained {
+            matcher,
+            ready: VecDeque::new(),
+            ahead: VecDeque::new(),
+        })
+    }
+
+    /// A start of the kept shape of `constraint` (sharing its lexer), moved to the front.
+    fn kept(&self, constraint: &Constraint) -> Option<Matcher> {
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = shapes.iter().position(|(kept, _)| kept == constraint)?;
+        let shape = shapes.remove(at)?;
+        let matcher = shape.1.clone();
+        shapes.push_front(shape);
+        Some(matcher)
+    }
+
+    fn compile_new(&self, constraint: &Constraint) -> Result<Matcher, EngineError> {
         let invalid = |what: &str, why: String| {
             EngineError::InvalidInput(format!("invalid {what} constraint: {why}"))
         };
@@ -110,11 +151,7 @@ impl Vocabulary {
         if let Some(error) = matcher.get_error() {
             return Err(invalid(what, error));
         }
-        Ok(Constrained {
-            matcher,
-            ready: VecDeque::new(),
-            ahead: VecDeque::new(),
-        })
+        Ok(matcher)
     }
 }
 
