@@ -28,6 +28,18 @@ use crate::{Constraint, EngineError};
 /// How many compiled shapes are kept, the most recently asked for: a worker's clients use a
 /// few schemas over and over, and each kept one holds its lexer's automaton (some MB at most).
 const SHAPES_KEPT: usize = 16;
+/// How many requests start from one kept shape before it is compiled afresh. Its lexer holds
+/// the union of the states its requests' masks visited, and llguidance fails a mask once a
+/// lexer holds `max_lexer_states` (250,000): for the usual schema the union stops growing
+/// long before, but a shape whose states keep growing must not end up failing every request.
+const SHAPE_USES: u32 = 64;
+
+/// A compiled shape in its start state, and how many requests started from it.
+struct KeptShape {
+    constraint: Constraint,
+    start: Matcher,
+    uses: u32,
+}
 
 /// The model's vocabulary in byte form, and the grammar compiler built on it.
 pub(crate) struct Vocabulary {
@@ -36,7 +48,7 @@ pub(crate) struct Vocabulary {
     vocab_size: usize,
     compiler: OnceLock<Result<ParserFactory, String>>,
     /// Compiled shapes in their start state, the most recently used first.
-    shapes: Mutex<VecDeque<(Constraint, Matcher)>>,
+    shapes: Mutex<VecDeque<KeptShape>>,
 }
 
 impl Vocabulary {
@@ -99,7 +111,11 @@ impl Vocabulary {
             None => {
                 let matcher = self.compile_new(constraint)?;
                 let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
-                shapes.push_front((constraint.clone(), matcher.clone()));
+                shapes.push_front(KeptShape {
+                    constraint: constraint.clone(),
+                    start: matcher.clone(),
+                    uses: 1,
+                });
                 shapes.truncate(SHAPES_KEPT);
                 matcher
             }
@@ -111,12 +127,20 @@ impl Vocabulary {
         })
     }
 
-    /// A start of the kept shape of `constraint` (sharing its lexer), moved to the front.
+    /// A start of the kept shape of `constraint` (sharing its lexer), moved to the front; none
+    /// when it is not kept, or has been used `SHAPE_USES` times (it is then dropped, for the
+    /// caller to compile afresh).
     fn kept(&self, constraint: &Constraint) -> Option<Matcher> {
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = shapes.iter().position(|(kept, _)| kept == constraint)?;
-        let shape = shapes.remove(at)?;
-        let matcher = shape.1.clone();
+        let at = shapes
+            .iter()
+            .position(|kept| kept.constraint == *constraint)?;
+        let mut shape = shapes.remove(at)?;
+        if shape.uses >= SHAPE_USES {
+            return None;
+        }
+        shape.uses += 1;
+        let matcher = shape.start.clone();
         shapes.push_front(shape);
         Some(matcher)
     }
