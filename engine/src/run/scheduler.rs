@@ -881,7 +881,9 @@ fn step(batch: &mut Batch<'_>) {
     }
     if decode_only {
         // The forward pass and each row's verification and draw.
-        batch.costs.record(rows, started.elapsed());
+        let elapsed = started.elapsed();
+        tracing::trace!(rows, micros = elapsed.as_micros() as u64, "decode step");
+        batch.costs.record(rows, elapsed);
     }
     // Highest index first, so the earlier indices stay valid.
     let ended: Vec<_> = ended

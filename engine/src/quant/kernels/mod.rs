@@ -51,7 +51,14 @@ pub enum Simd {
 
 /// The 256-bit `vpdpwssd` a CPU has: AVX-VNNI's VEX form (Intel from Alder Lake, AMD from
 /// Zen 5), or AVX-512 VNNI's EVEX form on `ymm` registers (AVX512VL; Intel from Ice Lake,
-/// AMD Zen 4, whose AVX-512 runs at 256-bit width anyway). The same instruction either way.
+/// AMD Zen 4, whose AVX-512 runs at 256-bit width anyway). The same instruction either way,
+/// but where a CPU has both the EVEX form is taken: a kernel compiled for AVX-512 has 32
+/// vector registers instead of 16, and a tile of two rows by four inputs keeps its 24
+/// accumulators (8 integer, 8 scaled, 8 `m·Σx`) in registers instead of spilling 8 to the
+/// stack in every subgroup. On a Xeon with both (2 cores, one thread, a 36 MB Q4_1 matrix
+/// of 576 columns, same process): one input 3.0 → 2.5 ms, two 4.5 → 2.8, four 5.3 → 4.3.
+/// (The same tile on 512-bit registers, two chunks per instruction, was slower than this:
+/// four inputs 5.2 ms.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vnni {
     No,
@@ -62,10 +69,10 @@ pub enum Vnni {
 impl Vnni {
     #[cfg(target_arch = "x86_64")]
     fn detect() -> Self {
-        if Self::has_vex() {
-            Vnni::Vex
-        } else if Self::has_evex() {
+        if Self::has_evex() {
             Vnni::Evex
+        } else if Self::has_vex() {
+            Vnni::Vex
         } else {
             Vnni::No
         }
