@@ -11,6 +11,12 @@
 //! `--clients N` (1) runs N generations of the same prompt at once (they share every
 //! forward pass) and reports their aggregate decode rate: generated tokens after the first
 //! of each, over the time from the last first token to the last token.
+//!
+//! On a GPU it also counts the device kernels a decode step launches (CubeCL's launch
+//! observer): the launches of N generations of `1 + K` tokens less those of N generations
+//! of one token, over the K decode steps between them. Kernel launches, not arithmetic,
+//! bound a small model's step on a GPU, so this is the figure fusion and batching move —
+//! and it needs no GPU of note: lavapipe launches what a real card would.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -101,6 +107,7 @@ fn main() {
         }
     }
     let (prefill_tps, decode_tps, generated) = best.unwrap();
+    let launches = launches_per_decode_step(&engine, &ids, clients);
     let peak_mb = peak_rss_mb();
     let clients_note = if clients > 1 {
         format!(" ({clients} clients at once: aggregate)")
@@ -113,11 +120,79 @@ fn main() {
         engine.info().device,
         ids.len()
     );
+    if let Some((launches, by_kernel)) = &launches {
+        println!(
+            "kernel launches per decode step: {launches:.1} ({:.1} per token; {clients} sequence(s) a step); the most launched:",
+            launches / clients as f64
+        );
+        for (kernel, n) in by_kernel.iter().take(12) {
+            println!("  {n:8.1}  {kernel}");
+        }
+    }
+    let launches = launches.map_or("null".to_string(), |(l, _)| format!("{l:.1}"));
     println!(
-        "{{\"engine\":\"rbee-engine\",\"device\":\"{}\",\"weights\":\"{weights:?}\",\"prefill_tps\":{prefill_tps:.2},\"decode_tps\":{decode_tps:.2},\"prompt_tokens\":{},\"new_tokens\":{generated},\"clients\":{clients},\"peak_rss_mb\":{peak_mb:.1},\"load_s\":{load_s:.2}}}",
+        "{{\"engine\":\"rbee-engine\",\"device\":\"{}\",\"weights\":\"{weights:?}\",\"prefill_tps\":{prefill_tps:.2},\"decode_tps\":{decode_tps:.2},\"prompt_tokens\":{},\"new_tokens\":{generated},\"clients\":{clients},\"launches_per_decode_step\":{launches},\"peak_rss_mb\":{peak_mb:.1},\"load_s\":{load_s:.2}}}",
         engine.info().device,
         ids.len()
     );
+}
+
+/// Device kernels launched per decode step of `clients` generations of `ids` at once, on a
+/// GPU, and the most launched kernels' shares of them (`None` on the CPU, which launches
+/// none).
+#[cfg(feature = "wgpu")]
+fn launches_per_decode_step(
+    engine: &Engine,
+    ids: &[u32],
+    clients: usize,
+) -> Option<(f64, Vec<(String, f64)>)> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use burn::cubecl::config::{TypeNameFormatLevel, type_name_format};
+    use burn::cubecl::logging::{LaunchObservation, LaunchObserver};
+
+    /// Launches by kernel name.
+    #[derive(Default)]
+    struct Count(Mutex<HashMap<&'static str, u64>>);
+    impl LaunchObserver for Count {
+        fn launched(&self, kernel: &'static str) {
+            *self.0.lock().unwrap().entry(kernel).or_default() += 1;
+        }
+    }
+
+    if engine.info().device.starts_with("CPU") {
+        return None;
+    }
+    // Launches by kernel and tokens per generation.
+    let launches = |new_tokens: u32| {
+        let count = Arc::new(Count::default());
+        let watching = LaunchObservation::new(count.clone());
+        let (_, _, done) = together(engine, ids, &SamplingParams::greedy(new_tokens), clients);
+        drop(watching);
+        let by_kernel = std::mem::take(&mut *count.0.lock().unwrap());
+        (by_kernel, done.generated_tokens)
+    };
+    let (first_token, _) = launches(1);
+    let (more, generated) = launches(9);
+    let steps = generated.checked_sub(1).filter(|&s| s > 0)? as f64;
+    let mut per_step: Vec<(String, f64)> = more
+        .iter()
+        .map(|(kernel, &n)| {
+            let before = first_token.get(kernel).copied().unwrap_or(0);
+            let name = type_name_format(kernel, TypeNameFormatLevel::Short);
+            (name, n.saturating_sub(before) as f64 / steps)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    per_step.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total = per_step.iter().map(|(_, n)| n).sum();
+    Some((total, per_step))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn launches_per_decode_step(_: &Engine, _: &[u32], _: usize) -> Option<(f64, Vec<(String, f64)>)> {
+    None
 }
 
 /// `clients` generations of `ids` at once: (aggregate prefill tok/s, aggregate decode tok/s,

@@ -265,8 +265,9 @@ fn batch_equivalence(weights: WeightFormat) {
     eprintln!("batching on the GPU, {weights:?}: {:?}", started.elapsed());
 }
 
-/// In the weights a GPU runs by default (the batch is formed the same way for f32: Burn's
-/// layers run a step's sequences one after another).
+/// In the weights a GPU runs by default (the batch is formed the same way for f32): the
+/// decode rows of a step's sequences go through Burn's layers in one pass, each projection
+/// one matmul over them, and each sequence's tokens are those it gets alone.
 #[test]
 fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch() {
     batch_equivalence(WeightFormat::Auto);

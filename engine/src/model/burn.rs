@@ -4,7 +4,7 @@
 //! named like the Hugging Face tensors (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 //! safetensors checkpoint loads by name.
 //!
-//! Shapes: `b` batch (always 1 here), `s` new positions, `t` cached + new positions,
+//! Shapes: `b` batch (sequences: one, or several of one position each), `s` new positions, `t` cached + new positions,
 //! `nh`/`nkv` query/key-value heads, `hd` head dim.
 
 use burn::module::{Module, Param};
@@ -104,16 +104,19 @@ impl Attention {
         }
     }
 
+    /// `x` `[b, s, h]`: row `i` of the batch is the sequence of `caches[i]`, at its next
+    /// positions. The projections take the whole batch in one matmul each; each sequence
+    /// attends over its own cache.
     fn forward(
         &self,
         x: Tensor<3>,
         rope: &RopeTables,
-        cache: &mut BurnCache,
+        caches: &mut [&mut BurnCache],
         layer: usize,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let start = cache.len;
+        let starts: Vec<usize> = caches.iter().map(|cache| cache.len).collect();
 
         let q = self.q_proj.forward(x.clone());
         let k = self.k_proj.forward(x.clone());
@@ -121,9 +124,20 @@ impl Attention {
         let q = q.reshape([b, s, nh, hd]).swap_dims(1, 2);
         let k = k.reshape([b, s, nkv, hd]).swap_dims(1, 2);
         let v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
-        let q = rope.apply(q, start);
-        let k = rope.apply(k, start);
-        let out = attend(q, k, v, cache, layer);
+        let q = rope.apply_each(q, &starts);
+        let k = rope.apply_each(k, &starts);
+        let out = match caches {
+            [cache] => attend(q, k, v, cache, layer),
+            caches => {
+                let row = |x: &Tensor<4>, i: usize| x.clone().narrow(0, i, 1);
+                let parts = caches
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, cache)| attend(row(&q, i), row(&k, i), row(&v, i), cache, layer))
+                    .collect();
+                Tensor::cat(parts, 0)
+            }
+        };
         let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
         self.o_proj.forward(out)
     }
@@ -245,13 +259,13 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         rope: &RopeTables,
-        cache: &mut BurnCache,
+        caches: &mut [&mut BurnCache],
         layer: usize,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache, layer);
+                .forward(self.input_layernorm.forward(x), rope, caches, layer);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -310,13 +324,32 @@ impl BurnModel {
         cache: &mut BurnCache,
         last_only: bool,
     ) -> Tensor<3> {
-        let s = tokens.dims()[1];
+        self.forward_each(tokens, rope, &mut [cache], last_only)
+    }
+
+    /// [`BurnModel::forward`] of several sequences in one pass: row `i` of `tokens` `[b, s]`
+    /// continues the sequence of `caches[i]` (several sequences take one position each: the
+    /// decode rows of a step). Every projection is one matmul over the batch, so a step of
+    /// `b` sequences launches each layer's matmul and element-wise kernels once, not `b`
+    /// times; attention runs per sequence, over its own cache.
+    pub fn forward_each(
+        &self,
+        tokens: Tensor<2, Int>,
+        rope: &RopeTables,
+        caches: &mut [&mut BurnCache],
+        last_only: bool,
+    ) -> Tensor<3> {
+        let [b, s] = tokens.dims();
+        assert_eq!(b, caches.len(), "one cache per row of the batch");
+        assert!(b == 1 || s == 1, "several sequences take one position each");
         // The embedding table may be kept in a half type; the residual stream is f32.
         let mut x = self.model.embed_tokens.forward(tokens).cast(DType::F32);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, rope, cache, i);
+            x = layer.forward(x, rope, caches, i);
         }
-        cache.len += s;
+        for cache in caches.iter_mut() {
+            cache.len += s;
+        }
         let x = if last_only && s > 1 {
             x.narrow(1, s - 1, 1)
         } else {

@@ -124,8 +124,8 @@ impl Model {
 
     /// One step of several sequences (decode rows, drafts and prompt chunks): the logits
     /// `[rows, vocab]` of each item's last `logits` rows. On the
-    /// CPU the step reads the weights once for all decode rows; Burn's layers run the items
-    /// one after another. `Ok(None)` when `abandoned` said so part-way (checked between
+    /// CPU the step reads the weights once for all decode rows and prompt chunks; Burn's
+    /// layers take the decode rows in one pass and each prompt in a pass of its own. `Ok(None)` when `abandoned` said so part-way (checked between
     /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
     pub fn forward_batch(
         &self,
@@ -148,15 +148,41 @@ impl Model {
                 Ok(model.forward_batch(store, &segments, abandoned))
             }
             (Model::Burn(burn), KvStore::PerSequence) => {
-                let mut outputs = Vec::with_capacity(batch.len());
-                for item in batch.iter_mut() {
+                let mut outputs = vec![Vec::new(); batch.len()];
+                // The items of one position (decode rows) in one pass, the prompts one by
+                // one after them (Burn's layers take a prompt whole, from position 0).
+                let (rows, prompts): (Vec<_>, Vec<_>) = batch
+                    .iter_mut()
+                    .enumerate()
+                    .partition(|(_, item)| item.ids.len() == 1);
+                if !rows.is_empty() {
+                    if abandoned() {
+                        return Ok(None);
+                    }
+                    let ids: Vec<u32> = rows.iter().map(|(_, item)| item.ids[0]).collect();
+                    let mut wanted = Vec::with_capacity(rows.len());
+                    let mut caches = Vec::with_capacity(rows.len());
+                    for (index, item) in rows {
+                        wanted.push((index, item.logits > 0));
+                        caches.push(item.cache.as_deref_mut().ok_or_else(foreign_cache)?);
+                    }
+                    let logits = burn.forward_rows(&ids, &mut caches)?;
+                    for ((index, wants), logits) in wanted.into_iter().zip(logits) {
+                        if wants {
+                            outputs[index] = logits;
+                        }
+                    }
+                }
+                for (index, item) in prompts {
                     if abandoned() {
                         return Ok(None);
                     }
                     let cache = item.cache.as_deref_mut().ok_or_else(foreign_cache)?;
                     let logits = burn.forward(item.ids, cache, true)?;
                     // Burn's layers give the last row's: they never verify drafts.
-                    outputs.push(if item.logits > 0 { logits } else { Vec::new() });
+                    if item.logits > 0 {
+                        outputs[index] = logits;
+                    }
                 }
                 Ok(Some(outputs))
             }
@@ -182,6 +208,27 @@ impl DeviceModel {
             .into_data()
             .try_to_vec::<f32>()
             .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))
+    }
+}
+
+impl DeviceModel {
+    /// One position of each of several sequences (`ids[i]` continues the sequence of
+    /// `caches[i]`) in one pass: each sequence's logits, read back together.
+    fn forward_rows(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut BurnCache],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let rows = ids.len();
+        let ids = ids.iter().map(|&id| id as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, 1]), &self.device);
+        let logits = self.model.forward_each(tokens, &self.rope, caches, true);
+        let values = logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))?;
+        let vocab = values.len() / rows.max(1);
+        Ok(values.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::ModelConfig;
 
@@ -73,11 +73,34 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// Rotates `x` `[b, heads, s, hd]` where row `i` of the batch starts at `starts[i]`:
+    /// one start for the whole batch, or one position per row (several sequences' decode
+    /// rows), whose angles are gathered from the tables in one pass.
+    pub fn apply_each(&self, x: Tensor<4>, starts: &[usize]) -> Tensor<4> {
+        let [b, _, s, hd] = x.dims();
+        if let [start] = starts {
+            return self.apply(x, *start);
+        }
+        assert!(s == 1 && starts.len() == b, "one position per row");
+        let device = self.cos.device();
+        let positions: Vec<i64> = starts.iter().map(|&p| p as i64).collect();
+        let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [b]), &device);
+        let cos = self.cos.clone().select(0, positions.clone());
+        let sin = self.sin.clone().select(0, positions);
+        Self::rotate(x, cos.reshape([b, 1, 1, hd]), sin.reshape([b, 1, 1, hd]))
+    }
+
     /// Rotates `x` `[b, heads, s, hd]` whose first position is `start`.
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+    fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, s, hd] = x.dims();
         let cos = self.cos.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
         let sin = self.sin.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
+        Self::rotate(x, cos, sin)
+    }
+
+    /// `x · cos + rotate_half(x) · sin`, the tables broadcast over `x`.
+    fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+        let hd = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, hd / 2);
         let x2 = x.clone().narrow(3, hd / 2, hd / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
