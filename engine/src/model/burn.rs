@@ -118,12 +118,18 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let starts: Vec<usize> = caches.iter().map(|cache| cache.len).collect();
 
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
-        let v = self.v_proj.forward(x);
-        let q = q.reshape([b, s, nh, hd]).swap_dims(1, 2);
-        let k = k.reshape([b, s, nkv, hd]).swap_dims(1, 2);
-        let v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
+        let [q, k, v] = Proj::forward_each(x, [&self.q_proj, &self.k_proj, &self.v_proj]);
+        // `[b, s, heads·hd]` → `[b, heads, s, hd]`. For one position the two layouts are the
+        // same bytes, so a reshape does it; a swap of dimensions is a strided view that
+        // becomes a copy kernel on the device, three per layer in every decode step.
+        let heads = |x: Tensor<3>, heads: usize| {
+            if s == 1 {
+                x.reshape([b, heads, 1, hd])
+            } else {
+                x.reshape([b, s, heads, hd]).swap_dims(1, 2)
+            }
+        };
+        let (q, k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
         let q = rope.apply_each(q, &starts);
         let k = rope.apply_each(k, &starts);
         let out = match caches {
@@ -138,7 +144,11 @@ impl Attention {
                 Tensor::cat(parts, 0)
             }
         };
-        let out = out.swap_dims(1, 2).reshape([b, s, nh * hd]);
+        let out = if s == 1 {
+            out.reshape([b, 1, nh * hd])
+        } else {
+            out.swap_dims(1, 2).reshape([b, s, nh * hd])
+        };
         self.o_proj.forward(out)
     }
 }
@@ -209,8 +219,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let [gate, up] = Proj::forward_each(x, [&self.gate_proj, &self.up_proj]);
+        self.down_proj.forward(silu(gate) * up)
     }
 }
 

@@ -26,20 +26,41 @@ impl Proj {
 
     /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [y] = Self::forward_each(x, [self]);
+        y
+    }
+
+    /// [`Proj::forward`] of several projections of the same `x` (q, k and v; gate and up),
+    /// `x` cast to the weights' dtype once for all of them rather than once each: on a GPU
+    /// every cast is a kernel launch, and launches, not arithmetic, bound a small model's
+    /// step there.
+    pub fn forward_each<const N: usize>(x: Tensor<3>, projs: [&Proj; N]) -> [Tensor<3>; N] {
         let [b, s, d_in] = x.dims();
-        let w = self.weight.val();
-        let dtype = w.dtype();
-        let y = x.reshape([b * s, d_in]).cast(dtype).matmul(w.transpose());
-        let y = if dtype == DType::F32 {
-            y
-        } else {
-            y.cast(DType::F32)
-        };
-        let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze::<2>(),
-            None => y,
-        };
-        let d_out = y.dims()[1];
-        y.reshape([b, s, d_out])
+        let x = x.reshape([b * s, d_in]);
+        let mut cast: Option<(DType, Tensor<2>)> = None;
+        projs.map(|proj| {
+            let w = proj.weight.val();
+            let dtype = w.dtype();
+            let input = match &cast {
+                Some((held, input)) if *held == dtype => input.clone(),
+                _ => {
+                    let input = x.clone().cast(dtype);
+                    cast = Some((dtype, input.clone()));
+                    input
+                }
+            };
+            let y = input.matmul(w.transpose());
+            let y = if dtype == DType::F32 {
+                y
+            } else {
+                y.cast(DType::F32)
+            };
+            let y = match &proj.bias {
+                Some(bias) => y + bias.val().unsqueeze::<2>(),
+                None => y,
+            };
+            let d_out = y.dims()[1];
+            y.reshape([b, s, d_out])
+        })
     }
 }

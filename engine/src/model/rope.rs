@@ -45,7 +45,8 @@ impl Rope {
     }
 
     /// The same angles as tensor tables for Burn's layers: cos/sin `[positions, hd]`, each
-    /// frequency repeated for both halves.
+    /// frequency repeated for both halves, the sines of the first half negated (rotate-half's
+    /// sign, so that the rotation needs no negation kernel: `RopeTables::rotate`).
     pub fn tables(&self, positions: usize, device: &Device) -> RopeTables {
         let half = self.inv_freq.len();
         let hd = 2 * half;
@@ -55,7 +56,7 @@ impl Rope {
             for i in 0..hd {
                 let angle = p as f32 * self.inv_freq[i % half];
                 cos.push(angle.cos());
-                sin.push(angle.sin());
+                sin.push(if i < half { -angle.sin() } else { angle.sin() });
             }
         }
         RopeTables {
@@ -69,6 +70,7 @@ impl Rope {
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     cos: Tensor<2>,
+    /// The sines, negated in each head's first half.
     sin: Tensor<2>,
 }
 
@@ -98,12 +100,17 @@ impl RopeTables {
         Self::rotate(x, cos, sin)
     }
 
-    /// `x · cos + rotate_half(x) · sin`, the tables broadcast over `x`.
+    /// `x · cos + rotate_half(x) · sin`, the tables broadcast over `x`: `rotate_half(x)` is
+    /// `[-x₂, x₁]`, here the halves swapped by one flip and the sign carried by the table
+    /// (`[-x₂, x₁] · [s, s]` is `[x₂, x₁] · [-s, s]`, exactly), which on a GPU is one
+    /// kernel where a negation and a concatenation were four.
     fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
-        let hd = x.dims()[3];
-        let x1 = x.clone().narrow(3, 0, hd / 2);
-        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        let [b, heads, s, hd] = x.dims();
+        let swapped = x
+            .clone()
+            .reshape([b, heads, s, 2, hd / 2])
+            .flip([3])
+            .reshape([b, heads, s, hd]);
+        x * cos + swapped * sin
     }
 }
