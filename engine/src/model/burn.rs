@@ -9,7 +9,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Int, Tensor};
@@ -171,11 +171,15 @@ fn attend(
         "a multi-position pass must start at position 0"
     );
     let (k, v) = cache.append(layer, k, v);
+    let flex = k.device() == Device::flex();
+    if s == 1 && !flex {
+        return attend_one_position(q, k, v);
+    }
     // Flex's fused attention reads grouped K/V heads as they are. Burn's attention contract
     // (and CubeCL's kernels, which fail on it) want one K/V head per query head: elsewhere
     // each K/V head is repeated for the query heads that share it.
     let nh = q.dims()[1];
-    let (k, v) = if k.dims()[1] != nh && k.device() != Device::flex() {
+    let (k, v) = if k.dims()[1] != nh && !flex {
         (repeat_heads(k, nh), repeat_heads(v, nh))
     } else {
         (k, v)
@@ -186,6 +190,23 @@ fn attend(
         is_causal: s > 1,
     };
     attention(q, k, v, None, None, options)
+}
+
+/// One position's attention, `q` `[b, nh, 1, hd]` over the cached `k`, `v` `[b, nkv, t, hd]`,
+/// on a GPU: the `nh / nkv` query heads that share a K/V head are the rows of one matmul
+/// against its keys, so the cache is read as it is. Burn's attention wants the K/V heads
+/// repeated for their query heads, which copies the whole cache twice a layer in every
+/// decode step (its size in bytes, and two launches), and its fallback's softmax guards
+/// against rows with every key masked, which one position's row never has (a few launches
+/// more).
+fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, nh, _, hd] = q.dims();
+    let nkv = k.dims()[1];
+    // Query head `h` reads K/V head `h / (nh / nkv)` (the Hugging Face `repeat_kv` order), so
+    // the heads of one K/V head are consecutive.
+    let q = q.reshape([b, nkv, nh / nkv, hd]);
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
+    softmax(scores, 3).matmul(v).reshape([b, nh, 1, hd])
 }
 
 /// `[b, nkv, t, hd]` → `[b, nh, t, hd]`, query head `i` reading K/V head `i / (nh / nkv)`
