@@ -83,6 +83,8 @@ pub struct Attention {
     pub k_proj: Proj,
     pub v_proj: Proj,
     pub o_proj: Proj,
+    /// q, k and v as one projection ([`BurnModel::fuse_projections`]), on a GPU.
+    pub qkv: Option<Proj>,
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
@@ -98,6 +100,7 @@ impl Attention {
             k_proj: Proj::init(h, nkv * hd, bias, device),
             v_proj: Proj::init(h, nkv * hd, bias, device),
             o_proj: Proj::init(nh * hd, h, false, device),
+            qkv: None,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -118,7 +121,6 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let starts: Vec<usize> = caches.iter().map(|cache| cache.len).collect();
 
-        let [q, k, v] = Proj::forward_each(x, [&self.q_proj, &self.k_proj, &self.v_proj]);
         // `[b, s, heads·hd]` → `[b, heads, s, hd]`. For one position the two layouts are the
         // same bytes, so a reshape does it; a swap of dimensions is a strided view that
         // becomes a copy kernel on the device, three per layer in every decode step.
@@ -129,9 +131,22 @@ impl Attention {
                 x.reshape([b, s, heads, hd]).swap_dims(1, 2)
             }
         };
-        let (q, k, v) = (heads(q, nh), heads(k, nkv), heads(v, nkv));
-        let q = rope.apply_each(q, &starts);
-        let k = rope.apply_each(k, &starts);
+        let (q, k, v) = match &self.qkv {
+            // One matmul, and the query and key heads rotated together: one RoPE pass.
+            Some(qkv) => {
+                let y = qkv.forward(x);
+                let qk = heads(y.clone().narrow(2, 0, (nh + nkv) * hd), nh + nkv);
+                let qk = rope.apply_each(qk, &starts);
+                let v = heads(y.narrow(2, (nh + nkv) * hd, nkv * hd), nkv);
+                (qk.clone().narrow(1, 0, nh), qk.narrow(1, nh, nkv), v)
+            }
+            None => {
+                let [q, k, v] = Proj::forward_each(x, [&self.q_proj, &self.k_proj, &self.v_proj]);
+                let q = rope.apply_each(heads(q, nh), &starts);
+                let k = rope.apply_each(heads(k, nkv), &starts);
+                (q, k, heads(v, nkv))
+            }
+        };
         let out = match caches {
             [cache] => attend(q, k, v, cache, layer),
             caches => {
@@ -391,6 +406,20 @@ impl BurnModel {
             Some(head) => head.forward(x),
             None => tied_output(x, self.model.embed_tokens.weight.val()),
         }
+    }
+
+    /// q, k and v made one projection (`Proj::fuse`): on a GPU every matmul is a launch and
+    /// a step is bound by launches. Gate and up stay two: fused the same way, the halves of
+    /// their output no longer fused into `silu(gate) · up`, and a SmolLM2 decode step
+    /// launched more kernels, not fewer (1128.5 against 1068.5 on lavapipe). Not on the CPU:
+    /// Flex gains nothing, and the tests that round the CPU's weights walk the parts. Done
+    /// after the cast, which walks the parts too.
+    pub fn fuse_projections(mut self) -> Self {
+        for layer in &mut self.model.layers {
+            let a = &mut layer.self_attn;
+            a.qkv = Some(Proj::fuse([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj]));
+        }
+        self
     }
 
     /// Casts every matrix to `dtype`, and norms and biases to f32 (they are tiny and

@@ -41,8 +41,14 @@ impl DeviceModel {
     /// `model` (filled with f32 weights) cast to `dtype`, with the RoPE tables of the
     /// model's whole context on `device`.
     pub fn new(model: BurnModel, config: &ModelConfig, dtype: DType, device: &Device) -> Self {
+        let model = model.cast(dtype);
+        let model = if *device == Device::flex() {
+            model
+        } else {
+            model.fuse_projections()
+        };
         Self {
-            model: model.cast(dtype),
+            model,
             rope: Rope::new(config).tables(config.max_position_embeddings, device),
             device: device.clone(),
         }

@@ -24,6 +24,34 @@ impl Proj {
         }
     }
 
+    /// One projection doing the work of `parts` (q, k and v; gate and up), which read the
+    /// same input: their weights stacked by output rows (their biases likewise, zeros where a
+    /// part has none), so a step runs one matmul where it ran one per part. Each part keeps
+    /// a placeholder of no rows, never allocated, so the device holds the weights once.
+    pub fn fuse<const N: usize>(parts: [&mut Proj; N]) -> Proj {
+        let device = parts[0].weight.val().device();
+        let d_in = parts[0].weight.shape().dims::<2>()[1];
+        let has_bias = parts.iter().any(|p| p.bias.is_some());
+        let mut weights = Vec::with_capacity(N);
+        let mut biases = Vec::with_capacity(N);
+        for part in parts {
+            let weight = part.weight.val();
+            let d_out = weight.dims()[0];
+            if has_bias {
+                biases.push(match part.bias.take() {
+                    Some(bias) => bias.val(),
+                    None => Tensor::zeros([d_out], &device),
+                });
+            }
+            weights.push(weight);
+            part.weight = Initializer::Zeros.init([0, d_in], &device);
+        }
+        Proj {
+            weight: Param::from_tensor(Tensor::cat(weights, 0)),
+            bias: has_bias.then(|| Param::from_tensor(Tensor::cat(biases, 0))),
+        }
+    }
+
     /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [y] = Self::forward_each(x, [self]);
