@@ -4,8 +4,8 @@
 //!
 //! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
 //! --new-tokens N (64), --runs N (3, best run reported), --kv-cache-type f32|f16 (f16).
-//! Speculative decoding is off: the prompt repeats itself, and the figures are of the
-//! model's steps. Prints one human line and one JSON
+//! Speculative decoding and the prefix cache are off: the prompt repeats itself, and the
+//! figures are of the model's steps. Prints one human line and one JSON
 //! line (for scripts/bench.sh).
 //!
 //! `--clients N` (1) runs N generations of the same prompt at once (they share every
@@ -69,6 +69,9 @@ fn main() {
             max_batch: clients.max(rbee_engine::DEFAULT_MAX_BATCH),
             kv_cache_type,
             speculative: false,
+            // Every run reads the same prompt: with the prefix cache, every run after the
+            // first would time a cache hit, not a prefill.
+            prefix_caching: false,
             ..LoadOptions::default()
         },
     )
