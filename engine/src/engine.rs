@@ -58,6 +58,7 @@ impl Engine {
             prefix_caching = engine.limits.prefix_caching,
             speculative = engine.limits.speculative,
             jump_forward = engine.limits.jump_forward,
+            answer_reuse = engine.limits.answer_reuse,
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );
@@ -109,6 +110,7 @@ impl Engine {
             draft_length: options.draft_length,
             kv_cache_type: options.kv_cache_type,
             jump_forward: options.jump_forward,
+            answer_reuse: options.answer_reuse,
         };
         // The KV of one model is never another's: the chain's root names the checkpoint and
         // how its weights are kept.

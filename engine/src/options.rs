@@ -82,6 +82,13 @@ pub struct LoadOptions {
     /// fixed keys) feeds them in one step as a draft the model verifies (jump-forward), on
     /// the model forms that verify several rows at once. The output is the same either way.
     pub jump_forward: bool,
+    /// Whether the CPU reads every prompt position with the integer row kernel, as it
+    /// computes generated tokens, rather than long prompt chunks with f32 gemm. A position's
+    /// keys and values are then the same bit for bit however it was computed, so the KV of
+    /// an answer is a prefix-cache hit when the next turn of the chat sends the answer back
+    /// (every chat client does): that turn reads only its new message. Off, a turn reads the
+    /// last answer again, but a long prompt nobody has sent before reads ~×1.1 faster.
+    pub answer_reuse: bool,
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.
     pub prompt_chunk: usize,
@@ -100,6 +107,7 @@ impl Default for LoadOptions {
             draft_length: DraftLength::Measured,
             kv_cache_type: KvCacheType::F16,
             jump_forward: true,
+            answer_reuse: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
         }
     }

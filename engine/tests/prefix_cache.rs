@@ -41,13 +41,18 @@ fn generate(engine: &Engine, prompt: &[u32], params: &SamplingParams) -> Vec<u32
 /// Prompts that share their first `shared` of `total` tokens with an earlier 120-token one:
 /// each gives the tokens an engine without the prefix cache gives, and finds the blocks
 /// expected in the cache: full blocks within all but its last token, whose positions the
-/// earlier prompt computed by the same kernel as this one would (a chunk's length picks
-/// its kernel; a block is reused only where it holds the very numbers this sequence would
-/// compute).
-fn hits_give_the_tokens_computed_without_them(prompt_chunk: usize, cases: &[(usize, usize, u64)]) {
+/// earlier prompt computed by the same kernel as this one would (with `answer_reuse` off, a
+/// chunk's length picks its kernel; a block is reused only where it holds the very numbers
+/// this sequence would compute).
+fn hits_give_the_tokens_computed_without_them(
+    prompt_chunk: usize,
+    answer_reuse: bool,
+    cases: &[(usize, usize, u64)],
+) {
     let options = |prefix_caching| LoadOptions {
         prompt_chunk,
         prefix_caching,
+        answer_reuse,
         ..LoadOptions::default()
     };
     let cached = engine(options(true));
@@ -81,10 +86,34 @@ fn hits_give_the_tokens_computed_without_them(prompt_chunk: usize, cases: &[(usi
 
 #[test]
 fn prefix_hits_give_the_tokens_computed_without_them() {
+    // Every position on the row kernel (the default): every full block within all but the
+    // last token is a hit, however the prompts were cut into chunks.
+    for chunk in [256, 50] {
+        hits_give_the_tokens_computed_without_them(
+            chunk,
+            true,
+            &[
+                (50, 90, 48),
+                (64, 73, 64),
+                (60, 60, 48),
+                (120, 120, 112),
+                (119, 150, 112),
+                (7, 30, 0),
+                (40, 40, 32),
+            ],
+        );
+    }
+}
+
+/// With `--no-answer-reuse`, a chunk's length picks its kernel, and a block is a hit only
+/// where the cached prompt's chunk took the kernel this prompt's takes.
+#[test]
+fn without_answer_reuse_hits_follow_the_chunks_kernels() {
     // Chunks of 256: prompts from 48 tokens are one gemm chunk; the earlier prompt's blocks
     // serve every later one that long.
     hits_give_the_tokens_computed_without_them(
         256,
+        false,
         &[
             // A hit that ends mid-block: the fourth block differs from its 51st token.
             (50, 90, 48),
@@ -104,6 +133,7 @@ fn prefix_hits_give_the_tokens_computed_without_them() {
     // Chunks of 50: the earlier prompt was read as 50 + 50 (gemm) + 20 (row kernel).
     hits_give_the_tokens_computed_without_them(
         50,
+        false,
         &[
             // Its last chunk is 40 rows (row kernel): the fourth block's kernels differ.
             (50, 90, 48),
@@ -121,7 +151,8 @@ fn prefix_hits_give_the_tokens_computed_without_them() {
 
 /// A conversation: each turn's prompt is the last turn's prompt, its answer and a new
 /// message. Every turn gives the tokens it gives without the cache, and from the second on
-/// it starts from the blocks of the turn before.
+/// it starts from the blocks of the turn before, its answer's included: it reads only the
+/// block the answer ended in and the new message.
 #[test]
 fn each_chat_turn_starts_from_the_turns_before() {
     let cached = engine(LoadOptions::default());
@@ -131,18 +162,21 @@ fn each_chat_turn_starts_from_the_turns_before() {
     });
     let params = greedy(20);
     let mut prompt = ids(3, 60);
-    let mut previous_prompt = 0;
+    // Positions the turn before computed.
+    let mut previous = 0;
     for turn in 0..4u32 {
         let before = cached.batch_stats().prefix_hit_tokens;
         let answer = generate(&cached, &prompt, &params);
         assert_eq!(answer, generate(&uncached, &prompt, &params), "turn {turn}");
         let hits = (cached.batch_stats().prefix_hit_tokens - before) as usize;
-        // At least the last turn's prompt, less its unfinished block.
+        // The last turn's prompt and answer, less the block that holds the answer's last
+        // token (whose keys and values no step computed).
+        let reusable = previous / BLOCK * BLOCK;
         assert!(
-            hits >= previous_prompt / BLOCK * BLOCK,
-            "turn {turn}: {hits} tokens from the cache, the prompt before had {previous_prompt}"
+            hits >= reusable,
+            "turn {turn}: {hits} tokens from the cache, {reusable} reusable from the turn before"
         );
-        previous_prompt = prompt.len();
+        previous = prompt.len() + answer.len() - 1;
         prompt.extend(answer);
         prompt.extend(ids(10 + turn, 25));
     }

@@ -163,6 +163,13 @@ pub struct Args {
     #[arg(long)]
     pub no_jump_forward: bool,
 
+    /// Read long prompts with f32 gemm instead of the integer kernel that computes generated
+    /// tokens: a long prompt never seen before is read ~×1.1 faster, but a chat's last answer
+    /// is no longer a prefix-cache hit on its next turn (its KV would not be the prompt's,
+    /// bit for bit), so every turn reads it again.
+    #[arg(long)]
+    pub no_answer_reuse: bool,
+
     /// Requests that may wait for a free slot (0: none wait); beyond this the worker answers 503.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=MAX_QUEUE_SIZE))]
     pub queue_size: u32,

@@ -192,6 +192,7 @@ impl Args {
             draft_length: self.draft_length.into(),
             kv_cache_type: self.kv_cache_type.into(),
             jump_forward: !self.no_jump_forward,
+            answer_reuse: !self.no_answer_reuse,
             ..LoadOptions::default()
         }
     }

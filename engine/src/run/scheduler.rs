@@ -66,6 +66,10 @@ pub(crate) struct BatchLimits {
     pub kv_cache_type: KvCacheType,
     /// Whether constrained sequences draft the tokens their shape forces.
     pub jump_forward: bool,
+    /// Whether prompts are read by the row kernel at every position, as generated tokens
+    /// are, so that a chat's earlier answers are prefix-cache hits when its next turn sends
+    /// them back (`LoadOptions::answer_reuse`).
+    pub answer_reuse: bool,
 }
 
 impl BatchLimits {
@@ -171,6 +175,9 @@ struct Sequence<'t> {
     vocabulary: &'t Vocabulary,
     /// Where its masks' times are counted.
     mask_timings: &'t MaskTimings,
+    /// Whether its prompt takes the row kernel at every position, as its generated tokens
+    /// do (`BatchLimits::answer_reuse`).
+    prompt_on_row_kernel: bool,
     /// Log-probabilities of the tokens whose text is held back (a possible stop string, part
     /// of a character): they go out with it.
     held_logprobs: Vec<TokenLogprob>,
@@ -179,8 +186,14 @@ struct Sequence<'t> {
 }
 
 impl<'t> Sequence<'t> {
-    fn new(core: &'t Core, mut request: Submission, acceptance: Acceptance) -> Self {
+    fn new(
+        core: &'t Core,
+        mut request: Submission,
+        acceptance: Acceptance,
+        prompt_on_row_kernel: bool,
+    ) -> Self {
         Self {
+            prompt_on_row_kernel,
             constraint: request.constraint.take(),
             vocabulary: &core.vocabulary,
             mask_timings: &core.stats.masks,
@@ -359,13 +372,15 @@ impl<'t> Sequence<'t> {
         start..(start + prompt_chunk).min(self.request.prompt.len())
     }
 
-    /// Whether `position` is computed by the row kernel (else the tiled gemm path): as when
-    /// the sequence reads its prompt from position 0 in chunks of `prompt_chunk` (a chunk's
+    /// Whether `position` is computed by the row kernel (else the tiled gemm path): every
+    /// position with answer reuse on (`BatchLimits::answer_reuse`); else as when the
+    /// sequence reads its prompt from position 0 in chunks of `prompt_chunk` (a chunk's
     /// length picks its path) and then decodes one row at a time. Every computation of a
     /// position (the first, after a prefix hit, after a preemption) takes this path, so its
     /// keys, values and logits are the same bit for bit.
     fn takes_row_kernel(&self, position: usize, prompt_chunk: usize) -> bool {
-        position >= self.request.prompt.len()
+        self.prompt_on_row_kernel
+            || position >= self.request.prompt.len()
             || BlockMatrix::row_kernel_for(self.prompt_chunk_around(position, prompt_chunk).len())
     }
 
@@ -462,8 +477,9 @@ impl<'t> Batch<'t> {
     /// Queues a new generation behind the others.
     fn enqueue(&mut self, submission: Submission) {
         let acceptance = Acceptance::starting_at(&self.acceptance);
+        let reuse = self.limits.answer_reuse;
         self.waiting
-            .push_back(Sequence::new(self.core, submission, acceptance));
+            .push_back(Sequence::new(self.core, submission, acceptance, reuse));
     }
 
     /// Takes `running[index]` out of the batch, its blocks given back.
