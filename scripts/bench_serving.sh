@@ -19,8 +19,9 @@ llama=${LLAMA_SERVER:-$("$root/../shared/tools/build-llama-server.sh")}
 out=${OUT:-$root/target/bench-serving}
 mkdir -p "$out"
 
-cargo build -q -p rbee-host
-cargo build -q -p rbee-host --example bench_serving
+# The workspace's feature set, as scripts/test.sh and serve.sh build it (`-p rbee-host`
+# alone resolves other features and builds the whole tree a second time).
+cargo build -q --workspace --bins --examples
 bench="${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench_serving"
 common=(--model "$model" --llama-server "$llama" --clients "${CLIENTS:-1,2,4,8}" --rounds "${ROUNDS:-2}"
         --repeats "${REPEATS:-3}")

@@ -11,7 +11,8 @@ cd "$root"
 model=${1:-$("$root/scripts/fetch-model.sh")}
 llama=${LLAMA_SERVER:-$("$root/../shared/tools/build-llama-server.sh")}
 
-cargo build -q -p rbee-host
-cargo build -q -p rbee-host --example bench_structured
+# The workspace's feature set, as scripts/test.sh and serve.sh build it (`-p rbee-host`
+# alone resolves other features and builds the whole tree a second time).
+cargo build -q --workspace --bins --examples
 "${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench_structured" --model "$model" \
     --llama-server "$llama" --repeats "${REPEATS:-2}" --clients "${CLIENTS:-1,4}"
