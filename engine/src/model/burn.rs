@@ -208,13 +208,25 @@ fn attend(
 }
 
 /// One position's attention, `q` `[b, nh, 1, hd]` over the cached `k`, `v` `[b, nkv, t, hd]`,
-/// on a GPU: the `nh / nkv` query heads that share a K/V head are the rows of one matmul
+/// on a GPU: one launch of the engine's kernel (`device_kernels`) where it takes the types
+/// and head size, else [`attend_one_position_by_matmul`].
+fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "wgpu")]
+    if [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32)
+        && super::device_kernels::attends_head_dim(q.dims()[3])
+    {
+        return super::device_kernels::attend_one_position(q, k, v);
+    }
+    attend_one_position_by_matmul(q, k, v)
+}
+
+/// [`attend_one_position`] in Burn's operations: the `nh / nkv` query heads that share a K/V head are the rows of one matmul
 /// against its keys, so the cache is read as it is. Burn's attention wants the K/V heads
 /// repeated for their query heads, which copies the whole cache twice a layer in every
 /// decode step (its size in bytes, and two launches), and its fallback's softmax guards
 /// against rows with every key masked, which one position's row never has (a few launches
 /// more).
-fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+fn attend_one_position_by_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, nh, _, hd] = q.dims();
     let nkv = k.dims()[1];
     // Query head `h` reads K/V head `h / (nh / nkv)` (the Hugging Face `repeat_kv` order), so
@@ -260,6 +272,39 @@ impl Mlp {
     }
 }
 
+/// The residual stream `x` plus `delta` (the last block's output, not yet added), and
+/// `norm` of that sum in `dtype` (the next matmul's weight type). On a GPU this is one
+/// launch of the engine's kernel (`device_kernels`): Burn's fusion leaves the residual add,
+/// the element-wise work after the norm's reduction and the cast as launches of their own.
+/// Elsewhere (the CPU, types the kernel does not take) Burn's add and `RmsNorm`, in f32;
+/// the projections cast as they need.
+fn add_rms_norm<const D: usize>(
+    norm: &RmsNorm,
+    x: Tensor<D>,
+    delta: Option<Tensor<D>>,
+    dtype: DType,
+) -> (Tensor<D>, Tensor<D>) {
+    #[cfg(feature = "wgpu")]
+    if x.device() != Device::flex()
+        && x.dtype() == DType::F32
+        && norm.gamma.dtype() == DType::F32
+        && delta.as_ref().is_none_or(|d| d.dtype() == DType::F32)
+    {
+        use super::device_kernels as kernels;
+        let (gamma, epsilon) = (norm.gamma.val(), norm.epsilon);
+        return match delta {
+            Some(delta) => kernels::add_rms_norm(x, delta, gamma, epsilon, dtype),
+            None => (x.clone(), kernels::rms_norm(x, gamma, epsilon, dtype)),
+        };
+    }
+    let _ = dtype;
+    let x = match delta {
+        Some(delta) => x + delta,
+        None => x,
+    };
+    (x.clone(), norm.forward(x))
+}
+
 // ---------------------------------------------------------------------------------------
 // Decoder block (pre-norm residual).
 // ---------------------------------------------------------------------------------------
@@ -301,18 +346,24 @@ impl DecoderLayer {
         ]
     }
 
+    /// The block on the residual stream `x` plus `delta` (the previous block's output, added
+    /// here with the norm: [`add_rms_norm`]). Returns the stream and this block's output,
+    /// likewise not yet added.
     fn forward(
         &self,
         x: Tensor<3>,
+        delta: Option<Tensor<3>>,
         rope: &RopeTables,
         caches: &mut [&mut BurnCache],
         layer: usize,
-    ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, caches, layer);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    ) -> (Tensor<3>, Tensor<3>) {
+        let attention = &self.self_attn;
+        let qkv = attention.qkv.as_ref().unwrap_or(&attention.q_proj);
+        let (x, normed) = add_rms_norm(&self.input_layernorm, x, delta, qkv.dtype());
+        let attended = attention.forward(normed, rope, caches, layer);
+        let norm = &self.post_attention_layernorm;
+        let (h, normed) = add_rms_norm(norm, x, Some(attended), self.mlp.gate_proj.dtype());
+        (h, self.mlp.forward(normed))
     }
 }
 
@@ -390,18 +441,26 @@ impl BurnModel {
         assert!(b == 1 || s == 1, "several sequences take one position each");
         // The embedding table may be kept in a half type; the residual stream is f32.
         let mut x = self.model.embed_tokens.forward(tokens).cast(DType::F32);
+        let mut delta = None;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, rope, caches, i);
+            let (stream, output) = layer.forward(x, delta, rope, caches, i);
+            (x, delta) = (stream, Some(output));
         }
         for cache in caches.iter_mut() {
             cache.len += s;
         }
-        let x = if last_only && s > 1 {
-            x.narrow(1, s - 1, 1)
-        } else {
-            x
+        let last = |x: Tensor<3>| {
+            if last_only && s > 1 {
+                x.narrow(1, s - 1, 1)
+            } else {
+                x
+            }
         };
-        let x = self.model.norm.forward(x);
+        let output_dtype = match &self.lm_head {
+            Some(head) => head.dtype(),
+            None => self.model.embed_tokens.weight.dtype(),
+        };
+        let (_, x) = add_rms_norm(&self.model.norm, last(x), delta.map(last), output_dtype);
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => tied_output(x, self.model.embed_tokens.weight.val()),
@@ -455,7 +514,8 @@ impl BurnModel {
 fn tied_output(x: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
     let [b, s, h] = x.dims();
     let dtype = embedding.dtype();
-    let x = x.reshape([b * s, h]).cast(dtype);
+    let x = x.reshape([b * s, h]);
+    let x = if x.dtype() == dtype { x } else { x.cast(dtype) };
     let logits = x.matmul(embedding.transpose());
     let [_, vocab] = logits.dims();
     logits.cast(DType::F32).reshape([b, s, vocab])

@@ -10,6 +10,8 @@
 pub mod burn;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+pub mod device_kernels;
 pub mod proj;
 pub mod rope;
 

@@ -52,6 +52,11 @@ impl Proj {
         }
     }
 
+    /// The weight's type: what the matmul computes in.
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
     /// `x · Wᵀ + b` over the last dimension; computes in the weight's dtype, returns f32.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [y] = Self::forward_each(x, [self]);
@@ -71,6 +76,8 @@ impl Proj {
             let dtype = w.dtype();
             let input = match &cast {
                 Some((held, input)) if *held == dtype => input.clone(),
+                // (Already in the weights' type where a GPU norm kernel wrote it so.)
+                _ if x.dtype() == dtype => x.clone(),
                 _ => {
                     let input = x.clone().cast(dtype);
                     cast = Some((dtype, input.clone()));

@@ -1,0 +1,549 @@
+//! The engine's own CubeCL kernels, for what Burn's fusion does not reach on a GPU.
+//!
+//! A small model's decode step on a GPU is bound by kernel launches, not arithmetic. Burn's
+//! fusion merges runs of element-wise work, but it stops at a reduction and does not fuse
+//! the element-wise work after one: RMSNorm (a mean of squares, then a divide and a
+//! product) and attention's softmax (a max, exponentials, a sum, a divide, between two
+//! matmuls) took 5 and 7 launches, twice a layer and once a layer. Each is one kernel here:
+//! - [`rms_norm`]: one cube per row; the sum of squares reduced in shared memory, then each
+//!   value divided by the root mean square and scaled by `γ`, as Burn's `RmsNorm` computes;
+//! - [`attend_one_position`]: one cube per (sequence, query head), over the cached keys
+//!   and values of its K/V head (grouped-query heads read as they are), in chunks of
+//!   positions whose scores fit shared memory, the softmax taken online (a running max and
+//!   sum, earlier chunks rescaled): the scores never leave the cube.
+//!
+//! Both are registered with Burn as a backend extension (`Dispatch::…`), so they run inside
+//! its fusion stream as opaque operations. They take f32 tensors (the residual stream and
+//! the KV cache are f32); anything else takes Burn's own operations. Reductions use shared
+//! memory and barriers only, which every wgpu backend has (lavapipe included), not subgroup
+//! operations.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Shape, Tensor};
+use burn_cubecl::cubecl;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::{CubeBackend, tensor::CubeTensor};
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use kernels::{add_rms_norm_kernel, attend_one_position_kernel, rms_norm_kernel};
+
+/// Units per cube: a power of two (the shared-memory reductions halve it), and at least the
+/// head dimension for attention (each of the first `hd` units owns one output value).
+const UNITS: u32 = 128;
+
+/// Positions whose scores one attention cube keeps in shared memory at a time (4 KiB of
+/// f32, well inside WebGPU's 16 KiB minimum): longer caches are taken in chunks.
+const CHUNK: u32 = 1024;
+
+/// `x` `[.., h]` divided by the root mean square of its last dimension, times `gamma`
+/// `[h]`, in `dtype`: Burn's `RmsNorm::forward` and the cast to the next matmul's weight
+/// type, in one launch. `x` and `gamma` f32.
+pub fn rms_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    epsilon: f64,
+    dtype: DType,
+) -> Tensor<D> {
+    Tensor::from_dispatch(Dispatch::rms_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        epsilon as f32,
+        dtype,
+    ))
+}
+
+/// `x + delta`, and [`rms_norm`] of it: a residual connection and the next block's norm
+/// in one launch. f32 in, the sum f32, the norm in `dtype`.
+pub fn add_rms_norm<const D: usize>(
+    x: Tensor<D>,
+    delta: Tensor<D>,
+    gamma: Tensor<1>,
+    epsilon: f64,
+    dtype: DType,
+) -> (Tensor<D>, Tensor<D>) {
+    let (sum, normed) = Dispatch::add_rms_norm(
+        x.into_dispatch(),
+        delta.into_dispatch(),
+        gamma.into_dispatch(),
+        epsilon as f32,
+        dtype,
+    );
+    (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
+}
+
+/// One position's attention: `q` `[b, nh, 1, hd]` over `k`, `v` `[b, nkv, t, hd]` (query
+/// head `h` reads K/V head `h / (nh / nkv)`), scaled by `1/√hd`; returns `[b, nh, 1, hd]`.
+/// Views (a narrowed cache, a slice of the q/k tensor) are read through their strides, not
+/// copied. f32 only, `hd ≤ 128`.
+pub fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::attend_one_position(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+    ))
+}
+
+/// Whether [`attend_one_position`] takes a head dimension of `head_dim`.
+pub fn attends_head_dim(head_dim: usize) -> bool {
+    head_dim <= UNITS as usize
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait LlamaKernels: Backend {
+    #[fusion(meta = |x, _gamma, _epsilon, dtype| TensorSpec::new(x.shape.clone(), *dtype))]
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f32,
+        dtype: DType,
+    ) -> FloatTensor<Self>;
+
+    #[fusion(meta = |x, _delta, _gamma, _epsilon, dtype| {
+        (x.clone(), TensorSpec::new(x.shape.clone(), *dtype))
+    })]
+    fn add_rms_norm(
+        x: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f32,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    #[fusion(dtype = q, shape = q)]
+    fn attend_one_position(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+impl LlamaKernels for CubeBackend {
+    fn rms_norm(x: CubeTensor, gamma: CubeTensor, epsilon: f32, dtype: DType) -> CubeTensor {
+        assert_f32(&[&x, &gamma], "rms_norm");
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let output = empty_like(&x, dtype);
+        rms_norm_kernel::launch(
+            &x.client,
+            CubeCount::new_1d(rows(&x)),
+            CubeDim::new_1d(UNITS),
+            x.clone().into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            epsilon,
+            UNITS,
+            [DType::F32, dtype].map(dtype_to_storage_type),
+        );
+        output
+    }
+
+    fn add_rms_norm(
+        x: CubeTensor,
+        delta: CubeTensor,
+        gamma: CubeTensor,
+        epsilon: f32,
+        dtype: DType,
+    ) -> (CubeTensor, CubeTensor) {
+        assert_f32(&[&x, &delta, &gamma], "add_rms_norm");
+        let (x, delta) = (
+            burn_cubecl::kernel::into_contiguous(x),
+            burn_cubecl::kernel::into_contiguous(delta),
+        );
+        assert_eq!(x.meta.shape(), delta.meta.shape(), "add_rms_norm: shapes");
+        let sum = empty_like(&x, DType::F32);
+        let output = empty_like(&x, dtype);
+        add_rms_norm_kernel::launch(
+            &x.client,
+            CubeCount::new_1d(rows(&x)),
+            CubeDim::new_1d(UNITS),
+            x.clone().into_tensor_arg(),
+            delta.into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            sum.clone().into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            epsilon,
+            UNITS,
+            [DType::F32, dtype].map(dtype_to_storage_type),
+        );
+        (sum, output)
+    }
+
+    fn attend_one_position(q: CubeTensor, k: CubeTensor, v: CubeTensor) -> CubeTensor {
+        assert_f32(&[&q, &k, &v], "attend_one_position");
+        let [b, nh, s, hd] = q.meta.shape().dims::<4>();
+        let nkv = k.meta.shape()[1];
+        assert!(s == 1 && attends_head_dim(hd) && nh % nkv == 0);
+        let output = empty_device_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            Shape::new([b, nh, 1, hd]),
+            DType::F32,
+        );
+        attend_one_position_kernel::launch(
+            &q.client,
+            CubeCount::new_2d(nh as u32, b as u32),
+            CubeDim::new_1d(UNITS),
+            q.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            (1.0 / (hd as f64).sqrt()) as f32,
+            UNITS,
+            CHUNK,
+            dtype_to_storage_type(DType::F32),
+        );
+        output
+    }
+}
+
+/// A contiguous tensor of `x`'s shape in `dtype`, on its device.
+fn empty_like(x: &CubeTensor, dtype: DType) -> CubeTensor {
+    empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        x.meta.shape().clone(),
+        dtype,
+    )
+}
+
+/// The rows of `x`'s last dimension: one cube each.
+fn rows(x: &CubeTensor) -> u32 {
+    let shape = x.meta.shape();
+    let h = shape[shape.len() - 1].max(1);
+    (shape.iter().product::<usize>() / h) as u32
+}
+
+fn assert_f32(tensors: &[&CubeTensor], op: &str) {
+    assert!(
+        tensors.iter().all(|t| t.dtype == DType::F32),
+        "{op}: the engine's kernels take f32 tensors"
+    );
+}
+
+/// The kernels themselves, in CubeCL (apart: its prelude has a `Tensor` of its own).
+mod kernels {
+    use super::cubecl;
+    use cubecl::prelude::*;
+
+    /// One row of `input` (`CUBE_POS_X`, rows of `h` contiguous values) normalized into
+    /// `output`.
+    #[cube(launch)]
+    pub(super) fn rms_norm_kernel<F: Float, O: Float>(
+        input: &Tensor<F>,
+        gamma: &Tensor<F>,
+        output: &mut Tensor<O>,
+        epsilon: f32,
+        #[comptime] units: u32,
+        #[define(F, O)] _dtypes: [ElemType; 2],
+    ) {
+        let h = input.shape(input.rank() - 1);
+        let base = CUBE_POS_X as usize * h;
+        let stride = units as usize;
+
+        let mut partial = Shared::new_slice(units as usize);
+        let mut squares = F::new(0.0);
+        let mut i = UNIT_POS_X as usize;
+        while i < h {
+            let value = input[base + i];
+            squares += value * value;
+            i += stride;
+        }
+        partial[UNIT_POS_X as usize] = squares;
+        let rms = root_mean_square::<F>(&mut partial, h, epsilon);
+
+        let mut i = UNIT_POS_X as usize;
+        while i < h {
+            output[base + i] = O::cast_from(input[base + i] / rms * gamma[i * gamma.stride(0)]);
+            i += stride;
+        }
+    }
+
+    /// [`rms_norm_kernel`] of `x + delta`, the sum written to `sum` as well.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_rms_norm_kernel<F: Float, O: Float>(
+        x: &Tensor<F>,
+        delta: &Tensor<F>,
+        gamma: &Tensor<F>,
+        sum: &mut Tensor<F>,
+        output: &mut Tensor<O>,
+        epsilon: f32,
+        #[comptime] units: u32,
+        #[define(F, O)] _dtypes: [ElemType; 2],
+    ) {
+        let h = x.shape(x.rank() - 1);
+        let base = CUBE_POS_X as usize * h;
+        let stride = units as usize;
+
+        let mut partial = Shared::new_slice(units as usize);
+        let mut squares = F::new(0.0);
+        let mut i = UNIT_POS_X as usize;
+        while i < h {
+            let value = x[base + i] + delta[base + i];
+            sum[base + i] = value;
+            squares += value * value;
+            i += stride;
+        }
+        partial[UNIT_POS_X as usize] = squares;
+        let rms = root_mean_square::<F>(&mut partial, h, epsilon);
+
+        // Each unit reads back the values it wrote itself.
+        let mut i = UNIT_POS_X as usize;
+        while i < h {
+            output[base + i] = O::cast_from(sum[base + i] / rms * gamma[i * gamma.stride(0)]);
+            i += stride;
+        }
+    }
+
+    /// `√(Σ partial / h + ε)`, the units' sums of squares in `partial`.
+    #[cube]
+    fn root_mean_square<F: Float>(partial: &mut Shared<[F]>, h: usize, epsilon: f32) -> F {
+        let total = reduce_sum::<F>(partial);
+        (total / F::cast_from(h as u32) + F::cast_from(epsilon)).sqrt()
+    }
+
+    /// Query head `CUBE_POS_X` of sequence `CUBE_POS_Y` attending over its K/V head's `t`
+    /// cached positions, with an online softmax over chunks of `chunk` positions.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_one_position_kernel<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        output: &mut Tensor<F>,
+        scale: f32,
+        #[comptime] units: u32,
+        #[comptime] chunk: u32,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let head = CUBE_POS_X as usize;
+        let seq = CUBE_POS_Y as usize;
+        let unit = UNIT_POS_X as usize;
+        let stride = units as usize;
+        let hd = q.shape(3);
+        let t = k.shape(2);
+        let group = q.shape(1) / k.shape(1);
+        let kv_head = head / group;
+
+        // The query, read once into shared memory (every unit reads all of it per key).
+        let mut query = Shared::new_slice(units as usize);
+        let q_base = seq * q.stride(0) + head * q.stride(1);
+        if unit < hd {
+            query[unit] = q[q_base + unit * q.stride(3)];
+        }
+        let k_base = seq * k.stride(0) + kv_head * k.stride(1);
+        let v_base = seq * v.stride(0) + kv_head * v.stride(1);
+        let (k_pos, k_dim) = (k.stride(2), k.stride(3));
+        let (v_pos, v_dim) = (v.stride(2), v.stride(3));
+        sync_cube();
+
+        let mut scores = Shared::new_slice(chunk as usize);
+        let mut partial = Shared::new_slice(units as usize);
+        let scale = F::cast_from(scale);
+        // The running max (a finite floor: WGSL has no infinity literal) and sum of the
+        // softmax, and this unit's output value (units `0..hd` own one each).
+        let mut running_max = F::new(-3.0e38);
+        let mut running_sum = F::new(0.0);
+        let mut acc = F::new(0.0);
+
+        let mut start = 0usize;
+        while start < t {
+            let end = select(start + (chunk as usize) < t, start + chunk as usize, t);
+
+            // Scores of the chunk, and their max.
+            let mut local_max = F::new(-3.0e38);
+            let mut j = start + unit;
+            while j < end {
+                let mut dot = F::new(0.0);
+                let key = k_base + j * k_pos;
+                for d in 0..hd {
+                    dot += query[d] * k[key + d * k_dim];
+                }
+                let score = dot * scale;
+                scores[j - start] = score;
+                local_max = max(local_max, score);
+                j += stride;
+            }
+            partial[unit] = local_max;
+            let new_max = max(running_max, reduce_max::<F>(&mut partial));
+
+            // Exponentials of the chunk, and their sum.
+            let mut local_sum = F::new(0.0);
+            let mut j = start + unit;
+            while j < end {
+                let p = (scores[j - start] - new_max).exp();
+                scores[j - start] = p;
+                local_sum += p;
+                j += stride;
+            }
+            partial[unit] = local_sum;
+            let chunk_sum = reduce_sum::<F>(&mut partial);
+
+            // Earlier chunks rescaled to the new max, this one's values added.
+            let rescale = (running_max - new_max).exp();
+            running_sum = running_sum * rescale + chunk_sum;
+            if unit < hd {
+                let mut value = F::new(0.0);
+                for j in start..end {
+                    value += scores[j - start] * v[v_base + j * v_pos + unit * v_dim];
+                }
+                acc = acc * rescale + value;
+            }
+            running_max = new_max;
+            // The next chunk overwrites the scores this one's values were just read from.
+            sync_cube();
+            start = end;
+        }
+
+        if unit < hd {
+            let out_base = seq * output.stride(0) + head * output.stride(1);
+            let at = out_base + unit * output.stride(3);
+            output[at] = acc / running_sum;
+        }
+    }
+
+    /// The sum of `partial` (one value per unit; the cube's size is a power of two), in every unit.
+    #[cube]
+    fn reduce_sum<F: Float>(partial: &mut Shared<[F]>) -> F {
+        sync_cube();
+        let unit = UNIT_POS_X as usize;
+        // The cube's size at run time: a comptime value cannot be stepped in a loop.
+        let mut half = CUBE_DIM_X as usize / 2;
+        while half > 0 {
+            if unit < half {
+                let other = partial[unit + half];
+                partial[unit] += other;
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let total = partial[0];
+        // No unit may write its next partial before every unit has read this one's total.
+        sync_cube();
+        total
+    }
+
+    /// The max of `partial` (one value per unit; the cube's size is a power of two), in every unit.
+    #[cube]
+    fn reduce_max<F: Float>(partial: &mut Shared<[F]>) -> F {
+        sync_cube();
+        let unit = UNIT_POS_X as usize;
+        // The cube's size at run time: a comptime value cannot be stepped in a loop.
+        let mut half = CUBE_DIM_X as usize / 2;
+        while half > 0 {
+            if unit < half {
+                let other = partial[unit + half];
+                partial[unit] = max(partial[unit], other);
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let total = partial[0];
+        sync_cube();
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+
+    use crate::DeviceChoice;
+
+    /// The GPU (lavapipe in CI), or `None` where there is none and none is required.
+    fn gpu() -> Option<Device> {
+        match crate::device::select(DeviceChoice::Gpu(0)) {
+            Ok(selected) => Some(selected.device),
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("RBEE_GPU_TESTS").as_deref(),
+                    Ok("required"),
+                    "RBEE_GPU_TESTS=required, but {e}"
+                );
+                eprintln!("device_kernels tests SKIPPED: {e}");
+                None
+            }
+        }
+    }
+
+    fn max_difference<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let a = a.try_into_data().map_err(|e| format!("{e:?}")).unwrap();
+        let b = b.into_data();
+        let (a, b) = (
+            a.try_into_vec::<f32>().unwrap(),
+            b.try_into_vec::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Both norms against Burn's add and `RmsNorm`, in f32 and cast to f16 as the
+    /// projections take them, over rows narrower and wider than a cube.
+    #[test]
+    fn norms_are_burns_add_and_rms_norm() {
+        let Some(device) = gpu() else { return };
+        for [rows, h] in [[1, 576], [5, 64], [3, 2048], [2, 100]] {
+            let x = Tensor::<2>::random([rows, h], Distribution::Normal(0.0, 2.0), &device);
+            let delta = Tensor::<2>::random([rows, h], Distribution::Normal(0.0, 1.0), &device);
+            let gamma = Tensor::<1>::random([h], Distribution::Normal(1.0, 0.5), &device);
+            let norm = burn::nn::RmsNorm {
+                gamma: burn::module::Param::from_tensor(gamma.clone()),
+                epsilon: 1e-5,
+            };
+            for dtype in [DType::F32, DType::F16] {
+                let normed = super::rms_norm(x.clone(), gamma.clone(), 1e-5, dtype);
+                assert_eq!(normed.dtype(), dtype);
+                let reference = norm.forward(x.clone());
+                let difference = max_difference(normed.cast(DType::F32), reference);
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(
+                    difference < tolerance,
+                    "[{rows}, {h}] {dtype:?}: {difference}"
+                );
+
+                let (sum, normed) =
+                    super::add_rms_norm(x.clone(), delta.clone(), gamma.clone(), 1e-5, dtype);
+                let reference_sum = x.clone() + delta.clone();
+                assert_eq!(max_difference(sum, reference_sum.clone()), 0.0);
+                let difference =
+                    max_difference(normed.cast(DType::F32), norm.forward(reference_sum));
+                assert!(
+                    difference < tolerance,
+                    "[{rows}, {h}] {dtype:?} add: {difference}"
+                );
+            }
+        }
+    }
+
+    /// Against softmax(q·kᵀ/√hd)·v with each K/V head repeated for its query heads, over
+    /// caches shorter and longer than a chunk, read through narrowed views as the cache
+    /// hands them out.
+    #[test]
+    fn one_position_attention_is_softmax_of_scores_times_values() {
+        let Some(device) = gpu() else { return };
+        for (b, nh, nkv, hd, t) in [(1, 9, 3, 64, 1), (2, 4, 2, 16, 37), (1, 8, 2, 64, 2500)] {
+            let capacity = t + 13;
+            let normal = Distribution::Normal(0.0, 1.0);
+            let qk = Tensor::<4>::random([b, nh + nkv, 1, hd], normal, &device);
+            let q = qk.narrow(1, 0, nh);
+            let k = Tensor::<4>::random([b, nkv, capacity, hd], normal, &device).narrow(2, 0, t);
+            let v = Tensor::<4>::random([b, nkv, capacity, hd], normal, &device).narrow(2, 0, t);
+
+            let ours = super::attend_one_position(q.clone(), k.clone(), v.clone());
+            let repeat = |x: Tensor<4>| {
+                x.unsqueeze_dim::<5>(2)
+                    .expand([b, nkv, nh / nkv, t, hd])
+                    .reshape([b, nh, t, hd])
+            };
+            let scores = q.matmul(repeat(k).swap_dims(2, 3)) / (hd as f64).sqrt();
+            let reference = softmax(scores, 3).matmul(repeat(v));
+            let difference = max_difference(ours, reference);
+            assert!(difference < 1e-4, "{b} {nh} {nkv} {hd} {t}: {difference}");
+        }
+    }
+}
