@@ -223,7 +223,7 @@ fn assert_f32(tensors: &[&CubeTensor], op: &str) {
 
 /// The kernels themselves, in CubeCL (apart: its prelude has a `Tensor` of its own).
 mod kernels {
-    use super::cubecl;
+    use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
     /// One row of `input` (`CUBE_POS_X`, rows of `h` contiguous values) normalized into
