@@ -273,6 +273,42 @@ fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch() {
     batch_equivalence(WeightFormat::Auto);
 }
 
+/// A greedy sequence's tokens are chosen on the device (`device_kernels::greedy_tokens`, one
+/// id read back per row); asking for log-probabilities makes the host's sampler choose them
+/// from the logits read back whole. Both choose the same tokens, alone and in a batch.
+#[test]
+fn tokens_chosen_on_the_device_are_the_host_samplers() {
+    let Some(engine) = gpu("tiny-llama", WeightFormat::Auto, "") else {
+        return;
+    };
+    let on_host = |max| rbee_engine::SamplingParams {
+        logprobs: Some(1),
+        ..greedy(max)
+    };
+    let mut wanted = Vec::new();
+    for (prompt, max) in workload() {
+        let (_, want) = engine.generate_ids(&prompt, &on_host(max)).unwrap();
+        let (_, got) = engine.generate_ids(&prompt, &greedy(max)).unwrap();
+        assert_eq!(got, want, "prompt of {} tokens", prompt.len());
+        wanted.push(want);
+    }
+    // Together, every other one asking for log-probabilities: steps whose rows are all
+    // greedy read back ids, the others logits.
+    let jobs: Vec<_> = workload()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (prompt, max))| {
+            let params = if i % 2 == 0 {
+                greedy(max)
+            } else {
+                on_host(max)
+            };
+            (prompt, params)
+        })
+        .collect();
+    assert_eq!(common::together(&engine, &jobs), wanted);
+}
+
 /// A bf16 checkpoint, as Hugging Face ships most (a bf16 copy of the tiny Llama), loads on
 /// the GPU — which has no bf16 shaders: the loader widens it — and answers as the CPU does
 /// from the same weights: with f32 weights, logits within `F32_TOLERANCE` of the CPU's and

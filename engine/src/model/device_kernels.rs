@@ -10,7 +10,9 @@
 //! - [`attend_one_position`]: one cube per (sequence, query head), over the cached keys
 //!   and values of its K/V head (grouped-query heads read as they are), in chunks of
 //!   positions whose scores fit shared memory, the softmax taken online (a running max and
-//!   sum, earlier chunks rescaled): the scores never leave the cube.
+//!   sum, earlier chunks rescaled): the scores never leave the cube;
+//! - [`greedy_tokens`]: one cube per row of logits, its most likely token, so a greedy step
+//!   reads back one id per sequence rather than the vocabulary's logits (49k floats).
 //!
 //! Both are registered with Burn as a backend extension (`Dispatch::…`), so they run inside
 //! its fusion stream as opaque operations. They take f32 tensors (the residual stream and
@@ -20,14 +22,17 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::fusion::custom::TensorSpec;
-use burn::backend::{Backend, Dispatch, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::{CubeBackend, tensor::CubeTensor};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use kernels::{add_rms_norm_kernel, attend_one_position_kernel, rms_norm_kernel};
+use kernels::{
+    add_rms_norm_kernel, attend_one_position_kernel, greedy_tokens_kernel, rms_norm_kernel,
+};
 
 /// Units per cube: a power of two (the shared-memory reductions halve it), and at least the
 /// head dimension for attention (each of the first `hd` units owns one output value).
@@ -85,6 +90,16 @@ pub fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4
     ))
 }
 
+/// The most likely token of each row of `logits` `[rows, vocab]` (the lowest id among
+/// equal logits, as the host's sampler takes it), or [`NAN_ROW`] for a row holding a NaN:
+/// a device fault, which the caller reports rather than answering from it.
+pub fn greedy_tokens(logits: Tensor<2>) -> Tensor<1, Int> {
+    Tensor::from_dispatch(Dispatch::greedy_tokens(logits.into_dispatch()))
+}
+
+/// What [`greedy_tokens`] gives a row with a NaN in it.
+pub const NAN_ROW: i64 = -1;
+
 /// Whether [`attend_one_position`] takes a head dimension of `head_dim`.
 pub fn attends_head_dim(head_dim: usize) -> bool {
     head_dim <= UNITS as usize
@@ -117,6 +132,9 @@ pub trait LlamaKernels: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    #[fusion(meta = |logits| TensorSpec::new(Shape::new([logits.shape[0]]), DType::I32))]
+    fn greedy_tokens(logits: FloatTensor<Self>) -> IntTensor<Self>;
 }
 
 impl LlamaKernels for CubeBackend {
@@ -194,6 +212,27 @@ impl LlamaKernels for CubeBackend {
             dtype_to_storage_type(DType::F32),
         );
         output
+    }
+
+    fn greedy_tokens(logits: CubeTensor) -> CubeTensor {
+        let logits = burn_cubecl::kernel::into_contiguous(logits);
+        let [rows, _] = logits.meta.shape().dims::<2>();
+        let tokens = empty_device_dtype(
+            logits.client.clone(),
+            logits.device.clone(),
+            Shape::new([rows]),
+            DType::I32,
+        );
+        greedy_tokens_kernel::launch(
+            &logits.client,
+            CubeCount::new_1d(rows as u32),
+            CubeDim::new_1d(UNITS),
+            logits.clone().into_tensor_arg(),
+            tokens.clone().into_tensor_arg(),
+            UNITS,
+            dtype_to_storage_type(logits.dtype),
+        );
+        tokens
     }
 }
 
@@ -403,6 +442,62 @@ mod kernels {
         }
     }
 
+    /// Row `CUBE_POS_X` of `logits` (rows of `vocab` contiguous values): the id of its
+    /// largest value, the lowest of equal ones, or -1 where a value is NaN.
+    #[cube(launch)]
+    pub(super) fn greedy_tokens_kernel<F: Float>(
+        logits: &Tensor<F>,
+        tokens: &mut Tensor<i32>,
+        #[comptime] units: u32,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let vocab = logits.shape(1);
+        let base = CUBE_POS_X as usize * vocab;
+        let unit = UNIT_POS_X as usize;
+        let stride = units as usize;
+
+        // Each unit's best over ids `unit, unit + stride, …` (ascending, so a strict `>`
+        // keeps the lowest of equal values); a unit past the row's end starts from id 0.
+        let first = select(unit < vocab, unit, 0);
+        let mut best = logits[base + first];
+        let mut best_id = first as u32;
+        let mut nan = u32::cast_from(IsNan::is_nan(best));
+        let mut i = first + stride;
+        while i < vocab {
+            let value = logits[base + i];
+            if value > best {
+                best = value;
+                best_id = i as u32;
+            }
+            nan |= u32::cast_from(IsNan::is_nan(value));
+            i += stride;
+        }
+
+        let mut values = Shared::new_slice(units as usize);
+        let mut ids = Shared::new_slice(units as usize);
+        let mut nans = Shared::new_slice(units as usize);
+        values[unit] = best;
+        ids[unit] = best_id;
+        nans[unit] = nan;
+        sync_cube();
+        let mut half = CUBE_DIM_X as usize / 2;
+        while half > 0 {
+            if unit < half {
+                let (value, id) = (values[unit + half], ids[unit + half]);
+                if value > values[unit] || (value == values[unit] && id < ids[unit]) {
+                    values[unit] = value;
+                    ids[unit] = id;
+                }
+                nans[unit] |= nans[unit + half];
+            }
+            sync_cube();
+            half /= 2;
+        }
+        if unit == 0 {
+            tokens[CUBE_POS_X as usize] = select(nans[0] == 0, ids[0] as i32, -1i32);
+        }
+    }
+
     /// The sum of `partial` (one value per unit; the cube's size is a power of two), in every unit.
     #[cube]
     fn reduce_sum<F: Float>(partial: &mut Shared<[F]>) -> F {
@@ -517,6 +612,60 @@ mod tests {
                     "[{rows}, {h}] {dtype:?} add: {difference}"
                 );
             }
+        }
+    }
+
+    /// Against the host's argmax (the lowest id among equal values), over vocabularies
+    /// narrower and wider than a cube, with ties planted, in f32 and f16; a row holding a
+    /// NaN is flagged, whatever its other rows hold.
+    #[test]
+    fn greedy_tokens_are_the_most_likely_lowest_id_first() {
+        let Some(device) = gpu() else { return };
+        for [rows, vocab] in [[1, 5], [3, 200], [4, 49152]] {
+            let logits =
+                Tensor::<2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device);
+            let mut values = logits.into_data().try_to_vec::<f32>().unwrap();
+            // A tie for the top in row 0: the id further on must lose.
+            let best = values[..vocab].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            values[vocab - 1] = best;
+            values[vocab / 2] = best;
+            for dtype in [DType::F32, DType::F16] {
+                let logits = Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(values.clone(), [rows, vocab]),
+                    &device,
+                )
+                .cast(dtype);
+                let got: Vec<i64> = super::greedy_tokens(logits.clone())
+                    .into_data()
+                    .iter::<i64>()
+                    .collect();
+                let host = logits
+                    .cast(DType::F32)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                let want: Vec<i64> = host
+                    .chunks(vocab)
+                    .map(|row| {
+                        let top = row.iter().cloned().fold(f32::MIN, f32::max);
+                        row.iter().position(|&x| x == top).unwrap() as i64
+                    })
+                    .collect();
+                assert_eq!(got, want, "[{rows}, {vocab}] {dtype:?}");
+                assert_eq!(got[0], (vocab / 2) as i64, "the lower of two equal ids");
+            }
+            let mut with_nan = values.clone();
+            with_nan[(rows - 1) * vocab + vocab / 3] = f32::NAN;
+            let logits = Tensor::<2>::from_data(
+                burn::tensor::TensorData::new(with_nan, [rows, vocab]),
+                &device,
+            );
+            let got: Vec<i64> = super::greedy_tokens(logits)
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            assert_eq!(got[rows - 1], super::NAN_ROW, "[{rows}, {vocab}]");
+            assert!(got[..rows - 1].iter().all(|&t| t >= 0));
         }
     }
 

@@ -81,6 +81,21 @@ pub struct BatchItem<'a> {
     /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
     /// the next token, more to verify a speculative draft (the CPU form only).
     pub logits: usize,
+    /// The sequence takes the most likely token as it is, and nothing else reads its one
+    /// row's logits: a device may choose the token there and hand back its id alone
+    /// ([`Readout::Token`]) rather than the vocabulary's logits.
+    pub greedy: bool,
+}
+
+/// What a step reads back of an item's rows, where it wants any.
+#[derive(Debug)]
+pub enum Readout {
+    /// The logits of the item's last `logits` rows, `[rows, vocab]` row-major.
+    Logits(Vec<f32>),
+    /// The most likely token of the item's one row, chosen on the device
+    /// ([`BatchItem::greedy`]); an error where the row held a NaN (a fault of that row's
+    /// pass, which fails its sequence alone, as NaN logits do on the host).
+    Token(Result<u32, EngineError>),
 }
 
 impl Model {
@@ -122,16 +137,13 @@ impl Model {
                 let mut store = model.new_store(blocks_for(ids.len()), KvCacheType::F32);
                 Ok(model.logits_of_every_position(ids, &mut store))
             }
-            Model::Burn(burn) => burn.forward(
-                ids,
-                &mut BurnCache::new(burn.model.model.layers.len()),
-                false,
-            ),
+            Model::Burn(burn) => burn.logits(ids),
         })
     }
 
-    /// One step of several sequences (decode rows, drafts and prompt chunks): the logits
-    /// `[rows, vocab]` of each item's last `logits` rows. On the
+    /// One step of several sequences (decode rows, drafts and prompt chunks): for each item,
+    /// the logits `[rows, vocab]` of its last `logits` rows, or the token a device chose for a
+    /// greedy one. On the
     /// CPU the step reads the weights once for all decode rows and prompt chunks; Burn's
     /// layers take the decode rows in one pass and each prompt in a pass of its own. `Ok(None)` when `abandoned` said so part-way (checked between
     /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
@@ -140,7 +152,7 @@ impl Model {
         store: &mut KvStore,
         batch: &mut [BatchItem<'_>],
         abandoned: &(dyn Fn() -> bool + Sync),
-    ) -> Result<Option<Vec<Vec<f32>>>, EngineError> {
+    ) -> Result<Option<Vec<Option<Readout>>>, EngineError> {
         in_pool(|| match (self, store) {
             (Model::Cpu(model), KvStore::Cpu(store)) => {
                 let segments: Vec<cpu::Segment<'_>> = batch
@@ -153,10 +165,17 @@ impl Model {
                         logits: item.logits,
                     })
                     .collect();
-                Ok(model.forward_batch(store, &segments, abandoned))
+                let outputs = model.forward_batch(store, &segments, abandoned);
+                // The logits are in host memory already: the sampler chooses from them.
+                Ok(outputs.map(|outputs| {
+                    outputs
+                        .into_iter()
+                        .map(|logits| (!logits.is_empty()).then_some(Readout::Logits(logits)))
+                        .collect()
+                }))
             }
             (Model::Burn(burn), KvStore::PerSequence) => {
-                let mut outputs = vec![Vec::new(); batch.len()];
+                let mut outputs: Vec<Option<Readout>> = batch.iter().map(|_| None).collect();
                 // The items of one position (decode rows) in one pass, the prompts one by
                 // one after them (Burn's layers take a prompt whole, from position 0).
                 let (rows, prompts): (Vec<_>, Vec<_>) = batch
@@ -168,16 +187,18 @@ impl Model {
                         return Ok(None);
                     }
                     let ids: Vec<u32> = rows.iter().map(|(_, item)| item.ids[0]).collect();
+                    // One read-back for the pass: token ids when every row is greedy.
+                    let greedy = rows.iter().all(|(_, item)| item.greedy);
                     let mut wanted = Vec::with_capacity(rows.len());
                     let mut caches = Vec::with_capacity(rows.len());
                     for (index, item) in rows {
                         wanted.push((index, item.logits > 0));
                         caches.push(item.cache.as_deref_mut().ok_or_else(foreign_cache)?);
                     }
-                    let logits = burn.forward_rows(&ids, &mut caches)?;
-                    for ((index, wants), logits) in wanted.into_iter().zip(logits) {
+                    let rows = burn.forward_rows(&ids, &mut caches, greedy)?;
+                    for ((index, wants), output) in wanted.into_iter().zip(rows) {
                         if wants {
-                            outputs[index] = logits;
+                            outputs[index] = Some(output);
                         }
                     }
                 }
@@ -186,10 +207,10 @@ impl Model {
                         return Ok(None);
                     }
                     let cache = item.cache.as_deref_mut().ok_or_else(foreign_cache)?;
-                    let logits = burn.forward(item.ids, cache, true)?;
+                    let logits = burn.forward_last(item.ids, cache)?;
                     // Burn's layers give the last row's: they never verify drafts.
                     if item.logits > 0 {
-                        outputs[index] = logits;
+                        outputs[index] = burn.read_back(logits, item.greedy)?.pop();
                     }
                 }
                 Ok(Some(outputs))
@@ -200,44 +221,81 @@ impl Model {
 }
 
 impl DeviceModel {
-    /// Runs `ids` at positions `cache.len..` and returns the logits (`[s, vocab]` row-major,
-    /// or only the last row when `last_only`).
-    fn forward(
-        &self,
-        ids: &[u32],
-        cache: &mut BurnCache,
-        last_only: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        let len = ids.len();
-        let ids = ids.iter().map(|&id| id as i64).collect();
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device);
-        let logits = self.model.forward(tokens, &self.rope, cache, last_only);
-        logits
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))
+    /// Every position's logits of `ids` (`[s, vocab]` row-major), in a KV of their own.
+    fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let mut cache = BurnCache::new(self.model.model.layers.len());
+        let logits = self.model.forward(
+            self.tokens(ids, [1, ids.len()]),
+            &self.rope,
+            &mut cache,
+            false,
+        );
+        read_logits(logits.flatten(0, 1))
     }
-}
 
-impl DeviceModel {
+    /// Runs `ids` at positions `cache.len..` and returns the last position's logits
+    /// `[1, vocab]`, on the device.
+    fn forward_last(&self, ids: &[u32], cache: &mut BurnCache) -> Result<Tensor<2>, EngineError> {
+        let tokens = self.tokens(ids, [1, ids.len()]);
+        Ok(self
+            .model
+            .forward(tokens, &self.rope, cache, true)
+            .flatten(0, 1))
+    }
+
     /// One position of each of several sequences (`ids[i]` continues the sequence of
-    /// `caches[i]`) in one pass: each sequence's logits, read back together.
+    /// `caches[i]`) in one pass: each sequence's logits, or its most likely token where
+    /// `greedy`, read back together.
     fn forward_rows(
         &self,
         ids: &[u32],
         caches: &mut [&mut BurnCache],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let rows = ids.len();
-        let ids = ids.iter().map(|&id| id as i64).collect();
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, 1]), &self.device);
+        greedy: bool,
+    ) -> Result<Vec<Readout>, EngineError> {
+        let tokens = self.tokens(ids, [ids.len(), 1]);
         let logits = self.model.forward_each(tokens, &self.rope, caches, true);
-        let values = logits
-            .into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))?;
-        let vocab = values.len() / rows.max(1);
-        Ok(values.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        self.read_back(logits.flatten(0, 1), greedy)
     }
+
+    /// `ids` as a `shape` tensor of token ids on the device.
+    fn tokens(&self, ids: &[u32], shape: [usize; 2]) -> Tensor<2, Int> {
+        let ids = ids.iter().map(|&id| id as i64).collect();
+        Tensor::from_data(TensorData::new(ids, shape), &self.device)
+    }
+
+    /// Each row of `logits` `[rows, vocab]` as the host takes it: the logits, or where
+    /// `greedy` on a GPU, the most likely token alone (the engine's kernel chooses it there:
+    /// one id read back per row, not the vocabulary's floats).
+    fn read_back(&self, logits: Tensor<2>, greedy: bool) -> Result<Vec<Readout>, EngineError> {
+        #[cfg(feature = "wgpu")]
+        if greedy && self.device != Device::flex() {
+            use self::device_kernels::{NAN_ROW, greedy_tokens};
+            let tokens = greedy_tokens(logits).into_data();
+            let tokens = tokens.iter::<i64>().map(|token| match token {
+                NAN_ROW => Err(EngineError::Model(
+                    "the forward pass gave NaN logits: a device or kernel fault".into(),
+                )),
+                token => Ok(token as u32),
+            });
+            return Ok(tokens.map(Readout::Token).collect());
+        }
+        let _ = greedy;
+        let [rows, vocab] = logits.dims();
+        let values = read_logits(logits)?;
+        debug_assert_eq!(values.len(), rows * vocab);
+        Ok(values
+            .chunks_exact(vocab.max(1))
+            .map(|row| Readout::Logits(row.to_vec()))
+            .collect())
+    }
+}
+
+/// `logits` read back into host memory, row-major.
+fn read_logits(logits: Tensor<2>) -> Result<Vec<f32>, EngineError> {
+    logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| EngineError::Model(format!("reading logits: {e:?}")))
 }
 
 fn foreign_cache() -> EngineError {

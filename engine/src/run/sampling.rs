@@ -37,13 +37,27 @@ impl Sampler {
         }
     }
 
+    /// Whether every token is the most likely one as the logits give it: temperature 0 and
+    /// no repeat penalty (then a device may choose it: `BatchItem::greedy`).
+    pub fn takes_most_likely(&self) -> bool {
+        self.is_greedy() && !self.penalizes()
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature.is_nan() || self.temperature <= 0.0
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0
+    }
+
     /// The distribution a token is drawn from: the best token alone (temperature 0), or
     /// candidates and their weights after temperature, top-k and top-p.
     fn choices(&self, logits: &mut [f32], history: &[u32]) -> Choices {
-        if self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0 {
+        if self.penalizes() {
             apply_repeat_penalty(logits, history, self.repeat_penalty);
         }
-        if self.temperature.is_nan() || self.temperature <= 0.0 {
+        if self.is_greedy() {
             return Choices::Greedy(argmax(logits));
         }
         // Candidates sorted by logit, best first; ties keep the lower id first so the order

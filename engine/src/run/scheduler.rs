@@ -31,7 +31,7 @@ use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
 use crate::model::burn::BurnCache;
-use crate::model::{BatchItem, KvStore};
+use crate::model::{BatchItem, KvStore, Readout};
 use crate::quant::BlockMatrix;
 use crate::{
     Completion, DraftLength, EngineError, FinishReason, KvCacheType, Piece, SamplingParams,
@@ -293,6 +293,18 @@ impl<'t> Sequence<'t> {
             }
         }
         (accepted, Ok(None))
+    }
+
+    /// Whether this step's token may be chosen on the device, handed back as its id alone:
+    /// the sampler takes the most likely token, and nothing else reads the logits (a bias,
+    /// a constraint, log-probabilities, a draft to verify).
+    fn greedy_on_device(&self) -> bool {
+        let params = &self.request.params;
+        self.sampler.takes_most_likely()
+            && params.logit_bias.is_empty()
+            && params.logprobs.is_none()
+            && self.constraint.is_none()
+            && self.draft.is_empty()
     }
 
     /// Chooses the next token from one row's logits: biased, masked by the constraint (a
@@ -803,6 +815,7 @@ fn step(batch: &mut Batch<'_>) {
         .zip(&inputs)
         .map(|((sequence, (chunk, row_kernel)), ids)| {
             let gives_logits = chunk.end == sequence.tokens.len();
+            let greedy = sequence.greedy_on_device();
             let item = BatchItem {
                 ids,
                 start: chunk.start,
@@ -814,6 +827,7 @@ fn step(batch: &mut Batch<'_>) {
                 } else {
                     0
                 },
+                greedy,
             };
             let constraint = sequence
                 .constraint
@@ -859,24 +873,27 @@ fn step(batch: &mut Batch<'_>) {
     };
     let mut ended = Vec::new();
     let prompt_chunk = batch.limits.prompt_chunk;
-    for (index, ((sequence, (chunk, _)), logits)) in batch.running[..stepping]
+    for (index, ((sequence, (chunk, _)), output)) in batch.running[..stepping]
         .iter_mut()
         .zip(&chunks)
         .zip(outputs)
         .enumerate()
     {
-        let mut logits = logits;
-        if logits.is_empty() {
+        let Some(readout) = output else {
             sequence.computed = chunk.end;
             sequence.register_full_blocks(&mut batch.pool, batch.root, prompt_chunk);
             continue;
-        }
+        };
         if sequence.prefill.is_none() {
             sequence.prefill = Some(sequence.started.elapsed());
         }
         let drafted = sequence.draft.len();
         let forced = std::mem::take(&mut sequence.draft_forced);
-        let (accepted, outcome) = sequence.advance(&mut logits, &core.eos_ids);
+        let (accepted, outcome) = match readout {
+            Readout::Logits(mut logits) => sequence.advance(&mut logits, &core.eos_ids),
+            // Chosen on the device for a sequence with no draft (`greedy_on_device`).
+            Readout::Token(token) => (0, token.and_then(|t| sequence.take(t, &core.eos_ids))),
+        };
         if forced {
             core.stats.forced(drafted, accepted);
         } else if drafted > 0 {
