@@ -3,7 +3,8 @@
 //!     cargo run -p rbee-engine --example bench -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 //!
 //! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
-//! --new-tokens N (64), --runs N (3, best run reported), --kv-cache-type f32|f16 (f16).
+//! --new-tokens N (64), --runs N (3, best run reported), --kv-cache-type f32|f16 (f16),
+//! --tuning-cache DIR (where a GPU keeps its kernel tuning; none: tuned afresh each run).
 //! Speculative decoding and the prefix cache are off: the prompt repeats itself, and the
 //! figures are of the model's steps. Prints one human line and one JSON
 //! line (for scripts/bench.sh).
@@ -32,6 +33,7 @@ fn main() {
     let mut runs = 3;
     let mut clients = 1usize;
     let mut kv_cache_type = KvCacheType::F16;
+    let mut tuning_cache = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
@@ -55,6 +57,7 @@ fn main() {
                     other => panic!("--kv-cache-type {other}: f32 or f16"),
                 }
             }
+            "--tuning-cache" => tuning_cache = Some(PathBuf::from(value())),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -72,6 +75,7 @@ fn main() {
             // Every run reads the same prompt: with the prefix cache, every run after the
             // first would time a cache hit, not a prefill.
             prefix_caching: false,
+            tuning_cache,
             ..LoadOptions::default()
         },
     )

@@ -4,6 +4,11 @@
 //! "no GPU"; only an explicit `gpu`/`gpu:0` opens one, when it is all there is (that is how
 //! CI tests the GPU path), with a warning.
 
+#[cfg(feature = "wgpu")]
+mod tuning;
+
+use std::path::Path;
+
 use burn::tensor::Device;
 
 use crate::{DeviceChoice, EngineError};
@@ -15,7 +20,9 @@ pub struct Selected {
     pub is_gpu: bool,
 }
 
-pub fn select(choice: DeviceChoice) -> Result<Selected, EngineError> {
+/// The device `choice` names. A GPU keeps its kernel tuning in `tuning_cache` (see
+/// `tuning`), if the process has not opened one before.
+pub fn select(choice: DeviceChoice, tuning_cache: Option<&Path>) -> Result<Selected, EngineError> {
     let cpu = || Selected {
         device: Device::flex(),
         name: "CPU-0".into(),
@@ -23,7 +30,7 @@ pub fn select(choice: DeviceChoice) -> Result<Selected, EngineError> {
     };
     match choose(choice, adapters).map_err(EngineError::InvalidInput)? {
         Chosen::Cpu => Ok(cpu()),
-        Chosen::Gpu(n, adapter) => match adapter.open(n) {
+        Chosen::Gpu(n, adapter) => match adapter.open(n, tuning_cache) {
             Ok(device) => Ok(Selected {
                 device,
                 name: format!("GPU-{n}"),
@@ -80,6 +87,7 @@ use found::{Adapter, Adapters, adapters};
 
 #[cfg(feature = "wgpu")]
 mod found {
+    use std::path::Path;
     use std::sync::OnceLock;
 
     use burn::tensor::wgpu::{WgpuBackend, wgpu};
@@ -131,7 +139,7 @@ mod found {
         /// listed it on. Left to choose, CubeCL looks past a Vulkan that offers only a
         /// software adapter and probes OpenGL too, whose failure on a headless machine it
         /// logs as an error.
-        pub fn open(&self, n: usize) -> Result<Device, String> {
+        pub fn open(&self, n: usize, tuning_cache: Option<&Path>) -> Result<Device, String> {
             if self.is_software() {
                 tracing::warn!(
                     adapter = %self.name,
@@ -142,6 +150,7 @@ mod found {
             tracing::info!(gpu = n, adapter = %self.name, backend = ?self.backend, "using wgpu");
             self.opened
                 .get_or_init(|| {
+                    super::tuning::configure(tuning_cache);
                     let options = Device::wgpu_options().device_kind(self.kind.clone());
                     let options = match self.backend {
                         wgpu::Backend::Vulkan => options.graphics_api(WgpuBackend::Vulkan),
@@ -238,6 +247,8 @@ use no_wgpu::{Adapter, Adapters, adapters};
 
 #[cfg(not(feature = "wgpu"))]
 mod no_wgpu {
+    use std::path::Path;
+
     use burn::tensor::Device;
 
     use super::Chosen;
@@ -263,7 +274,7 @@ mod no_wgpu {
     }
 
     impl Adapter {
-        pub fn open(&self, _n: usize) -> Result<Device, String> {
+        pub fn open(&self, _n: usize, _tuning_cache: Option<&Path>) -> Result<Device, String> {
             match *self {}
         }
     }

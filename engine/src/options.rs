@@ -1,6 +1,8 @@
 //! How to load a model: where it runs, how its weights are kept, and how many sequences (and
 //! KV-cache positions) the scheduler runs together.
 
+use std::path::PathBuf;
+
 /// Where to run the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
@@ -92,6 +94,10 @@ pub struct LoadOptions {
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.
     pub prompt_chunk: usize,
+    /// Where a GPU keeps the kernel choices Burn's autotune makes, so that a restart does
+    /// not time every shape's candidates again (a private directory: the worker's cache).
+    /// `None`: they last as long as the process.
+    pub tuning_cache: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -109,6 +115,7 @@ impl Default for LoadOptions {
             jump_forward: true,
             answer_reuse: true,
             prompt_chunk: DEFAULT_PROMPT_CHUNK,
+            tuning_cache: None,
         }
     }
 }

@@ -199,14 +199,15 @@ pub struct Args {
     #[arg(long, default_value_t = 256, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=MAX_GUEST_MEMORY_MB))]
     pub guest_memory_mb: u64,
 
-    /// Where compiled guests are cached (keyed by content hash and engine settings).
-    /// Defaults to $XDG_CACHE_HOME/rbee-host or ~/.cache/rbee-host. Created private (0700);
-    /// one that is not this user's, or that other users can write, is not used (a warning
-    /// says why, and guests are compiled at every start).
+    /// Where compiled guests (keyed by content hash and engine settings) and, on a GPU, the
+    /// kernel choices of its tuning (`gpu-tuning/`) are cached. Defaults to
+    /// $XDG_CACHE_HOME/rbee-host or ~/.cache/rbee-host. Created private (0700); one that is
+    /// not this user's, or that other users can write, is not used (a warning says why, and
+    /// guests are compiled and kernels tuned at every start).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Do not cache compiled guests on disk.
+    /// Do not cache compiled guests or GPU kernel tuning on disk.
     #[arg(long)]
     pub no_cache: bool,
 

@@ -14,6 +14,7 @@
 //! The model itself is the `rbee_engine` crate, which owns what it can run.
 
 pub mod admission;
+pub mod cache_dir;
 pub mod cli;
 pub mod clock;
 pub mod guest;

@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admission::Admission;
+use crate::cache_dir;
 use crate::cli::Args;
-use crate::guest::{ComponentCache, GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource};
+use crate::guest::{GuestLimits, GuestRuntime, GuestRuntimeSettings, GuestSource};
 use crate::http::{self, AppState};
 use crate::metrics::{Metrics, WorkerState};
 use crate::queen::{Heartbeats, Status};
@@ -193,17 +194,42 @@ impl Args {
             kv_cache_type: self.kv_cache_type.into(),
             jump_forward: !self.no_jump_forward,
             answer_reuse: !self.no_answer_reuse,
+            tuning_cache: self.tuning_cache(),
             ..LoadOptions::default()
+        }
+    }
+
+    /// The worker's cache directory, unless told to keep nothing on disk.
+    fn cache_root(&self) -> Option<PathBuf> {
+        match (&self.cache_dir, self.no_cache) {
+            (_, true) => None,
+            (Some(dir), false) => Some(dir.clone()),
+            (None, false) => cache_dir::default_dir(),
+        }
+    }
+
+    /// Where a GPU keeps its kernel tuning across restarts: `gpu-tuning/` in the cache
+    /// directory, when that is private (the CPU path tunes nothing).
+    fn tuning_cache(&self) -> Option<PathBuf> {
+        if self.device == DeviceChoice::Cpu {
+            return None;
+        }
+        let dir = self.cache_root()?.join("gpu-tuning");
+        match cache_dir::create_private(&dir) {
+            Ok(()) => Some(dir),
+            Err(error) => {
+                tracing::warn!(
+                    "{error:#}: GPU kernel tuning is not kept across restarts (it is redone \
+                     for each new shape after every start)"
+                );
+                None
+            }
         }
     }
 }
 
 async fn start_guest_runtime(args: &Args) -> anyhow::Result<GuestRuntime> {
-    let cache_dir = match (&args.cache_dir, args.no_cache) {
-        (_, true) => None,
-        (Some(dir), false) => Some(dir.clone()),
-        (None, false) => ComponentCache::default_dir(),
-    };
+    let cache_dir = args.cache_root();
     let settings = GuestRuntimeSettings {
         limits: GuestLimits {
             time: args.guest_timeout,

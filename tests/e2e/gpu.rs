@@ -20,7 +20,10 @@ enum Started {
 /// Starts a worker with `args`, its log in `log`, and waits until it is ready or has given up
 /// for want of a GPU adapter (the message `device.rs` gives when wgpu finds none at all).
 async fn start(args: &[&str], log: &Path) -> Started {
-    let mut options = Options::new("llm");
+    start_with(Options::new("llm"), args, log).await
+}
+
+async fn start_with(mut options: Options, args: &[&str], log: &Path) -> Started {
     options.args = args.iter().map(|arg| arg.to_string()).collect();
     options.wait = Wait::Nothing;
     options.stderr = Some(log.to_owned());
@@ -46,11 +49,30 @@ async fn start(args: &[&str], log: &Path) -> Started {
     }
 }
 
+/// The worker's own cache directory (so a restart finds what the first start kept), and a
+/// log that shows CubeCL's count of tuning results read back.
+fn keeping(cache: &Path) -> Options {
+    let mut options = Options::new("llm");
+    options.cache_dir = Some(cache.to_owned());
+    options.log_filter = Some("warn,cubecl_runtime::tune=info".into());
+    options
+}
+
+/// How many kernel tunings the log says were read back from the cache, over all tuners.
+fn tunings_read_back(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("autotune cached entries"))
+        .filter_map(|line| line.split("Loaded ").nth(1)?.split(' ').next())
+        .map(|count| count.parse::<usize>().unwrap())
+        .sum()
+}
+
 #[tokio::test]
 async fn device_gpu_streams_a_guests_completion() {
     let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
     let log = dir.path().join("worker.log");
-    let worker = match start(&["--device", "gpu"], &log).await {
+    let worker = match start_with(keeping(&cache), &["--device", "gpu"], &log).await {
         Started::Ready(worker) => worker,
         Started::NoAdapter => {
             assert_ne!(
@@ -82,8 +104,34 @@ async fn device_gpu_streams_a_guests_completion() {
     assert_eq!(status, 200, "{whole}");
     assert_eq!(streamed.text(), whole["text"].as_str().unwrap());
 
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(!log.contains("XDG_RUNTIME_DIR"), "{log}");
+    let first_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!first_log.contains("XDG_RUNTIME_DIR"), "{first_log}");
+    assert_eq!(tunings_read_back(&first_log), 0, "{first_log}");
+    drop(worker);
+
+    // The kernels autotune chose are kept in the cache (private, as the guests' are), and a
+    // restart reads them back rather than timing the candidates again.
+    let tuning = cache.join("gpu-tuning");
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&tuning).unwrap());
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(
+        std::fs::read_dir(&tuning).unwrap().next().is_some(),
+        "nothing in {}: {first_log}",
+        tuning.display()
+    );
+    let log = dir.path().join("restarted.log");
+    let Started::Ready(worker) = start_with(keeping(&cache), &["--device", "gpu"], &log).await
+    else {
+        panic!("the adapter went away");
+    };
+    let (status, again) = worker.infer(greedy("The quick brown fox", 6)).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["text"], whole["text"]);
+    let restarted_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        tunings_read_back(&restarted_log) > 0,
+        "no tuning read back: {restarted_log}"
+    );
 }
 
 #[tokio::test]

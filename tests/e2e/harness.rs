@@ -47,10 +47,13 @@ pub struct Options {
     pub model: PathBuf,
     pub args: Vec<String>,
     pub wait: Wait,
-    /// The compiled-guest cache; a fresh temporary one when `None`.
+    /// The worker's cache (compiled guests, GPU kernel tuning); a fresh temporary one when
+    /// `None`.
     pub cache_dir: Option<PathBuf>,
     /// Where the worker's stderr (its log) goes; the test's own stderr when `None`.
     pub stderr: Option<PathBuf>,
+    /// What the log shows (`RUST_LOG`); the test's own `RUST_LOG`, else `warn`, when `None`.
+    pub log_filter: Option<String>,
 }
 
 /// What `Worker::start` waits for before it returns.
@@ -70,6 +73,7 @@ impl Options {
             wait: Wait::Ready,
             cache_dir: None,
             stderr: None,
+            log_filter: None,
         }
     }
 
@@ -117,7 +121,11 @@ impl Worker {
             .args(&options.args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                options
+                    .log_filter
+                    .clone()
+                    .or_else(|| std::env::var("RUST_LOG").ok())
+                    .unwrap_or_else(|| "warn".into()),
             )
             .stdout(Stdio::null())
             .stderr(match &options.stderr {

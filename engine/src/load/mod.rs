@@ -26,7 +26,7 @@ use crate::{EngineError, LoadOptions};
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Checkpoint, EngineError> {
     let format = Format::detect(path)?;
     tracing::info!(path = %path.display(), format = format.name(), "loading model");
-    let device = device::select(options.device)?;
+    let device = device::select(options.device, options.tuning_cache.as_deref())?;
     let choose = |config: &ModelConfig| WeightPlan::choose(options.weights, &device, config);
     match format {
         Format::HfFolder => {

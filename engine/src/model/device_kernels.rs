@@ -549,7 +549,7 @@ mod tests {
 
     /// The GPU (lavapipe in CI), or `None` where there is none and none is required.
     fn gpu() -> Option<Device> {
-        match crate::device::select(DeviceChoice::Gpu(0)) {
+        match crate::device::select(DeviceChoice::Gpu(0), None) {
             Ok(selected) => Some(selected.device),
             Err(e) => {
                 assert_ne!(

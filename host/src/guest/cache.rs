@@ -18,10 +18,10 @@
 //! - files are written to a temporary file created exclusively (`O_EXCL`, 0600) in the
 //!   directory and renamed into place, so a reader never sees half an entry.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -47,14 +47,7 @@ impl ComponentCache {
     /// Opens (creating it private if absent) the cache in `dir`; an error when the directory
     /// is not safe to take native code from, or its key cannot be read or made.
     pub fn open(dir: PathBuf, engine: &wasmtime::Engine) -> anyhow::Result<Self> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create the guest cache {}", dir.display()))?;
-        let meta = std::fs::metadata(&dir)
-            .with_context(|| format!("cannot read the guest cache {}", dir.display()))?;
-        check_private_dir(&meta, effective_uid())
+        crate::cache_dir::create_private(&dir)
             .with_context(|| format!("refusing the guest cache {}", dir.display()))?;
         let key = load_or_create_key(&dir)
             .with_context(|| format!("cannot set up the guest cache's key in {}", dir.display()))?;
@@ -65,14 +58,6 @@ impl ComponentCache {
             engine_key: format!("{:016x}", hasher.finish()),
             key,
         })
-    }
-
-    /// The default location: $XDG_CACHE_HOME/rbee-host, else ~/.cache/rbee-host.
-    pub fn default_dir() -> Option<PathBuf> {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
-            .map(|base| base.join("rbee-host"))
     }
 
     fn entry_name(&self, sha256: &str) -> String {
@@ -149,32 +134,6 @@ impl ComponentCache {
     }
 }
 
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// The cache directory must be a directory owned by `uid` that nobody else can write: else
-/// another user could plant entries, or swap the key and the entries together.
-fn check_private_dir(meta: &std::fs::Metadata, uid: u32) -> anyhow::Result<()> {
-    if !meta.is_dir() {
-        bail!("it is not a directory");
-    }
-    if meta.uid() != uid {
-        bail!(
-            "it is owned by uid {}, not by this user (uid {uid})",
-            meta.uid()
-        );
-    }
-    if meta.mode() & 0o022 != 0 {
-        bail!(
-            "other users can write it (mode {:o}); `chmod 700` it or pick another --cache-dir",
-            meta.mode() & 0o777
-        );
-    }
-    Ok(())
-}
-
 /// The cache's key: read when a sound one exists (a regular file of ours, readable by nobody
 /// else, of the right length), else made afresh. A fresh key replaces an unsound one, which
 /// only costs recompiling what the old key tagged.
@@ -217,7 +176,10 @@ fn read_key(path: &Path) -> Result<Option<[u8; KEY_LEN]>, String> {
     };
     // Checked on the open file, so the file read is the file checked.
     let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() || meta.uid() != effective_uid() || meta.mode() & 0o077 != 0 {
+    if !meta.is_file()
+        || meta.uid() != crate::cache_dir::effective_uid()
+        || meta.mode() & 0o077 != 0
+    {
         return Err(format!(
             "it is not a private file of this user (uid {}, mode {:o})",
             meta.uid(),
@@ -367,15 +329,6 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         ComponentCache::open(base.path().to_owned(), &engine).unwrap();
-    }
-
-    #[test]
-    fn a_directory_of_another_user_is_refused() {
-        let base = tempfile::tempdir().unwrap();
-        let meta = std::fs::metadata(base.path()).unwrap();
-        check_private_dir(&meta, meta.uid()).unwrap();
-        let error = check_private_dir(&meta, meta.uid() + 1).unwrap_err();
-        assert!(error.to_string().contains("not by this user"), "{error}");
     }
 
     #[test]
