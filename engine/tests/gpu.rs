@@ -57,9 +57,15 @@ fn gpu_at(path: &Path, weights: WeightFormat, tag: &str) -> Option<Arc<Engine>> 
         .entry(format!("{model} {weights:?} {tag}"))
         .or_insert_with(|| {
             let started = Instant::now();
+            // Autotune's choices kept in the target dir, as a worker keeps them in its cache:
+            // on lavapipe this binary runs 34 s tuning afresh, 14 s reading the choices back,
+            // which later runs do where the target dir is kept (CI's cache folder).
+            let tuning_cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gpu-tuning");
+            std::fs::create_dir_all(&tuning_cache).unwrap();
             let options = LoadOptions {
                 device: DeviceChoice::Gpu(0),
                 weights,
+                tuning_cache: Some(tuning_cache),
                 ..LoadOptions::default()
             };
             match Engine::load(path, &options) {
