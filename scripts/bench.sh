@@ -12,8 +12,12 @@ args=(--prompt-tokens "${PROMPT_TOKENS:-128}" --new-tokens "${NEW_TOKENS:-64}")
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
-cargo run -q -p rbee-engine --example bench -- --model "$model" --weights auto "${args[@]}" | tail -1 | tee -a "$out"
-cargo run -q -p rbee-engine --example bench -- --model "$model" --weights f32 "${args[@]}" | tail -1 | tee -a "$out"
+# The workspace's feature set, as scripts/test.sh and serve.sh build it (`-p rbee-engine`
+# alone resolves other features and builds the whole tree a second time).
+cargo build -q --workspace --bins --examples
+bench="${CARGO_TARGET_DIR:-$root/target}/debug/examples/bench"
+"$bench" --model "$model" --weights auto "${args[@]}" | tail -1 | tee -a "$out"
+"$bench" --model "$model" --weights f32 "${args[@]}" | tail -1 | tee -a "$out"
 # One process per baseline, so each peak-memory figure is its own.
 "$py" scripts/bench_baseline.py "$model" --only llama.cpp "${args[@]}" | tee -a "$out" || true
 "$py" scripts/bench_baseline.py "$model" --only transformers "${args[@]}" | tee -a "$out" || true

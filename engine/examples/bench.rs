@@ -1,13 +1,12 @@
 //! Prefill and decode speed and peak memory of the engine on one model.
 //!
-//!     cargo run -p rbee-engine --example bench -- --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+//!     cargo build --workspace --bins --examples
+//!     $CARGO_TARGET_DIR/debug/examples/bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf
 //!
-//! Options: --device cpu|gpu|auto (cpu), --weights auto|f32 (auto), --prompt-tokens N (128),
-//! --new-tokens N (64), --runs N (3, best run reported), --kv-cache-type f32|f16 (f16),
-//! --tuning-cache DIR (where a GPU keeps its kernel tuning; none: tuned afresh each run).
-//! Speculative decoding and the prefix cache are off: the prompt repeats itself, and the
-//! figures are of the model's steps. Prints one human line and one JSON
-//! line (for scripts/bench.sh).
+//! (`-p rbee-engine` alone resolves other features than the workspace's and builds the whole
+//! tree a second time.) Options: `--help`. Speculative decoding and the prefix cache are off:
+//! the prompt repeats itself, and the figures are of the model's steps. Prints one human line
+//! and one JSON line (for scripts/bench.sh).
 //!
 //! `--clients N` (1) runs N generations of the same prompt at once (they share every
 //! forward pass) and reports their aggregate decode rate: generated tokens after the first
@@ -22,46 +21,69 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::{Parser, ValueEnum};
 use rbee_engine::{DeviceChoice, Engine, KvCacheType, LoadOptions, SamplingParams, WeightFormat};
 
+/// Prefill and decode speed and peak memory of the engine on one model.
+#[derive(Parser)]
+struct Args {
+    /// The model: a GGUF file or a Hugging Face folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, gpu, gpu:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    #[arg(long, value_enum, default_value = "auto")]
+    weights: Weights,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: u32,
+    /// Runs after a warm-up; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Generations of the same prompt at once, sharing every forward pass.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_cache_type: KvCache,
+    /// Where a GPU keeps its kernel tuning; without it, each run tunes afresh.
+    #[arg(long, value_name = "DIR")]
+    tuning_cache: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Weights {
+    Auto,
+    F32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvCache {
+    F32,
+    F16,
+}
+
 fn main() {
-    let mut model = None;
-    let mut device = DeviceChoice::Cpu;
-    let mut weights = WeightFormat::Auto;
-    let mut prompt_tokens = 128usize;
-    let mut new_tokens = 64u32;
-    let mut runs = 3;
-    let mut clients = 1usize;
-    let mut kv_cache_type = KvCacheType::F16;
-    let mut tuning_cache = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--model" => model = Some(PathBuf::from(value())),
-            "--device" => device = value().parse().unwrap(),
-            "--weights" => {
-                weights = match value().as_str() {
-                    "f32" => WeightFormat::F32,
-                    _ => WeightFormat::Auto,
-                }
-            }
-            "--prompt-tokens" => prompt_tokens = value().parse().unwrap(),
-            "--new-tokens" => new_tokens = value().parse().unwrap(),
-            "--runs" => runs = value().parse().unwrap(),
-            "--clients" => clients = value().parse().unwrap(),
-            "--kv-cache-type" => {
-                kv_cache_type = match value().as_str() {
-                    "f16" => KvCacheType::F16,
-                    "f32" => KvCacheType::F32,
-                    other => panic!("--kv-cache-type {other}: f32 or f16"),
-                }
-            }
-            "--tuning-cache" => tuning_cache = Some(PathBuf::from(value())),
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    let model = model.expect("--model PATH is required");
+    let Args {
+        model,
+        device,
+        weights,
+        prompt_tokens,
+        new_tokens,
+        runs,
+        clients,
+        kv_cache_type,
+        tuning_cache,
+    } = Args::parse();
+    let weights = match weights {
+        Weights::Auto => WeightFormat::Auto,
+        Weights::F32 => WeightFormat::F32,
+    };
+    let kv_cache_type = match kv_cache_type {
+        KvCache::F32 => KvCacheType::F32,
+        KvCache::F16 => KvCacheType::F16,
+    };
 
     let started = Instant::now();
     let engine = Engine::load(
