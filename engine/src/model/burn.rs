@@ -4,74 +4,22 @@
 //! named like the Hugging Face tensors (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 //! safetensors checkpoint loads by name.
 //!
-//! Shapes: `b` batch (sequences: one, or several of one position each), `s` new positions, `t` cached + new positions,
-//! `nh`/`nkv` query/key-value heads, `hd` head dim.
+//! A pass takes a step's rows: any mix of sequences' decode rows, drafts and prompt chunks,
+//! at any positions, one row each in the batch dimension (`[rows, 1, h]`). Every projection
+//! is one matmul over the rows; keys and values go to the KV pools and attention reads them
+//! there, each row over its own sequence's positions (`device_kv`).
+//!
+//! Shapes: `rows` the step's rows, `nh`/`nkv` query/key-value heads, `hd` head dim.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use super::ModelConfig;
+use super::device_kv::{DeviceKv, StepLayout};
 use super::proj::Proj;
 use super::rope::RopeTables;
-use crate::kv::BLOCK_SIZE;
-
-// ---------------------------------------------------------------------------------------
-// KV cache: per layer, keys and values of every position seen so far, in a buffer
-// `[b, nkv, capacity, hd]` written in place (Flex writes a uniquely owned tensor's slice
-// without copying), so a step costs the new position only, not a copy of everything cached
-// so far. The buffer grows as the sequence reaches new positions, to twice what it holds:
-// a sequence is copied a few times in its life, and none holds room for `max_tokens` it
-// may never produce. (The scheduler counts the positions against the KV pool in blocks all
-// the same.)
-// ---------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-pub struct BurnCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    /// Positions already in the cache.
-    len: usize,
-}
-
-impl BurnCache {
-    /// An empty cache, for a model of `num_layers` layers.
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: (0..num_layers).map(|_| None).collect(),
-            len: 0,
-        }
-    }
-
-    /// Writes `k`, `v` `[b, nkv, s, hd]` at positions `len..len + s` and returns views of
-    /// positions `0..len + s`.
-    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let [b, nkv, s, hd] = k.dims();
-        let (start, end) = (self.len, self.len + s);
-        let (ck, cv) = match self.layers[layer].take() {
-            Some((ck, cv)) if ck.dims()[2] >= end => (ck, cv),
-            held => {
-                let capacity = end.max(2 * start).next_multiple_of(BLOCK_SIZE);
-                let empty = || Tensor::zeros([b, nkv, capacity, hd], &k.device());
-                let (mut ck, mut cv) = (empty(), empty());
-                if let Some((old_k, old_v)) = held.filter(|_| start > 0) {
-                    let kept = [0..b, 0..nkv, 0..start, 0..hd];
-                    ck = ck.slice_assign(kept.clone(), old_k.narrow(2, 0, start));
-                    cv = cv.slice_assign(kept, old_v.narrow(2, 0, start));
-                }
-                (ck, cv)
-            }
-        };
-        let range = [0..b, 0..nkv, start..end, 0..hd];
-        let ck = ck.slice_assign(range.clone(), k);
-        let cv = cv.slice_assign(range, v);
-        let views = (ck.clone().narrow(2, 0, end), cv.clone().narrow(2, 0, end));
-        self.layers[layer] = Some((ck, cv));
-        views
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Attention (grouped-query: `nh / nkv` query heads share one key/value head).
@@ -107,142 +55,62 @@ impl Attention {
         }
     }
 
-    /// `x` `[b, s, h]`: row `i` of the batch is the sequence of `caches[i]`, at its next
-    /// positions. The projections take the whole batch in one matmul each; each sequence
-    /// attends over its own cache.
+    /// `x` `[rows, 1, h]`, the step's rows (`layout`): one matmul per projection over all
+    /// of them, the keys and values written to the layer's pools, each row attending over
+    /// its own sequence's positions there.
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RopeTables,
-        caches: &mut [&mut BurnCache],
+        rotation: &(Tensor<4>, Tensor<4>),
+        kv: &mut DeviceKv,
+        layout: &StepLayout,
         layer: usize,
     ) -> Tensor<3> {
-        let [b, s, _] = x.dims();
+        let [rows, _, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let starts: Vec<usize> = caches.iter().map(|cache| cache.len).collect();
-
-        // `[b, s, heads·hd]` → `[b, heads, s, hd]`. For one position the two layouts are the
-        // same bytes, so a reshape does it; a swap of dimensions is a strided view that
-        // becomes a copy kernel on the device, three per layer in every decode step.
-        let heads = |x: Tensor<3>, heads: usize| {
-            if s == 1 {
-                x.reshape([b, heads, 1, hd])
-            } else {
-                x.reshape([b, s, heads, hd]).swap_dims(1, 2)
-            }
-        };
+        // `[rows, 1, heads·hd]` → `[rows, heads, 1, hd]`: the same bytes, so a reshape (a
+        // swap of dimensions would be a copy kernel on the device).
+        let heads = |x: Tensor<3>, heads: usize| x.reshape([rows, heads, 1, hd]);
+        let (cos, sin) = rotation;
+        let rotate = |x: Tensor<4>| RopeTables::rotate(x, cos.clone(), sin.clone());
         let (q, k, v) = match &self.qkv {
-            // One matmul, and the query and key heads rotated together: one RoPE pass.
+            // One matmul, and one RoPE pass over all its heads, of which the query and key
+            // heads are kept (rotating the value heads too costs nothing in the fused
+            // kernel; rotating a narrowed view of several rows would copy it first). The
+            // heads are split as views.
             Some(qkv) => {
-                let y = qkv.forward(x);
-                let qk = heads(y.clone().narrow(2, 0, (nh + nkv) * hd), nh + nkv);
-                let qk = rope.apply_each(qk, &starts);
-                let v = heads(y.narrow(2, (nh + nkv) * hd, nkv * hd), nkv);
-                (qk.clone().narrow(1, 0, nh), qk.narrow(1, nh, nkv), v)
+                let y = heads(qkv.forward(x), nh + 2 * nkv);
+                let rotated = rotate(y.clone());
+                let v = y.narrow(1, nh + nkv, nkv);
+                (
+                    rotated.clone().narrow(1, 0, nh),
+                    rotated.narrow(1, nh, nkv),
+                    v,
+                )
             }
             None => {
                 let [q, k, v] = Proj::forward_each(x, [&self.q_proj, &self.k_proj, &self.v_proj]);
-                let q = rope.apply_each(heads(q, nh), &starts);
-                let k = rope.apply_each(heads(k, nkv), &starts);
-                (q, k, heads(v, nkv))
+                (rotate(heads(q, nh)), rotate(heads(k, nkv)), heads(v, nkv))
             }
         };
-        let out = match caches {
-            [cache] => attend(q, k, v, cache, layer),
-            caches => {
-                let row = |x: &Tensor<4>, i: usize| x.clone().narrow(0, i, 1);
-                let parts = caches
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, cache)| attend(row(&q, i), row(&k, i), row(&v, i), cache, layer))
-                    .collect();
-                Tensor::cat(parts, 0)
-            }
-        };
-        let out = if s == 1 {
-            out.reshape([b, 1, nh * hd])
-        } else {
-            out.swap_dims(1, 2).reshape([b, s, nh * hd])
-        };
-        self.o_proj.forward(out)
+        let (keys, values) = kv.write(layer, layout, k, v);
+        let out = attend(q, keys, values, layout);
+        self.o_proj.forward(out.reshape([rows, 1, nh * hd]))
     }
 }
 
-/// Appends `k`, `v` `[b, nkv, s, hd]` to the layer's cache and attends `q` `[b, nh, s, hd]`
-/// over everything cached: Burn's fused attention (grouped-query: `nh / nkv` query heads
-/// share a key/value head). Several positions are a prompt from position 0 (the generation
-/// loop never prefills in chunks), so plain causal masking is right; one new position sees
-/// every cached key.
-fn attend(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    cache: &mut BurnCache,
-    layer: usize,
-) -> Tensor<4> {
-    let s = q.dims()[2];
-    assert!(
-        s == 1 || cache.len == 0,
-        "a multi-position pass must start at position 0"
-    );
-    let (k, v) = cache.append(layer, k, v);
-    let flex = k.device() == Device::flex();
-    if s == 1 && !flex {
-        return attend_one_position(q, k, v);
-    }
-    // Flex's fused attention reads grouped K/V heads as they are. Burn's attention contract
-    // (and CubeCL's kernels, which fail on it) want one K/V head per query head: elsewhere
-    // each K/V head is repeated for the query heads that share it.
-    let nh = q.dims()[1];
-    let (k, v) = if k.dims()[1] != nh && !flex {
-        (repeat_heads(k, nh), repeat_heads(v, nh))
-    } else {
-        (k, v)
-    };
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: s > 1,
-    };
-    attention(q, k, v, None, None, options)
-}
-
-/// One position's attention, `q` `[b, nh, 1, hd]` over the cached `k`, `v` `[b, nkv, t, hd]`,
-/// on a GPU: one launch of the engine's kernel (`device_kernels`) where it takes the types
-/// and head size, else [`attend_one_position_by_matmul`].
-fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+/// `q` `[rows, nh, 1, hd]` over the KV pools, each row over its sequence's positions
+/// through its own: one launch of the engine's paged kernel on a GPU (`device_kernels`)
+/// where it takes the types and head size, else [`StepLayout::attend_by_gathering`].
+fn attend(q: Tensor<4>, keys: Tensor<4>, values: Tensor<4>, layout: &StepLayout) -> Tensor<4> {
     #[cfg(feature = "wgpu")]
-    if [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32)
+    if q.device() != Device::flex()
+        && [&q, &keys, &values].iter().all(|t| t.dtype() == DType::F32)
         && super::device_kernels::attends_head_dim(q.dims()[3])
     {
-        return super::device_kernels::attend_one_position(q, k, v);
+        return super::device_kernels::attend_paged(q, keys, values, layout);
     }
-    attend_one_position_by_matmul(q, k, v)
-}
-
-/// [`attend_one_position`] in Burn's operations: the `nh / nkv` query heads that share a K/V head are the rows of one matmul
-/// against its keys, so the cache is read as it is. Burn's attention wants the K/V heads
-/// repeated for their query heads, which copies the whole cache twice a layer in every
-/// decode step (its size in bytes, and two launches), and its fallback's softmax guards
-/// against rows with every key masked, which one position's row never has (a few launches
-/// more).
-fn attend_one_position_by_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let [b, nh, _, hd] = q.dims();
-    let nkv = k.dims()[1];
-    // Query head `h` reads K/V head `h / (nh / nkv)` (the Hugging Face `repeat_kv` order), so
-    // the heads of one K/V head are consecutive.
-    let q = q.reshape([b, nkv, nh / nkv, hd]);
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt());
-    softmax(scores, 3).matmul(v).reshape([b, nh, 1, hd])
-}
-
-/// `[b, nkv, t, hd]` → `[b, nh, t, hd]`, query head `i` reading K/V head `i / (nh / nkv)`
-/// (the Hugging Face `repeat_kv` order).
-fn repeat_heads(x: Tensor<4>, nh: usize) -> Tensor<4> {
-    let [b, nkv, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, nkv, nh / nkv, t, hd])
-        .reshape([b, nh, t, hd])
+    layout.attend_by_gathering(q, &keys, &values)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -353,14 +221,15 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         delta: Option<Tensor<3>>,
-        rope: &RopeTables,
-        caches: &mut [&mut BurnCache],
+        rotation: &(Tensor<4>, Tensor<4>),
+        kv: &mut DeviceKv,
+        layout: &StepLayout,
         layer: usize,
     ) -> (Tensor<3>, Tensor<3>) {
         let attention = &self.self_attn;
         let qkv = attention.qkv.as_ref().unwrap_or(&attention.q_proj);
         let (x, normed) = add_rms_norm(&self.input_layernorm, x, delta, qkv.dtype());
-        let attended = attention.forward(normed, rope, caches, layer);
+        let attended = attention.forward(normed, rotation, kv, layout, layer);
         let norm = &self.post_attention_layernorm;
         let (h, normed) = add_rms_norm(norm, x, Some(attended), self.mlp.gate_proj.dtype());
         (h, self.mlp.forward(normed))
@@ -410,61 +279,46 @@ impl BurnModel {
         }
     }
 
-    /// Runs `tokens` `[b, s]` (positions `cache.len..cache.len + s`) through the model and
-    /// returns the logits `[b, s', vocab]`, where `s'` is 1 (the last position) when
-    /// `last_only`, else `s`. Skipping the other positions saves most of the output
-    /// projection's work in prefill.
+    /// One step: `tokens` `[rows, 1]` at the rows' positions (`layout`), their keys and
+    /// values written to `kv`; returns the logits `[wanted, vocab]` of the rows `wanted`.
+    /// Skipping the others saves most of the output projection's work while a prompt is
+    /// read.
     pub fn forward(
         &self,
         tokens: Tensor<2, Int>,
         rope: &RopeTables,
-        cache: &mut BurnCache,
-        last_only: bool,
-    ) -> Tensor<3> {
-        self.forward_each(tokens, rope, &mut [cache], last_only)
-    }
-
-    /// [`BurnModel::forward`] of several sequences in one pass: row `i` of `tokens` `[b, s]`
-    /// continues the sequence of `caches[i]` (several sequences take one position each: the
-    /// decode rows of a step). Every projection is one matmul over the batch, so a step of
-    /// `b` sequences launches each layer's matmul and element-wise kernels once, not `b`
-    /// times; attention runs per sequence, over its own cache.
-    pub fn forward_each(
-        &self,
-        tokens: Tensor<2, Int>,
-        rope: &RopeTables,
-        caches: &mut [&mut BurnCache],
-        last_only: bool,
-    ) -> Tensor<3> {
-        let [b, s] = tokens.dims();
-        assert_eq!(b, caches.len(), "one cache per row of the batch");
-        assert!(b == 1 || s == 1, "several sequences take one position each");
+        kv: &mut DeviceKv,
+        layout: &StepLayout,
+        wanted: WantedRows,
+    ) -> Option<Tensor<2>> {
+        assert_eq!(tokens.dims(), [layout.rows(), 1], "one token per row");
         // The embedding table may be kept in a half type; the residual stream is f32.
         let mut x = self.model.embed_tokens.forward(tokens).cast(DType::F32);
+        // Every layer rotates at the same positions: their angles gathered once.
+        let rotation = rope.at(layout.positions.clone());
         let mut delta = None;
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let (stream, output) = layer.forward(x, delta, rope, caches, i);
+            let (stream, output) = layer.forward(x, delta, &rotation, kv, layout, i);
             (x, delta) = (stream, Some(output));
         }
-        for cache in caches.iter_mut() {
-            cache.len += s;
-        }
-        let last = |x: Tensor<3>| {
-            if last_only && s > 1 {
-                x.narrow(1, s - 1, 1)
-            } else {
-                x
-            }
+        let wanted_rows = |x: Tensor<3>| match &wanted {
+            WantedRows::These(rows) => x.select(0, rows.as_ref().clone()),
+            _ => x,
         };
+        if let WantedRows::Nothing = wanted {
+            return None;
+        }
         let output_dtype = match &self.lm_head {
             Some(head) => head.dtype(),
             None => self.model.embed_tokens.weight.dtype(),
         };
-        let (_, x) = add_rms_norm(&self.model.norm, last(x), delta.map(last), output_dtype);
-        match &self.lm_head {
+        let (x, delta) = (wanted_rows(x), delta.map(wanted_rows));
+        let (_, x) = add_rms_norm(&self.model.norm, x, delta, output_dtype);
+        let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => tied_output(x, self.model.embed_tokens.weight.val()),
-        }
+        };
+        Some(logits.flatten(0, 1))
     }
 
     /// q, k and v made one projection (`Proj::fuse`): on a GPU every matmul is a launch and
@@ -507,6 +361,15 @@ impl BurnModel {
         }
         self
     }
+}
+
+/// The rows of a step whose logits [`BurnModel::forward`] computes.
+pub enum WantedRows {
+    All,
+    /// These rows `[wanted]`, in this order.
+    These(Box<Tensor<1, Int>>),
+    /// None: the step reads prompts only (its keys and values are what it is for).
+    Nothing,
 }
 
 /// `x · Eᵀ` with the embedding matrix `E` `[vocab, h]`: the transposed view feeds the

@@ -7,10 +7,12 @@
 //! matmuls) took 5 and 7 launches, twice a layer and once a layer. Each is one kernel here:
 //! - [`rms_norm`]: one cube per row; the sum of squares reduced in shared memory, then each
 //!   value divided by the root mean square and scaled by `γ`, as Burn's `RmsNorm` computes;
-//! - [`attend_one_position`]: one cube per (sequence, query head), over the cached keys
-//!   and values of its K/V head (grouped-query heads read as they are), in chunks of
-//!   positions whose scores fit shared memory, the softmax taken online (a running max and
-//!   sum, earlier chunks rescaled): the scores never leave the cube;
+//! - [`attend_paged`]: one cube per (row, query head), every row of a step at once (decode
+//!   rows and prompt chunks of any sequences), each over its own sequence's positions
+//!   through its own, read from the KV pools through the sequence's block table
+//!   (`device_kv`; grouped-query heads read as they are), in chunks of positions whose
+//!   scores fit shared memory, the softmax taken online (a running max and sum, earlier
+//!   chunks rescaled): the scores never leave the cube;
 //! - [`greedy_tokens`]: one cube per row of logits, its most likely token, so a greedy step
 //!   reads back one id per sequence rather than the vocabulary's logits (49k floats).
 //!
@@ -30,9 +32,10 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::{CubeBackend, tensor::CubeTensor};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use kernels::{
-    add_rms_norm_kernel, attend_one_position_kernel, greedy_tokens_kernel, rms_norm_kernel,
-};
+use super::device_kv::StepLayout;
+use crate::kv::BLOCK_SIZE;
+
+use kernels::{add_rms_norm_kernel, attend_paged_kernel, greedy_tokens_kernel, rms_norm_kernel};
 
 /// Units per cube: a power of two (the shared-memory reductions halve it), and at least the
 /// head dimension for attention (each of the first `hd` units owns one output value).
@@ -78,15 +81,25 @@ pub fn add_rms_norm<const D: usize>(
     (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
 }
 
-/// One position's attention: `q` `[b, nh, 1, hd]` over `k`, `v` `[b, nkv, t, hd]` (query
-/// head `h` reads K/V head `h / (nh / nkv)`), scaled by `1/√hd`; returns `[b, nh, 1, hd]`.
-/// Views (a narrowed cache, a slice of the q/k tensor) are read through their strides, not
-/// copied. f32 only, `hd ≤ 128`.
-pub fn attend_one_position(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    Tensor::from_dispatch(Dispatch::attend_one_position(
+/// A step's attention over the paged KV: `q` `[rows, nh, 1, hd]`, row `r` attending over
+/// positions `0..visible[r]` of sequence `sequence[r]`, whose position `p` is in slot
+/// `tables[sequence[r], p / BLOCK_SIZE] · BLOCK_SIZE + p % BLOCK_SIZE` of the pools `keys`,
+/// `values` `[slots, nkv, 1, hd]` (query head `h` reads K/V head `h / (nh / nkv)`), scaled
+/// by `1/√hd`; returns `[rows, nh, 1, hd]`. `q` may be a view (a slice of the q/k tensor):
+/// it is read through its strides. f32 only, `hd ≤ 128`.
+pub fn attend_paged(
+    q: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    layout: &StepLayout,
+) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::attend_paged(
         q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
+        keys.into_dispatch(),
+        values.into_dispatch(),
+        layout.row_sequence.clone().into_dispatch(),
+        layout.row_visible.clone().into_dispatch(),
+        layout.tables.clone().into_dispatch(),
     ))
 }
 
@@ -100,7 +113,7 @@ pub fn greedy_tokens(logits: Tensor<2>) -> Tensor<1, Int> {
 /// What [`greedy_tokens`] gives a row with a NaN in it.
 pub const NAN_ROW: i64 = -1;
 
-/// Whether [`attend_one_position`] takes a head dimension of `head_dim`.
+/// Whether [`attend_paged`] takes a head dimension of `head_dim`.
 pub fn attends_head_dim(head_dim: usize) -> bool {
     head_dim <= UNITS as usize
 }
@@ -127,10 +140,13 @@ pub trait LlamaKernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     #[fusion(dtype = q, shape = q)]
-    fn attend_one_position(
+    fn attend_paged(
         q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        row_sequence: IntTensor<Self>,
+        row_visible: IntTensor<Self>,
+        tables: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 
     #[fusion(meta = |logits| TensorSpec::new(Shape::new([logits.shape[0]]), DType::I32))]
@@ -187,29 +203,45 @@ impl LlamaKernels for CubeBackend {
         (sum, output)
     }
 
-    fn attend_one_position(q: CubeTensor, k: CubeTensor, v: CubeTensor) -> CubeTensor {
-        assert_f32(&[&q, &k, &v], "attend_one_position");
-        let [b, nh, s, hd] = q.meta.shape().dims::<4>();
-        let nkv = k.meta.shape()[1];
+    fn attend_paged(
+        q: CubeTensor,
+        keys: CubeTensor,
+        values: CubeTensor,
+        row_sequence: CubeTensor,
+        row_visible: CubeTensor,
+        tables: CubeTensor,
+    ) -> CubeTensor {
+        assert_f32(&[&q, &keys, &values], "attend_paged");
+        let [rows, nh, s, hd] = q.meta.shape().dims::<4>();
+        let nkv = keys.meta.shape()[1];
         assert!(s == 1 && attends_head_dim(hd) && nh % nkv == 0);
+        let index_type = dtype_to_storage_type(tables.dtype);
+        assert!(
+            row_sequence.dtype == tables.dtype && row_visible.dtype == tables.dtype,
+            "attend_paged: one integer type for the layout"
+        );
         let output = empty_device_dtype(
             q.client.clone(),
             q.device.clone(),
-            Shape::new([b, nh, 1, hd]),
+            Shape::new([rows, nh, 1, hd]),
             DType::F32,
         );
-        attend_one_position_kernel::launch(
+        attend_paged_kernel::launch(
             &q.client,
-            CubeCount::new_2d(nh as u32, b as u32),
+            CubeCount::new_2d(nh as u32, rows as u32),
             CubeDim::new_1d(UNITS),
             q.clone().into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
+            keys.into_tensor_arg(),
+            values.into_tensor_arg(),
+            row_sequence.into_tensor_arg(),
+            row_visible.into_tensor_arg(),
+            tables.into_tensor_arg(),
             output.clone().into_tensor_arg(),
             (1.0 / (hd as f64).sqrt()) as f32,
             UNITS,
             CHUNK,
-            dtype_to_storage_type(DType::F32),
+            BLOCK_SIZE as u32,
+            [dtype_to_storage_type(DType::F32), index_type],
         );
         output
     }
@@ -342,42 +374,53 @@ mod kernels {
         (total / F::cast_from(h as u32) + F::cast_from(epsilon)).sqrt()
     }
 
-    /// Query head `CUBE_POS_X` of sequence `CUBE_POS_Y` attending over its K/V head's `t`
-    /// cached positions, with an online softmax over chunks of `chunk` positions.
+    /// Query head `CUBE_POS_X` of row `CUBE_POS_Y` attending over its sequence's visible
+    /// positions, read through the sequence's block table, with an online softmax over
+    /// chunks of `chunk` positions.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn attend_one_position_kernel<F: Float>(
+    pub(super) fn attend_paged_kernel<F: Float, I: Int>(
         q: &Tensor<F>,
-        k: &Tensor<F>,
-        v: &Tensor<F>,
+        keys: &Tensor<F>,
+        values: &Tensor<F>,
+        row_sequence: &Tensor<I>,
+        row_visible: &Tensor<I>,
+        tables: &Tensor<I>,
         output: &mut Tensor<F>,
         scale: f32,
         #[comptime] units: u32,
         #[comptime] chunk: u32,
-        #[define(F)] _dtype: ElemType,
+        #[comptime] block_size: u32,
+        #[define(F, I)] _dtypes: [ElemType; 2],
     ) {
         let head = CUBE_POS_X as usize;
-        let seq = CUBE_POS_Y as usize;
+        let row = CUBE_POS_Y as usize;
         let unit = UNIT_POS_X as usize;
         let stride = units as usize;
+        let block = block_size as usize;
         let hd = q.shape(3);
-        let t = k.shape(2);
-        let group = q.shape(1) / k.shape(1);
+        let group = q.shape(1) / keys.shape(1);
         let kv_head = head / group;
+        let sequence = usize::cast_from(row_sequence[row * row_sequence.stride(0)]);
+        let t = usize::cast_from(row_visible[row * row_visible.stride(0)]);
+        let table = sequence * tables.stride(0);
+        let table_step = tables.stride(1);
 
         // The query, read once into shared memory (every unit reads all of it per key).
         let mut query = Shared::new_slice(units as usize);
-        let q_base = seq * q.stride(0) + head * q.stride(1);
+        let q_base = row * q.stride(0) + head * q.stride(1);
         if unit < hd {
             query[unit] = q[q_base + unit * q.stride(3)];
         }
-        let k_base = seq * k.stride(0) + kv_head * k.stride(1);
-        let v_base = seq * v.stride(0) + kv_head * v.stride(1);
-        let (k_pos, k_dim) = (k.stride(2), k.stride(3));
-        let (v_pos, v_dim) = (v.stride(2), v.stride(3));
+        let (k_slot, k_dim) = (keys.stride(0), keys.stride(3));
+        let (v_slot, v_dim) = (values.stride(0), values.stride(3));
+        let k_head = kv_head * keys.stride(1);
+        let v_head = kv_head * values.stride(1);
         sync_cube();
 
         let mut scores = Shared::new_slice(chunk as usize);
+        // Each chunk position's slot, found once per chunk for the values pass.
+        let mut slots = Shared::new_slice(chunk as usize);
         let mut partial = Shared::new_slice(units as usize);
         let scale = F::cast_from(scale);
         // The running max (a finite floor: WGSL has no infinity literal) and sum of the
@@ -394,10 +437,13 @@ mod kernels {
             let mut local_max = F::new(-3.0e38);
             let mut j = start + unit;
             while j < end {
+                let page = usize::cast_from(tables[table + (j / block) * table_step]);
+                let slot = page * block + j % block;
+                slots[j - start] = slot as u32;
                 let mut dot = F::new(0.0);
-                let key = k_base + j * k_pos;
+                let key = slot * k_slot + k_head;
                 for d in 0..hd {
-                    dot += query[d] * k[key + d * k_dim];
+                    dot += query[d] * keys[key + d * k_dim];
                 }
                 let score = dot * scale;
                 scores[j - start] = score;
@@ -425,7 +471,8 @@ mod kernels {
             if unit < hd {
                 let mut value = F::new(0.0);
                 for j in start..end {
-                    value += scores[j - start] * v[v_base + j * v_pos + unit * v_dim];
+                    let slot = slots[j - start] as usize;
+                    value += scores[j - start] * values[slot * v_slot + v_head + unit * v_dim];
                 }
                 acc = acc * rescale + value;
             }
@@ -436,7 +483,7 @@ mod kernels {
         }
 
         if unit < hd {
-            let out_base = seq * output.stride(0) + head * output.stride(1);
+            let out_base = row * output.stride(0) + head * output.stride(1);
             let at = out_base + unit * output.stride(3);
             output[at] = acc / running_sum;
         }
@@ -542,7 +589,6 @@ mod kernels {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::activation::softmax;
     use burn::tensor::{DType, Device, Distribution, Tensor};
 
     use crate::DeviceChoice;
@@ -669,30 +715,56 @@ mod tests {
         }
     }
 
-    /// Against softmax(q·kᵀ/√hd)·v with each K/V head repeated for its query heads, over
-    /// caches shorter and longer than a chunk, read through narrowed views as the cache
-    /// hands them out.
+    /// Against the same attention in Burn's operations (keys and values gathered from their
+    /// slots, a causal mask over the rows of a chunk), over a step of decode rows and prompt
+    /// chunks of sequences whose blocks are scattered over the pools, and caches shorter and
+    /// longer than a chunk of the kernel's.
     #[test]
-    fn one_position_attention_is_softmax_of_scores_times_values() {
-        let Some(device) = gpu() else { return };
-        for (b, nh, nkv, hd, t) in [(1, 9, 3, 64, 1), (2, 4, 2, 16, 37), (1, 8, 2, 64, 2500)] {
-            let capacity = t + 13;
-            let normal = Distribution::Normal(0.0, 1.0);
-            let qk = Tensor::<4>::random([b, nh + nkv, 1, hd], normal, &device);
-            let q = qk.narrow(1, 0, nh);
-            let k = Tensor::<4>::random([b, nkv, capacity, hd], normal, &device).narrow(2, 0, t);
-            let v = Tensor::<4>::random([b, nkv, capacity, hd], normal, &device).narrow(2, 0, t);
+    fn paged_attention_is_softmax_of_each_rows_visible_scores_times_values() {
+        use crate::kv::{BLOCK_SIZE, BlockId};
+        use crate::model::device_kv::{StepLayout, StepSequence};
 
-            let ours = super::attend_one_position(q.clone(), k.clone(), v.clone());
-            let repeat = |x: Tensor<4>| {
-                x.unsqueeze_dim::<5>(2)
-                    .expand([b, nkv, nh / nkv, t, hd])
-                    .reshape([b, nh, t, hd])
-            };
-            let scores = q.matmul(repeat(k).swap_dims(2, 3)) / (hd as f64).sqrt();
-            let reference = softmax(scores, 3).matmul(repeat(v));
+        let Some(device) = gpu() else { return };
+        for (nh, nkv, hd) in [(9, 3, 64), (4, 2, 16), (8, 8, 32)] {
+            // (start, rows): decode rows, a chunk from 0, a chunk past 0, a long cache.
+            let shapes: [(usize, usize); 5] = [(0, 1), (36, 1), (0, 20), (17, 9), (2400, 1)];
+            let total_blocks: usize = shapes
+                .iter()
+                .map(|&(start, rows)| (start + rows).div_ceil(BLOCK_SIZE))
+                .sum();
+            // Each sequence's blocks, interleaved and reversed over the pools.
+            let mut ids: Vec<BlockId> = (0..total_blocks as BlockId).rev().collect();
+            ids.rotate_left(total_blocks / 3);
+            let mut tables = Vec::new();
+            let mut taken = 0;
+            for &(start, rows) in &shapes {
+                let n = (start + rows).div_ceil(BLOCK_SIZE);
+                tables.push(ids[taken..taken + n].to_vec());
+                taken += n;
+            }
+            let sequences: Vec<StepSequence<'_>> = shapes
+                .iter()
+                .zip(&tables)
+                .map(|(&(start, rows), blocks)| StepSequence {
+                    start,
+                    rows,
+                    blocks,
+                })
+                .collect();
+            let layout = StepLayout::new(&sequences, &device);
+            let rows = layout.rows();
+            let normal = Distribution::Normal(0.0, 1.0);
+            let slots = total_blocks * BLOCK_SIZE;
+            let keys = Tensor::<4>::random([slots, nkv, 1, hd], normal, &device);
+            let values = Tensor::<4>::random([slots, nkv, 1, hd], normal, &device);
+            // q as the layers hand it over: a slice of the rotated q/k heads.
+            let qk = Tensor::<4>::random([rows, nh + nkv, 1, hd], normal, &device);
+            let q = qk.narrow(1, 0, nh);
+
+            let ours = super::attend_paged(q.clone(), keys.clone(), values.clone(), &layout);
+            let reference = layout.attend_by_gathering(q, &keys, &values);
             let difference = max_difference(ours, reference);
-            assert!(difference < 1e-4, "{b} {nh} {nkv} {hd} {t}: {difference}");
+            assert!(difference < 1e-4, "{nh} {nkv} {hd}: {difference}");
         }
     }
 }

@@ -4,14 +4,16 @@
 //!   reference that the other form is tested against;
 //! - [`cpu`]: block-quantized weights (`quant`) and host-memory loops, the CPU's default.
 //!
-//! Both take token ids and KV of their own kind (`KvStore`, and Burn's per-sequence
-//! `BurnCache`) and return logits as host `f32`s.
+//! Both take a step's token ids and the KV blocks of the scheduler's pool, in a store of
+//! their own kind (`KvStore`: host memory, or pools on the device), and return logits as
+//! host `f32`s (or, on a GPU, a greedy row's token).
 
 pub mod burn;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "wgpu")]
 pub mod device_kernels;
+pub mod device_kv;
 pub mod proj;
 pub mod rope;
 
@@ -19,8 +21,9 @@ use ::burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 pub use config::ModelConfig;
 
-use self::burn::{BurnCache, BurnModel};
+use self::burn::{BurnModel, WantedRows};
 use self::cpu::{CpuKvStore, CpuModel};
+use self::device_kv::{DeviceKv, StepLayout, StepSequence};
 use self::rope::{Rope, RopeTables};
 use crate::kv::{BlockId, blocks_for};
 use crate::{EngineError, KvCacheType};
@@ -37,6 +40,7 @@ pub struct DeviceModel {
     pub model: BurnModel,
     pub rope: RopeTables,
     pub device: Device,
+    config: ModelConfig,
 }
 
 impl DeviceModel {
@@ -53,16 +57,16 @@ impl DeviceModel {
             model,
             rope: Rope::new(config).tables(config.max_position_embeddings, device),
             device: device.clone(),
+            config: config.clone(),
         }
     }
 }
 
 /// Where the KV blocks of the scheduler's pool (`kv`) keep their numbers, made once by
-/// [`Model::new_store`]. Burn's layers keep each sequence's keys and values in device
-/// buffers of its own ([`BurnCache`]) and the pool only counts them.
+/// [`Model::new_store`]: host memory, or pools on Burn's device.
 pub enum KvStore {
     Cpu(CpuKvStore),
-    PerSequence,
+    Device(DeviceKv),
 }
 
 /// One sequence's part of a batched step.
@@ -73,13 +77,11 @@ pub struct BatchItem<'a> {
     pub start: usize,
     /// The sequence's blocks of the pool, covering every position through the step's.
     pub blocks: &'a [BlockId],
-    /// The sequence's own device buffers, on Burn's layers ([`Model::new_sequence_cache`]).
-    pub cache: Option<&'a mut BurnCache>,
     /// On the CPU, whether the rows take the row kernel (else the tiled gemm path): the
     /// scheduler keeps each position on one path whenever it is computed.
     pub row_kernel: bool,
     /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
-    /// the next token, more to verify a speculative draft (the CPU form only).
+    /// the next token, more to verify a speculative draft ([`Model::verifies_drafts`]).
     pub logits: usize,
     /// The sequence takes the most likely token as it is, and nothing else reads its one
     /// row's logits: a device may choose the token there and hand back its id alone
@@ -102,30 +104,18 @@ impl Model {
     /// The store of `blocks` KV blocks the running sequences share.
     pub fn new_store(&self, blocks: usize, kind: KvCacheType) -> KvStore {
         match self {
-            Model::Burn(_) => KvStore::PerSequence,
+            Model::Burn(burn) => KvStore::Device(burn.new_store(blocks)),
             Model::Cpu(model) => KvStore::Cpu(model.new_store(blocks, kind)),
         }
     }
 
-    /// What a sequence keeps of its own besides its blocks: Burn's device buffers.
-    pub fn new_sequence_cache(&self) -> Option<BurnCache> {
-        match self {
-            Model::Burn(burn) => Some(BurnCache::new(burn.model.model.layers.len())),
-            Model::Cpu(_) => None,
-        }
-    }
-
-    /// Whether a prompt may be fed in chunks, several passes that start past position 0
-    /// (Burn's fused attention masks a multi-position pass only from position 0, so Burn's
-    /// layers take a prompt whole).
-    pub fn takes_prompt_chunks(&self) -> bool {
+    /// Whether a step may carry drafts (speculative guesses, a constraint's forced tokens)
+    /// to verify. The CPU form computes a position the same way whatever else the step
+    /// carries (`BatchItem::row_kernel`), so a verified greedy draft is the text without
+    /// one, token for token. On a GPU a matmul of several rows may be tiled, and its sums
+    /// rounded, otherwise than one row's, so a near tie could turn: not until measured.
+    pub fn verifies_drafts(&self) -> bool {
         matches!(self, Model::Cpu(_))
-    }
-
-    /// Whether a sequence can start from KV blocks another one wrote (prefix caching): it
-    /// then reads the rest of its prompt from past position 0, which only the CPU form does.
-    pub fn resumes_from_blocks(&self) -> bool {
-        self.takes_prompt_chunks()
     }
 
     /// Every position's logits of `ids` (`[s, vocab]` row-major), in a KV of their own: the
@@ -143,10 +133,10 @@ impl Model {
 
     /// One step of several sequences (decode rows, drafts and prompt chunks): for each item,
     /// the logits `[rows, vocab]` of its last `logits` rows, or the token a device chose for a
-    /// greedy one. On the
-    /// CPU the step reads the weights once for all decode rows and prompt chunks; Burn's
-    /// layers take the decode rows in one pass and each prompt in a pass of its own. `Ok(None)` when `abandoned` said so part-way (checked between
-    /// layers on the CPU, between items on Burn): the step's sequences are all leaving.
+    /// greedy one. Either form reads the weights once for all of the step's rows. `Ok(None)`
+    /// when `abandoned` said so (checked between layers on the CPU, before the pass on
+    /// Burn's layers, whose pass is queued on the device whole): the step's sequences are all
+    /// leaving.
     pub fn forward_batch(
         &self,
         store: &mut KvStore,
@@ -174,46 +164,11 @@ impl Model {
                         .collect()
                 }))
             }
-            (Model::Burn(burn), KvStore::PerSequence) => {
-                let mut outputs: Vec<Option<Readout>> = batch.iter().map(|_| None).collect();
-                // The items of one position (decode rows) in one pass, the prompts one by
-                // one after them (Burn's layers take a prompt whole, from position 0).
-                let (rows, prompts): (Vec<_>, Vec<_>) = batch
-                    .iter_mut()
-                    .enumerate()
-                    .partition(|(_, item)| item.ids.len() == 1);
-                if !rows.is_empty() {
-                    if abandoned() {
-                        return Ok(None);
-                    }
-                    let ids: Vec<u32> = rows.iter().map(|(_, item)| item.ids[0]).collect();
-                    // One read-back for the pass: token ids when every row is greedy.
-                    let greedy = rows.iter().all(|(_, item)| item.greedy);
-                    let mut wanted = Vec::with_capacity(rows.len());
-                    let mut caches = Vec::with_capacity(rows.len());
-                    for (index, item) in rows {
-                        wanted.push((index, item.logits > 0));
-                        caches.push(item.cache.as_deref_mut().ok_or_else(foreign_cache)?);
-                    }
-                    let rows = burn.forward_rows(&ids, &mut caches, greedy)?;
-                    for ((index, wants), output) in wanted.into_iter().zip(rows) {
-                        if wants {
-                            outputs[index] = Some(output);
-                        }
-                    }
+            (Model::Burn(burn), KvStore::Device(kv)) => {
+                if abandoned() {
+                    return Ok(None);
                 }
-                for (index, item) in prompts {
-                    if abandoned() {
-                        return Ok(None);
-                    }
-                    let cache = item.cache.as_deref_mut().ok_or_else(foreign_cache)?;
-                    let logits = burn.forward_last(item.ids, cache)?;
-                    // Burn's layers give the last row's: they never verify drafts.
-                    if item.logits > 0 {
-                        outputs[index] = burn.read_back(logits, item.greedy)?.pop();
-                    }
-                }
-                Ok(Some(outputs))
+                burn.forward_batch(kv, batch).map(Some)
             }
             _ => Err(foreign_cache()),
         })
@@ -221,40 +176,109 @@ impl Model {
 }
 
 impl DeviceModel {
+    /// A store of `blocks` KV blocks on the device.
+    fn new_store(&self, blocks: usize) -> DeviceKv {
+        let config = &self.config;
+        DeviceKv::new(
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+            blocks,
+            &self.device,
+        )
+    }
+
     /// Every position's logits of `ids` (`[s, vocab]` row-major), in a KV of their own.
     fn logits(&self, ids: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let mut cache = BurnCache::new(self.model.model.layers.len());
-        let logits = self.model.forward(
-            self.tokens(ids, [1, ids.len()]),
-            &self.rope,
-            &mut cache,
-            false,
-        );
-        read_logits(logits.flatten(0, 1))
+        let blocks: Vec<BlockId> = (0..blocks_for(ids.len()) as BlockId).collect();
+        let mut kv = self.new_store(blocks.len());
+        let mut item = [BatchItem {
+            ids,
+            start: 0,
+            blocks: &blocks,
+            row_kernel: false,
+            logits: ids.len(),
+            greedy: false,
+        }];
+        match self.forward_batch(&mut kv, &mut item)?.pop().flatten() {
+            Some(Readout::Logits(logits)) => Ok(logits),
+            _ => Err(EngineError::Model("the pass read back no logits".into())),
+        }
     }
 
-    /// Runs `ids` at positions `cache.len..` and returns the last position's logits
-    /// `[1, vocab]`, on the device.
-    fn forward_last(&self, ids: &[u32], cache: &mut BurnCache) -> Result<Tensor<2>, EngineError> {
-        let tokens = self.tokens(ids, [1, ids.len()]);
-        Ok(self
-            .model
-            .forward(tokens, &self.rope, cache, true)
-            .flatten(0, 1))
-    }
-
-    /// One position of each of several sequences (`ids[i]` continues the sequence of
-    /// `caches[i]`) in one pass: each sequence's logits, or its most likely token where
-    /// `greedy`, read back together.
-    fn forward_rows(
+    /// One step over every item's rows in one pass: each item's wanted rows read back,
+    /// token ids alone where every item that wants any is greedy.
+    fn forward_batch(
         &self,
-        ids: &[u32],
-        caches: &mut [&mut BurnCache],
-        greedy: bool,
-    ) -> Result<Vec<Readout>, EngineError> {
-        let tokens = self.tokens(ids, [ids.len(), 1]);
-        let logits = self.model.forward_each(tokens, &self.rope, caches, true);
-        self.read_back(logits.flatten(0, 1), greedy)
+        kv: &mut DeviceKv,
+        batch: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Option<Readout>>, EngineError> {
+        let sequences: Vec<StepSequence<'_>> = batch
+            .iter()
+            .map(|item| StepSequence {
+                start: item.start,
+                rows: item.ids.len(),
+                blocks: item.blocks,
+            })
+            .collect();
+        let highest = batch.iter().flat_map(|item| item.blocks).max();
+        kv.reserve(highest.map_or(0, |&block| block as usize + 1));
+        let layout = StepLayout::new(&sequences, &self.device);
+
+        // The rows whose logits are read: each item's last `logits`.
+        let mut wanted = Vec::new();
+        let mut first = 0;
+        for item in batch.iter() {
+            let rows = item.ids.len();
+            let logits = item.logits.min(rows);
+            wanted.extend((first + rows - logits..first + rows).map(|row| row as i64));
+            first += rows;
+        }
+        let ids: Vec<u32> = batch.iter().flat_map(|item| item.ids).copied().collect();
+        let wanted_rows = match wanted.len() {
+            0 => WantedRows::Nothing,
+            n if n == ids.len() => WantedRows::All,
+            n => WantedRows::These(Box::new(Tensor::from_data(
+                TensorData::new(wanted, [n]),
+                &self.device,
+            ))),
+        };
+        let tokens = self.tokens(&ids, [ids.len(), 1]);
+        let mut outputs: Vec<Option<Readout>> = batch.iter().map(|_| None).collect();
+        let Some(logits) = self
+            .model
+            .forward(tokens, &self.rope, kv, &layout, wanted_rows)
+        else {
+            // Prompt chunks alone: the keys and values are written (in the device's queue,
+            // before any later step's reads), and nothing is read back.
+            return Ok(outputs);
+        };
+        let greedy = batch
+            .iter()
+            .filter(|item| item.logits > 0)
+            .all(|item| item.greedy && item.logits == 1);
+        let mut rows = self.read_back(logits, greedy)?.into_iter();
+        for (output, item) in outputs.iter_mut().zip(batch.iter()) {
+            let logits = item.logits.min(item.ids.len());
+            if logits == 0 {
+                continue;
+            }
+            *output = if logits == 1 {
+                rows.next()
+            } else {
+                // A draft's rows, one readout of them all (never greedy: drafts read logits).
+                let parts: Vec<f32> = rows
+                    .by_ref()
+                    .take(logits)
+                    .flat_map(|row| match row {
+                        Readout::Logits(values) => values,
+                        Readout::Token(_) => Vec::new(),
+                    })
+                    .collect();
+                Some(Readout::Logits(parts))
+            };
+        }
+        Ok(outputs)
     }
 
     /// `ids` as a `shape` tensor of token ids on the device.

@@ -75,36 +75,21 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    /// Rotates `x` `[b, heads, s, hd]` where row `i` of the batch starts at `starts[i]`:
-    /// one start for the whole batch, or one position per row (several sequences' decode
-    /// rows), whose angles are gathered from the tables in one pass.
-    pub fn apply_each(&self, x: Tensor<4>, starts: &[usize]) -> Tensor<4> {
-        let [b, _, s, hd] = x.dims();
-        if let [start] = starts {
-            return self.apply(x, *start);
-        }
-        assert!(s == 1 && starts.len() == b, "one position per row");
-        let device = self.cos.device();
-        let positions: Vec<i64> = starts.iter().map(|&p| p as i64).collect();
-        let positions = Tensor::<1, Int>::from_data(TensorData::new(positions, [b]), &device);
+    /// The tables' rows at `positions` `[rows]`, as cos and sin `[rows, 1, 1, hd]`: the
+    /// angles of a step's rows (one position each), for [`RopeTables::rotate`].
+    pub fn at(&self, positions: Tensor<1, Int>) -> (Tensor<4>, Tensor<4>) {
+        let [rows] = positions.dims();
+        let [_, hd] = self.cos.dims();
         let cos = self.cos.clone().select(0, positions.clone());
         let sin = self.sin.clone().select(0, positions);
-        Self::rotate(x, cos.reshape([b, 1, 1, hd]), sin.reshape([b, 1, 1, hd]))
-    }
-
-    /// Rotates `x` `[b, heads, s, hd]` whose first position is `start`.
-    fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, s, hd] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
-        let sin = self.sin.clone().narrow(0, start, s).reshape([1, 1, s, hd]);
-        Self::rotate(x, cos, sin)
+        (cos.reshape([rows, 1, 1, hd]), sin.reshape([rows, 1, 1, hd]))
     }
 
     /// `x · cos + rotate_half(x) · sin`, the tables broadcast over `x`: `rotate_half(x)` is
     /// `[-x₂, x₁]`, here the halves swapped by one flip and the sign carried by the table
     /// (`[-x₂, x₁] · [s, s]` is `[x₂, x₁] · [-s, s]`, exactly), which on a GPU is one
     /// kernel where a negation and a concatenation were four.
-    fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    pub fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
         let [b, heads, s, hd] = x.dims();
         let swapped = x
             .clone()

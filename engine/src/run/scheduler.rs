@@ -30,7 +30,6 @@ use super::step_costs::StepCosts;
 use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
-use crate::model::burn::BurnCache;
 use crate::model::{BatchItem, KvStore, Readout};
 use crate::quant::BlockMatrix;
 use crate::{
@@ -148,8 +147,6 @@ struct Sequence<'t> {
     blocks: Vec<BlockId>,
     /// The hash chain of its full blocks: `hashes[i]` names the tokens of `blocks[..=i]`.
     hashes: Vec<BlockHash>,
-    /// Burn's device buffers, on that model form.
-    cache: Option<BurnCache>,
     sampler: Sampler,
     text: TextStream<'t>,
     generated: u32,
@@ -203,7 +200,6 @@ impl<'t> Sequence<'t> {
             computed: 0,
             blocks: Vec::new(),
             hashes: Vec::new(),
-            cache: core.model.new_sequence_cache(),
             sampler: Sampler::new(&request.params),
             text: TextStream::new(core.prompts.tokenizer(), &request.params.stop),
             generated: 0,
@@ -396,14 +392,10 @@ impl<'t> Sequence<'t> {
             || BlockMatrix::row_kernel_for(self.prompt_chunk_around(position, prompt_chunk).len())
     }
 
-    /// The positions its next step reads (`prompt_chunk`: `None` where the model takes a
-    /// prompt whole), and whether they take the row kernel: positions of one path, within
-    /// one of the prompt's chunks.
-    fn next_chunk(&self, prompt_chunk: Option<usize>) -> (Range<usize>, bool) {
+    /// The positions its next step reads, and whether they take the row kernel: positions
+    /// of one path, within one of the prompt's chunks.
+    fn next_chunk(&self, chunk: usize) -> (Range<usize>, bool) {
         let start = self.computed;
-        let Some(chunk) = prompt_chunk else {
-            return (start..self.tokens.len(), false);
-        };
         let end = if start < self.request.prompt.len() {
             self.prompt_chunk_around(start, chunk).end
         } else {
@@ -468,10 +460,7 @@ impl<'t> Batch<'t> {
         Self {
             core,
             limits,
-            pool: BlockPool::new(
-                limits.kv_blocks,
-                limits.prefix_caching && core.model.resumes_from_blocks(),
-            ),
+            pool: BlockPool::new(limits.kv_blocks, limits.prefix_caching),
             store: core.model.new_store(limits.kv_blocks, limits.kv_cache_type),
             root,
             running: Vec::new(),
@@ -604,9 +593,9 @@ impl<'t> Batch<'t> {
     /// already. Greedy or sampled alike: `advance` verifies a guess by the draw the sequence
     /// makes anyway.
     fn draft(&mut self) {
-        let chunks = self.core.model.takes_prompt_chunks();
-        let speculates = self.limits.speculative && chunks;
-        let jumps = self.limits.jump_forward && chunks;
+        let drafts = self.core.model.verifies_drafts();
+        let speculates = self.limits.speculative && drafts;
+        let jumps = self.limits.jump_forward && drafts;
         let reading = self.running.iter().any(|sequence| !sequence.decoding());
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
         let (mut tokens, mut rows) = (decoding as f64, decoding);
@@ -670,7 +659,6 @@ impl<'t> Batch<'t> {
         sequence.computed = 0;
         sequence.draft.clear();
         sequence.draft_forced = false;
-        sequence.cache = self.core.model.new_sequence_cache();
         sequence.preempted = true;
         self.core.stats.preempted();
         tracing::debug!(
@@ -773,10 +761,7 @@ fn step(batch: &mut Batch<'_>) {
     batch
         .running
         .sort_by_key(|sequence| (!sequence.decoding()).then(|| sequence.unread()));
-    let chunk = core
-        .model
-        .takes_prompt_chunks()
-        .then_some(batch.limits.prompt_chunk.max(1));
+    let chunk = batch.limits.prompt_chunk.max(1);
     let running = &mut batch.running;
     let decoding = running.iter().filter(|s| s.decoding()).count();
     // The step's sequences: `running[..stepping]`; the others wait for a later step.
@@ -820,7 +805,6 @@ fn step(batch: &mut Batch<'_>) {
                 ids,
                 start: chunk.start,
                 blocks: &sequence.blocks,
-                cache: sequence.cache.as_mut(),
                 row_kernel: *row_kernel,
                 logits: if gives_logits {
                     1 + sequence.draft.len()
