@@ -403,3 +403,43 @@ fn prefix_hits_and_prompt_chunks_on_the_gpu_give_the_tokens_computed_without_the
     }
     assert_eq!(uncached.batch_stats().prefix_hit_tokens, 0);
 }
+
+/// Speculative decoding on the GPU: a draft's rows are more rows of the step's matmuls, as
+/// other sequences' rows are in a batch, so a sequence's tokens are the ones it gets without
+/// speculation, greedy and sampled with a seed, on text that repeats and text that does
+/// not. The counters show drafts verified and accepted, so the test cannot pass without
+/// them. f32 weights, as the batch-equivalence test's f32 half.
+#[test]
+fn speculation_on_the_gpu_gives_the_tokens_computed_without_it() {
+    let folder = fixtures().join("tiny-llama");
+    let options = |speculative| LoadOptions {
+        weights: WeightFormat::F32,
+        speculative,
+        draft_length: rbee_engine::DraftLength::Max,
+        ..LoadOptions::default()
+    };
+    let Some(on) = gpu_with(&folder, options(true), "speculative") else {
+        return;
+    };
+    let off = gpu_with(&folder, options(false), "not speculative").expect("the same adapter");
+    let phrase = [17, 230, 45, 9, 301, 77, 12];
+    let repeating: Vec<u32> = phrase.iter().cycle().take(40).copied().collect();
+    let varied: Vec<u32> = (0..30).map(|k| 4 + (k * 37 + k * k * 11) % 370).collect();
+    for prompt in [repeating, varied] {
+        let mut runs = vec![greedy(32)];
+        runs.extend((0..4).map(|seed| rbee_engine::SamplingParams {
+            temperature: 0.3,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..greedy(24)
+        }));
+        for params in runs {
+            let want = off.generate_ids(&prompt, &params).unwrap().1;
+            let got = on.generate_ids(&prompt, &params).unwrap().1;
+            assert_eq!(got, want, "seed {:?}", params.seed);
+        }
+    }
+    let stats = on.batch_stats();
+    assert!(stats.drafts > 0 && stats.accepted_tokens > 0, "{stats:?}");
+    assert_eq!(off.batch_stats().drafts, 0);
+}

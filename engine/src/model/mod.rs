@@ -81,7 +81,7 @@ pub struct BatchItem<'a> {
     /// scheduler keeps each position on one path whenever it is computed.
     pub row_kernel: bool,
     /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
-    /// the next token, more to verify a speculative draft ([`Model::verifies_drafts`]).
+    /// the next token, more to verify a speculative draft.
     pub logits: usize,
     /// The sequence takes the most likely token as it is, and nothing else reads its one
     /// row's logits: a device may choose the token there and hand back its id alone
@@ -107,15 +107,6 @@ impl Model {
             Model::Burn(burn) => KvStore::Device(burn.new_store(blocks)),
             Model::Cpu(model) => KvStore::Cpu(model.new_store(blocks, kind)),
         }
-    }
-
-    /// Whether a step may carry drafts (speculative guesses, a constraint's forced tokens)
-    /// to verify. The CPU form computes a position the same way whatever else the step
-    /// carries (`BatchItem::row_kernel`), so a verified greedy draft is the text without
-    /// one, token for token. On a GPU a matmul of several rows may be tiled, and its sums
-    /// rounded, otherwise than one row's, so a near tie could turn: not until measured.
-    pub fn verifies_drafts(&self) -> bool {
-        matches!(self, Model::Cpu(_))
     }
 
     /// Every position's logits of `ids` (`[s, vocab]` row-major), in a KV of their own: the

@@ -593,9 +593,7 @@ impl<'t> Batch<'t> {
     /// already. Greedy or sampled alike: `advance` verifies a guess by the draw the sequence
     /// makes anyway.
     fn draft(&mut self) {
-        let drafts = self.core.model.verifies_drafts();
-        let speculates = self.limits.speculative && drafts;
-        let jumps = self.limits.jump_forward && drafts;
+        let (speculates, jumps) = (self.limits.speculative, self.limits.jump_forward);
         let reading = self.running.iter().any(|sequence| !sequence.decoding());
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
         let (mut tokens, mut rows) = (decoding as f64, decoding);
