@@ -50,6 +50,12 @@ struct Args {
     /// Where a GPU keeps its kernel tuning; without it, each run tunes afresh.
     #[arg(long, value_name = "DIR")]
     tuning_cache: Option<PathBuf>,
+    /// Sample at this temperature (seeded) rather than greedily: the sampler's cost per token.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// With `--temperature`: the nucleus (1 keeps every token).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +81,8 @@ fn main() {
         clients,
         kv_cache_type,
         tuning_cache,
+        temperature,
+        top_p,
     } = Args::parse();
     let weights = match weights {
         Weights::Auto => WeightFormat::Auto,
@@ -113,7 +121,12 @@ fn main() {
     }
     ids.truncate(prompt_tokens);
 
-    let params = SamplingParams::greedy(new_tokens);
+    let params = SamplingParams {
+        temperature,
+        top_p,
+        seed: Some(0),
+        ..SamplingParams::greedy(new_tokens)
+    };
     // The first run warms up (allocations, GPU shader compilation); the best of the rest is
     // reported.
     let mut best: Option<(f64, f64, u32)> = None;

@@ -31,10 +31,45 @@ impl Sampler {
     /// Picks a token. `history` is every token in the context so far (prompt included), for
     /// the repeat penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        match self.choices(logits, history) {
-            Choices::Greedy(token) => token,
-            Choices::Weighted(candidates, probs) => self.draw(&candidates, &probs),
+        if self.penalizes() {
+            apply_repeat_penalty(logits, history, self.repeat_penalty);
         }
+        if self.is_greedy() {
+            return argmax(logits);
+        }
+        // Candidates best first; ties keep the lower id first so the order (and so a seeded
+        // draw) does not depend on how they were sorted. Ranked on the raw logits: dividing
+        // by a tiny temperature first would overflow them to ±inf, losing their order.
+        let candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        if candidates.is_empty() {
+            return argmax(logits);
+        }
+        let mut ranked = Ranked::new(candidates);
+        if self.top_k > 0 {
+            ranked.keep_best(self.top_k);
+        }
+        let weights = Weights::new(&mut ranked, self.temperature);
+        // The smallest prefix whose mass reaches top_p (at least one token), else all.
+        let keep = if self.top_p > 0.0 && self.top_p < 1.0 {
+            let mut mass = 0f64;
+            let mut keep = ranked.len();
+            for i in 0..ranked.len() {
+                mass += weights.of(ranked.at(i).1);
+                if mass >= self.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            keep
+        } else {
+            ranked.len()
+        };
+        self.draw(&mut ranked, &weights, keep)
     }
 
     /// Whether every token is the most likely one as the logits give it: temperature 0 and
@@ -51,79 +86,118 @@ impl Sampler {
         self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0
     }
 
-    /// The distribution a token is drawn from: the best token alone (temperature 0), or
-    /// candidates and their weights after temperature, top-k and top-p.
-    fn choices(&self, logits: &mut [f32], history: &[u32]) -> Choices {
-        if self.penalizes() {
-            apply_repeat_penalty(logits, history, self.repeat_penalty);
-        }
-        if self.is_greedy() {
-            return Choices::Greedy(argmax(logits));
-        }
-        // Candidates sorted by logit, best first; ties keep the lower id first so the order
-        // (and so a seeded draw) does not depend on the sort's stability. Sorted on the raw
-        // logits: dividing by a tiny temperature first would overflow them to ±inf, losing
-        // their order.
-        let mut candidates: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
-        if candidates.is_empty() {
-            return Choices::Greedy(argmax(logits));
-        }
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.top_k > 0 && self.top_k < candidates.len() {
-            candidates.truncate(self.top_k);
-        }
-        // Softmax of logit / temperature, shifted by the best logit *before* the division:
-        // (l - max) / t is 0 for the best and ≤ 0 for the rest, so a temperature so small that
-        // l / t overflows (1e-30, the smallest positive f32) gives exp(-inf) = 0 for the others
-        // and the draw is greedy, where inf - inf used to make every probability NaN.
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates
-            .iter()
-            .map(|(_, l)| ((l - max) / self.temperature).exp())
-            .collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if self.top_p > 0.0 && self.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                mass += p;
-                if mass >= self.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            candidates.truncate(keep);
-        }
-        Choices::Weighted(candidates.into_iter().map(|(id, _)| id).collect(), probs)
-    }
-
-    /// A draw from `candidates` by their weights `probs` (not necessarily summing to 1).
-    fn draw(&mut self, candidates: &[u32], probs: &[f32]) -> u32 {
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            if r < *p {
-                return candidates[i];
+    /// A draw among the first `keep` of `ranked` by their weights (not necessarily summing
+    /// to 1): a uniform point in their total mass, walked best first. The walk orders the
+    /// candidates only as far as it goes, which for a peaked distribution is a few.
+    fn draw(&mut self, ranked: &mut Ranked, weights: &Weights, keep: usize) -> u32 {
+        let total: f64 = if keep == ranked.len() {
+            // Every candidate: the softmax's whole mass (to f64's ~1e-12).
+            1.0
+        } else {
+            (0..keep).map(|i| weights.of(ranked.at(i).1)).sum()
+        };
+        let mut r = self.rng.random::<f32>() as f64 * total;
+        for i in 0..keep {
+            let (id, l) = ranked.at(i);
+            let p = weights.of(l);
+            if r < p {
+                return id;
             }
             r -= p;
         }
-        candidates[probs.len() - 1]
+        ranked.at(keep - 1).0
     }
 }
 
-/// What [`Sampler::choices`] found.
-enum Choices {
-    Greedy(u32),
-    /// Candidate ids and their weights.
-    Weighted(Vec<u32>, Vec<f32>),
+/// Sampling's order of the candidates `(id, logit)`: the larger logit first, the lower id
+/// among equal ones.
+fn rank(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Candidates in sampling order as far as they have been read: `items[..sorted]` is
+/// ordered, and every candidate after it ranks below them all. A draw usually stops within
+/// the first few of 49k, so the rest is never sorted.
+struct Ranked {
+    items: Vec<(u32, f32)>,
+    sorted: usize,
+}
+
+/// Candidates ordered at a time, at least: a full sort of SmolLM2's 49k costs a sampled
+/// token 2-3 ms, more than its share of a batched step; selecting the best few is linear.
+const RANK_CHUNK: usize = 64;
+
+impl Ranked {
+    fn new(items: Vec<(u32, f32)>) -> Self {
+        Self { items, sorted: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Only the best `k` stay candidates (top-k).
+    fn keep_best(&mut self, k: usize) {
+        if k < self.items.len() {
+            self.sort_through(k);
+            self.items.truncate(k);
+        }
+    }
+
+    /// The candidate of rank `i`.
+    fn at(&mut self, i: usize) -> (u32, f32) {
+        if i >= self.sorted {
+            // Further than ordered so far: the next chunk, doubling as the walk goes on.
+            self.sort_through((i + 1).max(2 * self.sorted).max(RANK_CHUNK));
+        }
+        self.items[i]
+    }
+
+    /// Orders the candidates through rank `len`: the best of the unordered rest selected
+    /// (linear), then sorted.
+    fn sort_through(&mut self, len: usize) {
+        let len = len.min(self.items.len());
+        if len <= self.sorted {
+            return;
+        }
+        let rest = &mut self.items[self.sorted..];
+        let wanted = len - self.sorted;
+        if wanted < rest.len() {
+            rest.select_nth_unstable_by(wanted - 1, rank);
+        }
+        rest[..wanted].sort_unstable_by(rank);
+        self.sorted = len;
+    }
+}
+
+/// The softmax of logit / temperature over the candidates, as a weight per logit. Summed in
+/// f64, so no sum depends on the order it was taken in: a draw ranks only part of the
+/// candidates, and 49k f32 terms summed one after another round by up to ~1e-3 of the total
+/// (enough to move a flat distribution's draws), where f64 keeps ~1e-12.
+struct Weights {
+    max: f32,
+    temperature: f32,
+    sum: f64,
+}
+
+impl Weights {
+    fn new(ranked: &mut Ranked, temperature: f32) -> Self {
+        let mut weights = Self {
+            max: ranked.at(0).1,
+            temperature,
+            sum: 1.0,
+        };
+        weights.sum = ranked.items.iter().map(|&(_, l)| weights.of(l)).sum();
+        weights
+    }
+
+    /// `exp((l - max) / t) / sum`, shifted by the best logit *before* the division: (l - max)
+    /// / t is 0 for the best and ≤ 0 for the rest, so a temperature so small that l / t
+    /// overflows (1e-30, the smallest positive f32) gives exp(-inf) = 0 for the others and
+    /// the draw is greedy, where inf - inf used to make every probability NaN.
+    fn of(&self, logit: f32) -> f64 {
+        ((logit - self.max) / self.temperature).exp() as f64 / self.sum
+    }
 }
 
 /// The CTRL/transformers penalty: a seen token's logit is divided by the penalty when
@@ -253,6 +327,88 @@ mod tests {
         for _ in 0..32 {
             let id = s.sample(&mut [1.0, 4.0, -2.0, 4.0], &[]);
             assert!(id == 1 || id == 3, "picked {id}");
+        }
+    }
+
+    /// A draw as the sampler made it before it ranked lazily: every candidate sorted,
+    /// truncated to top-k, softmax (summed in f64, as now), top-p, a walk: the oracle for
+    /// the lazy ranking.
+    fn draw_after_full_sort(params: &SamplingParams, rng: &mut StdRng, logits: &[f32]) -> u32 {
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if params.top_k > 0 {
+            candidates.truncate(params.top_k as usize);
+        }
+        let max = candidates[0].1;
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|(_, l)| ((l - max) / params.temperature).exp() as f64)
+            .collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        if params.top_p < 1.0 {
+            let mut mass = 0f64;
+            let keep = probs
+                .iter()
+                .position(|p| {
+                    mass += p;
+                    mass >= params.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = rng.random::<f32>() as f64 * total;
+        for (i, p) in probs.iter().enumerate() {
+            if r < *p {
+                return candidates[i].0;
+            }
+            r -= p;
+        }
+        candidates[probs.len() - 1].0
+    }
+
+    /// Over a 49k vocabulary, peaked and flat (draws that stop at the first few candidates
+    /// and ones that walk thousands deep), with and without top-k and top-p: the lazily
+    /// ranked draws are the full sort's, seed for seed.
+    #[test]
+    fn ranking_as_far_as_the_draw_goes_draws_what_a_full_sort_draws() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for (temperature, top_k, top_p) in [
+            (0.7, 0, 1.0),
+            (0.7, 0, 0.95),
+            (1.0, 40, 1.0),
+            (1.0, 40, 0.9),
+            (5.0, 0, 1.0),
+            (5.0, 0, 0.99),
+            (1.5, 3000, 1.0),
+        ] {
+            let params = params(temperature, top_k, top_p, 11);
+            let mut oracle_rng = StdRng::seed_from_u64(11);
+            let mut sampler = Sampler::new(&params);
+            for draw in 0..200 {
+                // A few large logits over a normal-ish mass: a realistic peak.
+                let logits: Vec<f32> = (0..49_152)
+                    .map(|i| {
+                        let noise = rng.random::<f32>() * 4.0 - 2.0;
+                        if i % 9_973 == draw % 7 {
+                            noise + 12.0
+                        } else {
+                            noise
+                        }
+                    })
+                    .collect();
+                let want = draw_after_full_sort(&params, &mut oracle_rng, &logits);
+                let got = sampler.sample(&mut logits.clone(), &[]);
+                assert_eq!(
+                    got, want,
+                    "t {temperature} k {top_k} p {top_p}, draw {draw}"
+                );
+            }
         }
     }
 }
