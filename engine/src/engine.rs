@@ -96,8 +96,9 @@ impl Engine {
             chat_template: special.chat_template,
             device: checkpoint.device_name,
         };
+        let kv_cache_type = checkpoint.model.kv_cache_type(options.kv_cache_type);
         let kv_budget = options.kv_budget_tokens.unwrap_or_else(|| {
-            let bytes_per_token = config.kv_bytes_per_token() / options.kv_cache_type.shrink();
+            let bytes_per_token = config.kv_bytes_per_token() / kv_cache_type.shrink();
             (DEFAULT_KV_BYTES / bytes_per_token.max(1)).max(config.max_position_embeddings)
         });
         let limits = BatchLimits {
@@ -108,7 +109,7 @@ impl Engine {
             speculative: options.speculative,
             draft_max: options.draft_max,
             draft_length: options.draft_length,
-            kv_cache_type: options.kv_cache_type,
+            kv_cache_type,
             jump_forward: options.jump_forward,
             answer_reuse: options.answer_reuse,
         };

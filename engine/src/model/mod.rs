@@ -101,6 +101,18 @@ pub enum Readout {
 }
 
 impl Model {
+    /// The type the KV is kept in when `requested` is asked for, which the pool's budget
+    /// counts in bytes: as asked on the CPU; f32 on Burn's layers, whose pools f16 would
+    /// only cost launches today (a cast of the keys and of the values a layer that Burn's
+    /// fusion leaves unfused: 456 -> 516 launches a SmolLM2 step on lavapipe) and precision
+    /// (the f32 reference tests' greedy tokens turned on a near tie).
+    pub fn kv_cache_type(&self, requested: KvCacheType) -> KvCacheType {
+        match self {
+            Model::Burn(_) => KvCacheType::F32,
+            Model::Cpu(_) => requested,
+        }
+    }
+
     /// The store of `blocks` KV blocks the running sequences share.
     pub fn new_store(&self, blocks: usize, kind: KvCacheType) -> KvStore {
         match self {
