@@ -7,10 +7,12 @@ first check that fails."""
 
 import argparse
 import json
+import urllib.request
 from typing import Literal, Optional
 
 import jsonschema
 import openai
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 parser = argparse.ArgumentParser()
@@ -216,6 +218,25 @@ assert usage.completion_tokens == several.usage.completion_tokens, usage
 completions = client.completions.create(model=model, prompt="Once upon", max_tokens=4, n=2, temperature=1.0, seed=3)
 assert [choice.index for choice in completions.choices] == [0, 1], completions
 assert completions.usage.completion_tokens <= 8, completions.usage
+
+
+def prefix_cache_hits():
+    with urllib.request.urlopen(args.base_url.removesuffix("/v1") + "/metrics") as response:
+        families = text_string_to_metric_families(response.read().decode())
+    family = next(f for f in families if f.name == "rbee:prefix_cache_hits")
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+# The choices share their prompt: a prompt no earlier request sent, three choices; the first
+# reads it, the other two find its full blocks (16 tokens each, within all but the last
+# token) in the prefix cache, whether they joined after its reading or in the same turn
+# (then they wait for it: the scheduler's `choices_of_one_prompt_read_it_once`).
+before = prefix_cache_hits()
+novel = "Zebras, quartz and violins: " + " ".join(f"item {i} of a list nobody sent before" for i in range(8))
+shared = client.completions.create(model=model, prompt=novel, max_tokens=2, n=3, temperature=1.0, seed=5)
+full_blocks = (shared.usage.prompt_tokens - 1) // 16 * 16
+assert full_blocks >= 32, shared.usage
+assert prefix_cache_hits() - before == 2 * full_blocks, (prefix_cache_hits() - before, full_blocks)
 
 # Errors name the field.
 for kwargs, param in [

@@ -528,6 +528,13 @@ impl<'t> Batch<'t> {
                 self.root,
                 (0..full).map(|index| sequence.block_content(index, chunk)),
             );
+            if self.pool.caching() && self.reading_ahead_of(sequence, hits.len()) {
+                // A running sequence is reading the same prompt further than the cache
+                // holds it (the choices of one request, `n`, that joined in one turn; a
+                // shared system prompt sent at once): this one waits for those blocks and
+                // finds them cached, rather than computing them a second time beside it.
+                break;
+            }
             let needed = blocks_for(sequence.tokens.len()) - hits.len();
             if self.pool.available_besides(&hits) < needed + self.running.len() {
                 break;
@@ -550,6 +557,23 @@ impl<'t> Batch<'t> {
             sequence.admitted = self.admissions;
             self.running.push(sequence);
         }
+    }
+
+    /// Whether a running sequence still reading its prompt shares with `sequence` a full
+    /// block past the `cached` ones that it has yet to compute (within all but `sequence`'s
+    /// last token, as a hit must be): one more step or a few, and the block is the cache's.
+    fn reading_ahead_of(&self, sequence: &Sequence<'_>, cached: usize) -> bool {
+        let full = (sequence.tokens.len() - 1) / BLOCK_SIZE;
+        self.running.iter().any(|other| {
+            let shared = sequence
+                .tokens
+                .iter()
+                .zip(&other.tokens[..other.request.prompt.len()])
+                .take_while(|(a, b)| a == b)
+                .count();
+            let shared_blocks = (shared / BLOCK_SIZE).min(full);
+            shared_blocks > cached && other.computed < shared_blocks * BLOCK_SIZE
+        })
     }
 
     /// Gives each running sequence the blocks its next step writes, oldest first. When the
@@ -1042,6 +1066,45 @@ mod tests {
             assert_eq!(generated(reader), alone);
         }
         assert_eq!(batch.pool.held(), 0);
+    }
+
+    /// The choices of one request (`n`), submitted in one turn with the same prompt: the
+    /// first reads it, the others wait until its blocks are cached and start from them, and
+    /// each gets the tokens it gets alone. Without the prefix cache they all read it at once.
+    #[test]
+    fn choices_of_one_prompt_read_it_once() {
+        let engine = tiny_engine();
+        let params = SamplingParams::greedy(8);
+        let prompt = ids(7, 100);
+        let alone = engine.generate_ids(&prompt, &params).unwrap().1;
+        // Full blocks within all but the last token.
+        let shared = (prompt.len() - 1) / BLOCK_SIZE * BLOCK_SIZE;
+        for caching in [true, false] {
+            let limits = BatchLimits {
+                max_batch: 4,
+                prefix_caching: caching,
+                speculative: false,
+                ..engine.limits
+            };
+            let mut batch = Batch::new(&engine.core, limits, BlockHash::root("test"));
+            let before = engine.batch_stats();
+            let readers: Vec<_> = (0..3)
+                .map(|_| submit(&mut batch, &prompt, &params))
+                .collect();
+            batch.turn();
+            let running = if caching { 1 } else { 3 };
+            assert_eq!(
+                (batch.running.len(), batch.waiting.len()),
+                (running, 3 - running)
+            );
+            finish_all(&mut batch);
+            for reader in &readers {
+                assert_eq!(generated(reader), alone, "caching {caching}");
+            }
+            let hits = engine.batch_stats().prefix_hit_tokens - before.prefix_hit_tokens;
+            let expected = if caching { 2 * shared as u64 } else { 0 };
+            assert_eq!(hits, expected, "caching {caching}");
+        }
     }
 
     #[test]
