@@ -149,7 +149,7 @@ fn main() {
         }
     }
     let (prefill_tps, decode_tps, generated) = best.unwrap();
-    let launches = launches_per_decode_step(&engine, &ids, clients);
+    let launches = launches_per_decode_step(&engine, &ids, &params, clients);
     let peak_mb = peak_rss_mb();
     let clients_note = if clients > 1 {
         format!(" ({clients} clients at once: aggregate)")
@@ -186,6 +186,7 @@ fn main() {
 fn launches_per_decode_step(
     engine: &Engine,
     ids: &[u32],
+    params: &SamplingParams,
     clients: usize,
 ) -> Option<(f64, Vec<(String, f64)>)> {
     use std::collections::HashMap;
@@ -210,7 +211,12 @@ fn launches_per_decode_step(
     let launches = |new_tokens: u32| {
         let count = Arc::new(Count::default());
         let watching = LaunchObservation::new(count.clone());
-        let (_, _, done) = together(engine, ids, &SamplingParams::greedy(new_tokens), clients);
+        // As the runs sample (a sampled row's candidates are found on the device).
+        let params = SamplingParams {
+            max_tokens: new_tokens,
+            ..params.clone()
+        };
+        let (_, _, done) = together(engine, ids, &params, clients);
         drop(watching);
         let by_kernel = std::mem::take(&mut *count.0.lock().unwrap());
         (by_kernel, done.generated_tokens)
@@ -233,7 +239,12 @@ fn launches_per_decode_step(
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn launches_per_decode_step(_: &Engine, _: &[u32], _: usize) -> Option<(f64, Vec<(String, f64)>)> {
+fn launches_per_decode_step(
+    _: &Engine,
+    _: &[u32],
+    _: &SamplingParams,
+    _: usize,
+) -> Option<(f64, Vec<(String, f64)>)> {
     None
 }
 

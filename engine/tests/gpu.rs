@@ -323,6 +323,67 @@ fn tokens_chosen_on_the_device_are_the_host_samplers() {
     assert_eq!(common::together(&engine, &jobs), wanted);
 }
 
+/// A sampled sequence's token is drawn from the best candidates the device hands back
+/// (`device_kernels::best_candidates`: 256 of the 384 ids, the softmax's sum), or from the
+/// row read back after them where a draw walks past them; asking for log-probabilities makes
+/// the sampler draw from the logits read back whole. Seed for seed, both draw the same
+/// tokens, alone and in a batch with a greedy sequence (steps that read both), at
+/// temperatures, top-k and top-p that keep to the candidates and ones that do not.
+#[test]
+fn tokens_sampled_from_the_devices_best_candidates_are_the_whole_rows() {
+    // Its own engine: the test reads the counters of draws.
+    let Some(engine) = gpu("tiny-llama", WeightFormat::Auto, "sampling") else {
+        return;
+    };
+    let sampled = |seed: u64, max| {
+        // A temperature so high that the draw is near uniform: a third of it lies past
+        // the candidates.
+        let (temperature, top_k, top_p) =
+            [(0.8, 0, 1.0), (1.0, 20, 0.9), (30.0, 0, 1.0)][seed as usize % 3];
+        rbee_engine::SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..greedy(max)
+        }
+    };
+    let whole = |params: rbee_engine::SamplingParams| rbee_engine::SamplingParams {
+        logprobs: Some(1),
+        ..params
+    };
+    let mut wanted = Vec::new();
+    for (seed, (prompt, max)) in workload().into_iter().enumerate() {
+        let params = sampled(seed as u64, max);
+        let want = engine
+            .generate_ids(&prompt, &whole(params.clone()))
+            .unwrap()
+            .1;
+        let got = engine.generate_ids(&prompt, &params).unwrap().1;
+        assert_eq!(got, want, "seed {seed}");
+        wanted.push(want);
+    }
+    let stats = engine.batch_stats();
+    assert!(
+        stats.drawn_from_best > 0 && stats.drawn_from_row > 0,
+        "both ways taken: {stats:?}"
+    );
+    // Together, some reading their rows whole, and a greedy one, whose token comes from
+    // its best candidates in a step that reads others' candidates.
+    let mut jobs: Vec<_> = workload()
+        .into_iter()
+        .enumerate()
+        .map(|(seed, (prompt, max))| {
+            let params = sampled(seed as u64, max);
+            (prompt, if seed % 2 == 0 { params } else { whole(params) })
+        })
+        .collect();
+    let (prompt, max) = workload().pop().unwrap();
+    wanted.push(engine.generate_ids(&prompt, &greedy(max)).unwrap().1);
+    jobs.push((prompt, greedy(max)));
+    assert_eq!(common::together(&engine, &jobs), wanted);
+}
+
 /// A bf16 checkpoint, as Hugging Face ships most (a bf16 copy of the tiny Llama), loads on
 /// the GPU — which has no bf16 shaders: the loader widens it — and answers as the CPU does
 /// from the same weights: with f32 weights, logits within `F32_TOLERANCE` of the CPU's and

@@ -14,7 +14,10 @@
 //!   scores fit shared memory, the softmax taken online (a running max and sum, earlier
 //!   chunks rescaled): the scores never leave the cube;
 //! - [`greedy_tokens`]: one cube per row of logits, its most likely token, so a greedy step
-//!   reads back one id per sequence rather than the vocabulary's logits (49k floats).
+//!   reads back one id per sequence rather than the vocabulary's logits (49k floats);
+//! - [`best_candidates`]: one cube per row of logits, its [`BEST_CANDIDATES`] most likely
+//!   tokens and the softmax's sum at the row's temperature, so a sampled step reads back
+//!   2 KiB a row rather than 196 (the host's sampler draws from them: `run::sampling`).
 //!
 //! Both are registered with Burn as a backend extension (`Dispatch::…`), so they run inside
 //! its fusion stream as opaque operations. They take f32 tensors (the residual stream and
@@ -35,7 +38,10 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use super::device_kv::StepLayout;
 use crate::kv::BLOCK_SIZE;
 
-use kernels::{add_rms_norm_kernel, attend_paged_kernel, greedy_tokens_kernel, rms_norm_kernel};
+use kernels::{
+    add_rms_norm_kernel, attend_paged_kernel, best_candidates_kernel, greedy_tokens_kernel,
+    rms_norm_kernel,
+};
 
 /// Units per cube: a power of two (the shared-memory reductions halve it), and at least the
 /// head dimension for attention (each of the first `hd` units owns one output value).
@@ -113,6 +119,39 @@ pub fn greedy_tokens(logits: Tensor<2>) -> Tensor<1, Int> {
 /// What [`greedy_tokens`] gives a row with a NaN in it.
 pub const NAN_ROW: i64 = -1;
 
+/// The candidates [`best_candidates`] hands back a row: enough for a top-p walk or a draw
+/// at the temperatures people sample at (the few where a draw walks further read the row).
+pub const BEST_CANDIDATES: usize = 256;
+
+/// Where [`best_candidates`] keeps a row's figures, and the width of its rows.
+pub mod best_layout {
+    /// 1.0 where the row holds a NaN (a device fault), else 0.0.
+    pub const NAN: usize = 0;
+    /// Σ exp((l - max) / temperature) over the row's finite logits.
+    pub const SUM: usize = 1;
+    /// How many of the row's logits are finite (exact to 2^24).
+    pub const FINITE: usize = 2;
+    /// The candidates' logits: those above the K-th largest value in id order, then those
+    /// equal to it (unranked: the host ranks them).
+    pub const VALUES: usize = 3;
+    /// The candidates' ids, as f32 (exact below 2^24), after the values.
+    pub const IDS: usize = VALUES + super::BEST_CANDIDATES;
+    /// The width of a row: slots past the row's finite count hold id -1.
+    pub const WIDTH: usize = IDS + super::BEST_CANDIDATES;
+}
+
+/// For each row `r` of `logits` `[rows, vocab]`, at temperature `temperatures[r]`: its
+/// [`BEST_CANDIDATES`] largest finite logits with their ids (those strictly above the
+/// K-th largest value, then those equal to it in id order), the sum of
+/// `exp((l - max) / t)` over all its finite logits, their count and a NaN flag, as a row of
+/// `[rows, best_layout::WIDTH]` f32. The candidates are not sorted: the host ranks them.
+pub fn best_candidates(logits: Tensor<2>, temperatures: Tensor<1>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::best_candidates(
+        logits.into_dispatch(),
+        temperatures.into_dispatch(),
+    ))
+}
+
 /// Whether [`attend_paged`] takes a head dimension of `head_dim`.
 pub fn attends_head_dim(head_dim: usize) -> bool {
     head_dim <= UNITS as usize
@@ -151,6 +190,14 @@ pub trait LlamaKernels: Backend {
 
     #[fusion(meta = |logits| TensorSpec::new(Shape::new([logits.shape[0]]), DType::I32))]
     fn greedy_tokens(logits: FloatTensor<Self>) -> IntTensor<Self>;
+
+    #[fusion(meta = |logits, _temperatures| {
+        TensorSpec::new(Shape::new([logits.shape[0], best_layout::WIDTH]), DType::F32)
+    })]
+    fn best_candidates(
+        logits: FloatTensor<Self>,
+        temperatures: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 impl LlamaKernels for CubeBackend {
@@ -265,6 +312,31 @@ impl LlamaKernels for CubeBackend {
             dtype_to_storage_type(logits.dtype),
         );
         tokens
+    }
+
+    fn best_candidates(logits: CubeTensor, temperatures: CubeTensor) -> CubeTensor {
+        assert_f32(&[&temperatures], "best_candidates");
+        let logits = burn_cubecl::kernel::into_contiguous(logits);
+        let [rows, _] = logits.meta.shape().dims::<2>();
+        assert_eq!(temperatures.meta.shape().dims::<1>(), [rows]);
+        let output = empty_device_dtype(
+            logits.client.clone(),
+            logits.device.clone(),
+            Shape::new([rows, best_layout::WIDTH]),
+            DType::F32,
+        );
+        best_candidates_kernel::launch(
+            &logits.client,
+            CubeCount::new_1d(rows as u32),
+            CubeDim::new_1d(UNITS),
+            logits.clone().into_tensor_arg(),
+            temperatures.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            UNITS,
+            BEST_CANDIDATES as u32,
+            dtype_to_storage_type(logits.dtype),
+        );
+        output
     }
 }
 
@@ -545,6 +617,165 @@ mod kernels {
         }
     }
 
+    /// Row `CUBE_POS_X` of `logits` (rows of `vocab` contiguous values) into row
+    /// `CUBE_POS_X` of `output` (`super::best_layout`): the row's max and the softmax sum at
+    /// its temperature; then the `k`-th largest finite value found by bisection on the
+    /// values' order-preserving bit patterns (each of 32 rounds counts the values at or
+    /// above a candidate threshold); then the values above it and as many equal to it as
+    /// fit, in id order, written at slots found from every unit's counts (each unit owns a
+    /// contiguous range of ids, so the order does not depend on timing).
+    #[cube(launch)]
+    pub(super) fn best_candidates_kernel<F: Float>(
+        logits: &Tensor<F>,
+        temperatures: &Tensor<f32>,
+        output: &mut Tensor<f32>,
+        #[comptime] units: u32,
+        #[comptime] k: u32,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let vocab = logits.shape(1);
+        let row = CUBE_POS_X as usize;
+        let base = row * vocab;
+        let out = row * output.shape(1);
+        let unit = UNIT_POS_X as usize;
+        let stride = units as usize;
+        let k = k as usize;
+        let temperature = temperatures[row * temperatures.stride(0)];
+
+        // The row's max over its finite values (from a finite floor: WGSL has no infinity
+        // literal), its NaN flag and its finite count.
+        let mut partial = Shared::new_slice(units as usize);
+        let mut nan = f32::new(0.0);
+        let mut finite = f32::new(0.0);
+        let mut best = f32::new(-3.0e38);
+        let mut i = unit;
+        while i < vocab {
+            let value = f32::cast_from(logits[base + i]);
+            if IsNan::is_nan(value) {
+                nan = f32::new(1.0);
+            } else if !IsInf::is_inf(value) {
+                finite += f32::new(1.0);
+                best = max(best, value);
+            }
+            i += stride;
+        }
+        partial[unit] = best;
+        let best = reduce_max::<f32>(&mut partial);
+        partial[unit] = nan;
+        let nan = reduce_max::<f32>(&mut partial);
+        partial[unit] = finite;
+        let finite = reduce_sum::<f32>(&mut partial);
+
+        // The softmax's sum at the row's temperature, shifted by the max as the host does.
+        let mut sum = f32::new(0.0);
+        let mut i = unit;
+        while i < vocab {
+            let value = f32::cast_from(logits[base + i]);
+            if !IsNan::is_nan(value) && !IsInf::is_inf(value) {
+                sum += ((value - best) / temperature).exp();
+            }
+            i += stride;
+        }
+        partial[unit] = sum;
+        let sum = reduce_sum::<f32>(&mut partial);
+
+        // The largest threshold with at least `k` finite values at or above it: the k-th
+        // largest value's key (0, below every finite key, where the row has fewer).
+        let mut threshold = 0u32;
+        let mut bit = 32u32;
+        while bit > 0 {
+            bit -= 1;
+            let candidate = threshold | (1u32 << bit);
+            let mut count = f32::new(0.0);
+            let mut i = unit;
+            while i < vocab {
+                let value = f32::cast_from(logits[base + i]);
+                if !IsNan::is_nan(value) && !IsInf::is_inf(value) && order_key(value) >= candidate {
+                    count += f32::new(1.0);
+                }
+                i += stride;
+            }
+            partial[unit] = count;
+            if reduce_sum::<f32>(&mut partial) >= f32::cast_from(k) {
+                threshold = candidate;
+            }
+        }
+
+        // Each unit's count above the threshold and at it, over its own range of ids.
+        let span = vocab.div_ceil(stride);
+        let start = min(unit * span, vocab);
+        let end = min(start + span, vocab);
+        let mut above = Shared::new_slice(units as usize);
+        let mut at = Shared::new_slice(units as usize);
+        let mut a = 0u32;
+        let mut e = 0u32;
+        for i in start..end {
+            let value = f32::cast_from(logits[base + i]);
+            if !IsNan::is_nan(value) && !IsInf::is_inf(value) {
+                let key = order_key(value);
+                if key > threshold {
+                    a += 1;
+                } else if key == threshold {
+                    e += 1;
+                }
+            }
+        }
+        above[unit] = a;
+        at[unit] = e;
+        sync_cube();
+        // Slots before this unit's: the units before it, and all values above for those at.
+        let mut above_before = 0u32;
+        let mut at_before = 0u32;
+        let mut above_total = 0u32;
+        for u in 0..stride {
+            above_total += above[u];
+            if u < unit {
+                above_before += above[u];
+                at_before += at[u];
+            }
+        }
+        let mut slot_above = above_before as usize;
+        let mut slot_at = (above_total + at_before) as usize;
+        for i in start..end {
+            let value = f32::cast_from(logits[base + i]);
+            if !IsNan::is_nan(value) && !IsInf::is_inf(value) {
+                let key = order_key(value);
+                if key > threshold {
+                    output[out + 3 + slot_above] = value;
+                    output[out + 3 + k + slot_above] = f32::cast_from(i);
+                    slot_above += 1;
+                } else if key == threshold && slot_at < k {
+                    output[out + 3 + slot_at] = value;
+                    output[out + 3 + k + slot_at] = f32::cast_from(i);
+                    slot_at += 1;
+                }
+            }
+        }
+        // The slots no finite value took (the offsets of `best_layout`, literal here).
+        let filled = min(f32::cast_from(k), finite);
+        let mut slot = unit;
+        while slot < k {
+            if f32::cast_from(slot) >= filled {
+                output[out + 3 + slot] = f32::new(-3.0e38);
+                output[out + 3 + k + slot] = f32::new(-1.0);
+            }
+            slot += stride;
+        }
+        if unit == 0 {
+            output[out] = nan;
+            output[out + 1] = sum;
+            output[out + 2] = finite;
+        }
+    }
+
+    /// `value`'s bits as an unsigned number in the values' order: the sign flipped for
+    /// positive values, every bit for negative ones (finite keys are never 0).
+    #[cube]
+    fn order_key(value: f32) -> u32 {
+        let bits = u32::reinterpret(value);
+        select(bits >> 31 == 1, !bits, bits | 0x8000_0000u32)
+    }
+
     /// The sum of `partial` (one value per unit; the cube's size is a power of two), in every unit.
     #[cube]
     fn reduce_sum<F: Float>(partial: &mut Shared<[F]>) -> F {
@@ -712,6 +943,97 @@ mod tests {
                 .collect();
             assert_eq!(got[rows - 1], super::NAN_ROW, "[{rows}, {vocab}]");
             assert!(got[..rows - 1].iter().all(|&t| t >= 0));
+        }
+    }
+
+    /// Against the host: each row's largest finite logits (the lowest ids first among
+    /// equal ones at the cut), the softmax's sum at the row's temperature, the finite count;
+    /// rows narrower than the candidates, rows of many ties (values on a grid of 1/4),
+    /// masked (-inf) logits, f32 and f16; a NaN flagged in its row alone.
+    #[test]
+    fn best_candidates_are_the_largest_logits_and_the_softmax_sum() {
+        use super::{BEST_CANDIDATES as K, best_layout as at};
+        let Some(device) = gpu() else { return };
+        let rank = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        for [rows, vocab] in [[1, 100], [3, 5000], [2, 49152]] {
+            let logits =
+                Tensor::<2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device);
+            let mut values = logits.into_data().try_to_vec::<f32>().unwrap();
+            for value in &mut values[..vocab] {
+                *value = (*value * 4.0).round() / 4.0;
+            }
+            for i in (0..vocab).step_by(7) {
+                values[(rows - 1) * vocab + i] = f32::NEG_INFINITY;
+            }
+            let temperatures: Vec<f32> = [0.7, 1.0, 2.0][..rows].to_vec();
+            for dtype in [DType::F32, DType::F16] {
+                let logits = Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(values.clone(), [rows, vocab]),
+                    &device,
+                )
+                .cast(dtype);
+                let temperatures_on_device = Tensor::<1>::from_data(
+                    burn::tensor::TensorData::new(temperatures.clone(), [rows]),
+                    &device,
+                );
+                let got = super::best_candidates(logits.clone(), temperatures_on_device)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                let host = logits
+                    .cast(DType::F32)
+                    .into_data()
+                    .try_to_vec::<f32>()
+                    .unwrap();
+                for row in 0..rows {
+                    let figures = &got[row * at::WIDTH..][..at::WIDTH];
+                    let mut ranked: Vec<(u32, f32)> = host[row * vocab..][..vocab]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.is_finite())
+                        .map(|(i, &l)| (i as u32, l))
+                        .collect();
+                    ranked.sort_by(rank);
+                    let finite = ranked.len();
+                    let at_row = format!("[{rows}, {vocab}] {dtype:?} row {row}");
+                    assert_eq!(figures[at::NAN], 0.0, "{at_row}");
+                    assert_eq!(figures[at::FINITE] as usize, finite, "{at_row}");
+                    let (max, t) = (ranked[0].1, temperatures[row]);
+                    let sum: f64 = ranked
+                        .iter()
+                        .map(|&(_, l)| ((l - max) / t).exp() as f64)
+                        .sum();
+                    let difference = (figures[at::SUM] as f64 - sum).abs() / sum;
+                    assert!(difference < 1e-5, "{at_row}: sum {difference}");
+                    ranked.truncate(K);
+                    let n = ranked.len();
+                    let mut candidates: Vec<(u32, f32)> = figures[at::IDS..][..n]
+                        .iter()
+                        .zip(&figures[at::VALUES..][..n])
+                        .map(|(&id, &value)| (id as u32, value))
+                        .collect();
+                    candidates.sort_by(rank);
+                    assert_eq!(candidates, ranked, "{at_row}");
+                    assert!(
+                        figures[at::IDS + n..][..K - n].iter().all(|&id| id == -1.0),
+                        "{at_row}: the empty slots"
+                    );
+                }
+            }
+            let mut with_nan = values.clone();
+            with_nan[vocab / 3] = f32::NAN;
+            let logits = Tensor::<2>::from_data(
+                burn::tensor::TensorData::new(with_nan, [rows, vocab]),
+                &device,
+            );
+            let temperatures = Tensor::<1>::ones([rows], &device);
+            let got = super::best_candidates(logits, temperatures)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let flags: Vec<f32> = got.chunks(at::WIDTH).map(|row| row[at::NAN]).collect();
+            assert_eq!(flags[0], 1.0, "[{rows}, {vocab}]");
+            assert!(flags[1..].iter().all(|&flag| flag == 0.0));
         }
     }
 

@@ -6,7 +6,7 @@
 //!
 //! Both take a step's token ids and the KV blocks of the scheduler's pool, in a store of
 //! their own kind (`KvStore`: host memory, or pools on the device), and return logits as
-//! host `f32`s (or, on a GPU, a greedy row's token).
+//! host `f32`s (or, on a GPU, a greedy row's token, or a sampled row's best candidates).
 
 pub mod burn;
 pub mod config;
@@ -83,21 +83,86 @@ pub struct BatchItem<'a> {
     /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
     /// the next token, more to verify a speculative draft.
     pub logits: usize,
-    /// The sequence takes the most likely token as it is, and nothing else reads its one
-    /// row's logits: a device may choose the token there and hand back its id alone
-    /// ([`Readout::Token`]) rather than the vocabulary's logits.
-    pub greedy: bool,
+    /// How the host chooses the token of the item's one wanted row, which says what a
+    /// device may hand back for it instead of the vocabulary's logits.
+    pub choice: TokenChoice,
 }
 
-/// What a step reads back of an item's rows, where it wants any.
+/// How the scheduler chooses a sequence's next token from its one row of logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TokenChoice {
+    /// From the logits themselves: a bias, a constraint, log-probabilities, a penalty or
+    /// a draft read them ([`Readout::Logits`]).
+    FromLogits,
+    /// The most likely token as it is: a device may choose it and hand back its id alone
+    /// ([`Readout::Token`]).
+    MostLikely,
+    /// Drawn by the host's sampler at `temperature` (top-k, top-p): a device may hand
+    /// back the row's best candidates and its softmax's sum alone ([`Readout::Best`]).
+    Sampled { temperature: f32 },
+}
+
+/// What a step reads back of an item's rows, where it wants any. A device's fault in a row
+/// (a NaN in its logits) is an error of that row alone, which fails its sequence, as NaN
+/// logits do on the host.
 #[derive(Debug)]
 pub enum Readout {
     /// The logits of the item's last `logits` rows, `[rows, vocab]` row-major.
     Logits(Vec<f32>),
     /// The most likely token of the item's one row, chosen on the device
-    /// ([`BatchItem::greedy`]); an error where the row held a NaN (a fault of that row's
-    /// pass, which fails its sequence alone, as NaN logits do on the host).
+    /// ([`TokenChoice::MostLikely`]).
     Token(Result<u32, EngineError>),
+    /// The best candidates of the item's one row ([`TokenChoice::Sampled`]).
+    Best(Result<BestCandidates, EngineError>),
+}
+
+/// The best candidates of a row of logits, as a device hands them back for a sampled token:
+/// 2 KiB rather than the vocabulary's logits, which stay on the device in case a draw walks
+/// past the candidates (the sampler says so: `Sampler::sample_best`).
+pub struct BestCandidates {
+    /// `(id, logit)` of the row's largest finite logits, unranked; the lowest ids among
+    /// equal ones at the cut.
+    pub candidates: Vec<(u32, f32)>,
+    /// Whether they are all of the row's finite logits.
+    pub complete: bool,
+    /// The softmax's sum at the row's temperature over all of its finite logits,
+    /// `Σ exp((l - max) / t)`.
+    pub sum: f64,
+    /// The row's logits, where the candidates are not enough.
+    row: Box<dyn FnOnce() -> Result<Vec<f32>, EngineError> + Send>,
+}
+
+impl BestCandidates {
+    /// `candidates` of a row, `complete` or not, its softmax's `sum`, and how to read the
+    /// row's logits.
+    pub fn new(
+        candidates: Vec<(u32, f32)>,
+        complete: bool,
+        sum: f64,
+        row: impl FnOnce() -> Result<Vec<f32>, EngineError> + Send + 'static,
+    ) -> Self {
+        Self {
+            candidates,
+            complete,
+            sum,
+            row: Box::new(row),
+        }
+    }
+
+    /// The row's logits, read back from the device.
+    pub fn read_row(self) -> Result<Vec<f32>, EngineError> {
+        (self.row)()
+    }
+}
+
+impl std::fmt::Debug for BestCandidates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BestCandidates")
+            .field("candidates", &self.candidates.len())
+            .field("complete", &self.complete)
+            .field("sum", &self.sum)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Model {
@@ -201,7 +266,7 @@ impl DeviceModel {
             blocks: &blocks,
             row_kernel: false,
             logits: ids.len(),
-            greedy: false,
+            choice: TokenChoice::FromLogits,
         }];
         match self.forward_batch(&mut kv, &mut item)?.pop().flatten() {
             Some(Readout::Logits(logits)) => Ok(logits),
@@ -256,11 +321,19 @@ impl DeviceModel {
             // before any later step's reads), and nothing is read back.
             return Ok(outputs);
         };
-        let greedy = batch
+        // How each wanted row's token is chosen: a draft's rows from their logits.
+        let choices: Vec<TokenChoice> = batch
             .iter()
-            .filter(|item| item.logits > 0)
-            .all(|item| item.greedy && item.logits == 1);
-        let mut rows = self.read_back(logits, greedy)?.into_iter();
+            .flat_map(|item| {
+                let logits = item.logits.min(item.ids.len());
+                let choice = match logits {
+                    1 => item.choice,
+                    _ => TokenChoice::FromLogits,
+                };
+                std::iter::repeat_n(choice, logits)
+            })
+            .collect();
+        let mut rows = self.read_back(logits, &choices)?.into_iter();
         for (output, item) in outputs.iter_mut().zip(batch.iter()) {
             let logits = item.logits.min(item.ids.len());
             if logits == 0 {
@@ -269,13 +342,15 @@ impl DeviceModel {
             *output = if logits == 1 {
                 rows.next()
             } else {
-                // A draft's rows, one readout of them all (never greedy: drafts read logits).
+                // A draft's rows, one readout of them all.
                 let parts: Vec<f32> = rows
                     .by_ref()
                     .take(logits)
                     .flat_map(|row| match row {
                         Readout::Logits(values) => values,
-                        Readout::Token(_) => Vec::new(),
+                        Readout::Token(_) | Readout::Best(_) => {
+                            unreachable!("a draft's rows are read as logits")
+                        }
                     })
                     .collect();
                 Some(Readout::Logits(parts))
@@ -290,29 +365,127 @@ impl DeviceModel {
         Tensor::from_data(TensorData::new(ids, shape), &self.device)
     }
 
-    /// Each row of `logits` `[rows, vocab]` as the host takes it: the logits, or where
-    /// `greedy` on a GPU, the most likely token alone (the engine's kernel chooses it there:
-    /// one id read back per row, not the vocabulary's floats).
-    fn read_back(&self, logits: Tensor<2>, greedy: bool) -> Result<Vec<Readout>, EngineError> {
+    /// Each row of `logits` `[rows, vocab]` as the host takes it, by `choices` (one a row):
+    /// its logits; or on a GPU, for a row whose token the device may choose, the token
+    /// alone (where every such row is greedy) or its best candidates. At most two readbacks:
+    /// the rows read whole, and the others.
+    fn read_back(
+        &self,
+        logits: Tensor<2>,
+        choices: &[TokenChoice],
+    ) -> Result<Vec<Readout>, EngineError> {
+        let whole: Vec<usize> = (0..choices.len())
+            .filter(|&row| choices[row] == TokenChoice::FromLogits || self.device == Device::flex())
+            .collect();
+        let mut readouts: Vec<Option<Readout>> = choices.iter().map(|_| None).collect();
+        if !whole.is_empty() {
+            let rows = self.rows_of(&logits, &whole, choices.len());
+            let [_, vocab] = rows.dims();
+            let values = read_logits(rows)?;
+            for (&row, values) in whole.iter().zip(values.chunks_exact(vocab.max(1))) {
+                readouts[row] = Some(Readout::Logits(values.to_vec()));
+            }
+        }
         #[cfg(feature = "wgpu")]
-        if greedy && self.device != Device::flex() {
-            use self::device_kernels::{NAN_ROW, greedy_tokens};
-            let tokens = greedy_tokens(logits).into_data();
+        if whole.len() < choices.len() {
+            let chosen: Vec<usize> = (0..choices.len())
+                .filter(|row| whole.binary_search(row).is_err())
+                .collect();
+            let rows = self.rows_of(&logits, &chosen, choices.len());
+            let on_device = self.choose_on_device(rows, chosen.iter().map(|&row| choices[row]))?;
+            for (row, readout) in chosen.into_iter().zip(on_device) {
+                readouts[row] = Some(readout);
+            }
+        }
+        Ok(readouts
+            .into_iter()
+            .map(|readout| readout.expect("every row is read"))
+            .collect())
+    }
+
+    /// The rows `wanted` (ascending) of `logits`, which has `rows` rows.
+    fn rows_of(&self, logits: &Tensor<2>, wanted: &[usize], rows: usize) -> Tensor<2> {
+        if wanted.len() == rows {
+            return logits.clone();
+        }
+        let indices = wanted.iter().map(|&row| row as i64).collect();
+        let indices = Tensor::from_data(TensorData::new(indices, [wanted.len()]), &self.device);
+        logits.clone().select(0, indices)
+    }
+
+    /// What the device hands back for `logits`' rows, one choice each, none
+    /// [`TokenChoice::FromLogits`]: each row's most likely token where every row is greedy
+    /// (one id a row), else each row's best candidates (the greedy ones' token taken from
+    /// them here).
+    #[cfg(feature = "wgpu")]
+    fn choose_on_device(
+        &self,
+        logits: Tensor<2>,
+        choices: impl ExactSizeIterator<Item = TokenChoice>,
+    ) -> Result<Vec<Readout>, EngineError> {
+        use self::device_kernels::{BEST_CANDIDATES, NAN_ROW, best_candidates, best_layout};
+        let fault = || {
+            EngineError::Model("the forward pass gave NaN logits: a device or kernel fault".into())
+        };
+        let choices: Vec<TokenChoice> = choices.collect();
+        if choices
+            .iter()
+            .all(|&choice| choice == TokenChoice::MostLikely)
+        {
+            let tokens = device_kernels::greedy_tokens(logits).into_data();
             let tokens = tokens.iter::<i64>().map(|token| match token {
-                NAN_ROW => Err(EngineError::Model(
-                    "the forward pass gave NaN logits: a device or kernel fault".into(),
-                )),
+                NAN_ROW => Err(fault()),
                 token => Ok(token as u32),
             });
             return Ok(tokens.map(Readout::Token).collect());
         }
-        let _ = greedy;
-        let [rows, vocab] = logits.dims();
-        let values = read_logits(logits)?;
-        debug_assert_eq!(values.len(), rows * vocab);
-        Ok(values
-            .chunks_exact(vocab.max(1))
-            .map(|row| Readout::Logits(row.to_vec()))
+        let temperatures: Vec<f32> = choices
+            .iter()
+            .map(|choice| match *choice {
+                TokenChoice::Sampled { temperature } => temperature,
+                _ => 1.0,
+            })
+            .collect();
+        let temperatures =
+            Tensor::<1>::from_data(TensorData::new(temperatures, [choices.len()]), &self.device);
+        let best = read_logits(best_candidates(logits.clone(), temperatures))?;
+        let readouts = best
+            .chunks_exact(best_layout::WIDTH)
+            .zip(&choices)
+            .enumerate();
+        Ok(readouts
+            .map(|(row, (figures, choice))| {
+                if figures[best_layout::NAN] != 0.0 {
+                    return match choice {
+                        TokenChoice::MostLikely => Readout::Token(Err(fault())),
+                        _ => Readout::Best(Err(fault())),
+                    };
+                }
+                let finite = figures[best_layout::FINITE] as usize;
+                let values = &figures[best_layout::VALUES..][..BEST_CANDIDATES];
+                let ids = &figures[best_layout::IDS..][..BEST_CANDIDATES];
+                let candidates: Vec<(u32, f32)> = ids
+                    .iter()
+                    .zip(values)
+                    .take(finite.min(BEST_CANDIDATES))
+                    .map(|(&id, &value)| (id as u32, value))
+                    .collect();
+                let row = logits.clone().narrow(0, row, 1);
+                let best = BestCandidates::new(
+                    candidates,
+                    finite <= BEST_CANDIDATES,
+                    figures[best_layout::SUM] as f64,
+                    move || read_logits(row),
+                );
+                match choice {
+                    TokenChoice::MostLikely => {
+                        // The host's argmax: the largest, the lowest id among equal ones (a
+                        // row of no finite logit: id 0, as the host's argmax of -inf's).
+                        Readout::Token(Ok(crate::run::sampling::best_of(&best.candidates)))
+                    }
+                    _ => Readout::Best(Ok(best)),
+                }
+            })
             .collect())
     }
 }

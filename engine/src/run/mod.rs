@@ -11,7 +11,7 @@ mod core;
 mod generate;
 mod logprobs;
 mod prompt;
-mod sampling;
+pub(crate) mod sampling;
 mod scheduler;
 mod speculation;
 mod stats;

@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::SamplingParams;
+use crate::model::{BestCandidates, TokenChoice};
 
 pub struct Sampler {
     rng: StdRng,
@@ -49,33 +50,86 @@ impl Sampler {
         if candidates.is_empty() {
             return argmax(logits);
         }
-        let mut ranked = Ranked::new(candidates);
-        if self.top_k > 0 {
-            ranked.keep_best(self.top_k);
+        self.choose_among(Ranked::new(candidates), None)
+            .expect("every candidate is at hand")
+    }
+
+    /// Picks a token from the best candidates of a row that a device handed back, as
+    /// [`Sampler::sample`] picks from the whole row, or `None` where they are not enough:
+    /// top-k wider than they are, or a top-p walk or a draw that goes past them. Then the
+    /// RNG is as it was, and `sample` on the row's logits draws what it would have.
+    /// The same token as `sample`'s, draw for draw, wherever top-k is on or the candidates
+    /// are the whole row; otherwise the softmax's sum is the device's (f32, against the
+    /// host's f64: ~1e-6 of it), which moves a draw only when it lands that close to a
+    /// boundary between two candidates.
+    pub fn sample_best(&mut self, best: &BestCandidates) -> Option<u32> {
+        debug_assert!(!self.penalizes(), "a penalized row is read whole");
+        if best.candidates.is_empty() {
+            return None;
         }
-        let weights = Weights::new(&mut ranked, self.temperature);
+        if self.is_greedy() {
+            return Some(best_of(&best.candidates));
+        }
+        let saved = self.rng.clone();
+        let whole_sum = (!best.complete).then_some(best.sum);
+        let token = self.choose_among(Ranked::new(best.candidates.clone()), whole_sum);
+        if token.is_none() {
+            self.rng = saved;
+        }
+        token
+    }
+
+    /// Top-k, then top-p, then a draw, over `ranked`. `whole_sum` is `None` where `ranked`
+    /// holds every candidate of the row, else the softmax's sum over them all, which
+    /// `ranked`, the best of them, may not be enough for (`None`).
+    fn choose_among(&mut self, mut ranked: Ranked, mut whole_sum: Option<f64>) -> Option<u32> {
+        if self.top_k > 0 {
+            if whole_sum.is_some() && self.top_k > ranked.len() {
+                return None;
+            }
+            ranked.keep_best(self.top_k);
+            // The best k are all at hand, and the softmax is theirs.
+            whole_sum = None;
+        }
+        let partial = whole_sum.is_some();
+        let weights = Weights::new(&mut ranked, self.temperature, whole_sum);
         // The smallest prefix whose mass reaches top_p (at least one token), else all.
         let keep = if self.top_p > 0.0 && self.top_p < 1.0 {
             let mut mass = 0f64;
-            let mut keep = ranked.len();
+            let mut keep = None;
             for i in 0..ranked.len() {
                 mass += weights.of(ranked.at(i).1);
                 if mass >= self.top_p as f64 {
-                    keep = i + 1;
+                    keep = Some(i + 1);
                     break;
                 }
             }
-            keep
+            match keep {
+                None if partial => return None,
+                // Every candidate of the row: their whole mass, as when top-p is off.
+                Some(keep) if keep == ranked.len() && !partial => None,
+                keep => keep,
+            }
         } else {
-            ranked.len()
+            None
         };
-        self.draw(&mut ranked, &weights, keep)
+        self.draw(&mut ranked, &weights, keep, partial)
     }
 
-    /// Whether every token is the most likely one as the logits give it: temperature 0 and
-    /// no repeat penalty (then a device may choose it: `BatchItem::greedy`).
-    pub fn takes_most_likely(&self) -> bool {
-        self.is_greedy() && !self.penalizes()
+    /// What a device may hand back of a row for this sampler, where nothing else reads the
+    /// row: the most likely token where that is every token (temperature 0), the best
+    /// candidates where it draws; the logits themselves for a repeat penalty, which needs
+    /// the context's every token.
+    pub fn choice(&self) -> TokenChoice {
+        if self.penalizes() {
+            TokenChoice::FromLogits
+        } else if self.is_greedy() {
+            TokenChoice::MostLikely
+        } else {
+            TokenChoice::Sampled {
+                temperature: self.temperature,
+            }
+        }
     }
 
     fn is_greedy(&self) -> bool {
@@ -86,26 +140,35 @@ impl Sampler {
         self.repeat_penalty != 1.0 && self.repeat_penalty > 0.0
     }
 
-    /// A draw among the first `keep` of `ranked` by their weights (not necessarily summing
-    /// to 1): a uniform point in their total mass, walked best first. The walk orders the
-    /// candidates only as far as it goes, which for a peaked distribution is a few.
-    fn draw(&mut self, ranked: &mut Ranked, weights: &Weights, keep: usize) -> u32 {
-        let total: f64 = if keep == ranked.len() {
+    /// A draw among the first `keep` of `ranked` (all of the row's candidates where `None`)
+    /// by their weights (not necessarily summing to 1): a uniform point in their total mass,
+    /// walked best first. The walk orders the candidates only as far as it goes, which for
+    /// a peaked distribution is a few. `None` where `ranked` is `partial` (the best of the
+    /// row's candidates) and the point lies past them.
+    fn draw(
+        &mut self,
+        ranked: &mut Ranked,
+        weights: &Weights,
+        keep: Option<usize>,
+        partial: bool,
+    ) -> Option<u32> {
+        let total: f64 = match keep {
             // Every candidate: the softmax's whole mass (to f64's ~1e-12).
-            1.0
-        } else {
-            (0..keep).map(|i| weights.of(ranked.at(i).1)).sum()
+            None => 1.0,
+            Some(keep) => (0..keep).map(|i| weights.of(ranked.at(i).1)).sum(),
         };
         let mut r = self.rng.random::<f32>() as f64 * total;
-        for i in 0..keep {
+        let walked = keep.unwrap_or(ranked.len());
+        for i in 0..walked {
             let (id, l) = ranked.at(i);
             let p = weights.of(l);
             if r < p {
-                return id;
+                return Some(id);
             }
             r -= p;
         }
-        ranked.at(keep - 1).0
+        // Past the last by rounding; or past the best candidates into the rest of the row.
+        (keep.is_some() || !partial).then(|| ranked.at(walked - 1).0)
     }
 }
 
@@ -181,13 +244,18 @@ struct Weights {
 }
 
 impl Weights {
-    fn new(ranked: &mut Ranked, temperature: f32) -> Self {
+    /// Over `ranked`'s candidates, or where they are the best of a row, over the row's, whose
+    /// sum is `whole_sum`.
+    fn new(ranked: &mut Ranked, temperature: f32, whole_sum: Option<f64>) -> Self {
         let mut weights = Self {
             max: ranked.at(0).1,
             temperature,
             sum: 1.0,
         };
-        weights.sum = ranked.items.iter().map(|&(_, l)| weights.of(l)).sum();
+        weights.sum = match whole_sum {
+            Some(sum) => sum,
+            None => ranked.items.iter().map(|&(_, l)| weights.of(l)).sum(),
+        };
         weights
     }
 
@@ -212,6 +280,15 @@ fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
             *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
         }
     }
+}
+
+/// The best of `candidates` `(id, logit)` as [`argmax`] takes it from a row: the largest
+/// logit, the lowest id among equal ones; 0 where there are none.
+pub fn best_of(candidates: &[(u32, f32)]) -> u32 {
+    candidates
+        .iter()
+        .min_by(|a, b| rank(a, b))
+        .map_or(0, |c| c.0)
 }
 
 /// Index of the largest logit; the lowest index wins a tie (as `torch.argmax`).
@@ -410,5 +487,81 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The best `k` of `logits` as a device hands them back (unranked: reversed here), with
+    /// the softmax's sum at `temperature` over the whole row as the host sums it.
+    fn best_candidates(logits: &[f32], k: usize, temperature: f32) -> BestCandidates {
+        let mut ranked: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        ranked.sort_by(rank);
+        let complete = ranked.len() <= k;
+        let max = ranked[0].1;
+        let sum = ranked
+            .iter()
+            .map(|&(_, l)| ((l - max) / temperature).exp() as f64)
+            .sum();
+        ranked.truncate(k);
+        ranked.reverse();
+        let row = logits.to_vec();
+        BestCandidates::new(ranked, complete, sum, move || Ok(row))
+    }
+
+    /// From a device's best 256 candidates (and the row's logits where a draw walks past
+    /// them), the draws are the whole row's, seed for seed: peaked and flat rows, top-k
+    /// and top-p on and off, a vocabulary narrower than the candidates; both the
+    /// candidates and the fallback are taken.
+    #[test]
+    fn the_best_candidates_draw_what_the_whole_row_draws() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (mut from_best, mut from_row) = (0, 0);
+        for (temperature, top_k, top_p, vocab) in [
+            (0.7, 0, 1.0, 49_152),
+            (0.7, 0, 0.95, 49_152),
+            (1.0, 40, 1.0, 49_152),
+            (1.0, 40, 0.9, 49_152),
+            (5.0, 0, 1.0, 49_152),
+            (5.0, 0, 0.99, 49_152),
+            (1.5, 3000, 1.0, 49_152),
+            (1.0, 0, 0.9, 100),
+            (0.0, 0, 1.0, 49_152),
+        ] {
+            let params = params(temperature, top_k, top_p, 3);
+            let mut whole = Sampler::new(&params);
+            let mut device = Sampler::new(&params);
+            for draw in 0..150 {
+                let logits: Vec<f32> = (0..vocab)
+                    .map(|i| {
+                        let noise = rng.random::<f32>() * 4.0 - 2.0;
+                        if i % 997 == draw % 5 {
+                            noise + 9.0
+                        } else {
+                            noise
+                        }
+                    })
+                    .collect();
+                let want = whole.sample(&mut logits.clone(), &[]);
+                let best = best_candidates(&logits, 256, temperature);
+                let got = match device.sample_best(&best) {
+                    Some(token) => {
+                        from_best += 1;
+                        token
+                    }
+                    None => {
+                        from_row += 1;
+                        device.sample(&mut best.read_row().unwrap(), &[])
+                    }
+                };
+                assert_eq!(
+                    got, want,
+                    "t {temperature} k {top_k} p {top_p} vocab {vocab}, draw {draw}"
+                );
+            }
+        }
+        assert!(from_best > 600 && from_row > 50, "{from_best} / {from_row}");
     }
 }

@@ -25,12 +25,12 @@ use super::core::{Core, check_logits, panic_message};
 use super::logprobs::token_logprob;
 use super::sampling::Sampler;
 use super::speculation::{self, Acceptance, BatchAcceptance};
-use super::stats::MaskTimings;
+use super::stats::{Counters, MaskTimings};
 use super::step_costs::StepCosts;
 use super::stop::StopSignals;
 use super::text::TextStream;
 use crate::kv::{BLOCK_SIZE, BlockContent, BlockHash, BlockId, BlockPool, blocks_for};
-use crate::model::{BatchItem, KvStore, Readout};
+use crate::model::{BatchItem, BestCandidates, KvStore, Readout, TokenChoice};
 use crate::quant::BlockMatrix;
 use crate::{
     Completion, DraftLength, EngineError, FinishReason, KvCacheType, Piece, SamplingParams,
@@ -291,16 +291,37 @@ impl<'t> Sequence<'t> {
         (accepted, Ok(None))
     }
 
-    /// Whether this step's token may be chosen on the device, handed back as its id alone:
-    /// the sampler takes the most likely token, and nothing else reads the logits (a bias,
-    /// a constraint, log-probabilities, a draft to verify).
-    fn greedy_on_device(&self) -> bool {
+    /// How this step's token is chosen, which says what the device may hand back instead of
+    /// the row's logits: they are read whole where anything but the sampler reads them (a
+    /// bias, a constraint, log-probabilities, a draft to verify).
+    fn token_choice(&self) -> TokenChoice {
         let params = &self.request.params;
-        self.sampler.takes_most_likely()
-            && params.logit_bias.is_empty()
-            && params.logprobs.is_none()
-            && self.constraint.is_none()
-            && self.draft.is_empty()
+        let reads_logits = !params.logit_bias.is_empty()
+            || params.logprobs.is_some()
+            || self.constraint.is_some()
+            || !self.draft.is_empty();
+        if reads_logits {
+            TokenChoice::FromLogits
+        } else {
+            self.sampler.choice()
+        }
+    }
+
+    /// Chooses the next token from the best candidates of its row that the device handed
+    /// back ([`TokenChoice::Sampled`]), or from the row's logits where the draw walks past
+    /// them (the sampler draws the same from either).
+    fn choose_best(
+        &mut self,
+        best: BestCandidates,
+        eos_ids: &[u32],
+        stats: &Counters,
+    ) -> Result<u32, EngineError> {
+        let token = self.sampler.sample_best(&best);
+        stats.drawn(token.is_some());
+        match token {
+            Some(token) => Ok(token),
+            None => self.choose(&mut best.read_row()?, eos_ids),
+        }
     }
 
     /// Chooses the next token from one row's logits: biased, masked by the constraint (a
@@ -822,7 +843,7 @@ fn step(batch: &mut Batch<'_>) {
         .zip(&inputs)
         .map(|((sequence, (chunk, row_kernel)), ids)| {
             let gives_logits = chunk.end == sequence.tokens.len();
-            let greedy = sequence.greedy_on_device();
+            let choice = sequence.token_choice();
             let item = BatchItem {
                 ids,
                 start: chunk.start,
@@ -833,7 +854,7 @@ fn step(batch: &mut Batch<'_>) {
                 } else {
                     0
                 },
-                greedy,
+                choice,
             };
             let constraint = sequence
                 .constraint
@@ -897,8 +918,14 @@ fn step(batch: &mut Batch<'_>) {
         let forced = std::mem::take(&mut sequence.draft_forced);
         let (accepted, outcome) = match readout {
             Readout::Logits(mut logits) => sequence.advance(&mut logits, &core.eos_ids),
-            // Chosen on the device for a sequence with no draft (`greedy_on_device`).
+            // Chosen, or its best candidates found, on the device, for a sequence with no
+            // draft (`token_choice`).
             Readout::Token(token) => (0, token.and_then(|t| sequence.take(t, &core.eos_ids))),
+            Readout::Best(best) => {
+                let token =
+                    best.and_then(|best| sequence.choose_best(best, &core.eos_ids, &core.stats));
+                (0, token.and_then(|t| sequence.take(t, &core.eos_ids)))
+            }
         };
         if forced {
             core.stats.forced(drafted, accepted);

@@ -24,6 +24,8 @@ pub(crate) struct Counters {
     forced_tokens: AtomicU64,
     forced_accepted: AtomicU64,
     constrained: AtomicU64,
+    drawn_from_best: AtomicU64,
+    drawn_from_row: AtomicU64,
     /// How long constrained generations' token masks took.
     pub masks: MaskTimings,
 }
@@ -131,6 +133,10 @@ pub struct BatchStats {
     pub forced_accepted: u64,
     /// Generations that ran with a constraint (structured output).
     pub constrained: u64,
+    /// Sampled tokens drawn from the best candidates a device handed back, and those whose
+    /// draw walked past them and read the row's logits after all.
+    pub drawn_from_best: u64,
+    pub drawn_from_row: u64,
     /// How long their token masks took.
     pub mask_times: MaskHistogram,
 }
@@ -172,6 +178,16 @@ impl Counters {
             .fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
+    /// A sampled token was drawn from a device's best candidates (`from_best`), or from
+    /// the row's logits read back after them.
+    pub fn drawn(&self, from_best: bool) {
+        let counter = match from_best {
+            true => &self.drawn_from_best,
+            false => &self.drawn_from_row,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A generation with a constraint joined.
     pub fn constrained(&self) {
         self.constrained.fetch_add(1, Ordering::Relaxed);
@@ -209,6 +225,8 @@ impl Counters {
             forced_tokens: load(&self.forced_tokens),
             forced_accepted: load(&self.forced_accepted),
             constrained: load(&self.constrained),
+            drawn_from_best: load(&self.drawn_from_best),
+            drawn_from_row: load(&self.drawn_from_row),
             mask_times: self.masks.snapshot(),
         }
     }
