@@ -112,7 +112,8 @@ pub enum Readout {
     /// The most likely token of the item's one row, chosen on the device
     /// ([`TokenChoice::MostLikely`]).
     Token(Result<u32, EngineError>),
-    /// The best candidates of the item's one row ([`TokenChoice::Sampled`]).
+    /// The best candidates of the item's one row ([`TokenChoice::Sampled`], or a
+    /// [`TokenChoice::MostLikely`] row in a step with sampled ones).
     Best(Result<BestCandidates, EngineError>),
 }
 
@@ -415,8 +416,8 @@ impl DeviceModel {
 
     /// What the device hands back for `logits`' rows, one choice each, none
     /// [`TokenChoice::FromLogits`]: each row's most likely token where every row is greedy
-    /// (one id a row), else each row's best candidates (the greedy ones' token taken from
-    /// them here).
+    /// (one id a row), else each row's best candidates (a greedy one's sampler takes the
+    /// best of them).
     #[cfg(feature = "wgpu")]
     fn choose_on_device(
         &self,
@@ -449,17 +450,12 @@ impl DeviceModel {
         let temperatures =
             Tensor::<1>::from_data(TensorData::new(temperatures, [choices.len()]), &self.device);
         let best = read_logits(best_candidates(logits.clone(), temperatures))?;
-        let readouts = best
+        Ok(best
             .chunks_exact(best_layout::WIDTH)
-            .zip(&choices)
-            .enumerate();
-        Ok(readouts
-            .map(|(row, (figures, choice))| {
+            .enumerate()
+            .map(|(row, figures)| {
                 if figures[best_layout::NAN] != 0.0 {
-                    return match choice {
-                        TokenChoice::MostLikely => Readout::Token(Err(fault())),
-                        _ => Readout::Best(Err(fault())),
-                    };
+                    return Readout::Best(Err(fault()));
                 }
                 let finite = figures[best_layout::FINITE] as usize;
                 let values = &figures[best_layout::VALUES..][..BEST_CANDIDATES];
@@ -477,14 +473,7 @@ impl DeviceModel {
                     figures[best_layout::SUM] as f64,
                     move || read_logits(row),
                 );
-                match choice {
-                    TokenChoice::MostLikely => {
-                        // The host's argmax: the largest, the lowest id among equal ones (a
-                        // row of no finite logit: id 0, as the host's argmax of -inf's).
-                        Readout::Token(Ok(crate::run::sampling::best_of(&best.candidates)))
-                    }
-                    _ => Readout::Best(Ok(best)),
-                }
+                Readout::Best(Ok(best))
             })
             .collect())
     }

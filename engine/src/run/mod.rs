@@ -11,7 +11,7 @@ mod core;
 mod generate;
 mod logprobs;
 mod prompt;
-pub(crate) mod sampling;
+mod sampling;
 mod scheduler;
 mod speculation;
 mod stats;

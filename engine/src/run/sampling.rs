@@ -284,7 +284,7 @@ fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
 
 /// The best of `candidates` `(id, logit)` as [`argmax`] takes it from a row: the largest
 /// logit, the lowest id among equal ones; 0 where there are none.
-pub fn best_of(candidates: &[(u32, f32)]) -> u32 {
+fn best_of(candidates: &[(u32, f32)]) -> u32 {
     candidates
         .iter()
         .min_by(|a, b| rank(a, b))

@@ -133,8 +133,9 @@ pub struct BatchStats {
     pub forced_accepted: u64,
     /// Generations that ran with a constraint (structured output).
     pub constrained: u64,
-    /// Sampled tokens drawn from the best candidates a device handed back, and those whose
-    /// draw walked past them and read the row's logits after all.
+    /// Tokens chosen from the best candidates a device handed back (sampled ones, and
+    /// greedy ones in a step with sampled ones), and those whose draw walked past them and
+    /// read the row's logits after all.
     pub drawn_from_best: u64,
     pub drawn_from_row: u64,
     /// How long their token masks took.
@@ -178,8 +179,8 @@ impl Counters {
             .fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
-    /// A sampled token was drawn from a device's best candidates (`from_best`), or from
-    /// the row's logits read back after them.
+    /// A token was chosen from a device's best candidates (`from_best`), or from the row's
+    /// logits read back after them.
     pub fn drawn(&self, from_best: bool) {
         let counter = match from_best {
             true => &self.drawn_from_best,
