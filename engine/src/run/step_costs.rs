@@ -6,14 +6,19 @@
 //! scheduler times its own steps instead of assuming a figure.
 //!
 //! Only steps of decode rows alone are timed (a prompt chunk's rows cost more than a decode
-//! row's). A row count not timed yet is estimated from the nearest lower one that was, at a
-//! prior slope per row that is optimistic for a CPU: a draft then tries it, and its steps
-//! measure it. Each time moves its count's estimate, the first from the prior: a step is
-//! slowed by whatever else the machine runs and never sped up, so a time under the estimate
-//! moves it a long way and one over it a short way. One slow step (another process took the
-//! core) then cannot price a count out for good, which would stop it being tried and timed
-//! again; a count that is truly dear takes a few steps to learn, and stays learnt while it
-//! is not tried.
+//! row's). A step of several rows is kept as a multiple of the one-row step's time as it
+//! stood when it ran: the first steps of a worker are slower (caches, pages, the allocator
+//! warming up), and a count timed then in seconds would look dear against the one-row time
+//! once that has fallen; as it was then priced out, it was never timed again (a 2-row step
+//! timed among the first three kept SmolLM2's drafts off for a whole serving benchmark). A
+//! row count not timed yet is estimated from the nearest lower one that was, at a prior
+//! slope per row that is optimistic for a CPU: a draft then tries it, and its steps measure
+//! it. Each time moves its count's estimate, the first from the prior: a step is slowed by
+//! whatever else the machine runs and never sped up, so a time under the estimate moves it
+//! a long way and one over it a short way. One slow step (another process took the core)
+//! then cannot price a count out for good, which would stop it being tried and timed again;
+//! a count that is truly dear takes a few steps to learn, and stays learnt while it is not
+//! tried.
 
 use std::time::Duration;
 
@@ -29,54 +34,52 @@ const PRIOR_ROW_COST: f64 = 0.25;
 const FALLING_RATE: f64 = 0.5;
 const RISING_RATE: f64 = 0.1;
 
-/// Decode step times by row count (seconds, a moving average each).
+/// Decode step times by row count: a one-row step's in seconds, the others' as multiples
+/// of it (a moving average each).
 #[derive(Debug, Clone)]
 pub(crate) struct StepCosts {
-    seconds: [Option<f64>; MOST_ROWS],
+    one_row: Option<f64>,
+    /// `multiples[rows - 1]`, for 2 rows and more.
+    multiples: [Option<f64>; MOST_ROWS],
 }
 
 impl Default for StepCosts {
     fn default() -> Self {
         Self {
-            seconds: [None; MOST_ROWS],
+            one_row: None,
+            multiples: [None; MOST_ROWS],
         }
     }
 }
 
 impl StepCosts {
-    /// A decode step of `rows` rows took `elapsed`.
+    /// A decode step of `rows` rows took `elapsed`. A step of several rows before any of one
+    /// has nothing to be a multiple of, and is not kept.
     pub fn record(&mut self, rows: usize, elapsed: Duration) {
         if rows == 0 || rows > MOST_ROWS {
             return;
         }
         let seconds = elapsed.as_secs_f64();
-        let estimate = match (self.seconds[rows - 1], self.seconds[0]) {
-            (Some(estimate), _) => estimate,
-            // The prior, in seconds, where there is a one-row time to scale it by.
-            (None, Some(one)) => self.cost(rows) * one,
-            (None, None) => seconds,
+        if rows == 1 {
+            self.one_row = Some(moved(self.one_row.unwrap_or(seconds), seconds));
+            return;
+        }
+        let Some(one_row) = self.one_row else {
+            return;
         };
-        let rate = if seconds < estimate {
-            FALLING_RATE
-        } else {
-            RISING_RATE
-        };
-        self.seconds[rows - 1] = Some(estimate + rate * (seconds - estimate));
+        let estimate = self.multiples[rows - 1].unwrap_or_else(|| self.cost(rows));
+        self.multiples[rows - 1] = Some(moved(estimate, seconds / one_row));
     }
 
     /// The cost of a step of `rows` rows in one-row steps: timed where it was, else the
-    /// nearest lower timed count's plus `PRIOR_ROW_COST` per row more (and the prior alone
-    /// before any step of one row was timed).
+    /// nearest lower timed count's plus `PRIOR_ROW_COST` per row more (one row costing 1).
     pub fn cost(&self, rows: usize) -> f64 {
         let rows = rows.max(1);
-        let Some(one) = self.seconds[0] else {
-            return 1.0 + PRIOR_ROW_COST * (rows - 1) as f64;
-        };
-        let (below, seconds) = (1..=rows.min(MOST_ROWS))
+        let (below, multiple) = (2..=rows.min(MOST_ROWS))
             .rev()
-            .find_map(|r| self.seconds[r - 1].map(|s| (r, s)))
-            .expect("one row was timed");
-        seconds / one + PRIOR_ROW_COST * (rows - below) as f64
+            .find_map(|r| self.multiples[r - 1].map(|m| (r, m)))
+            .unwrap_or((1, 1.0));
+        multiple + PRIOR_ROW_COST * (rows - below) as f64
     }
 
     /// The number of tokens to draft into a step that carries `rows` rows already, worth
@@ -98,6 +101,17 @@ impl StepCosts {
         }
         best.1
     }
+}
+
+/// `estimate` moved toward `measured`: far where it fell (nothing speeds a step up), a
+/// little where it rose (another process may have taken the core).
+fn moved(estimate: f64, measured: f64) -> f64 {
+    let rate = if measured < estimate {
+        FALLING_RATE
+    } else {
+        RISING_RATE
+    };
+    estimate + rate * (measured - estimate)
 }
 
 #[cfg(test)]
@@ -145,6 +159,22 @@ mod tests {
             costs.record(2, ms(20.0));
         }
         assert_eq!(costs.draft_len(1.0, 1, 0.6, 1), 0);
+    }
+
+    /// The worker's first steps are slow: a two-row step timed among them is a multiple of
+    /// the one-row step of the same moment, and stays cheap as both speed up (timed in
+    /// seconds, it was ×1.9 of the later one-row step, and drafts stopped for good).
+    #[test]
+    fn a_warming_up_worker_does_not_price_drafts_out() {
+        let mut costs = StepCosts::default();
+        costs.record(1, ms(11.0));
+        costs.record(1, ms(10.7));
+        costs.record(2, ms(13.1));
+        for _ in 0..50 {
+            costs.record(1, ms(7.0));
+        }
+        assert!(costs.cost(2) < 1.3, "{}", costs.cost(2));
+        assert!(costs.draft_len(1.0, 1, 0.5, 8) > 0);
     }
 
     /// Times every count from 1 to `most` rows by `time(rows)` until the estimates settle.
