@@ -287,27 +287,34 @@ fn greedy_tokens_on_the_gpu_are_the_same_alone_or_in_a_changing_batch() {
     batch_equivalence(WeightFormat::Auto);
 }
 
+/// Rows the host reads whole: a logit bias of 0 changes no logit, but the host applies
+/// biases to the row's logits, so the device hands the row back.
+fn read_whole(params: rbee_engine::SamplingParams) -> rbee_engine::SamplingParams {
+    rbee_engine::SamplingParams {
+        logit_bias: vec![(5, 0.0)],
+        ..params
+    }
+}
+
 /// A greedy sequence's tokens are chosen on the device (`device_kernels::greedy_tokens`, one
-/// id read back per row); asking for log-probabilities makes the host's sampler choose them
-/// from the logits read back whole. Both choose the same tokens, alone and in a batch.
+/// id read back per row); a logit bias makes the host's sampler choose them from the
+/// logits read back whole ([`read_whole`]). Both choose the same tokens, alone and in a batch.
 #[test]
 fn tokens_chosen_on_the_device_are_the_host_samplers() {
     let Some(engine) = gpu("tiny-llama", WeightFormat::Auto, "") else {
         return;
     };
-    let on_host = |max| rbee_engine::SamplingParams {
-        logprobs: Some(1),
-        ..greedy(max)
-    };
     let mut wanted = Vec::new();
     for (prompt, max) in workload() {
-        let (_, want) = engine.generate_ids(&prompt, &on_host(max)).unwrap();
+        let (_, want) = engine
+            .generate_ids(&prompt, &read_whole(greedy(max)))
+            .unwrap();
         let (_, got) = engine.generate_ids(&prompt, &greedy(max)).unwrap();
         assert_eq!(got, want, "prompt of {} tokens", prompt.len());
         wanted.push(want);
     }
-    // Together, every other one asking for log-probabilities: steps whose rows are all
-    // greedy read back ids, the others logits.
+    // Together, every other one read whole: steps whose rows are all greedy read back ids,
+    // the others logits.
     let jobs: Vec<_> = workload()
         .into_iter()
         .enumerate()
@@ -315,7 +322,7 @@ fn tokens_chosen_on_the_device_are_the_host_samplers() {
             let params = if i % 2 == 0 {
                 greedy(max)
             } else {
-                on_host(max)
+                read_whole(greedy(max))
             };
             (prompt, params)
         })
@@ -324,11 +331,13 @@ fn tokens_chosen_on_the_device_are_the_host_samplers() {
 }
 
 /// A sampled sequence's token is drawn from the best candidates the device hands back
-/// (`device_kernels::best_candidates`: 256 of the 384 ids, the softmax's sum), or from the
-/// row read back after them where a draw walks past them; asking for log-probabilities makes
-/// the sampler draw from the logits read back whole. Seed for seed, both draw the same
-/// tokens, alone and in a batch with a greedy sequence (steps that read both), at
-/// temperatures, top-k and top-p that keep to the candidates and ones that do not.
+/// (`device_kernels::best_candidates`: 256 of the 384 ids, the softmax's sums), or from the
+/// row read back after them where a draw walks past them; [`read_whole`] makes the sampler
+/// draw from the logits read back whole. Seed for seed, both draw the same tokens, alone
+/// and in a batch with a greedy sequence (steps that read both), at temperatures, top-k and
+/// top-p that keep to the candidates and ones that do not; and the log-probabilities of
+/// the tokens and of the best 3 alternatives, taken from the candidates (greedy and sampled
+/// sequences alike), are the whole row's within f32 rounding of the device's sum.
 #[test]
 fn tokens_sampled_from_the_devices_best_candidates_are_the_whole_rows() {
     // Its own engine: the test reads the counters of draws.
@@ -348,15 +357,11 @@ fn tokens_sampled_from_the_devices_best_candidates_are_the_whole_rows() {
             ..greedy(max)
         }
     };
-    let whole = |params: rbee_engine::SamplingParams| rbee_engine::SamplingParams {
-        logprobs: Some(1),
-        ..params
-    };
     let mut wanted = Vec::new();
     for (seed, (prompt, max)) in workload().into_iter().enumerate() {
         let params = sampled(seed as u64, max);
         let want = engine
-            .generate_ids(&prompt, &whole(params.clone()))
+            .generate_ids(&prompt, &read_whole(params.clone()))
             .unwrap()
             .1;
         let got = engine.generate_ids(&prompt, &params).unwrap().1;
@@ -375,13 +380,50 @@ fn tokens_sampled_from_the_devices_best_candidates_are_the_whole_rows() {
         .enumerate()
         .map(|(seed, (prompt, max))| {
             let params = sampled(seed as u64, max);
-            (prompt, if seed % 2 == 0 { params } else { whole(params) })
+            let params = if seed % 2 == 0 {
+                params
+            } else {
+                read_whole(params)
+            };
+            (prompt, params)
         })
         .collect();
     let (prompt, max) = workload().pop().unwrap();
     wanted.push(engine.generate_ids(&prompt, &greedy(max)).unwrap().1);
     jobs.push((prompt, greedy(max)));
     assert_eq!(common::together(&engine, &jobs), wanted);
+
+    // Log-probabilities from the candidates against those from the row.
+    let (prompt, max) = workload().pop().unwrap();
+    let with_logprobs = |params| rbee_engine::SamplingParams {
+        logprobs: Some(3),
+        ..params
+    };
+    let before = engine.batch_stats().drawn_from_best;
+    for params in [greedy(max), sampled(0, max), sampled(1, max)] {
+        let (candidates, _) = engine
+            .generate_ids(&prompt, &with_logprobs(params.clone()))
+            .unwrap();
+        let (whole, _) = engine
+            .generate_ids(&prompt, &read_whole(with_logprobs(params)))
+            .unwrap();
+        assert_eq!(candidates.logprobs.len(), whole.logprobs.len());
+        for (got, want) in candidates.logprobs.iter().zip(&whole.logprobs) {
+            assert_eq!(got.token, want.token);
+            assert!(
+                (got.logprob - want.logprob).abs() < 1e-4,
+                "{got:?} vs {want:?}"
+            );
+            let ids = |top: &[(rbee_engine::TokenText, f32)]| {
+                top.iter().map(|(token, _)| token.id).collect::<Vec<_>>()
+            };
+            assert_eq!(ids(&got.top), ids(&want.top));
+            for ((_, got), (_, want)) in got.top.iter().zip(&want.top) {
+                assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+            }
+        }
+    }
+    assert!(engine.batch_stats().drawn_from_best > before);
 }
 
 /// A bf16 checkpoint, as Hugging Face ships most (a bf16 copy of the tiny Llama), loads on

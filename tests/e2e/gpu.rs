@@ -1,6 +1,6 @@
 //! The real binary on `--device gpu`: the model on wgpu (in CI, Mesa's lavapipe, a software
-//! Vulkan) serves a guest's streamed completion; and `--device auto` on a machine whose only
-//! adapter is software starts on the CPU without an error-looking line.
+//! Vulkan) serves a guest's streamed completion and seeded samples; and `--device auto` on a
+//! machine whose only adapter is software starts on the CPU without an error-looking line.
 //!
 //! Where wgpu has no adapter at all, the GPU test says so and passes, unless
 //! `RBEE_GPU_TESTS=required` (set by .ci/run once it has installed lavapipe).
@@ -132,6 +132,43 @@ async fn device_gpu_streams_a_guests_completion() {
         tunings_read_back(&restarted_log) > 0,
         "no tuning read back: {restarted_log}"
     );
+
+    // Seeded sampling over the OpenAI route, log-probabilities asked: drawn from the best
+    // candidates the device hands back, the same text and log-probabilities as drawn from
+    // the logits read whole (a logit bias of 0 makes the host read them), with the nucleus
+    // and without (where a draw may walk past the candidates and read the row after all).
+    for (temperature, top_p) in [(0.9, 0.95), (2.0, 1.0)] {
+        let body = |whole: bool| {
+            let mut body = serde_json::json!({
+                "prompt": "The quick brown fox", "max_tokens": 8, "seed": 11,
+                "temperature": temperature, "top_p": top_p, "logprobs": 2,
+            });
+            if whole {
+                body["logit_bias"] = serde_json::json!({ "5": 0 });
+            }
+            body
+        };
+        let (status, on_device) = worker.post_json("/v1/completions", &body(false)).await;
+        assert_eq!(status, 200, "{on_device}");
+        let (status, whole) = worker.post_json("/v1/completions", &body(true)).await;
+        assert_eq!(status, 200, "{whole}");
+        let (on_device, whole) = (&on_device["choices"][0], &whole["choices"][0]);
+        assert_eq!(
+            on_device["text"], whole["text"],
+            "temperature {temperature}"
+        );
+        let logprobs = &on_device["logprobs"];
+        assert_eq!(logprobs["tokens"], whole["logprobs"]["tokens"]);
+        let values = |logprobs: &serde_json::Value| -> Vec<f64> {
+            let values = logprobs["token_logprobs"].as_array().unwrap();
+            values.iter().map(|v| v.as_f64().unwrap()).collect()
+        };
+        let (got, want) = (values(logprobs), values(&whole["logprobs"]));
+        assert!(!got.is_empty() && got.len() == want.len(), "{logprobs}");
+        for (got, want) in got.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -131,9 +131,11 @@ pub mod best_layout {
     pub const SUM: usize = 1;
     /// How many of the row's logits are finite (exact to 2^24).
     pub const FINITE: usize = 2;
+    /// Σ exp(l - max) over the row's finite logits: the log-softmax's, for log-probabilities.
+    pub const SUM_AT_ONE: usize = 3;
     /// The candidates' logits: those above the K-th largest value in id order, then those
     /// equal to it (unranked: the host ranks them).
-    pub const VALUES: usize = 3;
+    pub const VALUES: usize = 4;
     /// The candidates' ids, as f32 (exact below 2^24), after the values.
     pub const IDS: usize = VALUES + super::BEST_CANDIDATES;
     /// The width of a row: slots past the row's finite count hold id -1.
@@ -142,8 +144,9 @@ pub mod best_layout {
 
 /// For each row `r` of `logits` `[rows, vocab]`, at temperature `temperatures[r]`: its
 /// [`BEST_CANDIDATES`] largest finite logits with their ids (those strictly above the
-/// K-th largest value, then those equal to it in id order), the sum of
-/// `exp((l - max) / t)` over all its finite logits, their count and a NaN flag, as a row of
+/// K-th largest value, then those equal to it in id order), the sums of
+/// `exp((l - max) / t)` and of `exp(l - max)` over all its finite logits, their count and a
+/// NaN flag, as a row of
 /// `[rows, best_layout::WIDTH]` f32. The candidates are not sorted: the host ranks them.
 pub fn best_candidates(logits: Tensor<2>, temperatures: Tensor<1>) -> Tensor<2> {
     Tensor::from_dispatch(Dispatch::best_candidates(
@@ -666,18 +669,23 @@ mod kernels {
         partial[unit] = finite;
         let finite = reduce_sum::<f32>(&mut partial);
 
-        // The softmax's sum at the row's temperature, shifted by the max as the host does.
+        // The softmax's sums at the row's temperature and at 1, shifted by the max as the
+        // host does.
         let mut sum = f32::new(0.0);
+        let mut sum_at_one = f32::new(0.0);
         let mut i = unit;
         while i < vocab {
             let value = f32::cast_from(logits[base + i]);
             if !IsNan::is_nan(value) && !IsInf::is_inf(value) {
                 sum += ((value - best) / temperature).exp();
+                sum_at_one += (value - best).exp();
             }
             i += stride;
         }
         partial[unit] = sum;
         let sum = reduce_sum::<f32>(&mut partial);
+        partial[unit] = sum_at_one;
+        let sum_at_one = reduce_sum::<f32>(&mut partial);
 
         // The largest threshold with at least `k` finite values at or above it: the k-th
         // largest value's key (0, below every finite key, where the row has fewer).
@@ -741,12 +749,12 @@ mod kernels {
             if !IsNan::is_nan(value) && !IsInf::is_inf(value) {
                 let key = order_key(value);
                 if key > threshold {
-                    output[out + 3 + slot_above] = value;
-                    output[out + 3 + k + slot_above] = f32::cast_from(i);
+                    output[out + 4 + slot_above] = value;
+                    output[out + 4 + k + slot_above] = f32::cast_from(i);
                     slot_above += 1;
                 } else if key == threshold && slot_at < k {
-                    output[out + 3 + slot_at] = value;
-                    output[out + 3 + k + slot_at] = f32::cast_from(i);
+                    output[out + 4 + slot_at] = value;
+                    output[out + 4 + k + slot_at] = f32::cast_from(i);
                     slot_at += 1;
                 }
             }
@@ -756,8 +764,8 @@ mod kernels {
         let mut slot = unit;
         while slot < k {
             if f32::cast_from(slot) >= filled {
-                output[out + 3 + slot] = f32::new(-3.0e38);
-                output[out + 3 + k + slot] = f32::new(-1.0);
+                output[out + 4 + slot] = f32::new(-3.0e38);
+                output[out + 4 + k + slot] = f32::new(-1.0);
             }
             slot += stride;
         }
@@ -765,6 +773,7 @@ mod kernels {
             output[out] = nan;
             output[out + 1] = sum;
             output[out + 2] = finite;
+            output[out + 3] = sum_at_one;
         }
     }
 
@@ -1005,6 +1014,9 @@ mod tests {
                         .sum();
                     let difference = (figures[at::SUM] as f64 - sum).abs() / sum;
                     assert!(difference < 1e-5, "{at_row}: sum {difference}");
+                    let sum: f64 = ranked.iter().map(|&(_, l)| (l - max).exp() as f64).sum();
+                    let difference = (figures[at::SUM_AT_ONE] as f64 - sum).abs() / sum;
+                    assert!(difference < 1e-5, "{at_row}: sum at 1 {difference}");
                     ranked.truncate(K);
                     let n = ranked.len();
                     let mut candidates: Vec<(u32, f32)> = figures[at::IDS..][..n]

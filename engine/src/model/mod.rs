@@ -83,8 +83,8 @@ pub struct BatchItem<'a> {
     /// Rows, counted from the last, whose logits are wanted: 0 while a prompt is read, 1 for
     /// the next token, more to verify a speculative draft.
     pub logits: usize,
-    /// How the host chooses the token of the item's one wanted row, which says what a
-    /// device may hand back for it instead of the vocabulary's logits.
+    /// How the host chooses the token of each of the item's wanted rows (a draft's too),
+    /// which says what a device may hand back for them instead of the vocabulary's logits.
     pub choice: TokenChoice,
 }
 
@@ -97,9 +97,11 @@ pub enum TokenChoice {
     /// The most likely token as it is: a device may choose it and hand back its id alone
     /// ([`Readout::Token`]).
     MostLikely,
-    /// Drawn by the host's sampler at `temperature` (top-k, top-p): a device may hand
-    /// back the row's best candidates and its softmax's sum alone ([`Readout::Best`]).
-    Sampled { temperature: f32 },
+    /// By the host's sampler from the row's best candidates, which a device may hand back
+    /// with the softmax's sums (at `temperature`, and at 1 for log-probabilities) rather
+    /// than the row ([`Readout::Best`]): a draw at the sampler's temperature (top-k,
+    /// top-p), or the most likely token with its log-probabilities (`temperature` 1).
+    FromCandidates { temperature: f32 },
 }
 
 /// What a step reads back of an item's rows, where it wants any. A device's fault in a row
@@ -112,9 +114,12 @@ pub enum Readout {
     /// The most likely token of the item's one row, chosen on the device
     /// ([`TokenChoice::MostLikely`]).
     Token(Result<u32, EngineError>),
-    /// The best candidates of the item's one row ([`TokenChoice::Sampled`], or a
-    /// [`TokenChoice::MostLikely`] row in a step with sampled ones).
+    /// The best candidates of the item's one row ([`TokenChoice::FromCandidates`], or a
+    /// [`TokenChoice::MostLikely`] row in a step with such rows).
     Best(Result<BestCandidates, EngineError>),
+    /// Each of the item's rows (a draft's), one of the forms above, where a device chose
+    /// or found the candidates of any of them.
+    Rows(Vec<Readout>),
 }
 
 /// The best candidates of a row of logits, as a device hands them back for a sampled token:
@@ -129,23 +134,33 @@ pub struct BestCandidates {
     /// The softmax's sum at the row's temperature over all of its finite logits,
     /// `Σ exp((l - max) / t)`.
     pub sum: f64,
+    /// The log-softmax's normalizer, `max + ln Σ exp(l - max)` over the row's finite
+    /// logits: a candidate's log-probability is its logit less this.
+    pub log_total: f32,
     /// The row's logits, where the candidates are not enough.
     row: Box<dyn FnOnce() -> Result<Vec<f32>, EngineError> + Send>,
 }
 
 impl BestCandidates {
-    /// `candidates` of a row, `complete` or not, its softmax's `sum`, and how to read the
-    /// row's logits.
+    /// `candidates` of a row, `complete` or not, its softmax's `sum` at the sampler's
+    /// temperature and `sum_at_one` at 1, and how to read the row's logits.
     pub fn new(
         candidates: Vec<(u32, f32)>,
         complete: bool,
         sum: f64,
+        sum_at_one: f64,
         row: impl FnOnce() -> Result<Vec<f32>, EngineError> + Send + 'static,
     ) -> Self {
+        let max = candidates
+            .iter()
+            .map(|&(_, logit)| logit)
+            .fold(f32::NEG_INFINITY, f32::max);
         Self {
             candidates,
             complete,
             sum,
+            // As the host's log-softmax takes it (`run::logprobs`).
+            log_total: max + sum_at_one.ln() as f32,
             row: Box::new(row),
         }
     }
@@ -322,17 +337,10 @@ impl DeviceModel {
             // before any later step's reads), and nothing is read back.
             return Ok(outputs);
         };
-        // How each wanted row's token is chosen: a draft's rows from their logits.
+        // How each wanted row's token is chosen: a draft's rows as its sequence chooses.
         let choices: Vec<TokenChoice> = batch
             .iter()
-            .flat_map(|item| {
-                let logits = item.logits.min(item.ids.len());
-                let choice = match logits {
-                    1 => item.choice,
-                    _ => TokenChoice::FromLogits,
-                };
-                std::iter::repeat_n(choice, logits)
-            })
+            .flat_map(|item| std::iter::repeat_n(item.choice, item.logits.min(item.ids.len())))
             .collect();
         let mut rows = self.read_back(logits, &choices)?.into_iter();
         for (output, item) in outputs.iter_mut().zip(batch.iter()) {
@@ -343,18 +351,18 @@ impl DeviceModel {
             *output = if logits == 1 {
                 rows.next()
             } else {
-                // A draft's rows, one readout of them all.
-                let parts: Vec<f32> = rows
-                    .by_ref()
-                    .take(logits)
-                    .flat_map(|row| match row {
+                // A draft's rows: their logits as one readout, as the CPU gives them, where
+                // all were read whole.
+                let parts: Vec<Readout> = rows.by_ref().take(logits).collect();
+                if parts.iter().all(|row| matches!(row, Readout::Logits(_))) {
+                    let values = parts.into_iter().flat_map(|row| match row {
                         Readout::Logits(values) => values,
-                        Readout::Token(_) | Readout::Best(_) => {
-                            unreachable!("a draft's rows are read as logits")
-                        }
-                    })
-                    .collect();
-                Some(Readout::Logits(parts))
+                        _ => unreachable!("all read whole"),
+                    });
+                    Some(Readout::Logits(values.collect()))
+                } else {
+                    Some(Readout::Rows(parts))
+                }
             };
         }
         Ok(outputs)
@@ -443,7 +451,7 @@ impl DeviceModel {
         let temperatures: Vec<f32> = choices
             .iter()
             .map(|choice| match *choice {
-                TokenChoice::Sampled { temperature } => temperature,
+                TokenChoice::FromCandidates { temperature } => temperature,
                 _ => 1.0,
             })
             .collect();
@@ -471,6 +479,7 @@ impl DeviceModel {
                     candidates,
                     finite <= BEST_CANDIDATES,
                     figures[best_layout::SUM] as f64,
+                    figures[best_layout::SUM_AT_ONE] as f64,
                     move || read_logits(row),
                 );
                 Readout::Best(Ok(best))

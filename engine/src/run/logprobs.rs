@@ -20,7 +20,52 @@ pub(crate) fn token_logprob(
         .map(|&l| f64::from(l - max).exp())
         .sum();
     let log_total = max + sum.ln() as f32;
-    let logprob = |token: u32| (logits[token as usize] - log_total).min(0.0);
+    let top = most_likely(logits, top)
+        .into_iter()
+        .map(|token| (token, logits[token as usize]));
+    assemble(
+        (chosen, logits[chosen as usize]),
+        top,
+        log_total,
+        vocabulary,
+    )
+}
+
+/// The same from a row's best candidates `(id, logit)` (unranked) and its log-softmax's
+/// normalizer `log_total`, as a device hands them back: `None` where `chosen` is not among
+/// them or they are fewer than `top` while the row has more (then the row is read).
+pub(crate) fn candidates_logprob(
+    candidates: &[(u32, f32)],
+    complete: bool,
+    log_total: f32,
+    chosen: u32,
+    top: usize,
+    vocabulary: &Vocabulary,
+) -> Option<Result<TokenLogprob, EngineError>> {
+    let &(_, chosen_logit) = candidates.iter().find(|&&(id, _)| id == chosen)?;
+    if candidates.len() < top && !complete {
+        return None;
+    }
+    let mut ranked = candidates.to_vec();
+    ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(top);
+    Some(assemble(
+        (chosen, chosen_logit),
+        ranked,
+        log_total,
+        vocabulary,
+    ))
+}
+
+/// A token's log-probability record: `chosen` and `top` as `(id, logit)`, each less the
+/// log-softmax's normalizer (at most 0, whatever rounding gave).
+fn assemble(
+    chosen: (u32, f32),
+    top: impl IntoIterator<Item = (u32, f32)>,
+    log_total: f32,
+    vocabulary: &Vocabulary,
+) -> Result<TokenLogprob, EngineError> {
+    let logprob = |logit: f32| (logit - log_total).min(0.0);
     let text = |token: u32| -> Result<TokenText, EngineError> {
         Ok(TokenText {
             id: token,
@@ -28,11 +73,11 @@ pub(crate) fn token_logprob(
         })
     };
     Ok(TokenLogprob {
-        token: text(chosen)?,
-        logprob: logprob(chosen),
-        top: most_likely(logits, top)
+        token: text(chosen.0)?,
+        logprob: logprob(chosen.1),
+        top: top
             .into_iter()
-            .map(|token| Ok((text(token)?, logprob(token))))
+            .map(|(token, logit)| Ok((text(token)?, logprob(logit))))
             .collect::<Result<_, EngineError>>()?,
     })
 }

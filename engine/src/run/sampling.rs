@@ -126,7 +126,7 @@ impl Sampler {
         } else if self.is_greedy() {
             TokenChoice::MostLikely
         } else {
-            TokenChoice::Sampled {
+            TokenChoice::FromCandidates {
                 temperature: self.temperature,
             }
         }
@@ -505,10 +505,11 @@ mod tests {
             .iter()
             .map(|&(_, l)| ((l - max) / temperature).exp() as f64)
             .sum();
+        let sum_at_one = ranked.iter().map(|&(_, l)| (l - max).exp() as f64).sum();
         ranked.truncate(k);
         ranked.reverse();
         let row = logits.to_vec();
-        BestCandidates::new(ranked, complete, sum, move || Ok(row))
+        BestCandidates::new(ranked, complete, sum, sum_at_one, move || Ok(row))
     }
 
     /// From a device's best 256 candidates (and the row's logits where a draw walks past

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::constraint::{Allowed, Constrained, Vocabulary};
 use super::core::{Core, check_logits, panic_message};
-use super::logprobs::token_logprob;
+use super::logprobs::{candidates_logprob, token_logprob};
 use super::sampling::Sampler;
 use super::speculation::{self, Acceptance, BatchAcceptance};
 use super::stats::{Counters, MaskTimings};
@@ -36,6 +36,28 @@ use crate::{
     Completion, DraftLength, EngineError, FinishReason, KvCacheType, Piece, SamplingParams,
     TokenLogprob,
 };
+
+/// One row of a sequence's step, as the step read it back: its logits, or what the device
+/// handed back instead (`TokenChoice`).
+enum Row<'a> {
+    Logits(&'a mut [f32]),
+    Chosen(Result<u32, EngineError>),
+    Best(Result<BestCandidates, EngineError>),
+}
+
+impl Row<'_> {
+    /// A row the device chose for, or found the candidates of. A row read whole comes in
+    /// an item's logits (`Readout::Logits`), never among rows chosen on the device.
+    fn on_device(readout: Readout) -> Self {
+        match readout {
+            Readout::Token(token) => Row::Chosen(token),
+            Readout::Best(best) => Row::Best(best),
+            Readout::Logits(_) | Readout::Rows(_) => Row::Chosen(Err(EngineError::Model(
+                "a row read whole among rows chosen on the device".into(),
+            ))),
+        }
+    }
+}
 
 /// What a generation reports, in order: text as it becomes final, then one `Done`.
 pub(crate) enum Event {
@@ -255,20 +277,32 @@ impl<'t> Sequence<'t> {
         self.request.finish(Ok((completion, ids)));
     }
 
-    /// Takes the logits of this step's rows: samples a token from each, verifying the draft
-    /// (the row before a drafted token gives the model's choice there: it goes on while
-    /// that is the draft), streams them, and tells whether the sequence has ended. Returns
-    /// the drafted tokens accepted, too.
+    /// Takes what the step read back of this sequence's rows: a token from each (chosen from
+    /// its logits, by the device, or from its best candidates), verifying the draft (the
+    /// row before a drafted token gives the model's choice there: it goes on while that is
+    /// the draft), streams them, and tells whether the sequence has ended. Returns the
+    /// drafted tokens accepted, too.
     fn advance(
         &mut self,
-        logits: &mut [f32],
+        readout: Readout,
         eos_ids: &[u32],
+        stats: &Counters,
     ) -> (usize, Result<Option<FinishReason>, EngineError>) {
         let draft = std::mem::take(&mut self.draft);
-        let rows = draft.len() + 1;
-        let vocab = logits.len() / rows;
+        let (mut logits, on_device) = match readout {
+            Readout::Logits(values) => (values, Vec::new()),
+            Readout::Rows(rows) => (Vec::new(), rows),
+            one => (Vec::new(), vec![one]),
+        };
+        let vocab = logits.len() / (draft.len() + 1);
+        let rows: Vec<Row<'_>> = if on_device.is_empty() {
+            let rows = logits.chunks_exact_mut(vocab.max(1));
+            rows.map(Row::Logits).collect()
+        } else {
+            on_device.into_iter().map(Row::on_device).collect()
+        };
         let mut accepted = 0;
-        for (row, logits) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
+        for (row, readout) in rows.into_iter().enumerate() {
             // The model's choice at each row is made as it would be without the draft (the
             // same logits, the sampler's next draw), and the draft goes on while it agrees.
             // For a draft that guesses one token, that is speculative sampling's rejection
@@ -277,7 +311,12 @@ impl<'t> Sequence<'t> {
             // token taken, so a seed gives the same tokens with and without drafts. A
             // constrained sequence's rows are masked in turn, each after the accepted tokens
             // before it moved the shape on, as if they had been generated one by one.
-            let token = match self.choose(logits, eos_ids) {
+            let token = match readout {
+                Row::Logits(logits) => self.choose(logits, eos_ids),
+                Row::Chosen(token) => token,
+                Row::Best(best) => best.and_then(|best| self.choose_best(best, eos_ids, stats)),
+            };
+            let token = match token {
                 Ok(token) => token,
                 Err(error) => return (accepted, Err(error)),
             };
@@ -291,25 +330,26 @@ impl<'t> Sequence<'t> {
         (accepted, Ok(None))
     }
 
-    /// How this step's token is chosen, which says what the device may hand back instead of
-    /// the row's logits: they are read whole where anything but the sampler reads them (a
-    /// bias, a constraint, log-probabilities, a draft to verify).
+    /// How this step's tokens are chosen (a draft's rows' too), which says what the device
+    /// may hand back instead of the rows' logits: they are read whole where anything but
+    /// the sampler and the log-probabilities reads them (a bias, a constraint).
     fn token_choice(&self) -> TokenChoice {
         let params = &self.request.params;
-        let reads_logits = !params.logit_bias.is_empty()
-            || params.logprobs.is_some()
-            || self.constraint.is_some()
-            || !self.draft.is_empty();
-        if reads_logits {
-            TokenChoice::FromLogits
-        } else {
-            self.sampler.choice()
+        let reads_logits = !params.logit_bias.is_empty() || self.constraint.is_some();
+        match self.sampler.choice() {
+            _ if reads_logits => TokenChoice::FromLogits,
+            // Log-probabilities come from the candidates too (the best 20 at most).
+            TokenChoice::MostLikely if params.logprobs.is_some() => {
+                TokenChoice::FromCandidates { temperature: 1.0 }
+            }
+            choice => choice,
         }
     }
 
     /// Chooses the next token from the best candidates of its row that the device handed
-    /// back ([`TokenChoice::Sampled`]), or from the row's logits where the draw walks past
-    /// them (the sampler draws the same from either).
+    /// back ([`TokenChoice::FromCandidates`]), with its log-probabilities where asked, or
+    /// from the row's logits where the draw walks past them (the sampler draws the same
+    /// from either).
     fn choose_best(
         &mut self,
         best: BestCandidates,
@@ -318,10 +358,26 @@ impl<'t> Sequence<'t> {
     ) -> Result<u32, EngineError> {
         let token = self.sampler.sample_best(&best);
         stats.drawn(token.is_some());
-        match token {
-            Some(token) => Ok(token),
-            None => self.choose(&mut best.read_row()?, eos_ids),
+        let Some(token) = token else {
+            return self.choose(&mut best.read_row()?, eos_ids);
+        };
+        if let Some(top) = self.request.params.logprobs
+            && !eos_ids.contains(&token)
+        {
+            let logprob = match candidates_logprob(
+                &best.candidates,
+                best.complete,
+                best.log_total,
+                token,
+                top as usize,
+                self.vocabulary,
+            ) {
+                Some(logprob) => logprob?,
+                None => token_logprob(&best.read_row()?, token, top as usize, self.vocabulary)?,
+            };
+            self.held_logprobs.push(logprob);
         }
+        Ok(token)
     }
 
     /// Chooses the next token from one row's logits: biased, masked by the constraint (a
@@ -916,17 +972,7 @@ fn step(batch: &mut Batch<'_>) {
         }
         let drafted = sequence.draft.len();
         let forced = std::mem::take(&mut sequence.draft_forced);
-        let (accepted, outcome) = match readout {
-            Readout::Logits(mut logits) => sequence.advance(&mut logits, &core.eos_ids),
-            // Chosen, or its best candidates found, on the device, for a sequence with no
-            // draft (`token_choice`).
-            Readout::Token(token) => (0, token.and_then(|t| sequence.take(t, &core.eos_ids))),
-            Readout::Best(best) => {
-                let token =
-                    best.and_then(|best| sequence.choose_best(best, &core.eos_ids, &core.stats));
-                (0, token.and_then(|t| sequence.take(t, &core.eos_ids)))
-            }
-        };
+        let (accepted, outcome) = sequence.advance(readout, &core.eos_ids, &core.stats);
         if forced {
             core.stats.forced(drafted, accepted);
         } else if drafted > 0 {
