@@ -122,9 +122,9 @@ pub enum Readout {
     Rows(Vec<Readout>),
 }
 
-/// The best candidates of a row of logits, as a device hands them back for a sampled token:
-/// 2 KiB rather than the vocabulary's logits, which stay on the device in case a draw walks
-/// past the candidates (the sampler says so: `Sampler::sample_best`).
+/// The best candidates of a row of logits, as a device hands them back for a sampled token
+/// (SmolLM2's: 16 KiB rather than the vocabulary's 196), the logits staying on the device in
+/// case a draw walks past the candidates (the sampler says so: `Sampler::sample_best`).
 pub struct BestCandidates {
     /// `(id, logit)` of the row's largest finite logits, unranked; the lowest ids among
     /// equal ones at the cut.
@@ -432,7 +432,7 @@ impl DeviceModel {
         logits: Tensor<2>,
         choices: impl ExactSizeIterator<Item = TokenChoice>,
     ) -> Result<Vec<Readout>, EngineError> {
-        use self::device_kernels::{BEST_CANDIDATES, NAN_ROW, best_candidates, best_layout};
+        use self::device_kernels::{NAN_ROW, best_candidates, best_layout, candidates_for};
         let fault = || {
             EngineError::Model("the forward pass gave NaN logits: a device or kernel fault".into())
         };
@@ -457,27 +457,28 @@ impl DeviceModel {
             .collect();
         let temperatures =
             Tensor::<1>::from_data(TensorData::new(temperatures, [choices.len()]), &self.device);
-        let best = read_logits(best_candidates(logits.clone(), temperatures))?;
+        let k = candidates_for(logits.dims()[1]);
+        let best = read_logits(best_candidates(logits.clone(), temperatures, k))?;
         Ok(best
-            .chunks_exact(best_layout::WIDTH)
+            .chunks_exact(best_layout::width(k))
             .enumerate()
             .map(|(row, figures)| {
                 if figures[best_layout::NAN] != 0.0 {
                     return Readout::Best(Err(fault()));
                 }
                 let finite = figures[best_layout::FINITE] as usize;
-                let values = &figures[best_layout::VALUES..][..BEST_CANDIDATES];
-                let ids = &figures[best_layout::IDS..][..BEST_CANDIDATES];
+                let values = &figures[best_layout::VALUES..][..k];
+                let ids = &figures[best_layout::ids(k)..][..k];
                 let candidates: Vec<(u32, f32)> = ids
                     .iter()
                     .zip(values)
-                    .take(finite.min(BEST_CANDIDATES))
+                    .take(finite.min(k))
                     .map(|(&id, &value)| (id as u32, value))
                     .collect();
                 let row = logits.clone().narrow(0, row, 1);
                 let best = BestCandidates::new(
                     candidates,
-                    finite <= BEST_CANDIDATES,
+                    finite <= k,
                     figures[best_layout::SUM] as f64,
                     figures[best_layout::SUM_AT_ONE] as f64,
                     move || read_logits(row),
