@@ -19,7 +19,7 @@
 //!   SmolLM2's 49k: [`candidates_for`]) and the softmax's sums, so a sampled step reads back
 //!   16 KiB a row rather than 196 (the host's sampler draws from them: `run::sampling`).
 //!
-//! Both are registered with Burn as a backend extension (`Dispatch::…`), so they run inside
+//! They are registered with Burn as a backend extension (`Dispatch::…`), so they run inside
 //! its fusion stream as opaque operations. They take f32 tensors (the residual stream and
 //! the KV cache are f32); anything else takes Burn's own operations. Reductions use shared
 //! memory and barriers only, which every wgpu backend has (lavapipe included), not subgroup

@@ -1,5 +1,7 @@
 //! Choosing the next token from the logits: repeat penalty, then greedy (temperature 0) or
-//! temperature → top-k → top-p → a draw from a seeded RNG (same seed, same tokens).
+//! temperature → top-k → top-p → a draw from a seeded RNG (same seed, same tokens). On a GPU
+//! the draw is made from the row's best candidates where they are enough
+//! ([`Sampler::sample_best`]), the same draw as from the whole row.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
