@@ -45,6 +45,9 @@ pub(crate) const GEMM_MIN_ROWS: usize = 48;
 /// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
 const GEMM_TILE_BYTES: usize = 4 << 20;
+/// Input rows from which the row kernel rounds its inputs to i16 on every core (a prompt
+/// chunk's hundreds); a decode step's few are not worth the pool's hand-off.
+const PARALLEL_QUANTIZE_ROWS: usize = 16;
 
 /// A `[rows, cols]` weight matrix in 32-value blocks (Q8_0 or Q4_1), row-major (`cols` a
 /// multiple of 32).
@@ -247,9 +250,15 @@ impl BlockMatrix {
         let chunk = total
             .div_ceil(4 * rayon::current_num_threads())
             .next_multiple_of(8);
-        let inputs: Vec<QuantizedRow> =
-            x.chunks_exact(cols.max(1)).map(QuantizedRow::new).collect();
-        // Stacked rows × inputs, so each chunk of stacked rows owns one contiguous slice.
+        let inputs: Vec<QuantizedRow> = if m >= PARALLEL_QUANTIZE_ROWS {
+            x.par_chunks_exact(cols.max(1))
+                .map(QuantizedRow::new)
+                .collect()
+        } else {
+            x.chunks_exact(cols.max(1)).map(QuantizedRow::new).collect()
+        };
+        // Each chunk of stacked rows owns one contiguous slice: its rows of each matrix as
+        // a piece `[inputs, piece rows]`, the pieces in row order.
         let mut stacked = vec![0f32; total * m];
         stacked
             .par_chunks_mut(chunk * m)
@@ -257,7 +266,6 @@ impl BlockMatrix {
             .for_each(|(c, out)| {
                 let first = c * chunk;
                 let len = out.len() / m;
-                // This chunk's stacked rows, matrix by matrix.
                 for (&start, mat) in starts.iter().zip(mats) {
                     let lo = start.max(first);
                     let hi = (start + mat.rows).min(first + len);
@@ -267,17 +275,25 @@ impl BlockMatrix {
                     }
                 }
             });
+        // Each input's values of a matrix gathered from the pieces, inputs in parallel: runs
+        // of a piece's rows copied whole (a transposition value by value, one thread, was an
+        // eighth of a prompt's read).
         std::array::from_fn(|w| {
             let (start, rows) = (starts[w], mats[w].rows);
             let mut out = vec![0f32; m * rows];
-            for (r, values) in stacked[start * m..(start + rows) * m]
-                .chunks_exact(m)
+            out.par_chunks_mut(rows.max(1))
                 .enumerate()
-            {
-                for (j, value) in values.iter().enumerate() {
-                    out[j * rows + r] = *value;
-                }
-            }
+                .for_each(|(j, out)| {
+                    let mut lo = start;
+                    while lo < start + rows {
+                        let hi = (lo / chunk + 1) * chunk;
+                        let hi = hi.min(start + rows);
+                        let piece = &stacked[lo * m..hi * m];
+                        let len = hi - lo;
+                        out[lo - start..hi - start].copy_from_slice(&piece[j * len..][..len]);
+                        lo = hi;
+                    }
+                });
             out
         })
     }

@@ -134,7 +134,8 @@ impl QuantizedRow {
 }
 
 /// Rows `rows` of a Q4_1 matrix (`bytes`: rows of `xs[0].blocks()` blocks in the subgroup
-/// layout) dotted with every input into `out` (`[rows, inputs]`), `Σ_k w_k x_k`. The vector
+/// layout) dotted with every input into `out` (`[inputs, rows]`: an input's values side by
+/// side, as the next layer takes them), `Σ_k w_k x_k`. The vector
 /// kernel takes tiles of two rows by up to four inputs (what it keeps in registers); a (row,
 /// input) value does not depend on the tile it is in.
 pub fn dot_q4_1(
@@ -165,7 +166,7 @@ pub fn dot_q4_1(
 }
 
 /// Rows `rows` of a Q8_0 matrix (`quants` in the subgroup layout, one scale per block) dotted
-/// with every input into `out` (`[rows, inputs]`), as [`dot_q4_1`].
+/// with every input into `out` (`[inputs, rows]`), as [`dot_q4_1`].
 pub fn dot_q8_0(
     simd: Simd,
     quants: &[i8],
@@ -363,8 +364,9 @@ mod tests {
             for picks in [&[0, 1, 2, 3, 4][..], &[2, 0, 2], &[3, 1], &[4]] {
                 let xs: Vec<QuantizedRow> = picks.iter().map(|&j| inputs[j].clone()).collect();
                 let want = |alone: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
-                    (0..3)
-                        .flat_map(|r| picks.iter().map(move |&j| alone(r, j)))
+                    picks
+                        .iter()
+                        .flat_map(|&j| (0..3).map(move |r| alone(r, j)))
                         .collect()
                 };
                 let (want_q4, want_q8) = (want(&alone_q4), want(&alone_q8));
@@ -377,7 +379,7 @@ mod tests {
                     assert_eq!(got, want_q8, "{what}: Q8_0");
                     let mut alone = vec![0f32; picks.len()];
                     dot_q4_1(simd, &q4_1, 1..2, &xs, &mut alone);
-                    let row_1 = &want_q4[picks.len()..2 * picks.len()];
+                    let row_1: Vec<f32> = want_q4.iter().skip(1).step_by(3).copied().collect();
                     assert_eq!(alone, row_1, "{what}: row 1 alone");
                 }
             }

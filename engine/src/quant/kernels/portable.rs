@@ -35,7 +35,7 @@ pub fn quantize_row(x: &[f32]) -> QuantizedRow {
 }
 
 /// Rows `rows` of a Q4_1 matrix (`bytes`: rows of `xs[0].blocks()` blocks in the subgroup
-/// layout) dotted with every input into `out` (`[rows, inputs]`), one value at a time.
+/// layout) dotted with every input into `out` (`[inputs, rows]`), one value at a time.
 pub fn dot_q4_1(bytes: &[u8], rows: Range<usize>, xs: &[QuantizedRow], out: &mut [f32]) {
     let len = xs.first().map_or(0, |x| x.blocks()) * Q4_1_BYTES;
     each_value(rows, xs, out, |r, x| {
@@ -44,7 +44,7 @@ pub fn dot_q4_1(bytes: &[u8], rows: Range<usize>, xs: &[QuantizedRow], out: &mut
 }
 
 /// Rows `rows` of a Q8_0 matrix (`quants` in the subgroup layout, one scale per block) dotted
-/// with every input into `out` (`[rows, inputs]`), one value at a time.
+/// with every input into `out` (`[inputs, rows]`), one value at a time.
 pub fn dot_q8_0(
     quants: &[i8],
     scales: &[f32],
@@ -59,15 +59,18 @@ pub fn dot_q8_0(
     });
 }
 
-/// `out[row, input] = value(row, input)`, one at a time.
+/// `out[input, row] = value(row, input)`, one at a time.
 fn each_value(
     rows: Range<usize>,
     xs: &[QuantizedRow],
     out: &mut [f32],
     value: impl Fn(usize, &QuantizedRow) -> f32,
 ) {
-    for (out, r) in out.chunks_exact_mut(xs.len().max(1)).zip(rows) {
-        for (o, x) in out.iter_mut().zip(xs) {
+    if rows.is_empty() {
+        return;
+    }
+    for (out, x) in out.chunks_exact_mut(rows.len()).zip(xs) {
+        for (o, r) in out.iter_mut().zip(rows.clone()) {
             *o = value(r, x);
         }
     }
