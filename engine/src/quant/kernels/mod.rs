@@ -360,8 +360,11 @@ mod tests {
                 let (q, s) = (&quants[r * blocks * BLOCK..], &scales[r * blocks..]);
                 portable::dot_q8_0_row(&q[..blocks * BLOCK], &s[..blocks], &inputs[j])
             };
-            // Rows 0..3 (a pair and an odd row) by inputs in passes of 4 + 1, 3, 2 and 1.
-            for picks in [&[0, 1, 2, 3, 4][..], &[2, 0, 2], &[3, 1], &[4]] {
+            // Rows 0..3 (a pair and an odd row) by inputs in every kind of pass: five at once,
+            // three and three, four and one, three, two and one.
+            let six = [1, 0, 4, 2, 3, 1];
+            let nine = [4, 3, 2, 1, 0, 1, 2, 3, 4];
+            for picks in [&[0, 1, 2, 3, 4][..], &six, &nine, &[2, 0, 2], &[3, 1], &[4]] {
                 let xs: Vec<QuantizedRow> = picks.iter().map(|&j| inputs[j].clone()).collect();
                 let want = |alone: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
                     picks
