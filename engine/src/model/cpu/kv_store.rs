@@ -16,6 +16,8 @@ use crate::quant::Simd;
 /// A number the store keeps a key or value as; attention reads it back as f32 (exactly:
 /// an f16 widens to the f32 of the same value), eight at a time on AVX2.
 trait KvElement: Copy + Send + Sync + 'static {
+    /// Whether it is narrower than f32, so that attention widens it before use.
+    const NARROW: bool;
     /// `len` zeros, allocated zeroed (calloc), so pages never written are never mapped.
     fn zeroed(len: usize) -> Vec<Self>;
     fn from_f32(x: f32) -> Self;
@@ -29,6 +31,7 @@ trait KvElement: Copy + Send + Sync + 'static {
 }
 
 impl KvElement for f32 {
+    const NARROW: bool = false;
     fn zeroed(len: usize) -> Vec<Self> {
         vec![0.0; len]
     }
@@ -49,6 +52,7 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
+    const NARROW: bool = true;
     fn zeroed(len: usize) -> Vec<Self> {
         // `vec![f16::ZERO; len]` would write every element: a zeroed allocation is known
         // as such for integers only.
@@ -367,6 +371,10 @@ fn add_weighted<T: KvElement>(weights: &[f32], total: f32, values: &[T], out: &m
 /// (exactly: a query's sums are the same operations in the same order as alone). A block
 /// holds a multiple of eight positions, so the eights are the same as over one contiguous
 /// buffer.
+///
+/// f16 keys and values read by several queries (a verify step's rows, a prompt chunk, the
+/// heads that share a kv head) are widened once a block into f32 for all of them, not once
+/// for every query: the widening is exact, so the sums are the same.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_group_avx2<T: KvElement>(
@@ -376,7 +384,6 @@ unsafe fn attend_group_avx2<T: KvElement>(
     scale: f32,
     out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     let Some(&(first, _)) = group.first() else {
         return;
     };
@@ -387,52 +394,24 @@ unsafe fn attend_group_avx2<T: KvElement>(
         }
         return;
     }
+    let widen = T::NARROW && group.len() > 1;
+    let mut wide = if widen {
+        vec![0f32; BLOCK_SIZE * hd]
+    } else {
+        Vec::new()
+    };
+    // The positions of block `b` that some query sees.
+    let most = group.iter().map(|&(_, seen)| seen).max().unwrap_or(0);
+    let used = |b: usize| most.saturating_sub(b * BLOCK_SIZE).min(BLOCK_SIZE) * hd;
     let mut scores: Vec<Vec<f32>> = group.iter().map(|&(_, seen)| vec![0f32; seen]).collect();
     for (b, keys) in keys.iter().enumerate() {
-        for ((q, _), scores) in group.iter().zip(&mut scores) {
-            let Some(scores) = scores.chunks_mut(BLOCK_SIZE).nth(b) else {
-                continue;
-            };
-            let keys = &keys[..scores.len() * hd];
-            let mut eights = keys.chunks_exact(8 * hd);
-            for (eight, scores) in eights.by_ref().zip(scores.chunks_exact_mut(8)) {
-                // SAFETY: `eight` holds 8 keys of `hd` values, `q` `hd` values, `scores` 8;
-                // AVX2 and FMA are enabled.
-                unsafe {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    for c in (0..hd).step_by(8) {
-                        let qc = _mm256_loadu_ps(q.as_ptr().add(c));
-                        for (t, acc) in acc.iter_mut().enumerate() {
-                            let k = T::load8(eight.as_ptr().add(t * hd + c));
-                            *acc = _mm256_fmadd_ps(qc, k, *acc);
-                        }
-                    }
-                    // Pairwise sums: [key 0..3 of lanes 0..3 | of lanes 4..7], then the
-                    // halves added.
-                    let low = _mm256_hadd_ps(
-                        _mm256_hadd_ps(acc[0], acc[1]),
-                        _mm256_hadd_ps(acc[2], acc[3]),
-                    );
-                    let high = _mm256_hadd_ps(
-                        _mm256_hadd_ps(acc[4], acc[5]),
-                        _mm256_hadd_ps(acc[6], acc[7]),
-                    );
-                    let sums = _mm256_add_ps(
-                        _mm256_permute2f128_ps(low, high, 0x20),
-                        _mm256_permute2f128_ps(low, high, 0x31),
-                    );
-                    _mm256_storeu_ps(
-                        scores.as_mut_ptr(),
-                        _mm256_mul_ps(sums, _mm256_set1_ps(scale)),
-                    );
-                }
-            }
-            let done = scores.len() - scores.len() % 8;
-            for (score, k) in scores[done..]
-                .iter_mut()
-                .zip(eights.remainder().chunks_exact(hd))
-            {
-                *score = dot(q, k) * scale;
+        // SAFETY: AVX2, FMA and F16C are enabled; `hd` is a multiple of 8.
+        unsafe {
+            if widen {
+                let wide = widen_into(&keys[..used(b)], &mut wide);
+                score_block(group, &mut scores, b, wide, hd, scale);
+            } else {
+                score_block(group, &mut scores, b, keys, hd, scale);
             }
         }
     }
@@ -443,31 +422,136 @@ unsafe fn attend_group_avx2<T: KvElement>(
     }
     // `out += p · v` over the keys, block by block.
     for (b, values) in values.iter().enumerate() {
-        for (scores, out) in scores.iter().zip(out.chunks_exact_mut(hd)) {
-            let Some(weights) = scores.chunks(BLOCK_SIZE).nth(b) else {
-                continue;
-            };
-            let values = &values[..weights.len() * hd];
-            if !hd.is_multiple_of(64) {
-                add_weighted(weights, 1.0, values, out);
-                continue;
+        // SAFETY: AVX2, FMA and F16C are enabled; `hd` is a multiple of 8.
+        unsafe {
+            if widen {
+                let wide = widen_into(&values[..used(b)], &mut wide);
+                add_weighted_block(&scores, b, wide, hd, out);
+            } else {
+                add_weighted_block(&scores, b, values, hd, out);
             }
-            for (strip, at) in out.chunks_exact_mut(64).zip((0..hd).step_by(64)) {
-                // SAFETY: every load is inside `values` (key `j` of `weights.len()`, values
-                // `at..at + 64`) and every store inside `strip`; AVX2 and FMA are enabled.
-                unsafe {
-                    let mut acc: [__m256; 8] =
-                        std::array::from_fn(|c| _mm256_loadu_ps(strip.as_ptr().add(8 * c)));
-                    for (j, &p) in weights.iter().enumerate() {
-                        let p = _mm256_set1_ps(p);
-                        let v = values.as_ptr().add(j * hd + at);
-                        for (c, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(p, T::load8(v.add(8 * c)), *acc);
-                        }
+        }
+    }
+}
+
+/// `values` widened to f32 into the start of `wide`, eight at a time; returns them.
+///
+/// # Safety
+/// AVX2 and F16C are enabled; `values.len()` is a multiple of 8 and at most `wide.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_into<'w, T: KvElement>(values: &[T], wide: &'w mut [f32]) -> &'w [f32] {
+    let wide = &mut wide[..values.len()];
+    for (from, to) in values.chunks_exact(8).zip(wide.chunks_exact_mut(8)) {
+        // SAFETY: eight values read, eight written; the caller's features.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(to.as_mut_ptr(), T::load8(from.as_ptr())) };
+    }
+    wide
+}
+
+/// Every query's scores against its positions in block `b` (`keys`: the block's first
+/// positions, at least as many as any query sees there), eight keys at a time.
+///
+/// # Safety
+/// AVX2 and FMA are enabled (and F16C for f16); `hd` is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_block<U: KvElement>(
+    group: &[(&[f32], usize)],
+    scores: &mut [Vec<f32>],
+    b: usize,
+    keys: &[U],
+    hd: usize,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    for ((q, _), scores) in group.iter().zip(scores) {
+        let Some(scores) = scores.chunks_mut(BLOCK_SIZE).nth(b) else {
+            continue;
+        };
+        let keys = &keys[..scores.len() * hd];
+        let mut eights = keys.chunks_exact(8 * hd);
+        for (eight, scores) in eights.by_ref().zip(scores.chunks_exact_mut(8)) {
+            // SAFETY: `eight` holds 8 keys of `hd` values, `q` `hd` values, `scores` 8;
+            // the caller's features.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in (0..hd).step_by(8) {
+                    let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let k = U::load8(eight.as_ptr().add(t * hd + c));
+                        *acc = _mm256_fmadd_ps(qc, k, *acc);
                     }
-                    for (c, acc) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(strip.as_mut_ptr().add(8 * c), *acc);
+                }
+                // Pairwise sums: [key 0..3 of lanes 0..3 | of lanes 4..7], then the
+                // halves added.
+                let low = _mm256_hadd_ps(
+                    _mm256_hadd_ps(acc[0], acc[1]),
+                    _mm256_hadd_ps(acc[2], acc[3]),
+                );
+                let high = _mm256_hadd_ps(
+                    _mm256_hadd_ps(acc[4], acc[5]),
+                    _mm256_hadd_ps(acc[6], acc[7]),
+                );
+                let sums = _mm256_add_ps(
+                    _mm256_permute2f128_ps(low, high, 0x20),
+                    _mm256_permute2f128_ps(low, high, 0x31),
+                );
+                _mm256_storeu_ps(
+                    scores.as_mut_ptr(),
+                    _mm256_mul_ps(sums, _mm256_set1_ps(scale)),
+                );
+            }
+        }
+        let done = scores.len() - scores.len() % 8;
+        for (score, k) in scores[done..]
+            .iter_mut()
+            .zip(eights.remainder().chunks_exact(hd))
+        {
+            *score = dot(q, k) * scale;
+        }
+    }
+}
+
+/// Every query's `out += p · v` over its positions in block `b` (`values`: the block's first
+/// positions, at least as many as any query sees there), 64 values at a time in registers.
+///
+/// # Safety
+/// AVX2 and FMA are enabled (and F16C for f16).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_weighted_block<U: KvElement>(
+    scores: &[Vec<f32>],
+    b: usize,
+    values: &[U],
+    hd: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    for (scores, out) in scores.iter().zip(out.chunks_exact_mut(hd)) {
+        let Some(weights) = scores.chunks(BLOCK_SIZE).nth(b) else {
+            continue;
+        };
+        let values = &values[..weights.len() * hd];
+        if !hd.is_multiple_of(64) {
+            add_weighted(weights, 1.0, values, out);
+            continue;
+        }
+        for (strip, at) in out.chunks_exact_mut(64).zip((0..hd).step_by(64)) {
+            // SAFETY: every load is inside `values` (key `j` of `weights.len()`, values
+            // `at..at + 64`) and every store inside `strip`; the caller's features.
+            unsafe {
+                let mut acc: [__m256; 8] =
+                    std::array::from_fn(|c| _mm256_loadu_ps(strip.as_ptr().add(8 * c)));
+                for (j, &p) in weights.iter().enumerate() {
+                    let p = _mm256_set1_ps(p);
+                    let v = values.as_ptr().add(j * hd + at);
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(p, U::load8(v.add(8 * c)), *acc);
                     }
+                }
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(strip.as_mut_ptr().add(8 * c), *acc);
                 }
             }
         }
