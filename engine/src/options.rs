@@ -89,7 +89,7 @@ pub struct LoadOptions {
     /// keys and values are then the same bit for bit however it was computed, so the KV of
     /// an answer is a prefix-cache hit when the next turn of the chat sends the answer back
     /// (every chat client does): that turn reads only its new message. Off, a turn reads the
-    /// last answer again, but a long prompt nobody has sent before reads ~×1.1 faster.
+    /// last answer again, but a long prompt nobody has sent before reads ×1.1–1.3 faster.
     pub answer_reuse: bool,
     /// Prompt tokens a sequence feeds per step on the CPU: a long prompt is read in chunks
     /// so the sequences decoding beside it are held up by one chunk at a time.

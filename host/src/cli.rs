@@ -164,7 +164,7 @@ pub struct Args {
     pub no_jump_forward: bool,
 
     /// Read long prompts with f32 gemm instead of the integer kernel that computes generated
-    /// tokens: a long prompt never seen before is read ~×1.1 faster, but a chat's last answer
+    /// tokens: a long prompt never seen before is read ×1.1–1.3 faster, but a chat's last answer
     /// is no longer a prefix-cache hit on its next turn (its KV would not be the prompt's,
     /// bit for bit), so every turn reads it again.
     #[arg(long)]
