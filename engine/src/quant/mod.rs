@@ -45,9 +45,10 @@ pub(crate) const GEMM_MIN_ROWS: usize = 48;
 /// `x` is amortised over many rows (a whole SmolLM2 projection), small enough to stay in a
 /// typical L3 and not to allocate a whole f32 copy of a large output matrix.
 const GEMM_TILE_BYTES: usize = 4 << 20;
-/// Input rows from which the row kernel rounds its inputs to i16 on every core (a prompt
-/// chunk's hundreds); a decode step's few are not worth the pool's hand-off.
-const PARALLEL_QUANTIZE_ROWS: usize = 16;
+/// Input rows from which the row kernel's work per input — rounding it to i16, gathering its
+/// values from the threads' pieces — is spread over the pool (a prompt chunk's hundreds); a
+/// decode step's few are not worth the pool's hand-off, ~150 matmuls a step.
+const PARALLEL_INPUT_ROWS: usize = 16;
 
 /// A `[rows, cols]` weight matrix in 32-value blocks (Q8_0 or Q4_1), row-major (`cols` a
 /// multiple of 32).
@@ -250,7 +251,7 @@ impl BlockMatrix {
         let chunk = total
             .div_ceil(4 * rayon::current_num_threads())
             .next_multiple_of(8);
-        let inputs: Vec<QuantizedRow> = if m >= PARALLEL_QUANTIZE_ROWS {
+        let inputs: Vec<QuantizedRow> = if m >= PARALLEL_INPUT_ROWS {
             x.par_chunks_exact(cols.max(1))
                 .map(QuantizedRow::new)
                 .collect()
@@ -275,32 +276,34 @@ impl BlockMatrix {
                     }
                 }
             });
-        // Each input's values of a matrix gathered from the pieces, inputs in parallel: runs
-        // of a piece's rows copied whole (a transposition value by value, one thread, was an
-        // eighth of a prompt's read).
-        std::array::from_fn(|w| {
+        // Each input's values of a matrix gathered from the pieces: runs of a piece's rows
+        // copied whole (a transposition value by value, on one thread, was an eighth of a
+        // prompt's read).
+        let gather = |w: usize, j: usize, out: &mut [f32]| {
             let (start, rows) = (starts[w], mats[w].rows);
-            let mut out = vec![0f32; m * rows];
-            out.par_chunks_mut(rows.max(1))
-                .enumerate()
-                .for_each(|(j, out)| {
-                    let mut lo = start;
-                    while lo < start + rows {
-                        let hi = (lo / chunk + 1) * chunk;
-                        let hi = hi.min(start + rows);
-                        let piece = &stacked[lo * m..hi * m];
-                        let len = hi - lo;
-                        out[lo - start..hi - start].copy_from_slice(&piece[j * len..][..len]);
-                        lo = hi;
-                    }
-                });
+            let mut lo = start;
+            while lo < start + rows {
+                let hi = ((lo / chunk + 1) * chunk).min(start + rows);
+                let len = hi - lo;
+                let piece = &stacked[lo * m..hi * m];
+                out[lo - start..hi - start].copy_from_slice(&piece[j * len..][..len]);
+                lo = hi;
+            }
+        };
+        std::array::from_fn(|w| {
+            let rows = mats[w].rows.max(1);
+            let mut out = vec![0f32; m * mats[w].rows];
+            if m >= PARALLEL_INPUT_ROWS {
+                let each = out.par_chunks_mut(rows).enumerate();
+                each.for_each(|(j, out)| gather(w, j, out));
+            } else {
+                let each = out.chunks_mut(rows).enumerate();
+                each.for_each(|(j, out)| gather(w, j, out));
+            }
             out
         })
     }
 
-    /// Tiles of weight rows expanded to f32, each multiplied with all of `x` by gemm (which
-    /// splits the tile's work across the pool): the expansion is paid once per weight, not
-    /// once per token, and gemm packs `x` once per tile.
     fn matmul_tiled(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let tile_rows = (GEMM_TILE_BYTES / (cols * 4)).clamp(1, rows);
