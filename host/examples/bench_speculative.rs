@@ -11,8 +11,9 @@
 //!         [--llama-spec-type ngram-simple] [--workloads copy,short,free] [--clients 1,4] \
 //!         [--baseline-rbee-host PATH]
 //!
-//! Workloads, all greedy and whole (not streamed); each client goes through the workload's
-//! prompts once, starting at its own, so clients at once ask different things:
+//! Workloads, all greedy and streamed (SSE, the usage in a last chunk); each client goes
+//! through the workload's prompts once, starting at its own, so clients at once ask
+//! different things:
 //! - `copy`: input that the answer repeats, over `/v1/chat/completions` — rename a variable
 //!   in a ~300-token function, repeat a list with one change, re-emit JSON with one field
 //!   changed; up to 320 tokens back.
@@ -22,7 +23,11 @@
 //!   its input, up to 96 tokens back.
 //!
 //! Reported per workload and client count: aggregate tokens/s (completion tokens over the
-//! wall time), the ratio to rbee-host with `--speculative off`, the share of drafted tokens
+//! wall time, prompts' reads included) and its ratio to rbee-host with `--speculative off`;
+//! the decode phase's tokens/s (each answer's tokens after its first over the time after its
+//! first text, all answers together: what speculation speeds up, the prompt's read being
+//! the same with it or without) and its ratio to `off`; the median time to first text; the
+//! share of drafted tokens
 //! accepted and the mean accepted length (tokens a verifying pass yields: the accepted
 //! drafts plus the model's own, vLLM's measure), and whether rbee-host's answers with
 //! speculation are the very answers without it. Medians over `--repeats`; one JSON line per
@@ -33,9 +38,11 @@ mod servers;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use servers::{Running, median, metric};
 
@@ -268,18 +275,23 @@ fn requests(workload: &str) -> Vec<Request> {
     }
 }
 
-/// What one answer gave: its text, its completion tokens and, from llama-server, its
-/// drafted and accepted tokens.
+/// What one answer gave: its text, its completion tokens, when its first text and its end
+/// came (from the request's start) and, from llama-server, its drafted and accepted tokens.
 struct Answer {
     text: String,
     tokens: u64,
+    first: Duration,
+    total: Duration,
     drafted: u64,
     accepted: u64,
 }
 
+/// One request, streamed as a client streams it (`stream_options.include_usage` for the
+/// token count): the text is the deltas put together, the first token's time is when the
+/// first text arrived.
 async fn ask(client: &reqwest::Client, url: &str, request: &Request) -> Result<Answer, String> {
     let model = MODEL.get().expect("set in main");
-    let (path, body) = match request {
+    let (path, mut body) = match request {
         Request::Chat(message, max_tokens) => (
             "/v1/chat/completions",
             json!({"model": model, "messages": [{"role": "user", "content": message}],
@@ -291,6 +303,9 @@ async fn ask(client: &reqwest::Client, url: &str, request: &Request) -> Result<A
                    "temperature": 0.0}),
         ),
     };
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let started = Instant::now();
     let response = client
         .post(format!("{url}{path}"))
         .json(&body)
@@ -298,22 +313,46 @@ async fn ask(client: &reqwest::Client, url: &str, request: &Request) -> Result<A
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    let body: Value = response.json().await.map_err(|e| e.to_string())?;
     if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
         return Err(format!("{status}: {body}"));
     }
-    let choice = &body["choices"][0];
-    let text = choice["message"]["content"]
-        .as_str()
-        .or_else(|| choice["text"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let mut events = response.bytes_stream().eventsource();
+    let (mut text, mut first, mut pieces) = (String::new(), None, 0);
+    let (mut usage, mut timings) = (Value::Null, Value::Null);
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| e.to_string())?;
+        if event.data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&event.data).map_err(|e| e.to_string())?;
+        let choice = &chunk["choices"][0];
+        let piece = choice["delta"]["content"]
+            .as_str()
+            .or_else(|| choice["text"].as_str())
+            .unwrap_or_default();
+        if !piece.is_empty() {
+            first.get_or_insert_with(|| started.elapsed());
+            text.push_str(piece);
+            pieces += 1;
+        }
+        if !chunk["usage"].is_null() {
+            usage = chunk["usage"].clone();
+        }
+        if !chunk["timings"].is_null() {
+            timings = chunk["timings"].clone();
+        }
+    }
+    let total = started.elapsed();
     let count = |value: &Value| value.as_u64().unwrap_or(0);
     Ok(Answer {
         text,
-        tokens: count(&body["usage"]["completion_tokens"]),
-        drafted: count(&body["timings"]["draft_n"]),
-        accepted: count(&body["timings"]["draft_n_accepted"]),
+        // A server that sends no usage: its text pieces (a token or more each).
+        tokens: usage["completion_tokens"].as_u64().unwrap_or(pieces),
+        first: first.unwrap_or(total),
+        total,
+        drafted: count(&timings["draft_n"]),
+        accepted: count(&timings["draft_n_accepted"]),
     })
 }
 
@@ -321,6 +360,12 @@ async fn ask(client: &reqwest::Client, url: &str, request: &Request) -> Result<A
 #[derive(Debug, Clone, Default)]
 struct Measured {
     tokens_per_second: f64,
+    /// Tokens after each answer's first over the time from its first to its last (the
+    /// decode phase, which speculation changes; the prompt's read it does not), all answers
+    /// together: a stream's own speed, as llama-server's `predicted_per_second`.
+    decode_tokens_per_second: f64,
+    /// The median time to the first text.
+    first_token: Duration,
     drafts: f64,
     drafted: f64,
     accepted: f64,
@@ -370,11 +415,17 @@ async fn measure(server: Server, url: &str, workload: &[Request], clients: usize
         .collect();
     let mut measured = Measured::default();
     let mut tokens = 0;
+    let (mut decode_tokens, mut decode_time, mut firsts) = (0, Duration::ZERO, Vec::new());
     for (c, task) in tasks.into_iter().enumerate() {
         for (index, answer) in task.await.expect("a client task") {
             match answer {
                 Ok(answer) => {
                     tokens += answer.tokens;
+                    if answer.tokens > 1 {
+                        decode_tokens += answer.tokens - 1;
+                        decode_time += answer.total - answer.first;
+                    }
+                    firsts.push(answer.first);
                     measured.drafts += (answer.drafted > 0) as u64 as f64;
                     measured.drafted += answer.drafted as f64;
                     measured.accepted += answer.accepted as f64;
@@ -388,6 +439,10 @@ async fn measure(server: Server, url: &str, workload: &[Request], clients: usize
         }
     }
     measured.tokens_per_second = tokens as f64 / started.elapsed().as_secs_f64();
+    measured.decode_tokens_per_second = decode_tokens as f64 / decode_time.as_secs_f64();
+    if !firsts.is_empty() {
+        measured.first_token = median(firsts);
+    }
     if server.is_rbee() {
         let after = rbee_counters(url).await;
         measured.drafts = after[0] - before[0];
@@ -452,13 +507,26 @@ async fn main() {
 
 fn report(args: &Args, results: &BTreeMap<(Server, String, usize), Vec<Measured>>) {
     println!(
-        "{:<44} {:>8} {:>7} {:>8} {:>9} {:>10} {:>10} {:>9}",
-        "server", "workload", "clients", "tok/s", "vs off", "accepted", "mean len", "same text"
+        "{:<44} {:>8} {:>7} {:>8} {:>7} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}",
+        "server",
+        "workload",
+        "clients",
+        "tok/s",
+        "vs off",
+        "decode/s",
+        "vs off",
+        "TTFT ms",
+        "accepted",
+        "mean len",
+        "same text"
     );
     for ((server, workload, clients), repeats) in results {
         let tps = median(repeats.iter().map(|m| m.tokens_per_second).collect());
         let off = &results[&(Server::RbeeHostOff, workload.clone(), *clients)];
         let off_tps = median(off.iter().map(|m| m.tokens_per_second).collect());
+        let decode = median(repeats.iter().map(|m| m.decode_tokens_per_second).collect());
+        let off_decode = median(off.iter().map(|m| m.decode_tokens_per_second).collect());
+        let first_token = median(repeats.iter().map(|m| m.first_token).collect());
         // Greedy answers with speculation are the answers without it, every repeat.
         let same = server.is_rbee_ngram().then(|| {
             repeats
@@ -487,12 +555,15 @@ fn report(args: &Args, results: &BTreeMap<(Server, String, usize), Vec<Measured>
             }
         };
         println!(
-            "{:<44} {:>8} {:>7} {:>8.1} {:>9} {:>10} {:>10} {:>9}{}",
+            "{:<44} {:>8} {:>7} {:>8.1} {:>7} {:>9.1} {:>7} {:>8.0} {:>9} {:>9} {:>9}{}",
             server.name(args),
             workload,
             clients,
             tps,
             format!("x{:.2}", tps / off_tps),
+            decode,
+            format!("x{:.2}", decode / off_decode),
+            first_token.as_secs_f64() * 1e3,
             show(acceptance, |a| format!("{:.0} %", a * 100.0)),
             show(length, |l| format!("{l:.2}")),
             same.map_or("-", |same| if same { "yes" } else { "NO" }),
@@ -509,6 +580,8 @@ fn report(args: &Args, results: &BTreeMap<(Server, String, usize), Vec<Measured>
             "workload": workload,
             "clients": clients,
             "tokens_per_second": repeats.iter().map(|m| m.tokens_per_second).collect::<Vec<_>>(),
+            "decode_tokens_per_second": repeats.iter().map(|m| m.decode_tokens_per_second).collect::<Vec<_>>(),
+            "first_token_ms": repeats.iter().map(|m| m.first_token.as_secs_f64() * 1e3).collect::<Vec<_>>(),
             "acceptance": repeats.iter().map(Measured::acceptance).collect::<Vec<_>>(),
             "mean_accepted_length": repeats.iter().map(Measured::mean_accepted_length).collect::<Vec<_>>(),
             "failed": repeats.iter().map(|m| m.failed).sum::<usize>(),
