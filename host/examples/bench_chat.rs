@@ -170,19 +170,9 @@ async fn chat(
     if let Some(max) = max_tokens {
         body["max_tokens"] = max.into();
     }
-    // A request that could not be sent at all (a kept-alive connection the server had
-    // closed: llama-server does so after a stream the client left) is sent once more.
-    let send = || {
-        client
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&body)
-            .send()
-    };
-    let response = match send().await {
-        Err(e) if e.is_request() && !e.is_timeout() => send().await,
-        other => other,
-    }
-    .map_err(|e| e.to_string())?;
+    let response = servers::post_json(client, &format!("{url}/v1/chat/completions"), &body)
+        .await
+        .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(format!(
             "{}: {}",

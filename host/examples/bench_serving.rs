@@ -141,14 +141,9 @@ async fn request(
                    "cache_prompt": false}),
         ),
     };
-    // A request that could not be sent at all (a kept-alive connection the server had
-    // closed: llama-server does so between requests) is sent once more on a new connection.
-    let send = || client.post(format!("{url}{path}")).json(&body).send();
-    let response = match send().await {
-        Err(e) if e.is_request() && !e.is_timeout() => send().await,
-        other => other,
-    }
-    .map_err(|e| e.to_string())?;
+    let response = servers::post_json(client, &format!("{url}{path}"), &body)
+        .await
+        .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(response.status().to_string());
     }

@@ -306,10 +306,7 @@ async fn ask(client: &reqwest::Client, url: &str, request: &Request) -> Result<A
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let started = Instant::now();
-    let response = client
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
+    let response = servers::post_json(client, &format!("{url}{path}"), &body)
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();

@@ -174,10 +174,7 @@ async fn ask(
             "json_schema": {"name": "product", "schema": schema(), "strict": true}
         });
     }
-    let response = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
+    let response = servers::post_json(client, &format!("{url}/v1/chat/completions"), &body)
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();

@@ -147,6 +147,21 @@ pub async fn metric(url: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// POSTs `body` as JSON to `url`. A request that could not be sent at all (a kept-alive
+/// connection the server had closed: llama-server does so between requests and after a
+/// stream the client left) is sent once more, on a new connection.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> reqwest::Result<reqwest::Response> {
+    let send = || client.post(url).json(body).send();
+    match send().await {
+        Err(e) if e.is_request() && !e.is_timeout() => send().await,
+        other => other,
+    }
+}
+
 /// The middle of `values` (the upper one of an even count).
 pub fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> T {
     values.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
